@@ -1,0 +1,230 @@
+"""`pipelines.yaml`: loading, overrides and strict validation.
+
+The file has one section per stage. Each stage owns its section's schema (a pydantic
+model in its own package, e.g. ``curation/config.py``); this module composes them
+into :class:`PipelinesConfig`. Loading is strict: an unknown key, a wrong type or a
+value out of range raises :class:`ConfigError`, whose message names the key, the bad
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import json
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message says how to fix it."""
+
+
+# --------------------------------------------------------------------------- sections
+class ProjectConfig(StrictModel):
+    """Where the stage folders live by default."""
+
+    data_root: str = Field("data", description="Folder or fsspec URL under which each stage writes its table.")
+    seed: int = Field(0, ge=0, description="Seed for everything that samples.")
+
+
+class RayConfig(StrictModel):
+    """How the Ray pipelines find their cluster.
+
+    ``address`` null means: ``RAY_ADDRESS`` from the environment if set, else a local
+    Ray started in-process. ``"local"`` always starts a local one; anything else
+    (``host:port``, ``ray://host:10001``, ``auto``) joins that cluster.
+    """
+
+    address: str | None = None
+    node_ip_address: str | None = Field(None, description="This client's IP as the cluster sees it (e.g. 127.0.0.1).")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray (default: all detected).")
+    object_store_memory_gb: float | None = Field(None, gt=0)
+    auth_mode: Literal["token"] | None = Field(None, description="Set RAY_AUTH_MODE for clusters started with token auth.")
+
+
+class PipelinesConfig(StrictModel):
+    """The whole `pipelines.yaml`."""
+
+    project: ProjectConfig = Field(default_factory=ProjectConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+# --------------------------------------------------------------------------- loading
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML (numbers, booleans, null, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set filter.thresholds.aesthetic_min=6")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: the key must be dotted section names, e.g. filter.batch_size")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} holds a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def _unwrap(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation like ``Model | None`` or ``dict[str, Model]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType, list, dict, typing.Annotated):
+        for arg in typing.get_args(annotation):
+            found = _unwrap(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int) or part not in model.model_fields:
+            continue  # list index, dict key or union tag
+        model = _unwrap(model.model_fields[part].annotation)
+    return model
+
+
+def _describe_allowed(root: type[BaseModel], loc: tuple) -> str:
+    parent = _model_at(root, loc[:-1])
+    if parent is None:
+        return ""
+    field = parent.model_fields.get(str(loc[-1]))
+    if field is None:
+        return ""
+    bits = []
+    for meta in field.metadata:
+        for name, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(meta, name, None) is not None:
+                bits.append(f"{sym} {getattr(meta, name)}")
+    ann = field.annotation
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is Literal:
+        bits.append("one of " + ", ".join(repr(a) for a in args))
+    elif any(typing.get_origin(a) is Literal for a in args):
+        lits = [x for a in args if typing.get_origin(a) is Literal for x in typing.get_args(a)]
+        bits.append("one of " + ", ".join(repr(a) for a in lits) + (" or null" if type(None) in args else ""))
+    if field.description:
+        bits.append(field.description)
+    return "; ".join(bits)
+
+
+def format_validation_error(exc: ValidationError, root: type[BaseModel], source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        value = err.get("input")
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(root, loc[:-1])
+            allowed = ", ".join(parent.model_fields) if parent is not None else "?"
+            lines.append(f"  - {key}: unknown key (value {shown}); allowed keys here: {allowed}")
+            continue
+        allowed = _describe_allowed(root, loc)
+        msg = f"  - {key} = {shown}: {err['msg']}"
+        if allowed:
+            msg += f" (allowed: {allowed})"
+        lines.append(msg)
+    return "\n".join(lines)
+
+
+def load_config(
+    paths: list[str | os.PathLike] | str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+) -> PipelinesConfig:
+    """Load one or more YAML files (later ones override earlier ones), then ``--set`` overrides.
+
+    ``paths`` None loads ``pipelines.yaml`` from the current folder when it exists and
+    the defaults otherwise.
+    """
+    if paths is None:
+        paths = ["pipelines.yaml"] if Path("pipelines.yaml").exists() else []
+    elif isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    data: dict = {}
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = _deep_merge(data, loaded)
+    data = apply_overrides(data, overrides or [])
+    source = " + ".join(str(p) for p in paths) or "defaults"
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    try:
+        return PipelinesConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, PipelinesConfig, source)) from None
+
+
+def config_fingerprint(section: BaseModel | dict) -> str:
+    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolved_config_document(cfg: PipelinesConfig, stage: str) -> dict:
+    """What is saved beside an output: the whole resolved config plus how it was run."""
+    from paradiffusion import __version__
+
+    return {
+        "stage": stage,
+        "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "paradiffusion_version": __version__,
+        "config": cfg.model_dump(mode="json"),
+    }

@@ -1,0 +1,50 @@
+"""Start or join Ray the same way in every pipeline.
+
+Local Ray by default; a cluster when ``ray.address`` in the config or the
+``RAY_ADDRESS`` environment variable names one (the config wins).
+"""
+
+from __future__ import annotations
+
+import os
+
+from paradiffusion.config import RayConfig
+from paradiffusion.deps import require
+from paradiffusion.log import get_logger
+
+log = get_logger("ray")
+
+
+def resolve_address(cfg: RayConfig) -> str | None:
+    """The cluster address to join, or None for a local Ray."""
+    address = cfg.address if cfg.address is not None else os.environ.get("RAY_ADDRESS")
+    if address in (None, "", "local"):
+        return None
+    return address
+
+
+def init_ray(cfg: RayConfig) -> str:
+    """Initialise Ray once per process; returns a description of where it runs."""
+    ray = require("ray", "ray[data]", extra="curation")
+    if cfg.auth_mode:
+        os.environ["RAY_AUTH_MODE"] = cfg.auth_mode
+    address = resolve_address(cfg)
+    if ray.is_initialized():
+        return "already initialised"
+    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True}
+    if cfg.node_ip_address:
+        kwargs["_node_ip_address"] = cfg.node_ip_address
+    if address is None:
+        os.environ.pop("RAY_ADDRESS", None)  # "local" must not be overridden by the environment
+        kwargs.update(include_dashboard=False, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+        if cfg.object_store_memory_gb:
+            kwargs["object_store_memory"] = int(cfg.object_store_memory_gb * 2**30)
+        ray.init(**kwargs)
+        where = "local Ray"
+    else:
+        ray.init(address=address, **kwargs)
+        where = f"Ray cluster at {address}"
+    res = ray.cluster_resources()
+    where += f" ({len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)"
+    log.info("using %s", where)
+    return where

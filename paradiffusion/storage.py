@@ -1,0 +1,233 @@
+"""The storage contract between stages.
+
+A *table* is a folder (local path or any fsspec URL) of Parquet shards::
+
+    <table>/
+      part-<shard>.parquet     complete shards, one row per image (or per key x ...)
+      _done/<shard>.json       commit marker: row count, bytes, time; written last
+      _config.yaml             the resolved config that produced this table
+      _summary.json            the last run's summary (counts in/out/rejected, time)
+      .tmp/                    shards being written; never read
+
+Writing a shard: the Parquet file goes to ``.tmp/`` first, is moved to its final
+name when complete, and only then is the ``_done`` marker written. A reader (and a
+resuming writer) trusts only shards with a marker, so a killed run never leaves a
+shard that looks complete but is not, and rewriting a shard of the same name
+replaces it: a rerun duplicates nothing. On object stores, where a move is a copy,
+the marker is still the commit point.
+
+A stage never edits another stage's files: it writes its own table, joined by ``key``.
+DuckDB reads the shards in place through :meth:`Table.glob`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from paradiffusion.config import PipelinesConfig, config_fingerprint, resolved_config_document
+from paradiffusion.log import get_logger
+
+log = get_logger("storage")
+
+_SHARD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
+
+
+def join(root: str, *parts: str) -> str:
+    """Join path parts for local paths and URLs alike."""
+    out = root.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+class Table:
+    """One stage's output table: a folder of Parquet shards with commit markers."""
+
+    def __init__(self, url: str, schema: pa.Schema | None = None):
+        self.url = str(url).rstrip("/")
+        self.fs, self.path = fsspec.core.url_to_fs(self.url)
+        self.schema = schema
+
+    def __repr__(self) -> str:
+        return f"Table({self.url!r})"
+
+    # -- paths
+    def _p(self, *parts: str) -> str:
+        return join(self.path, *parts)
+
+    def shard_file(self, shard: str) -> str:
+        return self._p(f"part-{shard}.parquet")
+
+    def marker_file(self, shard: str) -> str:
+        return self._p("_done", f"{shard}.json")
+
+    def glob(self) -> str:
+        """Glob of the complete shard files, as a URL DuckDB or pyarrow can read."""
+        return join(self.url, "part-*.parquet")
+
+    # -- state
+    def exists(self) -> bool:
+        return self.fs.exists(self.path)
+
+    def done_shards(self) -> set[str]:
+        """Names of the shards whose commit marker exists."""
+        marker_dir = self._p("_done")
+        if not self.fs.exists(marker_dir):
+            return set()
+        names = set()
+        for f in self.fs.ls(marker_dir, detail=False):
+            base = f.rstrip("/").rsplit("/", 1)[-1]
+            if base.endswith(".json") and not base.startswith("."):
+                names.add(base[: -len(".json")])
+        return names
+
+    def is_done(self, shard: str) -> bool:
+        return self.fs.exists(self.marker_file(shard))
+
+    def marker(self, shard: str) -> dict:
+        with self.fs.open(self.marker_file(shard), "r") as f:
+            return json.load(f)
+
+    def files(self) -> list[str]:
+        """Complete shard files (with a marker), sorted by shard name, as full URLs."""
+        proto = self.url.split("://", 1)[0] + "://" if "://" in self.url else ""
+        return [proto + self.shard_file(s) if proto else self.shard_file(s) for s in sorted(self.done_shards())]
+
+    # -- writing
+    def _atomic_write_bytes(self, final: str, data: bytes) -> None:
+        tmp = self._p(".tmp", f"{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}")
+        self.fs.makedirs(self._p(".tmp"), exist_ok=True)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.mv(tmp, final)
+
+    def write_shard(self, shard: str, table: pa.Table, meta: dict[str, Any] | None = None) -> dict:
+        """Write one shard atomically and commit it; returns the marker written.
+
+        Rewriting a shard that is already done replaces it (same name, no duplicate).
+        """
+        if not _SHARD_RE.match(shard):
+            raise ValueError(f"shard name {shard!r} must match {_SHARD_RE.pattern}")
+        if self.schema is not None:
+            table = conform(table, self.schema)
+        self.fs.makedirs(self.path, exist_ok=True)
+        if self.is_done(shard):  # un-commit first, so a crash mid-rewrite never reads half
+            self.fs.rm(self.marker_file(shard))
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        data = buf.getvalue()
+        self._atomic_write_bytes(self.shard_file(shard), data)
+        marker = {
+            "shard": shard,
+            "rows": table.num_rows,
+            "bytes": len(data),
+            "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **(meta or {}),
+        }
+        self._atomic_write_bytes(self.marker_file(shard), json.dumps(marker, default=str).encode())
+        return marker
+
+    def clean_tmp(self) -> int:
+        """Remove leftovers of writes that a killed run did not finish; returns how many."""
+        tmp = self._p(".tmp")
+        if not self.fs.exists(tmp):
+            return 0
+        stale = self.fs.ls(tmp, detail=False)
+        for f in stale:
+            self.fs.rm(f)
+        # A shard file without a marker was moved but never committed: drop it so
+        # glob readers do not see it before the rerun rewrites it.
+        done = self.done_shards()
+        for f in self.fs.glob(self._p("part-*.parquet")):
+            name = f.rsplit("/", 1)[-1][len("part-") : -len(".parquet")]
+            if name not in done:
+                self.fs.rm(f)
+                stale.append(f)
+        return len(stale)
+
+    # -- reading
+    def read(self, columns: list[str] | None = None, filters=None) -> pa.Table:
+        """All committed shards as one Arrow table (empty table with the schema if none)."""
+        files = [self.shard_file(s) for s in sorted(self.done_shards())]
+        if not files:
+            if self.schema is None:
+                return pa.table({})
+            schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
+            return schema.empty_table()
+        return pq.read_table(files, filesystem=self.fs, columns=columns, filters=filters)
+
+    def iter_shards(self, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
+        for s in sorted(self.done_shards()):
+            yield s, pq.read_table(self.shard_file(s), filesystem=self.fs, columns=columns)
+
+    def count_rows(self) -> int:
+        return sum(int(self.marker(s)["rows"]) for s in self.done_shards())
+
+    # -- run metadata
+    def save_config(self, cfg: PipelinesConfig, stage: str, section: Any = None) -> None:
+        """Save the resolved config beside the output. Warns when a resumed run's stage
+        section differs from the one that wrote the shards already there."""
+        doc = resolved_config_document(cfg, stage)
+        if section is not None:
+            doc["stage_fingerprint"] = config_fingerprint(section)
+        cfg_file = self._p("_config.yaml")
+        if section is not None and self.fs.exists(cfg_file) and self.done_shards():
+            try:
+                with self.fs.open(cfg_file, "r") as f:
+                    old = yaml.safe_load(f) or {}
+                if old.get("stage_fingerprint") not in (None, doc["stage_fingerprint"]):
+                    log.warning(
+                        "%s: the %s settings differ from the run that wrote the %d shards already here; "
+                        "finished shards are kept as they are (delete the folder to redo them)",
+                        self.url, stage, len(self.done_shards()),
+                    )
+            except Exception:  # noqa: BLE001 - a damaged old config only loses the warning
+                pass
+        self._atomic_write_bytes(cfg_file, yaml.safe_dump(doc, sort_keys=False).encode())
+
+    def save_json(self, name: str, doc: dict) -> None:
+        self._atomic_write_bytes(self._p(name), json.dumps(doc, indent=2, default=str).encode())
+
+    def load_json(self, name: str) -> dict | None:
+        p = self._p(name)
+        if not self.fs.exists(p):
+            return None
+        with self.fs.open(p, "r") as f:
+            return json.load(f)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Cast ``table`` to ``schema``: columns in schema order, missing nullable ones as nulls.
+
+    Extra columns are an error: the schema is the contract, so a writer that wants a new
+    column adds it to the schema.
+    """
+    extra = set(table.column_names) - set(schema.names)
+    if extra:
+        raise ValueError(f"columns not in the table schema: {sorted(extra)}; schema has {schema.names}")
+    cols = []
+    for field in schema:
+        if field.name in table.column_names:
+            cols.append(table[field.name].cast(field.type))
+        elif field.nullable:
+            cols.append(pa.nulls(table.num_rows, field.type))
+        else:
+            raise ValueError(f"required column {field.name!r} missing; have {table.column_names}")
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def rows_to_table(rows: Iterable[dict], schema: pa.Schema) -> pa.Table:
+    rows = list(rows)
+    return pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()

@@ -1,0 +1,58 @@
+"""A local HTTP server on 127.0.0.1 for download tests and the demo.
+
+Serves a folder, plus special paths that behave like the bad parts of the web:
+``/missing/...`` answers 404, ``/slow/<seconds>/...`` waits before answering,
+``/html/...`` answers an HTML page with ``Content-Type: text/html``, and
+``/error/...`` answers 500.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import time
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path
+        if path.startswith("/missing/"):
+            self.send_error(404, "Not Found")
+            return
+        if path.startswith("/error/"):
+            self.send_error(500, "Internal Server Error")
+            return
+        if path.startswith("/html/"):
+            body = b"<!doctype html><html><body>not an image</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if path.startswith("/slow/"):
+            _, _, secs, rest = path.split("/", 3)
+            time.sleep(float(secs))
+            self.path = "/" + rest
+        super().do_GET()
+
+
+@contextlib.contextmanager
+def serve_folder(folder: str) -> Iterator[str]:
+    """Serve ``folder`` on 127.0.0.1 at a free port; yields the base URL."""
+    handler = functools.partial(_Handler, directory=str(folder))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
