@@ -48,16 +48,38 @@ def image_column(schema: pa.Schema) -> str:
     raise ValueError(f"no image column ({', '.join(IMAGE_COLUMNS)}) in {schema.names}")
 
 
-def read_image_shard(parquet_url: str, columns: list[str] | None = None) -> pa.Table:
-    """One img2dataset shard; the image column is renamed to ``image``."""
+def read_image_shard(
+    parquet_url: str, columns: list[str] | None = None, row_groups: list[int] | None = None
+) -> pa.Table:
+    """One img2dataset shard (or only some of its row groups); the image column is renamed to ``image``.
+
+    img2dataset writes a row group every 100 images, so ``row_groups`` reads a part of a
+    shard without decompressing the image bytes of the rest.
+    """
     fs, path = fsspec.core.url_to_fs(parquet_url)
     schema = pq.read_schema(path, filesystem=fs)
     col = image_column(schema)
     want = None
     if columns is not None:
         want = [col if c == "image" else c for c in columns]
-    t = pq.read_table(path, filesystem=fs, columns=want)
+    if row_groups is None:
+        t = pq.read_table(path, filesystem=fs, columns=want)
+    else:
+        with fs.open(path, "rb") as f:
+            t = pq.ParquetFile(f).read_row_groups(sorted(row_groups), columns=want)
     return t.rename_columns(["image" if c == col else c for c in t.column_names])
+
+
+def key_row_groups(parquet_url: str) -> dict[str, int]:
+    """``key -> row group`` of one img2dataset shard (reads only the key column)."""
+    fs, path = fsspec.core.url_to_fs(parquet_url)
+    out: dict[str, int] = {}
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        for rg in range(pf.metadata.num_row_groups):
+            for k in pf.read_row_group(rg, columns=["key"])["key"].to_pylist():
+                out[k] = rg
+    return out
 
 
 def kept_keys(scores_url: str) -> pa.Table:
@@ -69,7 +91,9 @@ def kept_keys(scores_url: str) -> pa.Table:
 
 
 def iter_kept_images(
-    images_url: str, scores_url: str, columns: tuple[str, ...] = ("key", "image", "caption", "url"),
+    images_url: str,
+    scores_url: str,
+    columns: tuple[str, ...] = ("key", "image", "caption", "url"),
     keys: set[str] | None = None,
 ) -> Iterator[tuple[str, pa.Table]]:
     """Yield ``(shard, table)`` of kept images with their bytes, shard by shard.

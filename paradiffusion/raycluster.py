@@ -30,7 +30,11 @@ def init_ray(cfg: RayConfig) -> str:
         os.environ["RAY_AUTH_MODE"] = cfg.auth_mode
     address = resolve_address(cfg)
     if ray.is_initialized():
-        return "already initialised"
+        res = ray.cluster_resources()
+        return (
+            f"Ray already initialised in this process ({len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, "
+            f"{res.get('GPU', 0):g} GPU)"
+        )
     kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True}
     if cfg.node_ip_address:
         kwargs["_node_ip_address"] = cfg.node_ip_address

@@ -1,15 +1,20 @@
 """Arrow schemas of the tables that stages exchange. This file *is* the contract.
 
 Every table has one row per ``key`` (or per key x captioner x prompt for captions,
-per key x version for annotations). ``key`` is stable: the download stage derives it
-from the URL, so a re-download or a reshard keeps it.
+per key x version for annotations). ``key`` is img2dataset's key (shard number +
+position in the URL list): stable for a given URL list and shard size, which the
+download stage refuses to change on a resumed run. ``url`` travels with it into
+``scores`` for joins across separately downloaded sets.
 
 Tables and who writes them:
 
 - ``images``    curation/download   img2dataset's own shards (bytes + metadata),
-                                    plus ``key`` = stable id of the URL
+                                    read through paradiffusion/images.py
 - ``scores``    curation/filter     every input image, kept or not, with the reason
 - ``captions``  captioning          one row per key x model x prompt
+- ``candidates``  captioning/small  ParaImage-Small candidates, with why each was chosen
+- ``annotations`` captioning/small  append-only versions of hand-written descriptions + review
+- ``small_train`` captioning/small  approved descriptions: the stage-3 training table
 """
 
 from __future__ import annotations
@@ -56,8 +61,65 @@ CAPTIONS = pa.schema(
         pa.field("finish_reason", pa.string()),  # "stop" | "length" | "error"
         pa.field("seconds", pa.float32()),
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
-        pa.field("flags", pa.list_(pa.string())),
+        pa.field("flags", pa.list_(pa.string())),  # quality flags (captioning/quality.py)
+        pa.field("error", pa.string()),  # why there is no caption (finish_reason "error"); null otherwise
     ]
 )
 
-TABLES: dict[str, pa.Schema] = {"scores": SCORES, "captions": CAPTIONS}
+CANDIDATES = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("short_side", pa.int32()),
+        pa.field("aesthetic", pa.float32()),
+        pa.field("clip_score", pa.float32()),
+        pa.field("cluster", pa.int32()),  # k-means cluster of the CLIP image embedding (-1: no clustering)
+        pa.field("cluster_size", pa.int32()),  # eligible images in that cluster
+        pa.field("rank_in_cluster", pa.int32()),  # 1 = best aesthetic score of its cluster
+        pa.field("selection_rank", pa.int32(), nullable=False),  # order of selection, 1-based
+        pa.field("reason", pa.string()),  # human-readable: why this image was chosen
+    ]
+)
+
+#: Review states of an annotation version; see captioning/small/annotations.py for the transitions.
+ANNOTATION_STATES = ("draft", "submitted", "approved", "rejected")
+
+ANNOTATIONS = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("version", pa.int32(), nullable=False),  # 1, 2, ... per key; every change appends one
+        pa.field("text", pa.string()),
+        pa.field("annotator", pa.string()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),  # when the annotator wrote (or updated) it
+        pa.field("source_file", pa.string()),  # file it was imported from
+        pa.field("source_ref", pa.string()),  # line / task / annotation id in that file
+        pa.field("content_hash", pa.string(), nullable=False),  # sha256 of key + annotator + text
+        pa.field("state", pa.string(), nullable=False),  # one of ANNOTATION_STATES
+        pa.field("parent_version", pa.int32()),  # the version a review row decides on
+        pa.field("reviewer", pa.string()),
+        pa.field("review_comment", pa.string()),
+        pa.field("reviewed_at", pa.timestamp("us", tz="UTC")),
+        pa.field("recorded_at", pa.timestamp("us", tz="UTC"), nullable=False),  # when this row was appended
+    ]
+)
+
+SMALL_TRAIN = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),  # the approved hand-written description
+        pa.field("annotator", pa.string()),
+        pa.field("version", pa.int32(), nullable=False),
+        pa.field("reviewer", pa.string()),
+        pa.field("n_words", pa.int32()),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "scores": SCORES,
+    "captions": CAPTIONS,
+    "candidates": CANDIDATES,
+    "annotations": ANNOTATIONS,
+    "small_train": SMALL_TRAIN,
+}

@@ -23,8 +23,14 @@ T = TypeVar("T")
 def progress(it: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it", **kw) -> Iterator[T]:
     """A tqdm progress bar on stderr (updated at most once a second when not a terminal)."""
     return tqdm(
-        it, total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
-        mininterval=0.2 if sys.stderr.isatty() else 5.0, **kw,
+        it,
+        total=total,
+        desc=desc,
+        unit=unit,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=0.2 if sys.stderr.isatty() else 5.0,
+        **kw,
     )
 
 
@@ -44,6 +50,7 @@ class StageSummary:
     n_in: int = 0
     n_out: int = 0
     rejected: Counter = field(default_factory=Counter)
+    flagged: Counter = field(default_factory=Counter)  # kept, but marked (e.g. caption quality flags)
     skipped_done: int = 0  # units (shards, keys) already finished by an earlier run
     extra: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
@@ -52,13 +59,17 @@ class StageSummary:
     def reject(self, reason: str, n: int = 1) -> None:
         self.rejected[reason] += n
 
-    def merge(self, other: "StageSummary") -> None:
+    def flag(self, kind: str, n: int = 1) -> None:
+        self.flagged[kind] += n
+
+    def merge(self, other: StageSummary) -> None:
         self.n_in += other.n_in
         self.n_out += other.n_out
         self.rejected.update(other.rejected)
+        self.flagged.update(other.flagged)
         self.skipped_done += other.skipped_done
 
-    def finish(self) -> "StageSummary":
+    def finish(self) -> StageSummary:
         self.seconds = time.time() - self.started
         return self
 
@@ -69,6 +80,7 @@ class StageSummary:
             "out": self.n_out,
             "rejected": dict(self.rejected.most_common()),
             "rejected_total": sum(self.rejected.values()),
+            "flagged": dict(self.flagged.most_common()),
             "skipped_already_done": self.skipped_done,
             "seconds": round(self.seconds if self.seconds is not None else time.time() - self.started, 3),
             **self.extra,
@@ -80,6 +92,8 @@ class StageSummary:
         for reason, n in self.rejected.most_common():
             rows.append((f"  rejected: {reason}", n))
         rows.append(("out", d["out"]))
+        for kind, n in self.flagged.most_common():
+            rows.append((f"  flagged: {kind}", n))
         if self.skipped_done:
             rows.append(("already done (skipped)", self.skipped_done))
         for k, v in self.extra.items():

@@ -191,11 +191,22 @@ class Table:
                     log.warning(
                         "%s: the %s settings differ from the run that wrote the %d shards already here; "
                         "finished shards are kept as they are (delete the folder to redo them)",
-                        self.url, stage, len(self.done_shards()),
+                        self.url,
+                        stage,
+                        len(self.done_shards()),
                     )
             except Exception:  # noqa: BLE001 - a damaged old config only loses the warning
                 pass
         self._atomic_write_bytes(cfg_file, yaml.safe_dump(doc, sort_keys=False).encode())
+
+    def write_file(self, name: str, data: bytes) -> str:
+        """Write a side file (e.g. an image the rows point at) atomically under the table
+        folder; ``name`` is relative (``png/model/x.png``). Returns its full path."""
+        if name.startswith("/") or ".." in name.split("/"):
+            raise ValueError(f"side file name {name!r} must be relative and stay inside the table folder")
+        final = self._p(name)
+        self._atomic_write_bytes(final, data)
+        return final
 
     def save_json(self, name: str, doc: dict) -> None:
         self._atomic_write_bytes(self._p(name), json.dumps(doc, indent=2, default=str).encode())

@@ -77,13 +77,17 @@ def synthetic_image(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     d = ImageDraw.Draw(img)
     for _ in range(4):
         x0, y0 = int(rng.integers(0, w - 2)), int(rng.integers(0, h - 2))
-        x1, y1 = min(w - 1, x0 + int(rng.integers(8, max(9, w // 2)))), min(h - 1, y0 + int(rng.integers(8, max(9, h // 2))))
+        x1, y1 = (
+            min(w - 1, x0 + int(rng.integers(8, max(9, w // 2)))),
+            min(h - 1, y0 + int(rng.integers(8, max(9, h // 2)))),
+        )
         d.ellipse([x0, y0, x1, y1], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
     return img
 
 
 def _png_with_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width x height`` with almost no data: a decompression bomb."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -98,7 +102,9 @@ def _photo_path(name: str) -> Path:
     return Path(os.path.dirname(skimage.__file__)) / "data" / name
 
 
-def build_sample(out: str | os.PathLike, n_synthetic: int = 24, seed: int = 0, broken: bool = True) -> list[SampleRecord]:
+def build_sample(
+    out: str | os.PathLike, n_synthetic: int = 24, seed: int = 0, broken: bool = True
+) -> list[SampleRecord]:
     """Write the sample into ``out/images`` and ``out/sample.jsonl``; returns the records."""
     out = Path(out)
     img_dir = out / "images"
@@ -137,12 +143,26 @@ def build_sample(out: str | os.PathLike, n_synthetic: int = 24, seed: int = 0, b
     chelsea = (img_dir / "chelsea.jpg").read_bytes()
     add("chelsea_copy.jpg", chelsea, PHOTOS["chelsea.png"], "special", "duplicate", "same bytes as chelsea.jpg")
     coffee_px = Image.open(io.BytesIO((img_dir / "coffee.jpg").read_bytes())).convert("RGB")
-    add("coffee_same_pixels.png", _png(coffee_px), PHOTOS["coffee.png"], "special", "duplicate", "same pixels as coffee.jpg")
+    add(
+        "coffee_same_pixels.png",
+        _png(coffee_px),
+        PHOTOS["coffee.png"],
+        "special",
+        "duplicate",
+        "same pixels as coffee.jpg",
+    )
 
     # Unusual but valid images: each must decode to RGB correctly.
     base = synthetic_image(rng, 400, 300)
     add("cmyk.jpg", _jpeg(base.convert("CMYK")), ENGLISH[0], "special", "ok", "CMYK JPEG")
-    add("palette.png", _png(base.convert("P", palette=Image.Palette.ADAPTIVE)), ENGLISH[1], "special", "ok", "palette PNG")
+    add(
+        "palette.png",
+        _png(base.convert("P", palette=Image.Palette.ADAPTIVE)),
+        ENGLISH[1],
+        "special",
+        "ok",
+        "palette PNG",
+    )
     arr16 = (np.asarray(base.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
     add("gray16.png", _png(Image.fromarray(arr16)), ENGLISH[2], "special", "ok", "16-bit grayscale PNG")
     rgba = base.convert("RGBA")
@@ -150,8 +170,14 @@ def build_sample(out: str | os.PathLike, n_synthetic: int = 24, seed: int = 0, b
     add("rgba.png", _png(rgba), ENGLISH[3], "special", "ok", "RGBA PNG")
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 CW to display
-    add("exif_rotated.jpg", _jpeg(synthetic_image(rng, 400, 300), exif=exif.tobytes()), ENGLISH[4], "special", "ok",
-        "stored 400x300, displays 300x400")
+    add(
+        "exif_rotated.jpg",
+        _jpeg(synthetic_image(rng, 400, 300), exif=exif.tobytes()),
+        ENGLISH[4],
+        "special",
+        "ok",
+        "stored 400x300, displays 300x400",
+    )
     frames = [synthetic_image(rng, 320, 240) for _ in range(3)]
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
@@ -162,10 +188,22 @@ def build_sample(out: str | os.PathLike, n_synthetic: int = 24, seed: int = 0, b
         add("truncated.jpg", good[: len(good) // 3], ENGLISH[0], "broken", "decode_error", "first third of a JPEG")
         add("zero.jpg", b"", ENGLISH[1], "broken", "decode_error", "zero bytes")
         add("garbage.jpg", rng.bytes(2048), ENGLISH[2], "broken", "decode_error", "random bytes")
-        add("page.jpg", b"<!doctype html><html><body>Not an image</body></html>", ENGLISH[3], "broken",
-            "decode_error", "an HTML page saved as .jpg")
-        add("bomb.png", _png_with_header_only(30000, 30000), ENGLISH[4], "broken", "decompression_bomb",
-            "header claims 30000x30000")
+        add(
+            "page.jpg",
+            b"<!doctype html><html><body>Not an image</body></html>",
+            ENGLISH[3],
+            "broken",
+            "decode_error",
+            "an HTML page saved as .jpg",
+        )
+        add(
+            "bomb.png",
+            _png_with_header_only(30000, 30000),
+            ENGLISH[4],
+            "broken",
+            "decompression_bomb",
+            "header claims 30000x30000",
+        )
 
     with open(out / "sample.jsonl", "w") as f:
         for r in records:
@@ -179,8 +217,13 @@ def load_records(out: str | os.PathLike) -> list[SampleRecord]:
 
 
 def write_url_list(
-    records: list[SampleRecord], base_url: str, path: str | os.PathLike, fmt: str = "parquet",
-    url_col: str = "url", caption_col: str = "caption", extra_urls: dict[str, str] | None = None,
+    records: list[SampleRecord],
+    base_url: str,
+    path: str | os.PathLike,
+    fmt: str = "parquet",
+    url_col: str = "url",
+    caption_col: str = "caption",
+    extra_urls: dict[str, str] | None = None,
 ) -> Path:
     """Write a URL list (parquet, csv, tsv or jsonl) for ``records`` served at ``base_url``.
 
