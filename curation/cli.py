@@ -1,0 +1,40 @@
+"""CLI commands of the curation stages (light imports only; the work is imported on run)."""
+
+from __future__ import annotations
+
+import argparse
+
+from paradiffusion.cli import Command
+from paradiffusion.config import PipelinesConfig
+
+
+# --------------------------------------------------------------------------- download
+def _run_download(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+    import sys
+
+    from curation.download import REASON_SHARD_FAILED, run_download
+
+    summary = run_download(cfg)
+    if summary.rejected.get(REASON_SHARD_FAILED):
+        print("some shards did not finish: rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+DOWNLOAD = Command(
+    help="download a URL list (parquet/csv/tsv/jsonl, LAION columns too) into image shards with img2dataset",
+    run=_run_download,
+)
+
+
+# --------------------------------------------------------------------------- filter
+def _run_filter(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+    from curation.filter import run_filter
+
+    return run_filter(cfg, args)
+
+
+FILTER = Command(
+    help="decode, measure and score the image shards (CLIP, aesthetic), dedup, and write the scores table",
+    run=_run_filter,
+)

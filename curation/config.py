@@ -1,0 +1,178 @@
+"""Config schemas of the curation stages: the ``download`` and ``filter`` sections of
+``pipelines.yaml``. Each class is one section; ``paradiffusion/config.py`` composes them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from paradiffusion.config import StrictModel
+
+# --------------------------------------------------------------------------- download
+#: URL-list formats the download stage reads ("auto": from the file extension).
+URL_LIST_FORMATS = ("parquet", "csv", "tsv", "jsonl", "csv.gz", "tsv.gz", "jsonl.gz")
+
+
+class DownloadConfig(StrictModel):
+    """``download``: fetch a URL list into img2dataset parquet shards (the ``images`` table).
+
+    Every key maps onto an ``img2dataset.download`` argument of the same name, except
+    ``input``/``output`` (``url_list``/``output_folder``), ``url_col``/``caption_col``
+    (auto-detected when null) and ``max_aspect_ratio``/``max_image_area`` (null means
+    no limit). The defaults keep original images (ParaImage keeps large images: mean
+    short side 771 px in ParaImage-Big, 1,326 px in ParaImage-Small): no resize, and a
+    JPEG that arrives as JPEG is stored byte for byte.
+    """
+
+    input: str | None = Field(
+        None,
+        description="URL list: a file, a folder of files, or a glob (local path or fsspec URL). Required to run.",
+    )
+    input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "csv.gz", "tsv.gz", "jsonl.gz"] = Field(
+        "auto", description="'auto' reads it from the file extension"
+    )
+    url_col: str | None = Field(None, description="URL column; null: auto-detect (url, URL, image_url, ...)")
+    caption_col: str | None = Field(None, description="alt-text column; null: auto-detect (caption, TEXT, ...)")
+    save_additional_columns: list[str] = Field(
+        default_factory=list, description="input columns copied into the shards (e.g. LAION's similarity, punsafe)"
+    )
+    output: str | None = Field(None, description="images table folder; null: <project.data_root>/images")
+
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = Field(
+        "no", description="'no' keeps the original size (the ParaImage default)"
+    )
+    image_size: int = Field(1024, ge=16, description="target side for any resize_mode except 'no'")
+    resize_only_if_bigger: bool = Field(True, description="never upscale")
+    min_image_size: int = Field(0, ge=0, description="reject images whose short side is below this (0: off)")
+    max_aspect_ratio: float | None = Field(None, ge=1.0, description="reject long/short above this; null: off")
+    max_image_area: float | None = Field(None, gt=0, description="reject width*height above this; null: off")
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=0, le=100, description="jpg/webp quality 0-100; png compression 0-9")
+    skip_reencode: bool = Field(True, description="store the downloaded bytes as they are when already encode_format")
+    disable_all_reencoding: bool = Field(
+        False, description="store raw bytes without decoding (no size/aspect checks, no width/height)"
+    )
+    compute_hash: Literal["md5", "sha256", "sha512"] | None = "sha256"
+    extract_exif: bool = True
+
+    processes_count: int = Field(4, ge=1, description="download processes (or Ray tasks in flight)")
+    thread_count: int = Field(64, ge=1, description="download threads per process")
+    number_sample_per_shard: int = Field(10000, ge=1, description="URLs per shard; fixed for the life of a folder")
+    timeout: float = Field(10, gt=0, description="seconds per HTTP request")
+    retries: int = Field(0, ge=0, description="extra tries per URL")
+    max_shard_retry: int = Field(1, ge=0, description="retries of a shard that failed as a whole (multiprocessing)")
+    user_agent_token: str | None = Field(None, description="identifies the crawler in the User-Agent")
+    distributor: Literal["multiprocessing", "ray"] = Field(
+        "multiprocessing", description="'ray' runs one Ray task per shard on the cluster named by the ray section"
+    )
+    incremental_mode: Literal["incremental", "overwrite"] = Field(
+        "incremental", description="'incremental' skips shards already complete (resume); 'overwrite' starts over"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DownloadConfig:
+        if self.encode_format == "png" and self.encode_quality > 9:
+            raise ValueError(
+                f"encode_quality={self.encode_quality} with encode_format='png': for png it is the "
+                "compression level, allowed 0-9"
+            )
+        clash = {"key", "url", "caption", "status", "error_message", "width", "height"} & set(
+            self.save_additional_columns
+        )
+        if clash:
+            raise ValueError(f"save_additional_columns {sorted(clash)}: img2dataset reserves these names")
+        return self
+
+
+# --------------------------------------------------------------------------- filter
+class FilterModelsConfig(StrictModel):
+    """``filter.models``: the CLIP model and the aesthetic predictor (Hugging Face id, tag or local path)."""
+
+    clip_model: str = Field(
+        "ViT-L-14",
+        description="open_clip built-in name (with clip_pretrained), 'hf-hub:org/repo', or a local folder "
+        "with open_clip_config.json + weights",
+    )
+    clip_pretrained: str | None = Field(
+        "openai", description="open_clip pretrained tag or checkpoint file for a built-in name; ignored otherwise"
+    )
+    aesthetic: str | None = Field(
+        "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth",
+        description="LAION improved aesthetic predictor weights (path or URL; loaded with weights_only); "
+        "null: no aesthetic score",
+    )
+    device: str = Field("auto", description="'auto' (CUDA when the actor has a GPU, else CPU), 'cpu', 'cuda', ...")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp16", description="model dtype on GPU; on CPU the models always run in fp32"
+    )
+
+
+class FilterDecodeConfig(StrictModel):
+    """``filter.decode``: how image bytes become RGB pixels."""
+
+    max_pixels: int = Field(
+        100_000_000, ge=1, description="reject width*height above this (read from the header, before decoding)"
+    )
+    animated: Literal["reject", "first_frame"] = Field(
+        "reject", description="animated GIF/PNG/WebP: reject (reason 'animated') or keep the first frame"
+    )
+    reduced_jpeg: bool = Field(
+        True,
+        description="decode JPEGs at 1/2, 1/4 or 1/8 size when the model input is that much smaller (much "
+        "faster); width/height are still the original's. The pixel hash is then of the reduced pixels, so "
+        "a JPEG and a PNG with the same pixels are not matched as exact duplicates",
+    )
+
+
+class FilterThresholdsConfig(StrictModel):
+    """``filter.thresholds``: what a kept image must pass. null turns a check off."""
+
+    min_short_side: int | None = Field(512, ge=1, description="pixels, original image, after EXIF rotation")
+    max_aspect_ratio: float | None = Field(3.0, ge=1.0, description="long side / short side")
+    caption_min_chars: int | None = Field(5, ge=0, description="alt text, stripped")
+    caption_min_words: int | None = Field(2, ge=0)
+    caption_max_words: int | None = Field(None, ge=1)
+    languages: list[str] = Field(
+        default_factory=lambda: ["en"], description="ISO 639-1 codes the alt text may be in; empty: any"
+    )
+    language_min_score: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="a language outside `languages` rejects only when identified with at least this "
+        "probability (short alt texts are often identified wrongly with low confidence)",
+    )
+    aesthetic_min: float | None = Field(5.0, description="LAION-Aesthetics V2 used 5, 6 and 6.5")
+    clip_score_min: float | None = Field(
+        0.2,
+        description="cosine(image, alt text). LAION-5B kept ViT-B/32 >= 0.28; ViT-L/14 scores run lower, "
+        "so calibrate on your data",
+    )
+    dedup: Literal["off", "exact", "near"] = Field(
+        "exact", description="'exact': same bytes or same decoded pixels; 'near': also embedding cosine >= near_dup_min"
+    )
+    near_dup_min: float = Field(0.97, gt=0.0, le=1.0, description="cosine of image embeddings for 'near'")
+
+
+class FilterConfig(StrictModel):
+    """``filter``: the images table -> the scores table (every image, kept or not, with the reason)."""
+
+    input: str | None = Field(None, description="images table (img2dataset shards); null: <project.data_root>/images")
+    output: str | None = Field(None, description="scores table; null: <project.data_root>/scores")
+    runner: Literal["ray", "local"] = Field(
+        "ray", description="'ray': Ray Data pipeline (local Ray or the cluster in `ray`); 'local': a plain loop"
+    )
+    models: FilterModelsConfig = Field(default_factory=FilterModelsConfig)
+    decode: FilterDecodeConfig = Field(default_factory=FilterDecodeConfig)
+    thresholds: FilterThresholdsConfig = Field(default_factory=FilterThresholdsConfig)
+    batch_size: int = Field(256, ge=1, description="images per model call (per actor)")
+    decode_batch_size: int = Field(64, ge=1, description="images per decode task")
+    num_actors: int = Field(1, ge=1, description="model actors (one per GPU on a GPU cluster)")
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="null: 1 when the cluster has GPUs, else 0 (CPU actors)"
+    )
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved by each model actor")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads in each CPU actor; null: cpus_per_actor")
+    save_embeddings: bool = Field(False, description="store image/text embeddings in the scores table")
