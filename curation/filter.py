@@ -1,0 +1,573 @@
+"""`make filter`: the ``images`` table -> the ``scores`` table and the kept set.
+
+Two passes, because duplicates need every shard at once while everything else is
+per image:
+
+1. **Measure** (per input shard; Ray Data, or a plain loop with ``runner: local``).
+   Operator 1, CPU tasks (:func:`preprocess_batch`): decode robustly, measure size,
+   hash bytes and pixels, identify the alt text's language, apply the cheap filters,
+   and resize survivors to the model's input as uint8. Operator 2, an actor pool
+   (:class:`Scorer`, model loaded once per actor, a GPU each when the cluster has
+   GPUs): CLIP image and text embeddings, CLIP score, aesthetic score, the score
+   filters. The driver gathers rows by input shard and writes each complete shard to
+   the work table ``<scores>/_measure/`` with :meth:`Table.write_shard` (same shard
+   name as the input). A rerun measures only shards without a commit marker there.
+2. **Decide** (driver, cheap): read hashes (and embeddings for ``dedup: near``) of
+   all measured shards, decide duplicates globally (lowest key kept, see
+   :func:`curation.filters.decide_duplicates`), and write each final ``scores``
+   shard. A final shard whose decisions are unchanged since it was written (a digest
+   in its marker) is not rewritten, so a rerun after a kill, or after new input
+   shards arrive, redoes only what changed.
+
+A SIGKILL at any point loses at most the shards in flight: every write is atomic and
+committed by its marker, and both passes skip what is committed. Every input row
+gets exactly one row in ``scores``: failed downloads (``download_failed``) and
+undecodable bytes included; pass 2 checks the counts against the input shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation.config import FilterConfig
+from curation.decode import decode_image, resize_center_crop
+from curation.filters import (
+    REJECT_DOWNLOAD,
+    cheap_filters,
+    decide_duplicates,
+    first_rejection,
+    identify_language,
+    model_filters,
+)
+from curation.models import clip_tokenizer
+from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.images import image_column, image_shards
+from paradiffusion.log import get_logger
+from paradiffusion.schemas import REJECT_DECODE, SCORES
+from paradiffusion.stage import StageSummary, announce, progress
+from paradiffusion.storage import Table, join
+
+log = get_logger("curation.filter")
+
+STAGE = "filter"
+WORK_SUBDIR = "_measure"
+#: Columns of a measured batch besides the SCORES ones: what operator 1 hands to operator 2.
+_PIXELS = "pixels"
+_NEEDS_MODEL = "needs_model"
+_TOKENS = "tokens"
+_INPUT_COLUMNS = ("key", "url", "caption", "status", "error_message")
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Paths:
+    """Where the stage reads and writes."""
+
+    images: str
+    scores: str
+
+    @property
+    def work(self) -> str:
+        return join(self.scores, WORK_SUBDIR)
+
+
+def resolve_paths(cfg: PipelinesConfig) -> Paths:
+    root = cfg.project.data_root
+    f = cfg.filter
+    return Paths(images=f.input or join(root, "images"), scores=f.output or join(root, "scores"))
+
+
+def validate(cfg: PipelinesConfig) -> None:
+    """Checks that need more than the schema: models that exist, thresholds with a model."""
+    from curation.models import is_known_clip
+
+    m, t = cfg.filter.models, cfg.filter.thresholds
+    if not is_known_clip(m.clip_model):
+        raise ConfigError(
+            f"filter.models.clip_model = {m.clip_model!r}: not an open_clip built-in name, an 'hf-hub:' id or a "
+            "folder with open_clip_config.json (allowed: e.g. ViT-L-14, hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K, "
+            "/models/clip)"
+        )
+    builtin = not m.clip_model.startswith(("hf-hub:", "local-dir:")) and not os.path.isdir(m.clip_model)
+    if builtin and m.clip_pretrained and not os.path.isfile(m.clip_pretrained):
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(m.clip_model)
+        if m.clip_pretrained not in tags:
+            raise ConfigError(
+                f"filter.models.clip_pretrained = {m.clip_pretrained!r}: not a checkpoint file nor a pretrained tag of "
+                f"{m.clip_model} (allowed: {', '.join(tags) or 'a checkpoint file'})"
+            )
+    if m.aesthetic is None and t.aesthetic_min is not None:
+        raise ConfigError(
+            f"filter.thresholds.aesthetic_min = {t.aesthetic_min} needs filter.models.aesthetic "
+            "(allowed: a weights path/URL, or set aesthetic_min to null)"
+        )
+    if m.aesthetic is not None and "://" not in m.aesthetic and not os.path.isfile(m.aesthetic):
+        raise ConfigError(
+            f"filter.models.aesthetic = {m.aesthetic!r}: file not found (allowed: a local .pth/.safetensors file, "
+            "an http(s) or fsspec URL, or null)"
+        )
+    if m.device not in ("auto", "cpu") and not m.device.startswith(("cuda", "mps", "xpu")):
+        raise ConfigError(f"filter.models.device = {m.device!r}: allowed 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+
+
+# --------------------------------------------------------------------------- operator 1: CPU
+def preprocess_batch(batch: dict[str, np.ndarray], fcfg: dict, image_size: int) -> dict[str, np.ndarray]:
+    """Decode, measure and cheap-filter a batch of input rows; resize survivors to uint8.
+
+    ``batch`` has ``key, url, caption, status, error_message, image, shard`` (numpy
+    columns, as Ray Data hands them and :func:`measure_table` builds them). Returns the
+    SCORES measurement columns plus ``pixels`` (N, S, S, 3) uint8 and ``needs_model``.
+    """
+    cfg = FilterConfig.model_validate(fcfg)
+    filters = cheap_filters(cfg.thresholds)
+    d = cfg.decode
+    draft = image_size if d.reduced_jpeg else None
+    n = len(batch["key"])
+    out: dict[str, list] = defaultdict(list)
+    pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    for i in range(n):
+        caption = batch["caption"][i]
+        caption = None if _missing(caption) else str(caption)
+        status = batch["status"][i] if "status" in batch else "success"
+        row: dict[str, Any] = {
+            "key": str(batch["key"][i]),
+            "shard": str(batch["shard"][i]),
+            "url": None if _missing(batch["url"][i]) else str(batch["url"][i]),
+            "caption": caption,
+            "width": None,
+            "height": None,
+            "sha256": None,
+            "pixel_hash": None,
+            "language": None,
+            "language_score": None,
+            "reject_reason": None,
+            "reject_detail": None,
+        }
+        needs_model = False
+        data = batch["image"][i]
+        if status != "success" or _missing(data):
+            row["reject_reason"] = REJECT_DOWNLOAD
+            msg = batch["error_message"][i] if "error_message" in batch else None
+            msg = None if _missing(msg) else msg
+            row["reject_detail"] = str(msg or status or "no image bytes")[:300]
+        else:
+            try:
+                dec = decode_image(bytes(data), max_pixels=d.max_pixels, animated=d.animated, draft_size=draft)
+                row.update(width=dec.width, height=dec.height, sha256=dec.sha256, pixel_hash=dec.pixel_hash)
+                row["language"], row["language_score"] = identify_language(caption)
+                if dec.reason is not None:
+                    row["reject_reason"], row["reject_detail"] = dec.reason, dec.detail
+                else:
+                    rej = first_rejection(filters, row)
+                    if rej is not None:
+                        row["reject_reason"], row["reject_detail"] = rej
+                    else:
+                        pixels[i] = resize_center_crop(dec.image, image_size)
+                        needs_model = True
+            except Exception as exc:  # noqa: BLE001 - one odd image must not stop the shard
+                row["reject_reason"] = REJECT_DECODE
+                row["reject_detail"] = f"unexpected {type(exc).__name__}: {exc}"[:300]
+                log.warning("key %s: %s", row["key"], row["reject_detail"])
+        for k, v in row.items():
+            out[k].append(v)
+        out[_NEEDS_MODEL].append(needs_model)
+    res = {k: np.array(v, dtype=object) for k, v in out.items()}
+    for k in ("width", "height"):
+        res[k] = np.array([-1 if v is None else v for v in out[k]], dtype=np.int32)
+    res["language_score"] = np.array([np.nan if v is None else v for v in out["language_score"]], np.float32)
+    res[_NEEDS_MODEL] = np.array(out[_NEEDS_MODEL], dtype=bool)
+    res[_PIXELS] = pixels
+    # Tokenise here, on the CPU workers: open_clip's tokenizer is Python and would cost
+    # the model actor about a millisecond per caption.
+    tokenizer = clip_tokenizer(cfg.models.clip_model)
+    texts = [c or "" if ok else "" for c, ok in zip(out["caption"], out[_NEEDS_MODEL], strict=True)]
+    res[_TOKENS] = tokenizer(texts).numpy().astype(np.int32) if n else np.zeros((0, 77), np.int32)
+    return res
+
+
+# --------------------------------------------------------------------------- operator 2: models
+class Scorer:
+    """CLIP + aesthetic on the rows that passed the cheap filters; one per actor.
+
+    Loads the models once (in ``__init__``), on the GPU Ray gave the actor, else CPU.
+    """
+
+    def __init__(self, fcfg: dict, keep_embeddings: bool, torch_threads: int | None = None):
+        import torch
+
+        from curation.models import load_aesthetic, load_clip, resolve_device
+
+        cfg = FilterConfig.model_validate(fcfg)
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        m = cfg.models
+        device = resolve_device(m.device)
+        precision = m.precision if device.type != "cpu" else "fp32"
+        self.clip = load_clip(m.clip_model, m.clip_pretrained, device=str(device), precision=precision)
+        self.aesthetic = load_aesthetic(m.aesthetic, device=str(device)) if m.aesthetic else None
+        self.filters = model_filters(cfg.thresholds)
+        self.keep_embeddings = keep_embeddings
+        self.batch_size = cfg.batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from curation.models import clip_scores
+
+        n = len(batch["key"])
+        idx = np.nonzero(batch[_NEEDS_MODEL])[0]
+        dim = self.clip.embed_dim
+        img_emb = np.full((n, dim), np.nan, np.float32)
+        txt_emb = np.full((n, dim), np.nan, np.float32)
+        aesthetic = np.full(n, np.nan, np.float32)
+        clip = np.full(n, np.nan, np.float32)
+        for s in range(0, len(idx), self.batch_size):
+            part = idx[s : s + self.batch_size]
+            ie = self.clip.encode_images(batch[_PIXELS][part])
+            te = self.clip.encode_tokens(batch[_TOKENS][part])
+            img_emb[part], txt_emb[part] = ie, te
+            clip[part] = clip_scores(ie, te)
+            if self.aesthetic is not None:
+                aesthetic[part] = self.aesthetic.score(ie)
+        reasons, details = _objects(batch["reject_reason"]), _objects(batch["reject_detail"])
+        for i in idx:
+            rej = first_rejection(
+                self.filters,
+                {"aesthetic": float(aesthetic[i]) if self.aesthetic else None, "clip_score": float(clip[i])},
+            )
+            if rej is not None:
+                reasons[i], details[i] = rej
+        out = {k: v for k, v in batch.items() if k not in (_PIXELS, _TOKENS)}
+        out.update(reject_reason=reasons, reject_detail=details, aesthetic=aesthetic, clip_score=clip)
+        if self.keep_embeddings:
+            out["image_embedding"], out["text_embedding"] = img_emb, txt_emb
+        return out
+
+
+# --------------------------------------------------------------------------- batches -> table
+def _missing(v: Any) -> bool:
+    # Ray Data hands an all-None object column back as a float32 column of NaN.
+    return v is None or (isinstance(v, (float, np.floating)) and v != v)
+
+
+def _objects(values: np.ndarray) -> np.ndarray:
+    """A string column as an object array with None for missing values."""
+    return np.array([None if _missing(v) else v for v in values], dtype=object)
+
+
+def _nullable(values: np.ndarray, missing: Any) -> list:
+    if values.dtype.kind == "f":
+        return [None if not np.isfinite(v) else float(v) for v in values]
+    return [None if v == missing else int(v) for v in values]
+
+
+def batch_to_table(batch: dict[str, np.ndarray]) -> pa.Table:
+    """A scored batch as a SCORES-schema table (``kept`` = passed every per-image filter)."""
+    cols: dict[str, Any] = {}
+    for name in (
+        "key",
+        "shard",
+        "url",
+        "caption",
+        "sha256",
+        "pixel_hash",
+        "language",
+        "reject_reason",
+        "reject_detail",
+    ):
+        cols[name] = [None if _missing(v) else str(v) for v in batch[name]]
+    cols["width"] = _nullable(batch["width"], -1)
+    cols["height"] = _nullable(batch["height"], -1)
+    for name in ("language_score", "aesthetic", "clip_score"):
+        cols[name] = _nullable(np.asarray(batch[name], np.float32), None)
+    cols["kept"] = [r is None for r in cols["reject_reason"]]
+    for name in ("image_embedding", "text_embedding"):
+        if name in batch:
+            emb = np.asarray(batch[name], np.float32)
+            cols[name] = [None if not np.isfinite(e).all() else e.tolist() for e in emb]
+    t = pa.table({k: pa.array(v, type=SCORES.field(k).type) for k, v in cols.items()})
+    from paradiffusion.storage import conform
+
+    return conform(t, SCORES)
+
+
+def iter_input_batches(shard: str, url: str, batch_rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """Stream an img2dataset shard as numpy batches of ``batch_rows`` (image column -> ``image``)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        col = image_column(pf.schema_arrow)
+        want = [c for c in _INPUT_COLUMNS if c in pf.schema_arrow.names] + [col]
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=want):
+            out = {("image" if c == col else c): rb.column(c).to_numpy(zero_copy_only=False) for c in want}
+            out["shard"] = np.array([shard] * rb.num_rows, dtype=object)
+            yield out
+
+
+def _read_shard_batches(items: dict[str, np.ndarray], batch_rows: int) -> Iterator[dict[str, np.ndarray]]:
+    for shard, url in zip(items["shard"], items["url"], strict=True):
+        yield from iter_input_batches(str(shard), str(url), batch_rows)
+
+
+def measure_table(shard: str, url: str, fcfg: dict, image_size: int, scorer: Scorer, chunk: int) -> pa.Table:
+    """Pass 1 for one shard as a plain loop (the same functions the Ray operators run)."""
+    parts = [
+        batch_to_table(scorer(preprocess_batch(b, fcfg, image_size))) for b in iter_input_batches(shard, url, chunk)
+    ]
+    return pa.concat_tables(parts) if parts else SCORES.empty_table()
+
+
+def _shard_rows(url: str) -> int:
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as fh:
+        return pq.ParquetFile(fh).metadata.num_rows
+
+
+# --------------------------------------------------------------------------- pass 1 runners
+def measure_local(
+    pending: list[tuple[str, str]], work: Table, cfg: PipelinesConfig, image_size: int, run_id: str
+) -> str:
+    """Pass 1 in this process, shard by shard."""
+    f = cfg.filter
+    keep_emb = f.save_embeddings or f.thresholds.dedup == "near"
+    scorer = Scorer(f.model_dump(mode="json"), keep_emb, f.torch_threads)
+    total = sum(_shard_rows(u) for _, u in pending)
+    bar = progress(None, total=total, desc="filter: measure", unit="img")
+    for shard, url in pending:
+        t = measure_table(shard, url, f.model_dump(mode="json"), image_size, scorer, f.decode_batch_size)
+        work.write_shard(shard, t, meta={"run_id": run_id, "input": url})
+        bar.update(t.num_rows)
+    bar.close()
+    return "plain loop in this process"
+
+
+def measure_ray(pending: list[tuple[str, str]], work: Table, cfg: PipelinesConfig, image_size: int, run_id: str) -> str:
+    """Pass 1 as a Ray Data pipeline: CPU decode tasks -> model actor pool -> shard writer."""
+    import ray
+    import ray.data
+
+    from paradiffusion.raycluster import init_ray
+
+    where = init_ray(cfg.ray)
+    f = cfg.filter
+    fcfg = f.model_dump(mode="json")
+    keep_emb = f.save_embeddings or f.thresholds.dedup == "near"
+    gpus = f.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    threads = f.torch_threads or max(1, int(f.cpus_per_actor))
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own bar counts images; Ray's per-operator bars go to the log
+    ctx.execution_options.preserve_order = False
+    expected = {shard: _shard_rows(url) for shard, url in pending}
+    # One read task per input shard, streaming record batches of decode_batch_size
+    # (bounded memory even for shards of full-size originals). Hand-written rather than
+    # ray.data.read_parquet so the shard name travels with each row and any fsspec URL
+    # pyarrow can open works.
+    items = [{"shard": s, "url": u} for s, u in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        _read_shard_batches,
+        fn_kwargs={"batch_rows": f.decode_batch_size},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=0,  # streaming I/O: must not wait for a CPU that the model actors hold (CPU-only runs)
+    )
+    ds = ds.map_batches(
+        preprocess_batch,
+        fn_kwargs={"fcfg": fcfg, "image_size": image_size},
+        batch_size=f.decode_batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+    ds = ds.map_batches(
+        Scorer,
+        fn_constructor_kwargs={"fcfg": fcfg, "keep_embeddings": keep_emb, "torch_threads": threads},
+        batch_size=f.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=f.num_actors),
+        num_gpus=gpus,
+        num_cpus=f.cpus_per_actor,
+    )
+    buffers: dict[str, list[pa.Table]] = defaultdict(list)
+    counts: Counter = Counter()
+    bar = progress(None, total=sum(expected.values()), desc="filter: measure", unit="img")
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        t = batch_to_table(batch)
+        for shard in set(t["shard"].to_pylist()):
+            part = t.filter(pc.equal(t["shard"], shard))
+            buffers[shard].append(part)
+            counts[shard] += part.num_rows
+            if counts[shard] == expected[shard]:
+                work.write_shard(shard, pa.concat_tables(buffers.pop(shard)), meta={"run_id": run_id})
+        bar.update(t.num_rows)
+    bar.close()
+    missing = {s: (counts[s], n) for s, n in expected.items() if counts[s] != n}
+    if missing:
+        raise RuntimeError(f"rows per shard do not add up (got, expected): {missing}")
+    return where
+
+
+RUNNERS = {"local": measure_local, "ray": measure_ray}
+
+
+# --------------------------------------------------------------------------- pass 2
+def _digest(items: list[tuple]) -> str:
+    return hashlib.sha256(json.dumps(sorted(items)).encode()).hexdigest()[:16]
+
+
+def decide(work: Table, out: Table, cfg: PipelinesConfig, expected_rows: dict[str, int], run_id: str) -> int:
+    """Pass 2: duplicates over every measured shard, then final shards; returns shards written."""
+    t = cfg.filter.thresholds
+    cols = ["key", "shard", "sha256", "pixel_hash", "kept"]
+    near = t.dedup == "near"
+    decisions = {}
+    if t.dedup != "off":
+        meas = work.read(columns=cols + (["image_embedding"] if near else []))
+        cand = meas.filter(pc.field("kept"))
+        emb = None
+        if near:
+            embs = cand["image_embedding"].to_pylist()
+            dim = next((len(e) for e in embs if e is not None), 1)
+            emb = np.array([e if e is not None else [np.nan] * dim for e in embs], dtype=np.float32)
+        decisions = decide_duplicates(
+            cand["key"].to_pylist(), cand["sha256"].to_pylist(), cand["pixel_hash"].to_pylist(), emb, t.near_dup_min
+        )
+    per_shard: dict[str, list[tuple]] = defaultdict(list)
+    key_shard = {}
+    if decisions:
+        ks = work.read(columns=["key", "shard"])
+        key_shard = dict(zip(ks["key"].to_pylist(), ks["shard"].to_pylist(), strict=True))
+    for key, d in decisions.items():
+        per_shard[key_shard[key]].append((key, d.reason, d.duplicate_of))
+    written = 0
+    for shard in progress(sorted(work.done_shards()), desc="filter: decide", unit="shard"):
+        wm = work.marker(shard)
+        digest = _digest(
+            per_shard.get(shard, [])
+            + [("measured", wm["written_at"], wm.get("run_id", ""))]
+            + [("save_embeddings", cfg.filter.save_embeddings)]
+        )
+        if out.is_done(shard) and out.marker(shard).get("decision_digest") == digest:
+            continue
+        rows = pq.read_table(work.shard_file(shard), filesystem=work.fs)
+        if shard in expected_rows and rows.num_rows != expected_rows[shard]:
+            raise RuntimeError(f"shard {shard}: {rows.num_rows} measured rows for {expected_rows[shard]} input rows")
+        dups = {k: (r, of) for k, r, of in per_shard.get(shard, [])}
+        if dups:
+            keys = rows["key"].to_pylist()
+            reason = rows["reject_reason"].to_pylist()
+            detail = rows["reject_detail"].to_pylist()
+            dup_of = rows["duplicate_of"].to_pylist()
+            for i, k in enumerate(keys):
+                if k in dups:
+                    d = decisions[k]
+                    reason[i], detail[i], dup_of[i] = d.reason, d.detail, d.duplicate_of
+            rows = rows.set_column(
+                rows.schema.get_field_index("reject_reason"), "reject_reason", pa.array(reason, pa.string())
+            )
+            rows = rows.set_column(
+                rows.schema.get_field_index("reject_detail"), "reject_detail", pa.array(detail, pa.string())
+            )
+            rows = rows.set_column(
+                rows.schema.get_field_index("duplicate_of"), "duplicate_of", pa.array(dup_of, pa.string())
+            )
+            rows = rows.set_column(rows.schema.get_field_index("kept"), "kept", pc.is_null(rows["reject_reason"]))
+        if not cfg.filter.save_embeddings:
+            for name in ("image_embedding", "text_embedding"):
+                i = rows.schema.get_field_index(name)
+                rows = rows.set_column(i, name, pa.nulls(rows.num_rows, SCORES.field(name).type))
+        out.write_shard(shard, rows, meta={"decision_digest": digest, "run_id": run_id})
+        written += 1
+    return written
+
+
+def funnel(out: Table, summary: StageSummary) -> None:
+    """Fill ``summary`` from the whole scores table: in, rejected per reason, kept."""
+    t = out.read(columns=["kept", "reject_reason"])
+    summary.n_in = t.num_rows
+    summary.n_out = int(pc.sum(t["kept"]).as_py() or 0) if t.num_rows else 0
+    for reason, n in Counter(r for r in t["reject_reason"].to_pylist() if r is not None).most_common():
+        summary.reject(reason, n)
+
+
+# --------------------------------------------------------------------------- the stage
+def run_filter(cfg: PipelinesConfig, args: argparse.Namespace | None = None) -> int:
+    """The ``filter`` command: measure pending shards, decide, write the funnel."""
+    from curation.models import clip_input_size
+
+    f = cfg.filter
+    paths = resolve_paths(cfg)
+    validate(cfg)
+    shards = image_shards(paths.images)
+    if not shards:
+        raise ConfigError(
+            f"filter.input = {paths.images!r}: no complete img2dataset shards (<shard>.parquet with "
+            "<shard>_stats.json); run `make download` first or point filter.input at the images table"
+        )
+    out = Table(paths.scores, SCORES)
+    work = Table(paths.work, SCORES)
+    cleaned = out.clean_tmp() + work.clean_tmp()
+    if cleaned:
+        log.info("removed %d leftover file(s) of an interrupted run", cleaned)
+    done = work.done_shards()
+    pending = [(s, u) for s, u in shards if s not in done]
+    image_size = clip_input_size(f.models.clip_model)
+    is_local = f.models.clip_model.startswith(("hf-hub:", "local-dir:")) or os.path.isdir(f.models.clip_model)
+    t = f.thresholds
+    announce(
+        STAGE,
+        {
+            "input": f"{paths.images} ({len(shards)} shards, {len(pending)} to measure, {len(shards) - len(pending)} done)",
+            "output": paths.scores,
+            "runner": f.runner if f.runner == "local" else "Ray Data (decode tasks -> model actor pool)",
+            "CLIP": f"{f.models.clip_model}{'' if is_local else f' ({f.models.clip_pretrained})'}, input {image_size}px",
+            "aesthetic": f.models.aesthetic or "off",
+            "thresholds": (
+                f"short side >= {t.min_short_side}, aspect <= {t.max_aspect_ratio}, alt text >= "
+                f"{t.caption_min_chars} chars / {t.caption_min_words} words, language in {t.languages or 'any'}, "
+                f"aesthetic >= {t.aesthetic_min}, CLIP score >= {t.clip_score_min}, dedup {t.dedup}"
+            ),
+        },
+    )
+    summary = StageSummary(STAGE)
+    summary.skipped_done = len(shards) - len(pending)
+    out.save_config(cfg, STAGE, f)
+    run_id = uuid.uuid4().hex[:12]
+    t0 = time.time()
+    where = "nothing to measure"
+    if pending:
+        where = RUNNERS[f.runner](pending, work, cfg, image_size, run_id)
+    measured_s = time.time() - t0
+    expected = {s: _shard_rows(u) for s, u in shards}
+    written = decide(work, out, cfg, expected, run_id)
+    funnel(out, summary)
+    summary.extra.update(
+        {
+            "kept_fraction": round(summary.n_out / summary.n_in, 4) if summary.n_in else 0.0,
+            "shards": len(shards),
+            "shards_measured_this_run": len(pending),
+            "shards_written_this_run": written,
+            "measure_seconds": round(measured_s, 2),
+            "ran_on": where,
+        }
+    )
+    summary.finish()
+    out.save_json("_summary.json", summary.to_dict())
+    summary.print()
+    return 0
