@@ -1,0 +1,589 @@
+"""The annotations store: append-only versions of hand-written descriptions, and their review.
+
+Every change appends rows; nothing is edited in place. A row is one version of one key:
+
+- an **import** appends a version per new description (state ``submitted``, or ``draft``);
+- a **review** appends a version that copies the text it decides on, with the new state,
+  the reviewer, the comment and ``parent_version`` = the version decided on.
+
+The key's current state is the state of its highest version. Allowed review transitions::
+
+    draft ──submit──▶ submitted ──approve──▶ approved
+                                 └─reject───▶ rejected
+
+``approved`` and ``rejected`` are final for that text: a corrected description comes back as a
+new import (a new version, ``submitted`` again). Anything else raises :class:`ReviewError`.
+
+Each import and each review batch is one committed shard, so a failure half-way writes
+nothing. Every description has a content hash (key + annotator + text): importing the same
+file twice adds nothing the second time.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from captioning.small import labelstudio as ls
+from captioning.small.config import AnnotationsConfig
+from paradiffusion.config import PipelinesConfig
+from paradiffusion.deps import MissingDependency, require
+from paradiffusion.log import get_logger
+from paradiffusion.schemas import ANNOTATIONS, CANDIDATES, SCORES, SMALL_TRAIN
+from paradiffusion.stage import StageSummary, announce, progress
+from paradiffusion.storage import Table, join
+
+log = get_logger("captioning.small.annotations")
+
+TRANSITIONS: dict[str, dict[str, str]] = {  # state -> {action: new state}
+    "draft": {"submit": "submitted"},
+    "submitted": {"approve": "approved", "reject": "rejected"},
+    "approved": {},
+    "rejected": {},
+}
+ACTIONS = ("submit", "approve", "reject")
+
+UNKNOWN_KEY = "unknown_key"
+ALREADY_IMPORTED = "already_imported"
+DUPLICATE_IN_FILE = "duplicate_in_file"
+
+
+class ReviewError(ValueError):
+    """A review decision that is not allowed (wrong state, unknown key or version, failed checks).
+
+    ``reason`` is the counter it is summarised under.
+    """
+
+    def __init__(self, message: str, reason: str = "refused"):
+        super().__init__(message)
+        self.reason = reason
+
+
+class ImportRefused(ValueError):
+    """A file that cannot be imported at all (not readable, or malformed as a whole)."""
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def content_hash(key: str, annotator: str, text: str) -> str:
+    """Identity of one description: the same key, annotator and text is the same annotation."""
+    return hashlib.sha256(json.dumps([key, annotator, text]).encode()).hexdigest()
+
+
+def n_words(text: str | None) -> int:
+    """Words = whitespace-separated tokens (the definition every statistic here uses)."""
+    return len(text.split()) if text else 0
+
+
+# --------------------------------------------------------------------------- locations
+def annotations_url(cfg: PipelinesConfig) -> str:
+    return cfg.annotations.output or join(cfg.project.data_root, "annotations")
+
+
+def export_dir(cfg: PipelinesConfig) -> str:
+    return cfg.annotations.export_dir or join(cfg.project.data_root, "annotation_tasks")
+
+
+def train_url(cfg: PipelinesConfig) -> str:
+    return cfg.annotations.train_output or join(cfg.project.data_root, "small_train")
+
+
+def _candidates_url(cfg: PipelinesConfig) -> str:
+    from captioning.small.select import candidates_url
+
+    return candidates_url(cfg)
+
+
+# --------------------------------------------------------------------------- guideline checks
+@dataclass
+class CheckResult:
+    """Guideline checks of one description: ``failures`` block approval, ``notes`` inform."""
+
+    n_words: int
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def render(self) -> str:
+        if self.ok:
+            return f"ok ({self.n_words} words" + (f"; {'; '.join(self.notes)})" if self.notes else ")")
+        return "; ".join(self.failures + self.notes)
+
+
+def check_text(text: str, ac: AnnotationsConfig) -> CheckResult:
+    """Word range, language and vague phrases of one description."""
+    res = CheckResult(n_words(text))
+    if not ac.min_words <= res.n_words <= ac.max_words:
+        res.failures.append(f"{res.n_words} words, outside {ac.min_words}-{ac.max_words}")
+    if ac.language:
+        try:
+            langid = require("py3langid", extra="curation")
+            lang, _ = langid.classify(text)
+            if lang != ac.language:
+                res.failures.append(f"language looks like {lang!r}, expected {ac.language!r}")
+        except MissingDependency:
+            res.notes.append("language not checked (py3langid not installed)")
+    low = " ".join(text.lower().split())
+    vague = [p for p in ac.vague_phrases if re.search(r"(?<!\w)" + re.escape(p.lower()) + r"(?!\w)", low)]
+    if vague:
+        res.failures.append("vague: " + ", ".join(repr(v) for v in vague))
+    return res
+
+
+# --------------------------------------------------------------------------- the store
+class AnnotationStore:
+    """The ``annotations`` table: read its history and the current version of each key."""
+
+    def __init__(self, url: str):
+        self.table = Table(url, ANNOTATIONS)
+
+    def history(self, key: str | None = None) -> pa.Table:
+        t = self.table.read()
+        if key is not None and t.num_rows:
+            t = t.filter(pc.equal(t["key"], key))
+        return t.sort_by([("key", "ascending"), ("version", "ascending")]) if t.num_rows else t
+
+    def current(self) -> dict[str, dict]:
+        """key -> its highest version (as a dict)."""
+        out: dict[str, dict] = {}
+        for row in self.history().to_pylist():
+            out[row["key"]] = row  # sorted by version: the last one wins
+        return out
+
+    def hashes(self) -> dict[str, dict]:
+        """content hash -> the first row that carried it."""
+        out: dict[str, dict] = {}
+        for row in self.history().to_pylist():
+            out.setdefault(row["content_hash"], row)
+        return out
+
+    def append(self, prefix: str, rows: list[dict], meta: dict) -> str | None:
+        """Append ``rows`` as one committed shard; returns the shard name (None when no rows)."""
+        if not rows:
+            return None
+        now = _now()
+        shard = f"{prefix}-{now:%Y%m%dT%H%M%S%f}"
+        for r in rows:
+            r.setdefault("recorded_at", now)
+        self.table.write_shard(shard, pa.Table.from_pylist(rows, schema=ANNOTATIONS), meta)
+        return shard
+
+
+def known_keys(cfg: PipelinesConfig) -> tuple[set[str], str]:
+    """Keys an annotation may name: the candidates, or (without candidates) the kept set."""
+    cand = Table(_candidates_url(cfg), CANDIDATES)
+    if cand.done_shards():
+        return set(cand.read(columns=["key"])["key"].to_pylist()), "candidates"
+    scores = Table(join(cfg.project.data_root, "scores"), SCORES)
+    if scores.done_shards():
+        t = scores.read(columns=["key", "kept"])
+        return set(t.filter(pc.field("kept"))["key"].to_pylist()), "kept set"
+    raise FileNotFoundError("neither candidates nor scores exist: run `make select-small` (or `make filter`) first")
+
+
+# --------------------------------------------------------------------------- import
+@dataclass
+class ImportResult:
+    summary: StageSummary
+    problems: list[ls.Problem]
+    shard: str | None
+
+
+def import_file(cfg: PipelinesConfig, path: str) -> ImportResult:
+    """Import one Label Studio export / CSV / JSONL as one committed shard.
+
+    Every record that is not imported is a :class:`labelstudio.Problem` with its line and
+    reason; a file that cannot be parsed as a whole raises :class:`ImportRefused` and writes
+    nothing.
+    """
+    ac = cfg.annotations
+    store = AnnotationStore(annotations_url(cfg))
+    announce("annotations import", {"file": path, "into": store.table.url, "imported as": ac.import_state})
+    summary = StageSummary("annotations import")
+    try:
+        with fsspec.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, ValueError) as exc:
+        raise ImportRefused(f"{path}: cannot read: {exc}") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ImportRefused(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    entries, problems = ls.parse_file(path, text, ac.from_name)
+    fatal = [p for p in problems if p.fatal]
+    if fatal:
+        raise ImportRefused(f"{path}: nothing imported: " + "; ".join(str(p) for p in fatal))
+    keys, keys_from = known_keys(cfg)
+    seen_db = store.hashes()
+    seen_file: dict[str, ls.Entry] = {}
+    versions = Counter({k: r["version"] for k, r in store.current().items()})
+    rows: list[dict] = []
+    summary.n_in = len(entries) + len(problems)
+    source = os.path.basename(path) if "://" not in path else path
+    # Versions follow the annotators' own times; ties (and missing times) keep file order.
+    floor = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+    for e in sorted(entries, key=lambda e: (e.created_at or floor, e.line)):
+        if e.key not in keys:
+            problems.append(ls.Problem(e.ref, e.line, UNKNOWN_KEY, f"{e.key!r} is not in the {keys_from}"))
+            continue
+        h = content_hash(e.key, e.annotator, e.text)
+        if h in seen_file:
+            problems.append(ls.Problem(e.ref, e.line, DUPLICATE_IN_FILE, f"same text as {seen_file[h].ref}"))
+            continue
+        seen_file[h] = e
+        if h in seen_db:
+            old = seen_db[h]
+            problems.append(
+                ls.Problem(
+                    e.ref, e.line, ALREADY_IMPORTED, f"v{old['version']} from {old['source_file']} {old['source_ref']}"
+                )
+            )
+            continue
+        versions[e.key] += 1
+        rows.append(
+            {
+                "key": e.key,
+                "version": versions[e.key],
+                "text": e.text,
+                "annotator": e.annotator,
+                "created_at": e.created_at,
+                "source_file": source,
+                "source_ref": e.ref,
+                "content_hash": h,
+                "state": ac.import_state,
+            }
+        )
+    problems.sort(key=lambda p: p.line)
+    for p in problems:
+        summary.reject(p.reason)
+        log.warning("%s: %s", source, p)
+    file_hash = hashlib.sha256(raw).hexdigest()
+    shard = store.append("import", rows, {"source_file": source, "sha256": file_hash, "problems": len(problems)})
+    summary.n_out = len(rows)
+    summary.extra["shard"] = shard or "none (nothing new)"
+    summary.extra["annotators"] = len({r["annotator"] for r in rows})
+    summary.extra["problems"] = [str(p) for p in problems]
+    summary.finish()
+    store.table.save_config(cfg, "annotations", ac)
+    store.table.save_json("_summary.json", summary.to_dict())
+    summary.print()
+    return ImportResult(summary, problems, shard)
+
+
+# --------------------------------------------------------------------------- review
+@dataclass
+class Decision:
+    """One review decision; ``ref`` says where it came from (a line of a batch file)."""
+
+    key: str
+    action: str
+    reviewer: str
+    comment: str = ""
+    version: int | None = None
+    ref: str = "command line"
+
+
+def _decide(d: Decision, cur: dict | None, ac: AnnotationsConfig, force: bool) -> tuple[dict, CheckResult]:
+    if d.action not in ACTIONS:
+        raise ReviewError(f"{d.ref}: unknown action {d.action!r}; use one of {', '.join(ACTIONS)}", "unknown_action")
+    if cur is None:
+        raise ReviewError(f"{d.ref}: key {d.key!r} has no annotation to review", "no_annotation")
+    if not d.reviewer:
+        raise ReviewError(f"{d.ref}: a review needs a reviewer", "missing_reviewer")
+    text_version = cur["parent_version"] or cur["version"]
+    if d.version is not None and d.version not in (cur["version"], text_version):
+        raise ReviewError(
+            f"{d.ref}: key {d.key!r} version {d.version} is not the current one "
+            f"(current: v{cur['version']}, {cur['state']}); review the current version",
+            "stale_version",
+        )
+    allowed = TRANSITIONS[cur["state"]]
+    if d.action not in allowed:
+        can = ", ".join(allowed) or "nothing (final state)"
+        raise ReviewError(
+            f"{d.ref}: key {d.key!r} v{cur['version']} is {cur['state']!r}: cannot {d.action} it "
+            f"(allowed from {cur['state']!r}: {can})",
+            "transition_not_allowed",
+        )
+    if d.action == "reject" and not d.comment:
+        raise ReviewError(f"{d.ref}: rejecting key {d.key!r} needs a --comment saying what to fix", "missing_comment")
+    check = check_text(cur["text"] or "", ac)
+    if d.action == "approve" and not check.ok and not force:
+        raise ReviewError(
+            f"{d.ref}: key {d.key!r} fails the guidelines ({check.render()}); fix it or use --force", "guideline_failed"
+        )
+    now = _now()
+    row = {
+        **{k: cur[k] for k in ("key", "text", "annotator", "created_at", "source_file", "source_ref", "content_hash")},
+        "version": cur["version"] + 1,
+        "state": allowed[d.action],
+        "parent_version": text_version,
+        "reviewer": d.reviewer,
+        "review_comment": d.comment or None,
+        "reviewed_at": now,
+    }
+    return row, check
+
+
+def review(cfg: PipelinesConfig, decisions: list[Decision], force: bool = False) -> tuple[StageSummary, list[str]]:
+    """Apply review decisions; the allowed ones are appended as one shard.
+
+    Returns the summary and the refused decisions' messages (each names its line and why).
+    A single decision that is refused raises :class:`ReviewError` instead.
+    """
+    ac = cfg.annotations
+    store = AnnotationStore(annotations_url(cfg))
+    current = store.current()
+    summary = StageSummary("annotations review")
+    summary.n_in = len(decisions)
+    rows, refused = [], []
+    for d in decisions:
+        try:
+            row, check = _decide(d, current.get(d.key), ac, force)
+        except ReviewError as exc:
+            if len(decisions) == 1:
+                raise
+            refused.append(str(exc))
+            summary.reject(exc.reason)
+            log.warning("%s", exc)
+            continue
+        print(f"   {d.key} v{row['parent_version']} by {row['annotator']}: checks {check.render()} -> {row['state']}")
+        rows.append(row)
+        current[d.key] = row  # a later line of the same batch sees this decision
+    shard = store.append("review", rows, {"decisions": len(rows), "refused": len(refused)})
+    store.table.save_config(cfg, "annotations", ac)
+    summary.n_out = len(rows)
+    summary.extra["shard"] = shard or "none"
+    summary.extra["by_state"] = dict(Counter(r["state"] for r in rows))
+    summary.finish()
+    store.table.save_json("_summary.json", summary.to_dict())
+    summary.print()
+    return summary, refused
+
+
+def read_decisions(path: str, default_reviewer: str | None = None) -> tuple[list[Decision], list[str]]:
+    """A batch of decisions from CSV or JSONL: ``key, decision (approve|reject|submit), reviewer,
+    comment[, version]``. Returns the decisions and the unreadable lines' messages."""
+    with fsspec.open(path, "r", encoding="utf-8-sig") as f:
+        text = f.read()
+    records: list[tuple[int, dict]] = []
+    bad: list[str] = []
+    if path.lower().endswith(".jsonl"):
+        for i, raw in enumerate(text.splitlines(), start=1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+                records.append((i, rec))
+            except ValueError as exc:
+                bad.append(f"{path}: line {i}: malformed ({exc})")
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        for rec in reader:
+            records.append((reader.line_num, rec))
+    out = []
+    for line, rec in records:
+        action = str(rec.get("decision") or rec.get("action") or "").strip().lower()
+        action = {"approved": "approve", "rejected": "reject", "submitted": "submit"}.get(action, action)
+        try:
+            version = int(rec["version"]) if str(rec.get("version") or "").strip() else None
+        except ValueError:
+            bad.append(f"{path}: line {line}: malformed version {rec.get('version')!r}")
+            continue
+        out.append(
+            Decision(
+                key=str(rec.get("key") or "").strip(),
+                action=action,
+                reviewer=str(rec.get("reviewer") or default_reviewer or "").strip(),
+                comment=str(rec.get("comment") or "").strip(),
+                version=version,
+                ref=f"{path}: line {line}",
+            )
+        )
+    return out, bad
+
+
+# --------------------------------------------------------------------------- status
+def status(cfg: PipelinesConfig) -> dict:
+    """Progress: current state of each key, by state and by annotator, plus guideline failures."""
+    store = AnnotationStore(annotations_url(cfg))
+    current = store.current()
+    try:
+        keys, keys_from = known_keys(cfg)
+    except FileNotFoundError:
+        keys, keys_from = set(current), "annotations"
+    by_state = Counter(r["state"] for r in current.values())
+    by_annotator: dict[str, Counter] = {}
+    failing = 0
+    for r in current.values():
+        by_annotator.setdefault(r["annotator"] or "unknown", Counter())[r["state"]] += 1
+        if r["state"] in ("draft", "submitted") and not check_text(r["text"] or "", cfg.annotations).ok:
+            failing += 1
+    return {
+        "keys_to_annotate": len(keys),
+        "keys_from": keys_from,
+        "not_started": len(keys - set(current)),
+        "versions": store.history().num_rows,
+        "by_state": {s: by_state.get(s, 0) for s in TRANSITIONS},
+        "by_annotator": {a: {s: c.get(s, 0) for s in TRANSITIONS} for a, c in sorted(by_annotator.items())},
+        "pending_failing_guidelines": failing,
+    }
+
+
+def render_status(st: dict) -> str:
+    states = list(TRANSITIONS)
+    lines = [
+        f"== annotations status ({st['keys_to_annotate']} keys in the {st['keys_from']}, "
+        f"{st['versions']} versions recorded)",
+        f"   not started: {st['not_started']}   " + "   ".join(f"{s}: {st['by_state'][s]}" for s in states),
+        f"   pending descriptions failing the guidelines: {st['pending_failing_guidelines']}",
+    ]
+    if st["by_annotator"]:
+        width = max(12, *(len(a) for a in st["by_annotator"]))
+        lines.append("   " + "annotator".ljust(width) + "".join(s.rjust(11) for s in states))
+        for a, c in st["by_annotator"].items():
+            lines.append("   " + a.ljust(width) + "".join(str(c[s]).rjust(11) for s in states))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- export
+def draft_captions(cfg: PipelinesConfig, keys: list[str]) -> dict[str, tuple[str, str]]:
+    """key -> (VLM draft caption, "model_id/prompt_id"): the selected caption (``caption.select``)."""
+    from stats.views import selected_sql
+
+    captions = Table(join(cfg.project.data_root, "captions"))
+    if not captions.done_shards() or not keys:
+        return {}
+    import duckdb
+
+    con = duckdb.connect()
+    con.register("wanted", pa.table({"key": pa.array(keys, pa.string())}))
+    sql = selected_sql(captions.glob(), cfg)
+    rows = con.execute(
+        f"SELECT s.key, s.caption, s.model_id || '/' || s.prompt_id FROM ({sql}) s JOIN wanted USING (key)"
+    ).fetchall()
+    return {k: (c, mv) for k, c, mv in rows}
+
+
+def _write_local_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def export_tasks(cfg: PipelinesConfig) -> StageSummary:
+    """Write ``tasks.json`` (Label Studio import) and ``labeling_config.xml`` for the candidates."""
+    ac = cfg.annotations
+    out = Path(export_dir(cfg))
+    cand = Table(_candidates_url(cfg), CANDIDATES)
+    announce("annotations export", {"candidates": cand.url, "output": str(out), "images": ac.image_source})
+    summary = StageSummary("annotations export")
+    if not cand.done_shards():
+        raise FileNotFoundError(f"no candidates under {cand.url}: run `make select-small` first")
+    rows = cand.read().sort_by("selection_rank").to_pylist()
+    summary.n_in = len(rows)
+    drafts = draft_captions(cfg, [r["key"] for r in rows])
+    out.mkdir(parents=True, exist_ok=True)
+    location = {r["key"]: r["url"] for r in rows}
+    if ac.image_source == "files":
+        from paradiffusion.images import iter_kept_images
+
+        (out / "images").mkdir(exist_ok=True)
+        location = {}
+        wanted = {r["key"] for r in rows}
+        images = join(cfg.project.data_root, "images")
+        for _, t in progress(
+            iter_kept_images(images, join(cfg.project.data_root, "scores"), ("key", "image"), wanted), desc="images"
+        ):
+            for key, data in zip(t["key"].to_pylist(), t["image"].to_pylist(), strict=True):
+                ext = _ext(data)
+                _write_local_atomic(out / "images" / f"{key}.{ext}", data)
+                location[key] = f"{ac.image_url_prefix}{key}.{ext}"
+    tasks = []
+    for r in rows:
+        if not location.get(r["key"]):
+            summary.reject("no_image_location")
+            log.warning("candidate %s: no image location (no url / no image bytes); not exported", r["key"])
+            continue
+        draft, mv = drafts.get(r["key"], (None, None))
+        tasks.append(ls.make_task(r["key"], location[r["key"]], draft, mv, ac.from_name))
+    _write_local_atomic(out / "tasks.json", json.dumps(tasks, indent=1, ensure_ascii=False).encode())
+    _write_local_atomic(
+        out / "labeling_config.xml", ls.labeling_config(ac.from_name, ac.min_words, ac.max_words).encode()
+    )
+    summary.n_out = len(tasks)
+    summary.extra["with_draft"] = sum(1 for t in tasks if t.get("predictions"))
+    summary.extra["without_draft"] = len(tasks) - summary.extra["with_draft"]
+    summary.extra["tasks"] = str(out / "tasks.json")
+    summary.finish()
+    meta = Table(str(out))
+    meta.save_config(cfg, "annotations export")
+    meta.save_json("_summary.json", summary.to_dict())
+    summary.print()
+    return summary
+
+
+def _ext(data: bytes) -> str:
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "bin"
+
+
+def export_approved(cfg: PipelinesConfig) -> StageSummary:
+    """Write the stage-3 training table: the latest approved version of each key."""
+    store = AnnotationStore(annotations_url(cfg))
+    out = Table(train_url(cfg), SMALL_TRAIN)
+    announce("annotations export-approved", {"annotations": store.table.url, "output": out.url})
+    summary = StageSummary("annotations export-approved")
+    approved: dict[str, dict] = {}
+    current = store.current()
+    for row in store.history().to_pylist():
+        if row["state"] == "approved":
+            approved[row["key"]] = row
+    summary.n_in = len(current)
+    for key, row in current.items():
+        if key not in approved:
+            summary.reject(f"not_approved ({row['state']})")
+    rows = [
+        {
+            "key": k,
+            "caption": r["text"],
+            "annotator": r["annotator"],
+            "version": r["parent_version"] or r["version"],
+            "reviewer": r["reviewer"],
+            "n_words": n_words(r["text"]),
+        }
+        for k, r in sorted(approved.items())
+    ]
+    out.write_shard("00000", pa.Table.from_pylist(rows, schema=SMALL_TRAIN) if rows else SMALL_TRAIN.empty_table())
+    out.save_config(cfg, "annotations export-approved", cfg.annotations)
+    summary.n_out = len(rows)
+    if rows:
+        summary.extra["mean_words"] = round(sum(r["n_words"] for r in rows) / len(rows), 1)
+    summary.finish()
+    out.save_json("_summary.json", summary.to_dict())
+    summary.print()
+    return summary

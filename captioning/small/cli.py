@@ -1,0 +1,125 @@
+"""Commands of ParaImage-Small: ``select-small`` and ``annotations <action>``.
+
+Light imports only: the work is imported when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from paradiffusion.cli import Command
+from paradiffusion.config import PipelinesConfig
+
+ANNOTATION_ACTIONS = ("export", "import", "review", "status", "history", "export-approved")
+
+
+def _select(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+    from captioning.small.select import run_select_small
+
+    try:
+        run_select_small(cfg)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+SELECT_SMALL = Command(
+    help="choose ParaImage-Small candidates by aesthetic score, resolution and CLIP-cluster diversity",
+    run=_select,
+)
+
+
+def _annotations(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+    from captioning.small import annotations as an
+
+    try:
+        if args.action == "export":
+            an.export_tasks(cfg)
+        elif args.action == "import":
+            if not args.file:
+                print(
+                    "error: annotations import needs a FILE (Label Studio .json export, .csv or .jsonl)",
+                    file=sys.stderr,
+                )
+                return 2
+            for f in args.file:
+                an.import_file(cfg, f)
+        elif args.action == "review":
+            return _review(cfg, args)
+        elif args.action == "status":
+            st = an.status(cfg)
+            print(an.render_status(st))
+        elif args.action == "history":
+            if not args.key:
+                print("error: annotations history needs --key", file=sys.stderr)
+                return 2
+            rows = an.AnnotationStore(an.annotations_url(cfg)).history(args.key).to_pylist()
+            if not rows:
+                print(f"error: key {args.key!r} has no annotation", file=sys.stderr)
+                return 1
+            for r in rows:
+                reviewed = f" reviewed by {r['reviewer']}: {r['review_comment'] or ''}" if r["reviewer"] else ""
+                print(
+                    f"v{r['version']} {r['state']:<9} by {r['annotator']} ({r['source_file']} {r['source_ref']}){reviewed}"
+                )
+                print(f"    {r['text']}")
+            print(
+                f"guideline checks of the current text: {an.check_text(rows[-1]['text'] or '', cfg.annotations).render()}"
+            )
+        elif args.action == "export-approved":
+            an.export_approved(cfg)
+    except (an.ImportRefused, an.ReviewError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _review(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+    from captioning.small import annotations as an
+
+    if args.decisions:
+        decisions, bad = an.read_decisions(args.decisions, args.reviewer)
+        for b in bad:
+            print(f"error: {b}", file=sys.stderr)
+    else:
+        chosen = [a for a in ("approve", "reject", "submit") if getattr(args, a)]
+        if not args.key or len(chosen) != 1:
+            print(
+                "error: annotations review needs --key K and one of --approve/--reject/--submit "
+                "(or --file DECISIONS.csv)",
+                file=sys.stderr,
+            )
+            return 2
+        decisions = [an.Decision(args.key, chosen[0], args.reviewer or "", args.comment or "", args.version)]
+        bad = []
+    _, refused = an.review(cfg, decisions, force=args.force)
+    return 1 if refused or bad else 0
+
+
+def _annotation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=ANNOTATION_ACTIONS, help="what to do")
+    p.add_argument("file", nargs="*", help="import: Label Studio JSON export(s), .csv or .jsonl (key,text,annotator)")
+    p.add_argument("--key", help="review/history: the image key")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--approve", action="store_true", help="review: approve the current version")
+    g.add_argument("--reject", action="store_true", help="review: reject it (needs --comment)")
+    g.add_argument("--submit", action="store_true", help="review: move a draft to submitted")
+    p.add_argument("--reviewer", help="review: who decides")
+    p.add_argument("--comment", help="review: why (required to reject)")
+    p.add_argument("--version", type=int, help="review: the version decided on (default: the current one)")
+    p.add_argument(
+        "--file",
+        dest="decisions",
+        metavar="DECISIONS",
+        help="review: a batch of decisions, CSV/JSONL with key,decision,reviewer,comment[,version]",
+    )
+    p.add_argument("--force", action="store_true", help="review: approve even when the guideline checks fail")
+
+
+ANNOTATIONS = Command(
+    help="Label Studio round trip and review: export | import FILE | review | status | history | export-approved",
+    run=_annotations,
+    add_arguments=_annotation_args,
+)

@@ -1,0 +1,280 @@
+"""Label Studio's formats: tasks to import, the labeling config, and parsing its exports.
+
+Tasks (what ``annotations export`` writes, Label Studio's import format)::
+
+    [{"data": {"image": "<url>", "key": "<key>", "draft": "<VLM caption>"},
+      "predictions": [{"model_version": "<model_id>/<prompt_id>",
+                       "result": [{"from_name": "caption", "to_name": "image", "type": "textarea",
+                                   "value": {"text": ["<VLM caption>"]}}]}]}, ...]
+
+An export (Label Studio's "JSON" export) is a list of tasks, each with ``id``, ``data`` and
+``annotations``; an annotation has ``id``, ``result`` (``[{"value": {"text": [...]}, "from_name":
+..., "type": "textarea"}]``), ``completed_by`` (a user id, or a dict with ``id`` and ``email``),
+``created_at``, ``updated_at``, ``was_cancelled``, ``lead_time``, ... Plain CSV and JSONL with
+``key``, ``text`` and ``annotator`` columns are read too.
+
+Parsing never raises on bad content: every record becomes either an :class:`Entry` or a
+:class:`Problem` that names its line (and task / annotation id) and the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+from dataclasses import dataclass
+from xml.sax.saxutils import quoteattr
+
+#: Problem reasons, shared with the importer's summary.
+MALFORMED = "malformed"
+MISSING_KEY = "missing_key"
+EMPTY = "empty_annotation"
+CANCELLED = "cancelled_annotation"
+
+
+@dataclass
+class Entry:
+    """One annotation found in a file."""
+
+    key: str
+    text: str
+    annotator: str
+    created_at: _dt.datetime | None
+    ref: str  # where in the file: "line 12, task 7, annotation 31"
+    line: int
+
+
+@dataclass
+class Problem:
+    """One record that cannot be imported, and why."""
+
+    ref: str
+    line: int
+    reason: str
+    detail: str = ""
+    fatal: bool = False  # the file as a whole cannot be read: import nothing
+
+    def __str__(self) -> str:
+        return f"{self.ref}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
+
+
+def labeling_config(from_name: str = "caption", min_words: int = 50, max_words: int = 200) -> str:
+    """The Label Studio labeling config matching the exported tasks: the image, the VLM draft as
+    a pre-filled, editable TextArea."""
+    guide = (
+        f"Describe the image in one paragraph of {min_words}-{max_words} words: the main objects, their "
+        "attributes (colour, material, count), where they are in the picture and the background. "
+        "Edit the draft below; do not write vague phrases such as 'nice picture'."
+    )
+    return (
+        "<View>\n"
+        '  <Image name="image" value="$image" zoom="true"/>\n'
+        f"  <Header value={quoteattr(guide)}/>\n"
+        f'  <TextArea name={quoteattr(from_name)} toName="image" rows="10" editable="true" '
+        'maxSubmissions="1" required="true" showSubmitButton="false"/>\n'
+        "</View>\n"
+    )
+
+
+def make_task(key: str, image: str, draft: str | None, model_version: str | None, from_name: str = "caption") -> dict:
+    """One Label Studio task: the image, its key, and the VLM draft as a prediction."""
+    task: dict = {"data": {"image": image, "key": key, "draft": draft or ""}}
+    if draft:
+        task["predictions"] = [
+            {
+                "model_version": model_version or "vlm",
+                "result": [
+                    {"from_name": from_name, "to_name": "image", "type": "textarea", "value": {"text": [draft]}}
+                ],
+            }
+        ]
+    return task
+
+
+def _line_of(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def _split_json_list(text: str) -> tuple[list[tuple[int, object]], Problem | None]:
+    """Decode a top-level JSON list item by item, keeping each item's line number.
+
+    ``json.loads`` gives no positions; decoding item by item with ``raw_decode`` does, so a
+    problem can name the line its task starts on.
+    """
+    dec = json.JSONDecoder()
+    i = len(text) - len(text.lstrip())
+    if not text[i : i + 1] == "[":
+        return [], Problem("line 1", 1, MALFORMED, "a Label Studio JSON export is a list of tasks: expected '['", True)
+    i += 1
+    items: list[tuple[int, object]] = []
+    n = len(text)
+    while True:
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        if i < n and text[i] == "]":
+            rest = text[i + 1 :].strip()
+            if rest:
+                line = _line_of(text, i + 1)
+                return items, Problem(f"line {line}", line, MALFORMED, "extra data after the closing ']'", True)
+            return items, None
+        try:
+            obj, end = dec.raw_decode(text, i)
+        except json.JSONDecodeError as exc:
+            return items, Problem(f"line {exc.lineno}", exc.lineno, MALFORMED, f"not valid JSON: {exc.msg}", True)
+        items.append((_line_of(text, i), obj))
+        i = end
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        if i < n and text[i] == ",":
+            i += 1
+        elif not (i < n and text[i] == "]"):
+            line = _line_of(text, min(i, n - 1))
+            return items, Problem(f"line {line}", line, MALFORMED, "expected ',' or ']' between tasks", True)
+
+
+def _time(value: object) -> _dt.datetime | None:
+    if not value:
+        return None
+    try:
+        t = _dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+
+
+def _annotator(completed_by: object) -> str:
+    if isinstance(completed_by, dict):
+        return str(completed_by.get("email") or completed_by.get("username") or f"user:{completed_by.get('id')}")
+    if completed_by is None or completed_by == "":
+        return "unknown"
+    return f"user:{completed_by}"
+
+
+def _texts(result: object, from_name: str) -> list[str] | None:
+    """The TextArea text of an annotation's ``result``; None when the result is not a list."""
+    if not isinstance(result, list):
+        return None
+    out: list[str] = []
+    for r in result:
+        if not isinstance(r, dict) or r.get("from_name", from_name) != from_name:
+            continue
+        value = r.get("value") or {}
+        text = value.get("text") if isinstance(value, dict) else None
+        if isinstance(text, str):
+            text = [text]
+        if isinstance(text, list):
+            out += [str(t) for t in text if isinstance(t, str)]
+    return out
+
+
+def parse_label_studio(text: str, from_name: str = "caption") -> tuple[list[Entry], list[Problem]]:
+    """Entries and problems of a Label Studio JSON export (a list of tasks)."""
+    items, fatal = _split_json_list(text)
+    entries: list[Entry] = []
+    problems: list[Problem] = [fatal] if fatal else []
+    for line, task in items:
+        if not isinstance(task, dict):
+            problems.append(Problem(f"line {line}", line, MALFORMED, "a task must be a JSON object"))
+            continue
+        tid = task.get("id", "?")
+        tref = f"line {line}, task {tid}"
+        data = task.get("data")
+        key = data.get("key") if isinstance(data, dict) else None
+        if not key:
+            problems.append(Problem(tref, line, MISSING_KEY, "task data has no 'key' (was it exported by this tool?)"))
+            continue
+        anns = task.get("annotations", [])
+        if not isinstance(anns, list):
+            problems.append(Problem(tref, line, MALFORMED, "'annotations' must be a list"))
+            continue
+        for ann in anns:
+            if not isinstance(ann, dict):
+                problems.append(Problem(tref, line, MALFORMED, "an annotation must be a JSON object"))
+                continue
+            ref = f"{tref}, annotation {ann.get('id', '?')}"
+            if ann.get("was_cancelled"):
+                problems.append(Problem(ref, line, CANCELLED, "skipped by the annotator"))
+                continue
+            texts = _texts(ann.get("result"), from_name)
+            if texts is None:
+                problems.append(Problem(ref, line, MALFORMED, "'result' must be a list"))
+                continue
+            body = "\n".join(t.strip() for t in texts if t.strip())
+            if not body:
+                problems.append(Problem(ref, line, EMPTY, f"no text in a {from_name!r} TextArea"))
+                continue
+            when = _time(ann.get("updated_at")) or _time(ann.get("created_at"))
+            entries.append(Entry(str(key), body, _annotator(ann.get("completed_by")), when, ref, line))
+    return entries, problems
+
+
+def _plain_record(rec: dict, ref: str, line: int) -> Entry | Problem:
+    key = str(rec.get("key") or "").strip()
+    if not key:
+        return Problem(ref, line, MISSING_KEY, "no 'key'")
+    text = rec.get("text")
+    text = "" if text is None else str(text).strip()
+    if not text:
+        return Problem(ref, line, EMPTY, "no 'text'")
+    if str(rec.get("was_cancelled", "")).lower() in ("true", "1", "yes"):
+        return Problem(ref, line, CANCELLED, "marked cancelled")
+    return Entry(key, text, str(rec.get("annotator") or "unknown").strip(), _time(rec.get("created_at")), ref, line)
+
+
+def parse_csv(text: str) -> tuple[list[Entry], list[Problem]]:
+    """Entries and problems of a CSV with a header: ``key,text,annotator[,created_at]``."""
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or "key" not in reader.fieldnames or "text" not in reader.fieldnames:
+        return [], [
+            Problem("line 1", 1, MALFORMED, f"the header must name key and text; got {reader.fieldnames}", True)
+        ]
+    entries, problems = [], []
+    while True:
+        try:
+            rec = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            problems.append(Problem(f"line {reader.line_num}", reader.line_num, MALFORMED, str(exc), True))
+            break
+        line = reader.line_num
+        if None in rec:
+            problems.append(Problem(f"line {line}", line, MALFORMED, "more fields than the header"))
+            continue
+        got = _plain_record(rec, f"line {line}", line)
+        (entries if isinstance(got, Entry) else problems).append(got)
+    return entries, problems
+
+
+def parse_jsonl(text: str) -> tuple[list[Entry], list[Problem]]:
+    """Entries and problems of JSON Lines: one ``{"key", "text", "annotator"}`` object a line."""
+    entries, problems = [], []
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(f"line {line}", line, MALFORMED, f"not valid JSON: {exc.msg}"))
+            continue
+        if not isinstance(rec, dict):
+            problems.append(Problem(f"line {line}", line, MALFORMED, "each line must be a JSON object"))
+            continue
+        got = _plain_record(rec, f"line {line}", line)
+        (entries if isinstance(got, Entry) else problems).append(got)
+    return entries, problems
+
+
+def parse_file(name: str, text: str, from_name: str = "caption") -> tuple[list[Entry], list[Problem]]:
+    """Parse by extension: ``.json`` (Label Studio export), ``.jsonl``, ``.csv``."""
+    lower = name.lower()
+    if lower.endswith(".jsonl"):
+        return parse_jsonl(text)
+    if lower.endswith(".csv"):
+        return parse_csv(text)
+    if lower.endswith(".json"):
+        return parse_label_studio(text, from_name)
+    return [], [
+        Problem("file", 0, MALFORMED, "unknown format: expected .json (Label Studio export), .jsonl or .csv", True)
+    ]

@@ -1,0 +1,38 @@
+"""The ``stats`` config section."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from paradiffusion.config import StrictModel
+
+
+class StatsConfig(StrictModel):
+    """What `paradiffusion stats` reads and writes."""
+
+    output: str | None = Field(None, description="Report folder; default <data_root>/stats (local path).")
+    images: str | None = Field(None, description="img2dataset shards folder; default <data_root>/images.")
+    write_duckdb: bool = Field(True, description="Also write stats.duckdb holding only the views.")
+    nouns: Literal["auto", "off"] = Field(
+        "auto", description="auto: count nouns with TextBlob's bundled tagger when installed; off: never."
+    )
+    noun_sample: int = Field(
+        500, ge=1, description="Mean nouns is measured on a seeded sample of this many captions per source."
+    )
+    length_buckets: list[int] = Field(
+        [25, 50, 100, 150, 200, 250], description="Word-count bucket edges of the caption-length histogram."
+    )
+    keywords: list[str] = Field(
+        ["left", "right", "background", "foreground", "person"],
+        description="Words whose share of captions the keyword query reports (reads the caption text).",
+    )
+    plots: bool = Field(True, description="Write PNG plots (needs matplotlib).")
+
+    @field_validator("length_buckets")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if not v or any(b <= a for a, b in zip(v, v[1:], strict=False)) or v[0] <= 0:
+            raise ValueError("length_buckets must be positive and strictly increasing, e.g. [25, 50, 100]")
+        return v

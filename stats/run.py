@@ -1,0 +1,310 @@
+"""`paradiffusion stats`: write the views, run the canned queries, print them, write a report.
+
+Output folder (``stats.output``, default ``<data_root>/stats``)::
+
+    views.sql        CREATE VIEW statements over the tables, for `duckdb -c ".read views.sql"`
+    stats.duckdb     the same views in a database file (no data copied)
+    report.md        every canned query as a Markdown table, with the plots
+    stats.json       the same results as JSON
+    *.png            caption-length histogram, funnel
+    _config.yaml, _summary.json
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.log import get_logger
+from paradiffusion.stage import StageSummary, announce, progress
+from paradiffusion.storage import Table, join
+from stats import nouns as _nouns
+from stats.queries import Query, bucket_labels, canned_queries
+from stats.views import build_views, find_sources, views_sql
+
+log = get_logger("stats")
+
+
+@dataclass
+class Result:
+    """One canned query's result."""
+
+    name: str
+    title: str
+    columns: list[str]
+    rows: list[tuple]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def stats_dir(cfg: PipelinesConfig) -> str:
+    return cfg.stats.output or join(cfg.project.data_root, "stats")
+
+
+#: stats.duckdb is written in this storage format so DuckDB CLIs from 1.2 on can open it.
+STORAGE_VERSION = "v1.2.0"
+
+
+def connect(views: list[tuple[str, str]], database: str = ":memory:"):
+    """A DuckDB connection with the views created (in ``database`` when it is a file)."""
+    import duckdb
+
+    con = duckdb.connect()
+    if database != ":memory:":
+        con.execute(f"ATTACH '{database}' AS stats_db (STORAGE_VERSION '{STORAGE_VERSION}')")
+        con.execute("USE stats_db")
+    for name, sql in views:
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+    return con
+
+
+def run_query(con, q: Query) -> Result:
+    t0 = time.perf_counter()
+    cur = con.execute(q.sql)
+    rows = cur.fetchall()
+    cols = [d[0] for d in cur.description]
+    return Result(q.name, q.title, cols, rows, time.perf_counter() - t0)
+
+
+def _sample_captions(con, counts: dict[str, int], n: int, seed: int) -> list[tuple[str, str]]:
+    """Up to ``n`` captions per source: those with the smallest ``hash(key || seed)``.
+
+    Deterministic for a seed. A window over every caption would sort the whole text column;
+    instead a hash threshold keeps about ``2n`` rows per source and the ``n`` smallest of those
+    are taken here.
+    """
+    top = 2**64 - 1
+    whens = []
+    for source, count in counts.items():
+        limit = top if count <= 2 * n else int(top * (2 * n / count))
+        whens.append(f"WHEN source = '{source.replace(chr(39), chr(39) * 2)}' THEN h <= {limit}")
+    if not whens:
+        return []
+    rows = con.execute(
+        f"SELECT source, caption, h FROM (SELECT source, caption, hash(key || '{seed}') AS h FROM caption_sources) "
+        f"WHERE CASE {' '.join(whens)} ELSE false END"
+    ).fetchall()
+    by_source: dict[str, list[tuple[int, str]]] = {}
+    for source, caption, h in rows:
+        by_source.setdefault(source, []).append((h, caption or ""))
+    return [(s, c) for s, got in by_source.items() for _, c in sorted(got)[:n]]
+
+
+def add_mean_nouns(con, res: Result, cfg: PipelinesConfig) -> None:
+    """Append Table 1's ``mean_nouns`` column, measured on a seeded sample per source."""
+    counter = _nouns.noun_counter() if cfg.stats.nouns == "auto" else None
+    if counter is None:
+        why = _nouns.UNAVAILABLE if cfg.stats.nouns == "auto" else "n/a: stats.nouns is off"
+        res.columns.append("mean_nouns")
+        res.rows = [(*r, why) for r in res.rows]
+        return
+    n = cfg.stats.noun_sample
+    sample = _sample_captions(con, {r[0]: r[1] for r in res.rows}, n, cfg.project.seed)
+    sums: dict[str, list[int]] = {}
+    for source, caption in progress(sample, total=len(sample), desc="nouns", unit="caption"):
+        sums.setdefault(source, []).append(counter(caption or ""))
+    res.columns.append("mean_nouns")
+    out = []
+    for r in res.rows:
+        got = sums.get(r[0], [])
+        out.append((*r, round(sum(got) / len(got), 1) if got else None))
+    res.rows = out
+    sampled = [r[0] for r in res.rows if r[1] > n]
+    if sampled:
+        sizes = ", ".join(f"{s}: {len(sums.get(s, []))}" for s in sampled)
+        res.notes.append(f"mean_nouns on a seeded sample of captions ({sizes})")
+    res.notes.append("nouns: TextBlob's offline PatternTagger, tags NN/NNS/NNP/NNPS")
+
+
+# --------------------------------------------------------------------------- rendering
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:,.3f}".rstrip("0").rstrip(".")
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def render_text(res: Result) -> str:
+    """A plain terminal table."""
+    cells = [[_fmt(v) for v in r] for r in res.rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(res.columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(res.columns, widths, strict=True))
+    out = [f"-- {res.title} ({res.seconds * 1000:.0f} ms)", line, "  ".join("-" * w for w in widths)]
+    for row in cells:
+        out.append("  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    if not cells:
+        out.append("(no rows)")
+    out += [f"   note: {n}" for n in res.notes]
+    return "\n".join(out)
+
+
+def _numeric(v: str) -> bool:
+    return v.replace(",", "").replace(".", "", 1).lstrip("-").isdigit()
+
+
+def render_markdown(res: Result) -> str:
+    out = [f"### {res.title}", "", "| " + " | ".join(res.columns) + " |", "|" + "---|" * len(res.columns)]
+    for r in res.rows:
+        out.append("| " + " | ".join(_fmt(v).replace("|", "\\|") for v in r) + " |")
+    if not res.rows:
+        out.append("| (no rows) |" + " |" * (len(res.columns) - 1))
+    out += ["", *[f"*{n}*" for n in res.notes], f"<sub>query `{res.name}`: {res.seconds * 1000:.0f} ms</sub>", ""]
+    return "\n".join(out)
+
+
+def plot_histogram(res: Result, labels: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_source: dict[str, list[float]] = {}
+    for source, bucket, _, _, pct in res.rows:
+        by_source.setdefault(source, [0.0] * len(labels))[bucket] = float(pct)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(1, len(by_source))
+    for i, (source, pcts) in enumerate(sorted(by_source.items())):
+        ax.bar([x + i * width for x in range(len(labels))], pcts, width, label=source)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels)
+    ax.set_xlabel("words per caption")
+    ax.set_ylabel("% of captions")
+    ax.set_title("Caption length by source")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_funnel(res: Result, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r[1] for r in res.rows][::-1]
+    values = [r[2] for r in res.rows][::-1]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1))
+    ax.barh(names, values, color="#4c72b0")
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:,}", va="center", fontsize=8)
+    ax.set_xlabel("rows / keys")
+    ax.set_title("Funnel")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the stage
+def run_stats(cfg: PipelinesConfig, only: list[str] | None = None, quiet: bool = False) -> dict[str, Result]:
+    """Write views.sql (+ stats.duckdb), run the canned queries, print them and write the report."""
+    sc = cfg.stats
+    if "://" in stats_dir(cfg):
+        raise ConfigError(
+            f"stats.output = {stats_dir(cfg)}: must be a local folder (the report and views.sql are local files)"
+        )
+    out = Path(stats_dir(cfg))
+    sources = find_sources(cfg)
+    have = {n for n, s in sources.items() if s.exists}
+    missing = [n for n in sources if n not in have]
+    announce(
+        "stats",
+        {
+            "data": cfg.project.data_root,
+            "tables": ", ".join(sorted(have)) or "none",
+            "missing": ", ".join(missing) or "none",
+            "output": str(out),
+        },
+    )
+    summary = StageSummary("stats")
+    views = build_views(cfg, sources)
+    view_names = {n for n, _ in views}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "views.sql", views_sql(views, missing).encode())
+    if sc.write_duckdb:
+        tmp = out / ".stats.duckdb.tmp"
+        tmp.unlink(missing_ok=True)
+        connect(views, str(tmp)).close()
+        os.replace(tmp, out / "stats.duckdb")
+    con = connect(views)
+    queries = canned_queries(sc.length_buckets, sc.keywords, view_names)
+    results: dict[str, Result] = {}
+    summary.n_in = len(queries)
+    for q in queries:
+        if only and q.name not in only:
+            continue
+        if not q.sql or not set(q.needs) <= view_names:
+            summary.reject("tables_missing")
+            log.info("%s: skipped (needs %s)", q.name, ", ".join(q.needs) or "any table")
+            continue
+        try:
+            res = run_query(con, q)
+        except Exception as exc:  # noqa: BLE001 - one bad table must not hide the other results
+            summary.reject("query_failed")
+            log.warning("%s failed: %s", q.name, exc)
+            continue
+        if q.name == "table1":
+            add_mean_nouns(con, res, cfg)
+        results[q.name] = res
+        summary.n_out += 1
+        if not quiet:
+            print(render_text(res) + "\n")
+    plots = []
+    if sc.plots and results:
+        try:
+            if "length_histogram" in results and results["length_histogram"].rows:
+                plot_histogram(
+                    results["length_histogram"], bucket_labels(sc.length_buckets), out / "length_histogram.png"
+                )
+                plots.append("length_histogram.png")
+            if "funnel" in results and results["funnel"].rows:
+                plot_funnel(results["funnel"], out / "funnel.png")
+                plots.append("funnel.png")
+        except ImportError:
+            log.warning("no plots: matplotlib is not installed (pip install matplotlib)")
+    md = [
+        "# Dataset statistics",
+        "",
+        f"Written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC} from `{cfg.project.data_root}` "
+        f"by `paradiffusion stats`. Tables: {', '.join(sorted(have)) or 'none'}; "
+        f"missing: {', '.join(missing) or 'none'}.",
+        "Words are whitespace-separated tokens. Length buckets: "
+        + ", ".join(bucket_labels(sc.length_buckets))
+        + " words. Re-run any of this with "
+        '`duckdb -c ".read views.sql" -c "SELECT ..."`.',
+        "",
+        *[f"![{p}]({p})\n" for p in plots],
+        *[render_markdown(r) for r in results.values()],
+    ]
+    _write_atomic(out / "report.md", "\n".join(md).encode())
+    doc = {
+        n: {
+            "title": r.title,
+            "columns": r.columns,
+            "rows": [list(x) for x in r.rows],
+            "seconds": r.seconds,
+            "notes": r.notes,
+        }
+        for n, r in results.items()
+    }
+    _write_atomic(out / "stats.json", json.dumps(doc, indent=1, default=str).encode())
+    meta = Table(str(out))
+    meta.save_config(cfg, "stats", sc)
+    summary.extra.update({"views": len(views), "report": str(out / "report.md"), "plots": len(plots)})
+    summary.finish()
+    meta.save_json("_summary.json", summary.to_dict())
+    summary.print()
+    return results

@@ -1,0 +1,227 @@
+import json
+
+import pytest
+
+from captioning.small import annotations as an
+from captioning.small.select import run_select_small
+from paradiffusion.cli import main
+from paradiffusion.schemas import SMALL_TRAIN
+from paradiffusion.storage import Table
+
+
+def words(n: int, word: str = "tree") -> str:
+    """An English description of exactly ``n`` words."""
+    base = (
+        "the red boat floats on calm blue water near a wooden pier under a bright morning sky with white clouds "
+        "and green hills far behind it while birds fly"
+    ).split()
+    return " ".join((base * (n // len(base) + 1))[:n])
+
+
+def ann(aid, who, text, created, updated=None, cancelled=False):
+    return {
+        "id": aid,
+        "completed_by": who,
+        "was_cancelled": cancelled,
+        "ground_truth": False,
+        "lead_time": 60.0,
+        "created_at": created,
+        "updated_at": updated or created,
+        "result": []
+        if cancelled
+        else [
+            {
+                "value": {"text": [text]},
+                "from_name": "caption",
+                "to_name": "image",
+                "type": "textarea",
+                "origin": "manual",
+            }
+        ],
+    }
+
+
+def export(tasks):
+    """A Label Studio export: one task per (key, annotations), pretty-printed like the real one."""
+    return json.dumps(
+        [
+            {
+                "id": i + 1,
+                "data": {"image": f"http://x/{k}.jpg", "key": k},
+                "annotations": a,
+                "predictions": [],
+                "drafts": [],
+            }
+            for i, (k, a) in enumerate(tasks)
+        ],
+        indent=2,
+    )
+
+
+ALICE = {"id": 1, "email": "alice@example.com"}
+
+
+@pytest.fixture
+def selected(cfg):
+    run_select_small(cfg)
+    return cfg
+
+
+@pytest.fixture
+def first_export(tmp_path):
+    p = tmp_path / "export1.json"
+    p.write_text(
+        export(
+            [
+                (
+                    "c0_0",
+                    [
+                        ann(1, ALICE, words(60), "2026-01-02T10:00:00Z"),
+                        ann(2, 7, words(80, "x") + " second opinion", "2026-01-02T09:00:00Z"),
+                    ],
+                ),
+                ("c1_0", [ann(3, 7, "", "2026-01-02T10:00:00Z", cancelled=True)]),
+                ("c2_0", [ann(4, ALICE, words(70), "2026-01-02T10:00:00Z", updated="2026-01-03T08:00:00Z")]),
+                ("c0_1", [ann(5, 7, "A nice picture.", "2026-01-02T12:00:00Z")]),
+                ("nope", [ann(6, 7, words(60), "2026-01-02T12:00:00Z")]),
+                ("c2_1", [ann(7, 7, words(55), "2026-01-02T12:00:00Z"), ann(8, 7, words(55), "2026-01-02T12:00:00Z")]),
+                ("c1_1", [ann(9, ALICE, "   ", "2026-01-02T12:00:00Z")]),
+            ]
+        )
+    )
+    return p
+
+
+def test_import_versions_problems_and_idempotence(selected, data_root, first_export):
+    res = an.import_file(selected, str(first_export))
+    reasons = sorted((p.reason, p.ref.split(",")[1].strip()) for p in res.problems)
+    assert reasons == [
+        ("cancelled_annotation", "task 2"),
+        ("duplicate_in_file", "task 6"),
+        ("empty_annotation", "task 7"),
+        ("unknown_key", "task 5"),
+    ]
+    assert res.summary.n_in == 9 and res.summary.n_out == 5
+    store = an.AnnotationStore(an.annotations_url(selected))
+    hist = store.history("c0_0").to_pylist()
+    # two annotators on one key: versions follow their own times (user:7 wrote first)
+    assert [(r["version"], r["annotator"], r["state"]) for r in hist] == [
+        (1, "user:7", "submitted"),
+        (2, "alice@example.com", "submitted"),
+    ]
+    assert hist[1]["source_file"] == "export1.json" and hist[1]["source_ref"].endswith("task 1, annotation 1")
+    assert store.history("c2_0").to_pylist()[0]["created_at"].isoformat() == "2026-01-03T08:00:00+00:00"
+    shards = store.table.done_shards()
+    again = an.import_file(selected, str(first_export))
+    assert again.summary.n_out == 0 and again.shard is None and store.table.done_shards() == shards
+    assert again.summary.rejected["already_imported"] == 5
+    assert store.history().num_rows == 5
+
+
+def test_malformed_file_writes_nothing(selected, tmp_path, first_export):
+    bad = tmp_path / "broken.json"
+    bad.write_text(first_export.read_text()[:-40])  # cut off mid-task
+    with pytest.raises(an.ImportRefused, match=r"broken.json: nothing imported: line \d+: malformed"):
+        an.import_file(selected, str(bad))
+    assert an.AnnotationStore(an.annotations_url(selected)).history().num_rows == 0
+    assert main(["annotations", "import", str(bad), "--set", f"project.data_root={selected.project.data_root}"]) == 1
+
+
+def test_jsonl_and_csv_imports(selected, tmp_path):
+    j = tmp_path / "more.jsonl"
+    j.write_text(json.dumps({"key": "c0_0", "text": words(60), "annotator": "bob"}) + "\n{broken\n")
+    res = an.import_file(selected, str(j))
+    assert res.summary.n_out == 1 and [(p.line, p.reason) for p in res.problems] == [(2, "malformed")]
+    c = tmp_path / "more.csv"
+    c.write_text(f"key,text,annotator\nc0_0,{words(60)},bob\nc1_0,{words(61)},bob\n")
+    res = an.import_file(selected, str(c))
+    assert res.summary.n_out == 1 and res.problems[0].reason == "already_imported"
+
+
+def test_review_transitions_checks_and_export(selected, data_root, first_export, tmp_path):
+    an.import_file(selected, str(first_export))
+    cfg = selected
+    ok = an.Decision("c2_0", "approve", "rev", "good")
+    an.review(cfg, [ok])
+    hist = an.AnnotationStore(an.annotations_url(cfg)).history("c2_0").to_pylist()
+    assert [(r["version"], r["state"], r["parent_version"], r["reviewer"]) for r in hist] == [
+        (1, "submitted", None, None),
+        (2, "approved", 1, "rev"),
+    ]
+    assert hist[1]["text"] == hist[0]["text"] and hist[1]["reviewed_at"] is not None
+    with pytest.raises(an.ReviewError, match="'approved': cannot approve it"):
+        an.review(cfg, [ok])
+    with pytest.raises(an.ReviewError, match="'approved': cannot reject"):
+        an.review(cfg, [an.Decision("c2_0", "reject", "rev", "changed my mind")])
+    with pytest.raises(an.ReviewError, match="fails the guidelines .*words, outside 50-200.*vague: 'nice picture'"):
+        an.review(cfg, [an.Decision("c0_1", "approve", "rev")])
+    with pytest.raises(an.ReviewError, match="needs a --comment"):
+        an.review(cfg, [an.Decision("c0_1", "reject", "rev")])
+    with pytest.raises(an.ReviewError, match="has no annotation"):
+        an.review(cfg, [an.Decision("c1_0", "approve", "rev")])
+    with pytest.raises(an.ReviewError, match="version 1 is not the current one"):
+        an.review(cfg, [an.Decision("c0_0", "approve", "rev", version=1)])
+    # batch from a file: one good line, one disallowed, one bad version; the good one is applied
+    batch = tmp_path / "decisions.csv"
+    batch.write_text(
+        "key,decision,reviewer,comment,version\nc0_1,reject,rev,too short and vague,\n"
+        "c2_0,approve,rev,,\nc0_0,approve,,,x\n"
+    )
+    summary, refused = an.review(cfg, *an.read_decisions(str(batch))[:1])
+    assert summary.n_out == 1 and len(refused) == 1 and "line 3" in refused[0]
+    assert dict(summary.rejected) == {"transition_not_allowed": 1}
+    assert an.read_decisions(str(batch))[1] == [f"{batch}: line 4: malformed version 'x'"]
+    # draft -> submitted -> approved
+    cfg.annotations.import_state = "draft"
+    j = tmp_path / "draft.jsonl"
+    j.write_text(json.dumps({"key": "c1_1", "text": words(90), "annotator": "bob"}) + "\n")
+    an.import_file(cfg, str(j))
+    with pytest.raises(an.ReviewError, match="'draft': cannot approve"):
+        an.review(cfg, [an.Decision("c1_1", "approve", "rev")])
+    an.review(cfg, [an.Decision("c1_1", "submit", "bob")])
+    an.review(cfg, [an.Decision("c1_1", "approve", "rev")])
+
+    st = an.status(cfg)
+    assert st["by_state"] == {"draft": 0, "submitted": 2, "approved": 2, "rejected": 1}
+    assert st["not_started"] == 1 and st["keys_to_annotate"] == 6
+    assert st["by_annotator"]["alice@example.com"]["approved"] == 1
+    assert "alice@example.com" in an.render_status(st)
+
+    an.export_approved(cfg)
+    train = Table(str(data_root / "small_train"), SMALL_TRAIN).read().sort_by("key").to_pylist()
+    assert [(r["key"], r["version"], r["annotator"], r["n_words"]) for r in train] == [
+        ("c1_1", 1, "bob", 90),
+        ("c2_0", 1, "alice@example.com", 70),
+    ]
+    assert train[1]["caption"] == words(70) and train[1]["reviewer"] == "rev"
+
+
+def test_cli_round_trip(selected, data_root, tmp_path, capsys):
+    sets = ["--set", f"project.data_root={data_root}"]
+    assert main(["annotations", "export", *sets]) == 0
+    tasks = json.loads((data_root / "annotation_tasks" / "tasks.json").read_text())
+    assert len(tasks) == 6 and tasks[0]["data"]["key"] == "c2_0"
+    # the selected caption (caption.select): no preference matches, no flags, so the newest (the 'big' model's)
+    assert tasks[0]["predictions"][0]["result"][0]["value"]["text"] == ["A draft caption for c2_0 by the big model."]
+    assert tasks[0]["predictions"][0]["model_version"] == "big/p1"
+    assert (data_root / "annotation_tasks" / "labeling_config.xml").exists()
+    assert main(["annotations", "export", *sets, "--set", "caption.select.prefer=[{model: small}]"]) == 0
+    tasks = json.loads((data_root / "annotation_tasks" / "tasks.json").read_text())
+    assert tasks[0]["data"]["draft"] == "An earlier draft for c2_0."
+
+    from captioning.small.simulate import simulated_export
+
+    f = tmp_path / "sim.json"
+    f.write_text(json.dumps(simulated_export(tasks)))
+    assert main(["annotations", "import", str(f), *sets]) == 0
+    assert main(["annotations", "review", "--key", "c2_0", "--approve", "--reviewer", "r", *sets]) == 0
+    assert main(["annotations", "review", "--key", "c2_0", "--approve", "--reviewer", "r", *sets]) == 1
+    assert "cannot approve it" in capsys.readouterr().err
+    assert main(["annotations", "status", *sets]) == 0
+    assert "approved: 1" in capsys.readouterr().out
+    assert main(["annotations", "history", "--key", "c2_0", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "v1 submitted" in out and "v2 approved" in out and "guideline checks of the current text: ok" in out
+    assert main(["annotations", "history", "--key", "nope", *sets]) == 1
+    assert main(["annotations", "export-approved", *sets]) == 0
+    assert main(["annotations", "review", "--key", "c2_0", *sets]) == 2

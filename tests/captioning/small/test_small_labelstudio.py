@@ -1,0 +1,78 @@
+import json
+import xml.etree.ElementTree as ET
+
+from captioning.small import labelstudio as ls
+
+# A Label Studio JSON export as the tool writes it (trimmed to the fields it always has).
+EXPORT = """[
+  {
+    "id": 7,
+    "data": {"image": "http://x/a.jpg", "key": "a", "draft": "d"},
+    "annotations": [
+      {"id": 31, "completed_by": {"id": 1, "email": "ann@example.com", "first_name": "Ann"},
+       "result": [{"value": {"text": ["First line.", "Second line."]}, "id": "x1", "from_name": "caption",
+                   "to_name": "image", "type": "textarea", "origin": "manual"},
+                  {"value": {"choices": ["ok"]}, "from_name": "quality", "to_name": "image", "type": "choices"}],
+       "was_cancelled": false, "ground_truth": false, "created_at": "2026-01-02T10:00:00.000000Z",
+       "updated_at": "2026-01-02T11:30:00.000000Z", "lead_time": 120.5, "task": 7, "project": 1},
+      {"id": 32, "completed_by": 5, "result": [], "was_cancelled": true,
+       "created_at": "2026-01-02T10:05:00Z", "updated_at": "2026-01-02T10:05:00Z", "lead_time": 3.0}
+    ],
+    "predictions": [], "drafts": [], "meta": {}, "created_at": "2026-01-01T00:00:00Z"
+  },
+  {"id": 8, "data": {"image": "http://x/b.jpg"}, "annotations": []},
+  {"id": 9, "data": {"key": "c"}, "annotations": [{"id": 40, "completed_by": 5, "result": [
+      {"value": {"text": [""]}, "from_name": "caption", "type": "textarea"}], "was_cancelled": false}]}
+]
+"""
+
+
+def test_parse_real_shaped_export():
+    entries, problems = ls.parse_label_studio(EXPORT)
+    assert len(entries) == 1
+    e = entries[0]
+    assert (e.key, e.annotator, e.text) == ("a", "ann@example.com", "First line.\nSecond line.")
+    assert e.created_at.isoformat() == "2026-01-02T11:30:00+00:00"  # updated_at wins: the latest edit
+    assert e.ref == "line 2, task 7, annotation 31" and e.line == 2
+    got = {(p.ref, p.reason) for p in problems}
+    assert got == {
+        ("line 2, task 7, annotation 32", ls.CANCELLED),
+        ("line 17, task 8", ls.MISSING_KEY),
+        ("line 18, task 9, annotation 40", ls.EMPTY),
+    }
+    assert not any(p.fatal for p in problems)
+
+
+def test_malformed_json_names_the_line_and_is_fatal():
+    bad = EXPORT.replace('"id": 8,', '"id": 8,,')
+    entries, problems = ls.parse_label_studio(bad)
+    fatal = [p for p in problems if p.fatal]
+    assert len(fatal) == 1 and fatal[0].line == 17 and "not valid JSON" in fatal[0].detail
+    _, problems = ls.parse_label_studio('{"not": "a list"}')
+    assert problems[0].fatal and "list of tasks" in problems[0].detail
+
+
+def test_completed_by_int_and_plain_formats():
+    assert ls._annotator(5) == "user:5" and ls._annotator({"id": 3}) == "user:3"
+    entries, problems = ls.parse_jsonl('{"key": "a", "text": "t", "annotator": "x"}\n{oops\n\n[1]\n')
+    assert [e.key for e in entries] == ["a"]
+    assert [(p.line, p.reason) for p in problems] == [(2, ls.MALFORMED), (4, ls.MALFORMED)]
+    entries, problems = ls.parse_csv('key,text,annotator\na,"hello, world",x\n,no key,y\nb,,z\n')
+    assert [(e.key, e.text, e.line) for e in entries] == [("a", "hello, world", 2)]
+    assert [(p.line, p.reason) for p in problems] == [(3, ls.MISSING_KEY), (4, ls.EMPTY)]
+    _, problems = ls.parse_csv("id,words\n1,2\n")
+    assert problems[0].fatal
+
+
+def test_task_and_labeling_config_match():
+    task = ls.make_task("k1", "http://x/k1.jpg", "A draft.", "big/p1")
+    assert task["data"] == {"image": "http://x/k1.jpg", "key": "k1", "draft": "A draft."}
+    pred = task["predictions"][0]["result"][0]
+    root = ET.fromstring(ls.labeling_config("caption", 50, 200))
+    area = root.find("TextArea")
+    image = root.find("Image")
+    assert area.get("name") == pred["from_name"] and area.get("toName") == image.get("name") == pred["to_name"]
+    assert image.get("value") == "$image" and pred["value"]["text"] == ["A draft."]
+    assert "50-200 words" in root.find("Header").get("value")
+    assert "predictions" not in ls.make_task("k2", "u", None, None)
+    json.dumps(task)  # serialisable
