@@ -1,0 +1,134 @@
+"""Training data: buckets, skips counted, rank split, exact mid-epoch resume, caption sources."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from train_fixtures import write_image_shards
+
+from paradiffusion.schemas import CAPTIONS
+from paradiffusion.storage import Table
+from training.data import BucketedImageData, load_caption_map, make_buckets, nearest_bucket, to_model_range
+
+SIZES = [(40, 40), (64, 32), (32, 64), (48, 40)]
+
+
+def _data(root, **kw):
+    args = {"batch_size": 2, "resolution": 16, "bucket_step": 4, "shuffle_buffer": 4, "seed": 3}
+    args.update(kw)
+    return BucketedImageData(str(root / "images"), **args)
+
+
+def test_buckets_cover_aspect_ratios():
+    buckets = make_buckets(1024, 64, 2.0)
+    assert (1024, 1024) in buckets
+    assert all(w % 64 == 0 and h % 64 == 0 and max(w, h) / min(w, h) <= 2.0 for w, h in buckets)
+    assert all(abs(w * h - 1024**2) / 1024**2 < 0.15 for w, h in buckets)
+    wide = buckets[nearest_bucket(buckets, 2000, 1000)]
+    tall = buckets[nearest_bucket(buckets, 1000, 2000)]
+    assert wide[0] > wide[1] and tall[1] > tall[0]
+
+
+def test_batches_are_bucketed_and_bad_rows_counted(tmp_path):
+    write_image_shards(tmp_path / "images", n_shards=2, per_shard=6, sizes=SIZES, corrupt=1, missing_caption=2)
+    d = _data(tmp_path)
+    assert d.counts["skipped: missing caption"] == 2
+    seen = []
+    for batch in itertools.islice(iter(d), 8):
+        x = batch["pixel_values"]
+        assert x.ndim == 4 and x.shape[1] == 3 and x.dtype == torch.uint8
+        y = to_model_range(x)
+        assert y.min() >= -1 and y.max() <= 1 and y.dtype == torch.float32
+        assert x.shape[2] * x.shape[3] <= 16 * 16 * 1.3  # one bucket per batch, ~resolution^2 pixels
+        assert len(batch["captions"]) == len(batch["keys"]) == x.shape[0]
+        seen += batch["keys"]
+        if d.epoch > 0:
+            break
+    assert d.counts["skipped: decode error"] >= 1  # the truncated JPEG, found when loaded
+    assert "000000000" not in seen  # the corrupt one
+    assert "000000001" not in seen and "000000002" not in seen  # no caption
+
+
+def test_resume_mid_epoch_gives_the_same_batches(tmp_path):
+    write_image_shards(tmp_path / "images", n_shards=2, per_shard=6, sizes=SIZES)
+    ref = [b for b in itertools.islice(iter(_data(tmp_path, random_crop=True)), 9)]
+    d = _data(tmp_path, random_crop=True)
+    it = iter(d)
+    for _ in range(4):
+        next(it)
+    state = d.state_dict()
+    d2 = _data(tmp_path, random_crop=True)
+    d2.load_state_dict(state)
+    rest = list(itertools.islice(iter(d2), 5))
+    for a, b in zip(ref[4:], rest, strict=True):
+        assert a["keys"] == b["keys"]
+        assert torch.equal(a["pixel_values"], b["pixel_values"])  # same crop and flip too
+
+
+@pytest.mark.parametrize("n_shards", [1, 4])
+def test_ranks_see_disjoint_rows(tmp_path, n_shards):
+    write_image_shards(tmp_path / "images", n_shards=n_shards, per_shard=12 // n_shards)
+    keys = [{r.key for r in _data(tmp_path, rank=r, world_size=2).rows} for r in (0, 1)]
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    assert len(keys[0] | keys[1]) == 12
+
+
+def test_caption_sources(tmp_path):
+    keys = write_image_shards(tmp_path / "images", n_shards=1, per_shard=4)
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    rows = []
+    for i, k in enumerate(keys[:3]):
+        rows.append(
+            {
+                "key": k,
+                "caption": f"late {k}",
+                "model_id": "vlm",
+                "prompt_id": "p1",
+                "prompt_hash": "h",
+                "created_at": t0 + dt.timedelta(days=2),
+            }
+        )
+        rows.append(
+            {
+                "key": k,
+                "caption": f"early {k}",
+                "model_id": "vlm",
+                "prompt_id": "p1",
+                "prompt_hash": "h",
+                "created_at": t0,
+            }
+        )
+        rows.append(
+            {
+                "key": k,
+                "caption": f"other {k}",
+                "model_id": "other",
+                "prompt_id": "p2",
+                "prompt_hash": "h",
+                "created_at": t0 - dt.timedelta(days=1),
+            }
+        )
+        del i
+    Table(str(tmp_path / "captions"), CAPTIONS).write_shard("0", pa.Table.from_pylist(rows))
+    m = load_caption_map("captions", str(tmp_path / "captions"), "vlm", "p1")
+    assert m == {k: f"early {k}" for k in keys[:3]}
+    assert load_caption_map("captions", str(tmp_path / "captions"))[keys[0]] == f"other {keys[0]}"  # earliest
+    pq.write_table(pa.table({"key": keys[:2], "caption": ["a", "b"], "extra": [1, 2]}), tmp_path / "small.parquet")
+    assert load_caption_map("table", str(tmp_path / "small.parquet")) == {keys[0]: "a", keys[1]: "b"}
+    d = _data(
+        tmp_path,
+        caption_source="captions",
+        captions_url=str(tmp_path / "captions"),
+        caption_model_id="vlm",
+        caption_prompt_id="p1",
+    )
+    assert {r.caption for r in d.rows} == {f"early {k}" for k in keys[:3]}
+    assert d.counts["skipped: missing caption"] == 1
+    with pytest.raises(ValueError, match="caption"):
+        pq.write_table(pa.table({"key": keys}), tmp_path / "bad.parquet")
+        load_caption_map("table", str(tmp_path / "bad.parquet"))

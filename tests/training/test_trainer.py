@@ -1,0 +1,325 @@
+"""The trainer end to end on CPU through the real DeepSpeed engine (one process, gloo), tiny models."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from train_fixtures import tiny_config, write_image_shards
+
+from paradiffusion.config import ConfigError
+from paradiffusion.schemas import CAPTIONS
+from paradiffusion.storage import Table
+from training.trainer import COMMIT_MARKER, CheckpointDir, Trainer, TrainingDiverged
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_models, tmp_path_factory):
+    """Stages 1 -> 2 -> 3 on fixture shards; records parameters before and after each stage."""
+    root = tmp_path_factory.mktemp("chain")
+    keys = write_image_shards(root / "images", n_shards=2, per_shard=6, corrupt=1, missing_caption=1)
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    rows = [
+        {
+            "key": k,
+            "caption": f"A long paragraph describing picture {k}. " * 4,
+            "model_id": "vlm",
+            "prompt_id": "p",
+            "prompt_hash": "h",
+            "created_at": t0,
+        }
+        for k in keys[3:]
+    ]
+    Table(str(root / "captions"), CAPTIONS).write_shard("0", pa.Table.from_pylist(rows))
+    pq.write_table(
+        pa.table({"key": keys[2:8], "caption": [f"Handwritten description {k}" for k in keys[2:8]]}),
+        root / "paraimage_small.parquet",
+    )
+    cfg = tiny_config(tiny_models, root)
+    cfg.train.stage3.data.captions = str(root / "paraimage_small.parquet")
+    cfg.train.stage1.logging.validation_every_steps = 4  # validation images once, at the end of stage 1
+    out = {"root": root, "cfg": cfg}
+    for stage in (1, 2, 3):
+        t = Trainer(cfg, stage)
+        t.setup()
+        before = {"llm": _snapshot(t.model.llm), "unet": _snapshot(t.model.unet)}
+        summary = t.train()
+        out[stage] = {
+            "trainer": t,
+            "summary": summary,
+            "before": before,
+            "after": {"llm": _snapshot(t.model.llm), "unet": _snapshot(t.model.unet)},
+        }
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_frozen_llm_stays_bit_identical(chain, stage):
+    r = chain[stage]
+    for k, v in r["before"]["llm"].items():
+        assert torch.equal(v, r["after"]["llm"][k]), k
+    assert any(not torch.equal(v, r["after"]["unet"][k]) for k, v in r["before"]["unet"].items())
+    assert not any(p.requires_grad for p in r["trainer"].model.llm.parameters())
+
+
+def test_stage2_changes_only_lora_in_the_llm(chain):
+    r = chain[2]
+    changed = {k for k, v in r["before"]["llm"].items() if not torch.equal(v, r["after"]["llm"][k])}
+    assert changed and all("lora_" in k for k in changed)
+    trainable = {n for n, p in r["trainer"].model.llm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_stages_write_summary_config_checkpoints_and_exports(chain):
+    root = chain["root"]
+    for stage in (1, 2, 3):
+        out = root / "train" / f"stage{stage}"
+        s = json.loads((out / "_summary.json").read_text())
+        assert s["steps"] == 4 and s["samples_trained_this_run"] >= 7
+        assert s["in"] == 12 and s["out"] == 12 - s["rejected_total"]
+        assert s["last_loss"] == s["last_loss"]  # finite, not NaN
+        assert (out / "_config.yaml").is_file() and (out / "deepspeed_config.json").is_file()
+        assert [p.name for _, p in CheckpointDir(str(out / "checkpoints")).committed()] == [
+            "step-00000002",
+            "step-00000004",
+        ]
+        exp = out / "export"
+        assert (exp / "unet" / "config.json").is_file() and (exp / "text_projection" / "model.safetensors").is_file()
+        assert (exp / "text_encoder_lora").is_dir() == (stage >= 2)  # stage 3 carries the stage-2 LoRA
+        info = json.loads((exp / "paradiffusion.json").read_text())
+        assert info["stage"] == stage and info["max_length"] == (256 if stage == 1 else 32)
+        assert any((out / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(root / "train" / "stage1" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert "validation" in ev.Tags()["images"] and "train/loss" in ev.Tags()["scalars"]
+    assert len(ev.Scalars("train/loss")) == 4
+    assert chain[1]["summary"].rejected["missing caption"] == 1
+    assert chain[1]["summary"].rejected["decode error"] == 1  # the truncated JPEG, met when loaded
+    assert chain[3]["summary"].rejected["missing caption"] == 6  # rows not in ParaImage-Small
+
+
+def test_export_loads_in_the_pipeline_and_generates(chain):
+    from training.pipeline import ParaDiffusionPipeline
+
+    pipe = ParaDiffusionPipeline.from_pretrained(str(chain["root"] / "train" / "stage3" / "export"), device="cpu")
+    g = torch.Generator().manual_seed(0)
+    images = pipe(
+        ["a red square", "a long paragraph " * 10],
+        height=24,
+        width=16,
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        generator=g,
+    )
+    assert [im.size for im in images] == [(16, 24), (16, 24)]
+    again = pipe("a red square", height=24, width=16, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert list(again[0].getdata()) == list(images[0].getdata())  # seeded: reproducible
+    with pytest.raises(ValueError, match="multiples of 4"):
+        pipe("x", height=30, width=16, num_inference_steps=2)
+
+
+def test_official_layout_loads(chain, tiny_models, tmp_path):
+    """The release layout: Llama-2-7b-hf/, text_encoder_lora/, unet/, sdxl-vae-fp16-fix/, scheduler/."""
+    import shutil
+
+    from training.pipeline import ParaDiffusionPipeline
+
+    exp = chain["root"] / "train" / "stage3" / "export"
+    rel = tmp_path / "release"
+    shutil.copytree(tiny_models["llm"], rel / "Llama-2-7b-hf")
+    shutil.copytree(tiny_models["vae"], rel / "sdxl-vae-fp16-fix")
+    for d in ("unet", "text_encoder_lora", "scheduler", "text_projection"):
+        shutil.copytree(exp / d, rel / d)
+    pipe = ParaDiffusionPipeline.from_pretrained(str(rel), device="cpu", torch_dtype=torch.float32)
+    assert pipe("x", height=8, width=8, num_inference_steps=2)[0].size == (8, 8)
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAt(Trainer):
+    """A trainer whose process 'dies' just before computing step ``kill_at``."""
+
+    kill_at = 5
+
+    def train_step(self, batches):
+        if self.step + 1 == self.kill_at:
+            raise _Killed
+        return super().train_step(batches)
+
+
+def test_resume_is_exact(tiny_models, tmp_path):
+    write_image_shards(tmp_path / "images", n_shards=2, per_shard=5)
+    ref_cfg = tiny_config(tiny_models, tmp_path, max_steps=6, **{"data.random_crop": True})
+    ref_cfg.train.stage1.output = str(tmp_path / "ref")
+    ref = Trainer(ref_cfg, 1)
+    ref.train()
+    cfg = tiny_config(tiny_models, tmp_path, max_steps=6, **{"data.random_crop": True})
+    cfg.train.stage1.output = str(tmp_path / "run")
+    first = _KillAt(cfg, 1)
+    with pytest.raises(_Killed):
+        first.train()
+    assert first.history == ref.history[:4]
+    resumed = Trainer(cfg, 1)
+    resumed.train()
+    assert resumed.summary.extra["resumed_from"] == "step-00000004"
+    assert resumed.history == ref.history[4:]  # bit-identical losses, step for step
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "ref" / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _NanAt(Trainer):
+    def batch_generator(self):
+        for batch in super().batch_generator():
+            if self.step + 1 == 3:
+                batch = {**batch, "pixel_values": torch.full(batch["pixel_values"].shape, float("nan"))}
+            yield batch
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_models, tmp_path):
+    write_image_shards(tmp_path / "images", n_shards=1, per_shard=6)
+    cfg = tiny_config(tiny_models, tmp_path, max_steps=6)
+    t = _NanAt(cfg, 1)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3.*last good checkpoint is .*step-00000002"):
+        t.train()
+    ck = CheckpointDir(str(tmp_path / "train" / "stage1" / "checkpoints"))
+    assert [s for s, _ in ck.committed()] == [2]
+    assert not (tmp_path / "train" / "stage1" / "export").exists()
+
+
+def test_partial_checkpoint_is_ignored(tiny_models, tmp_path, monkeypatch):
+    write_image_shards(tmp_path / "images", n_shards=1, per_shard=6)
+    cfg = tiny_config(tiny_models, tmp_path, max_steps=2)
+    Trainer(cfg, 1).train()
+    ck_root = tmp_path / "train" / "stage1" / "checkpoints"
+    # A save killed before its marker, and one that died in its temp folder (e.g. disk full).
+    fake = ck_root / "step-00000099"
+    fake.mkdir()
+    (fake / "rank-0.pt").write_bytes(b"partial")
+    (ck_root / ".tmp-step-00000100").mkdir()
+    assert CheckpointDir(str(ck_root)).newest()[0] == 2
+
+    cfg4 = tiny_config(tiny_models, tmp_path, max_steps=4)
+    real_save = torch.save
+
+    def disk_full(obj, f, *a, **kw):
+        if str(f).endswith("rank-0.pt") and "step-00000004" in str(f):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    t = Trainer(cfg4, 1)
+    with pytest.raises(OSError, match="No space"):
+        t.train()
+    assert t.summary.extra["resumed_from"] == "step-00000002"  # not the fake step 99
+    assert not fake.exists() and not (ck_root / ".tmp-step-00000100").exists()  # cleaned at start
+    assert [s for s, _ in CheckpointDir(str(ck_root)).committed()] == [2]  # the failed save is not committed
+    assert not (ck_root / "step-00000004" / COMMIT_MARKER).exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    t2 = Trainer(cfg4, 1)
+    t2.train()
+    assert t2.summary.extra["resumed_from"] == "step-00000002" and t2.step == 4
+
+
+def test_cli_train_and_generate(tiny_models, tmp_path):
+    from paradiffusion.cli import main
+
+    write_image_shards(tmp_path / "images", n_shards=1, per_shard=4)
+    cfg = tiny_config(tiny_models, tmp_path, max_steps=1)
+    f = tmp_path / "cfg.yaml"
+    import yaml
+
+    f.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["train", "--stage", "1", "--config", str(f)]) == 0
+    exp = tmp_path / "train" / "stage1" / "export"
+    sets = [
+        f"generate.model={exp}",
+        "generate.height=16",
+        "generate.width=24",
+        "generate.num_inference_steps=2",
+        f"generate.output={tmp_path / 'png'}",
+    ]
+    argv = ["generate", "--config", str(f), "--prompt", "a cat"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    from PIL import Image
+
+    (png,) = sorted((tmp_path / "png").glob("*.png"))
+    im = Image.open(png)
+    assert im.size == (24, 16) and im.text["prompt"] == "a cat"
+    assert json.loads(im.text["parameters"])["guidance_scale"] == 7.5
+    assert (
+        main(["train", "--stage", "2", "--config", str(f), "--set", f"train.stage2.init_from={tmp_path / 'nothing'}"])
+        == 2
+    )  # a clear config error
+    bad_model = ["--set", f"generate.model={tmp_path / 'none'}"]
+    assert main(["generate", "--config", str(f), "--prompt", "x", *bad_model]) == 2
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_a_handful_of_images(tiny_models, tmp_path):
+    write_image_shards(tmp_path / "images", n_shards=1, per_shard=4)
+    cfg = tiny_config(
+        tiny_models,
+        tmp_path,
+        max_steps=120,
+        caption_dropout=0.0,
+        min_snr_gamma=None,
+        **{"data.random_flip": False, "optim.lr": 2e-3, "checkpoint.every_steps": 1000, "logging.every_steps": 50},
+    )
+    t = Trainer(cfg, 1)
+    t.train()
+    losses = [loss for _, loss in t.history]
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.6 * first, (first, last)
+
+
+def test_zero3_trains_resumes_and_exports_full_weights(tiny_models, tmp_path):
+    from safetensors.torch import load_file
+
+    write_image_shards(tmp_path / "images", n_shards=1, per_shard=4)
+    cfg = tiny_config(tiny_models, tmp_path, max_steps=2, **{"ema.enabled": False})
+    cfg.train.deepspeed.zero_stage = 3
+    Trainer(cfg, 1).train()
+    cfg.train.stage1.max_steps = 3
+    t = Trainer(cfg, 1)
+    t.train()
+    assert t.summary.extra["resumed_from"] == "step-00000002" and t.step == 3
+    w = load_file(str(tmp_path / "train" / "stage1" / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert w["conv_in.weight"].shape == (32, 4, 3, 3)  # gathered, not a ZeRO-3 partition
+    cfg.train.stage1.ema.enabled = True
+    with pytest.raises(ConfigError, match="ema.enabled"):  # EMA + ZeRO-3 is refused, naming the setting
+        Trainer(cfg, 1)
+
+
+def test_cached_latents_train_without_decoding(tiny_models, tmp_path):
+    from training.latents import cache_latents, latents_path
+
+    write_image_shards(tmp_path / "images", n_shards=2, per_shard=3, corrupt=1)
+    cfg = tiny_config(tiny_models, tmp_path, max_steps=2)
+    s = cache_latents(cfg, 1, batch_size=2)
+    assert s.n_in == 6 and s.n_out == 5 and s.rejected["decode error"] == 1
+    assert cache_latents(cfg, 1).skipped_done == 2  # resumable: committed shards are skipped
+    cfg.train.stage1.data.latents = latents_path(cfg, 1)
+    t = Trainer(cfg, 1)
+    t.setup()
+    batch = next(iter(t.data))
+    assert "latent_moments" in batch and "pixel_values" not in batch
+    assert batch["latent_moments"].shape[1] == 8  # mean + logvar of 4 latent channels
+    t.train()
+    assert t.step == 2 and all(loss == loss for _, loss in t.history)
+    assert t.summary.rejected["no cached latent"] == 1  # the corrupt image has none

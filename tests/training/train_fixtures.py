@@ -1,0 +1,111 @@
+"""Builders for the trainer tests: img2dataset-style image shards and a tiny-model config."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from paradiffusion.config import PipelinesConfig
+
+CAPTIONS = [
+    "A red square on a blue background.",
+    "A green circle in the middle of a white field.",
+    "Yellow stripes crossing a dark purple sky.",
+    "An orange triangle next to a small black dot.",
+]
+
+
+def write_image_shards(
+    folder: Path,
+    n_shards: int = 2,
+    per_shard: int = 6,
+    size: int = 40,
+    seed: int = 0,
+    corrupt: int = 0,
+    missing_caption: int = 0,
+    sizes: list[tuple[int, int]] | None = None,
+) -> list[str]:
+    """img2dataset-like parquet shards (key, caption, jpg, status, width, height + _stats.json); returns keys."""
+
+    from paradiffusion.testing.sample import synthetic_image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = []
+    n = 0
+    for s in range(n_shards):
+        rows = []
+        for i in range(per_shard):
+            w, h = sizes[n % len(sizes)] if sizes else (size, size)
+            img = synthetic_image(rng, w, h)
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=90)
+            data = buf.getvalue()
+            caption = CAPTIONS[n % len(CAPTIONS)]
+            if n < corrupt:
+                data = data[: len(data) // 4]
+            elif n < corrupt + missing_caption:
+                caption = None
+            key = f"{s:05d}{i:04d}"
+            keys.append(key)
+            rows.append(
+                {
+                    "key": key,
+                    "caption": caption,
+                    "jpg": data,
+                    "status": "success",
+                    "width": w,
+                    "height": h,
+                    "url": f"http://x/{key}.jpg",
+                }
+            )
+            n += 1
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"{s:05d}.parquet")
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": per_shard}))
+    return keys
+
+
+def tiny_config(tiny_models: dict, root: Path, **stage_overrides) -> PipelinesConfig:
+    """A config that trains the tiny models on ``root/images`` for a few steps on CPU."""
+    stage = {
+        "max_steps": 4,
+        "micro_batch_size": 2,
+        "caption_dropout": 0.2,
+        "data": {"resolution": 16, "bucket_step": 4, "shuffle_buffer": 8},
+        "optim": {"lr": 1e-3, "warmup_steps": 0},
+        "checkpoint": {"every_steps": 2, "keep_last": 2},
+        "logging": {
+            "every_steps": 1,
+            "validation_every_steps": 1000,
+            "validation_steps": 2,
+            "validation_size": [16, 16],
+        },
+    }
+    doc = {
+        "project": {"data_root": str(root), "seed": 0},
+        "train": {
+            "model": {
+                "llm": tiny_models["llm"],
+                "unet": tiny_models["unet"],
+                "vae": tiny_models["vae"],
+                "scheduler": tiny_models["scheduler"],
+            },
+            "lora": {"rank": 4, "alpha": 8},
+            "stage1": stage,
+            "stage2": {**stage, "max_length": 32},
+            "stage3": {**stage, "max_length": 32},
+        },
+    }
+    for key, value in stage_overrides.items():
+        for s in ("stage1", "stage2", "stage3"):
+            node = doc["train"][s]
+            parts = key.split(".")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+    return PipelinesConfig.model_validate(doc)

@@ -1,0 +1,248 @@
+"""The ``train:`` and ``generate:`` sections of pipelines.yaml.
+
+One small config class per component (model, LoRA, data, optimiser, DeepSpeed,
+checkpoints, logging, launch), composed into one :class:`StageConfig` per training
+stage, torchtitan style. Every model forbids unknown keys and bounds its numbers, so
+a typo or a bad value stops at load time with the key named.
+
+Paths left ``null`` are derived from ``project.data_root`` by :func:`resolve_paths`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from paradiffusion.config import StrictModel
+
+# An SD-style UNet (no SDXL added conditioning), SDXL-sized: the default when no
+# pretrained UNet folder is named. 2.6 B parameters, cross-attention 2048.
+DEFAULT_UNET: dict = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+}
+
+
+class ModelConfig(StrictModel):
+    """Where each part of the model comes from (Hugging Face id or local path)."""
+
+    llm: str = Field("meta-llama/Llama-2-7b-hf", description="LlamaModel + tokenizer: HF id or local folder.")
+    llm_revision: str | None = None
+    unet: str | None = Field(None, description="Folder or HF id of a UNet2DConditionModel; null builds `unet_config`.")
+    unet_subfolder: str | None = Field(None, description="Subfolder of `unet` holding the UNet (e.g. 'unet').")
+    unet_config: dict = Field(
+        default_factory=lambda: dict(DEFAULT_UNET),
+        description="UNet2DConditionModel kwargs when `unet` is null (random init).",
+    )
+    vae: str = Field("madebyollin/sdxl-vae-fp16-fix", description="AutoencoderKL: HF id or local folder.")
+    scheduler: str | None = Field(None, description="Folder with a DDPM scheduler config; null: the SD schedule.")
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    unet_gradient_checkpointing: bool = True
+    llm_gradient_checkpointing: bool = True
+
+
+class LoraConfig(StrictModel):
+    """LoRA on the LLM (stage 2), with peft."""
+
+    rank: int = Field(64, ge=1, le=1024)
+    alpha: float = Field(64.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+
+class DataConfig(StrictModel):
+    """What a stage reads: images (img2dataset shards) and its caption source."""
+
+    images: str | None = Field(None, description="images table folder; null: <data_root>/images")
+    scores: str | None = Field(
+        None, description="scores table; when set (or found at <data_root>/scores) only kept images"
+    )
+    caption_source: Literal["alt_text", "captions", "table"] = Field(
+        "alt_text", description="alt_text: images.caption; captions: the captions table; table: any key+caption table"
+    )
+    captions: str | None = Field(
+        None,
+        description="null: <data_root>/captions (captions) or <data_root>/small_train (table: any key+caption table)",
+    )
+    caption_model_id: str | None = Field(None, description="captions table: use rows of this model_id (null: any)")
+    caption_prompt_id: str | None = Field(None, description="captions table: use rows of this prompt_id (null: any)")
+    resolution: int = Field(1024, ge=8, description="pixel area of a bucket is about resolution^2")
+    bucket_step: int = Field(64, ge=1, description="bucket sides are multiples of this (VAE x UNet downsampling)")
+    max_aspect_ratio: float = Field(2.0, ge=1.0, description="buckets from 1/r to r (long/short side)")
+    random_crop: bool = False
+    random_flip: bool = True
+    shuffle_buffer: int = Field(256, ge=1, description="samples gathered to fill buckets before yielding")
+    latents: str | None = Field(
+        None, description="cached VAE latents (make cache-latents); when set, trains on them instead of decoding images"
+    )
+    num_workers: int = Field(4, ge=0, description="decode threads per rank (PIL releases the GIL); 0: in the loop")
+    prefetch: int = Field(2, ge=0, description="batches decoded ahead of the one training")
+
+
+class OptimConfig(StrictModel):
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(500, ge=0)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+
+
+class DeepSpeedConfig(StrictModel):
+    """The DeepSpeed engine (the JSON config is built from these)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    gradient_clipping: float = Field(1.0, ge=0)
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU")
+    overlap_comm: bool = True
+
+
+class CheckpointConfig(StrictModel):
+    """How often to checkpoint and how many to keep."""
+
+    every_steps: int = Field(1000, ge=1)
+    keep_last: int = Field(3, ge=1)
+    resume: bool = Field(True, description="resume from the newest committed checkpoint in the output folder")
+
+
+class LoggingConfig(StrictModel):
+    """TensorBoard scalars and validation images."""
+
+    every_steps: int = Field(10, ge=1)
+    validation_every_steps: int = Field(1000, ge=1)
+    validation_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "A red fox sitting in fresh snow at dawn, its breath visible in the cold air.",
+            "A cosy reading nook by a rainy window, a cup of tea on the sill and a cat asleep on a blanket.",
+        ]
+    )
+    validation_steps: int = Field(30, ge=1, description="sampling steps for validation images")
+    validation_size: tuple[int, int] = Field((512, 512), description="(height, width) of validation images")
+    guidance_scale: float = Field(7.5, ge=1.0)
+
+
+class LaunchConfig(StrictModel):
+    """How `paradiffusion train` starts processes."""
+
+    launcher: Literal["auto", "deepspeed", "none"] = Field(
+        "auto", description="auto: deepspeed launcher when GPUs/hostfile are configured, else one plain process"
+    )
+    num_gpus: int | None = Field(None, ge=1, description="GPUs per node (null: all visible)")
+    num_nodes: int | None = Field(None, ge=1)
+    hostfile: str | None = Field(None, description="deepspeed hostfile for multi-node ('host slots=8' per line)")
+    master_port: int = Field(29500, ge=1024, le=65535)
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads per rank when training on CPU (null: default)"
+    )
+
+
+class EmaConfig(StrictModel):
+    """Exponential moving average of the UNet (and projection) weights."""
+
+    enabled: bool = True
+    decay: float = Field(0.9999, gt=0, lt=1)
+    export: bool = Field(True, description="export the EMA weights (else the raw ones)")
+
+
+class StageConfig(StrictModel):
+    """One training stage."""
+
+    output: str | None = Field(None, description="run folder; null: <data_root>/train/stage<N>")
+    init_from: str | None = Field(
+        None, description="export folder of the previous stage (unet/, text_projection/, ...)"
+    )
+    train_lora: bool = Field(False, description="LoRA on the LLM (stage 2)")
+    max_length: int = Field(
+        256, ge=8, le=4096, description="LLM tokens per caption (paper: 256 stage 1, 512 stages 2-3)"
+    )
+    max_steps: int = Field(10000, ge=1)
+    micro_batch_size: int = Field(8, ge=1, description="per GPU")
+    gradient_accumulation: int = Field(1, ge=1)
+    caption_dropout: float = Field(0.1, ge=0, le=1, description="probability a caption becomes '' (for CFG)")
+    min_snr_gamma: float | None = Field(5.0, gt=0, description="min-SNR loss weighting; null: plain MSE")
+    noise_offset: float = Field(0.0, ge=0)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+#: What differs between the stages by default: (stage keys, data keys).
+STAGE_DEFAULTS: dict[str, tuple[dict, dict]] = {
+    "stage1": ({"max_length": 256, "train_lora": False}, {"caption_source": "alt_text"}),
+    "stage2": ({"max_length": 512, "train_lora": True}, {"caption_source": "captions"}),
+    "stage3": ({"max_length": 512, "train_lora": False}, {"caption_source": "table"}),
+}
+
+
+def _stage(name: str) -> StageConfig:
+    defaults, data = STAGE_DEFAULTS[name]
+    return StageConfig(data=DataConfig(**data), **defaults)
+
+
+class TrainConfig(StrictModel):
+    """The ``train:`` section: shared model/LoRA/DeepSpeed/launch settings plus one block per stage."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    stage1: StageConfig = Field(default_factory=lambda: _stage("stage1"))
+    stage2: StageConfig = Field(default_factory=lambda: _stage("stage2"))
+    stage3: StageConfig = Field(default_factory=lambda: _stage("stage3"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, data):
+        """A stage block given in YAML keeps its stage's own defaults for keys it leaves out."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for name, (defaults, data_defaults) in STAGE_DEFAULTS.items():
+                block = data.get(name)
+                if isinstance(block, dict):
+                    block = {**defaults, **block}
+                    block["data"] = {**data_defaults, **(block.get("data") or {})}
+                    data[name] = block
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.stage3.train_lora:
+            raise ValueError("train.stage3.train_lora: stage 3 keeps the LLM frozen (stage-2 LoRA merged); set false")
+        return self
+
+    def stage(self, n: int) -> StageConfig:
+        return {1: self.stage1, 2: self.stage2, 3: self.stage3}[n]
+
+
+class GenerateConfig(StrictModel):
+    """The ``generate:`` section: text to image with an export or the official weights."""
+
+    model: str | None = Field(None, description="export folder or HF id (weijiawu/ParaDiffusion); null: stage-3 export")
+    llm: str | None = Field(None, description="override the LLM id/path the export names")
+    vae: str | None = Field(None, description="override the VAE id/path the export names")
+    output: str | None = Field(None, description="folder for PNGs; null: <data_root>/generated")
+    height: int = Field(1024, ge=8)
+    width: int = Field(640, ge=8)
+    num_inference_steps: int = Field(100, ge=1)
+    guidance_scale: float = Field(7.5, ge=1.0)
+    negative_prompt: str = ""
+    seed: int = Field(0, ge=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")

@@ -1,0 +1,410 @@
+"""Training data: image shards + the stage's captions, in aspect-ratio buckets, resumable.
+
+How a rank gets its batches, one epoch at a time:
+
+1. *Plan* (cheap, no decoding): read ``key``, the alt text, ``width``/``height`` and
+   ``status`` of every complete img2dataset shard; drop rows that failed to
+   download, are not in the kept set, or have no caption (each counted by reason);
+   give each rank its shards (or every world_size-th row when there are fewer
+   shards than ranks); shuffle with ``(seed, epoch)``; assign each row the
+   aspect-ratio bucket nearest to its size; cut windows of ``shuffle_buffer`` rows
+   into same-bucket batches. The plan is a pure function of the data, the seed and
+   the epoch.
+2. *Load*: decode, resize to cover the bucket, crop (centre or random), maybe flip.
+   Augmentation randomness is seeded by ``(seed, epoch, row)``. An image that does
+   not decode is skipped and counted; the batch is then one smaller.
+
+The position is ``(epoch, batch index)``: :meth:`BucketedImageData.state_dict` and
+:meth:`load_state_dict` make a resumed run yield exactly the batches the
+uninterrupted run would have. Hand-written instead of a ``torch`` ``DataLoader``
+with a sampler because bucketing, rank splitting and an exact mid-epoch position
+need to agree with each other; decoding is the only heavy part and runs here.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from paradiffusion.images import image_shards, read_image_shard
+from paradiffusion.log import get_logger
+from paradiffusion.storage import Table
+
+log = get_logger("training.data")
+
+
+def make_buckets(resolution: int, step: int, max_ratio: float) -> list[tuple[int, int]]:
+    """(width, height) buckets of about ``resolution**2`` pixels, sides multiple of ``step``."""
+    area = resolution * resolution
+    out = set()
+    w = step
+    while w <= resolution * max_ratio + step:
+        h = max(step, int(area / w) // step * step)
+        if max(w, h) / min(w, h) <= max_ratio + 1e-6:
+            out.add((w, h))
+        w += step
+    out.add((resolution // step * step, resolution // step * step))
+    return sorted(out, key=lambda b: b[0] / b[1])
+
+
+def nearest_bucket(buckets: list[tuple[int, int]], width: int, height: int) -> int:
+    ratio = math.log(width / height)
+    return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][0] / buckets[i][1]) - ratio))
+
+
+def load_caption_map(
+    source: str, captions_url: str | None, model_id: str | None = None, prompt_id: str | None = None
+) -> dict[str, str] | None:
+    """``key -> caption`` for the ``captions`` and ``table`` sources (None for alt text).
+
+    ``captions``: the captions table (schemas.CAPTIONS); rows of ``model_id`` /
+    ``prompt_id`` when set, one per key: the earliest ``created_at``. ``table``: any
+    Parquet table (a Table folder with commit markers, a folder of Parquet files or
+    one file) with ``key`` and ``caption`` columns, e.g. the approved ParaImage-Small.
+    """
+    if source == "alt_text":
+        return None
+    if not captions_url:
+        raise FileNotFoundError(f"caption_source={source!r} needs data.captions (a table folder or Parquet file)")
+    if not Table(captions_url).exists():
+        hint = "run `make caption`" if source == "captions" else "run `make annotations-approved`"
+        raise FileNotFoundError(
+            f"caption_source={source!r}: no caption table at {captions_url}; {hint}, or set the stage's "
+            "data.captions to a table with key + caption"
+        )
+    t = _read_any_table(captions_url)
+    missing = {"key", "caption"} - set(t.column_names)
+    if missing:
+        raise ValueError(f"{captions_url}: no column(s) {sorted(missing)}; have {t.column_names}")
+    if source == "captions":
+        if model_id and "model_id" in t.column_names:
+            t = t.filter(pc.equal(t["model_id"], model_id))
+        if prompt_id and "prompt_id" in t.column_names:
+            t = t.filter(pc.equal(t["prompt_id"], prompt_id))
+        if "created_at" in t.column_names:
+            t = t.sort_by([("key", "ascending"), ("created_at", "ascending")])
+    out: dict[str, str] = {}
+    for k, c in zip(t["key"].to_pylist(), t["caption"].to_pylist(), strict=True):
+        if k is not None and k not in out and c is not None and c.strip():
+            out[k] = c
+    if not out:
+        log.warning("%s: no usable captions (model_id=%s, prompt_id=%s)", captions_url, model_id, prompt_id)
+    return out
+
+
+def _read_any_table(url: str) -> pa.Table:
+    table = Table(url)
+    if table.exists() and table.done_shards():
+        return table.read()
+    import pyarrow.dataset as ds
+
+    fs, path = table.fs, table.path
+    if fs.isdir(path):
+        files = sorted(f for f in fs.glob(path.rstrip("/") + "/**/*.parquet") if "/.tmp/" not in f)
+        return ds.dataset(files, filesystem=fs, format="parquet").to_table()
+    return pq.read_table(path, filesystem=fs)
+
+
+@dataclass
+class Row:
+    shard: int  # index into the shard list
+    row: int  # row in that shard
+    key: str
+    caption: str
+    bucket: int
+
+
+class BucketedImageData:
+    """Batches of ``{"pixel_values", "captions", "keys"}`` for one rank, forever (epoch after epoch).
+
+    ``pixel_values`` is a uint8 ``(B, 3, H, W)`` tensor; :func:`to_model_range` maps it to [-1, 1].
+    """
+
+    def __init__(
+        self,
+        images_url: str,
+        batch_size: int,
+        resolution: int,
+        *,
+        caption_source: str = "alt_text",
+        captions_url: str | None = None,
+        caption_model_id: str | None = None,
+        caption_prompt_id: str | None = None,
+        scores_url: str | None = None,
+        bucket_step: int = 64,
+        max_aspect_ratio: float = 2.0,
+        random_crop: bool = False,
+        random_flip: bool = True,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 4,
+        prefetch: int = 2,
+        latents_url: str | None = None,
+    ):
+        self.batch_size = batch_size
+        self.buckets = make_buckets(resolution, bucket_step, max_aspect_ratio)
+        self.random_crop, self.random_flip = random_crop, random_flip
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_workers, self.prefetch = num_workers, prefetch
+        self._lock = threading.Lock()
+        self.counts: Counter = Counter()  # rows skipped by reason (planning: first epoch only) + decode errors
+        self.epoch, self.batch_index = 0, 0
+        self.shards = [url for _, url in image_shards(images_url)]
+        if not self.shards:
+            raise FileNotFoundError(f"no complete image shards (<shard>.parquet + <shard>_stats.json) in {images_url}")
+        captions = load_caption_map(caption_source, captions_url, caption_model_id, caption_prompt_id)
+        kept = None
+        if scores_url and Table(scores_url).exists():
+            st = Table(scores_url).read(columns=["key", "kept"])
+            kept = set(st.filter(pc.field("kept"))["key"].to_pylist())
+        self.latents: dict[str, tuple[list[int], bytes]] | None = None
+        if latents_url:  # cached VAE moments (make cache-latents): read into memory, key -> (shape, float16 bytes)
+            lt = Table(latents_url).read(columns=["key", "shape", "moments"])
+            if lt.num_rows == 0:
+                raise FileNotFoundError(f"no cached latents in {latents_url}; run `make cache-latents` first")
+            cols = (lt["key"].to_pylist(), lt["shape"].to_pylist(), lt["moments"].to_pylist())
+            self.latents = {k: (shape, m) for k, shape, m in zip(*cols, strict=True)}
+        self.rows = self._index(captions, kept)
+        if not self.rows:
+            raise ValueError(f"no trainable rows in {images_url} for this rank; skipped: {dict(self.counts)}")
+        self._plans: dict[int, list[list[Row]]] = {}
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+
+    # ------------------------------------------------------------------ planning
+    def _index(self, captions: dict[str, str] | None, kept: set[str] | None) -> list[Row]:
+        rows: list[Row] = []
+        split_by_shard = len(self.shards) >= self.world_size
+        n_seen = 0
+        for si, url in enumerate(self.shards):
+            if split_by_shard and si % self.world_size != self.rank:
+                continue
+            fs, path = fsspec.core.url_to_fs(url)
+            fs_schema = pq.read_schema(path, filesystem=fs)
+            cols = [c for c in ("key", "caption", "width", "height", "status") if c in fs_schema.names]
+            meta = read_image_shard(url, cols + (["image"] if not {"width", "height"} <= set(cols) else []))
+            d = meta.to_pydict()
+            for i, key in enumerate(d["key"]):
+                n_seen += 1
+                if not split_by_shard and (n_seen - 1) % self.world_size != self.rank:
+                    continue
+                self.counts["rows"] += 1
+                if "status" in d and d["status"][i] not in (None, "success"):
+                    self.counts["skipped: not downloaded"] += 1
+                    continue
+                if kept is not None and key not in kept:
+                    self.counts["skipped: not kept"] += 1
+                    continue
+                cap = (d.get("caption") or [None] * len(d["key"]))[i] if captions is None else captions.get(key)
+                if cap is None or not str(cap).strip():
+                    self.counts["skipped: missing caption"] += 1
+                    continue
+                w, h = d.get("width", [None] * len(d["key"]))[i], d.get("height", [None] * len(d["key"]))[i]
+                if not w or not h:
+                    w, h = _size_of(d["image"][i]) if "image" in d else (None, None)
+                if not w or not h:
+                    self.counts["skipped: decode error"] += 1
+                    continue
+                if self.latents is not None and key not in self.latents:
+                    self.counts["skipped: no cached latent"] += 1
+                    continue
+                rows.append(Row(si, i, key, str(cap), nearest_bucket(self.buckets, int(w), int(h))))
+        self.counts["usable"] = len(rows)
+        return rows
+
+    def plan(self, epoch: int) -> list[list[Row]]:
+        """The epoch's batches for this rank: shuffled, bucketed; deterministic."""
+        if epoch in self._plans:
+            return self._plans[epoch]
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        by_shard: dict[int, list[Row]] = {}
+        for r in self.rows:
+            by_shard.setdefault(r.shard, []).append(r)
+        order: list[Row] = []
+        for s in rng.permutation(sorted(by_shard)):  # shard order, then rows within a shard
+            rows = by_shard[int(s)]
+            order.extend(rows[i] for i in rng.permutation(len(rows)))
+        batches: list[list[Row]] = []
+        pending: dict[int, list[Row]] = {}
+        for start in range(0, len(order), self.shuffle_buffer):
+            for r in order[start : start + self.shuffle_buffer]:
+                pending.setdefault(r.bucket, []).append(r)
+                if len(pending[r.bucket]) == self.batch_size:
+                    batches.append(pending.pop(r.bucket))
+        batches.extend(pending[b] for b in sorted(pending))  # the epoch's partial batches, not dropped
+        self._plans = {e: b for e, b in self._plans.items() if e >= epoch - 1}  # prefetch may look one epoch ahead
+        self._plans[epoch] = batches
+        return batches
+
+    # ------------------------------------------------------------------ position
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state.get("seed"), state.get("world_size")) != (self.seed, self.world_size):
+            log.warning(
+                "data position saved with seed %s / world size %s, now %s / %s: the order will differ",
+                state.get("seed"),
+                state.get("world_size"),
+                self.seed,
+                self.world_size,
+            )
+        self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
+
+    # ------------------------------------------------------------------ loading
+    def _shard_table(self, si: int) -> pa.Table:
+        if si not in self._cache:
+            self._cache[si] = read_image_shard(self.shards[si], ["key", "image"])
+            while len(self._cache) > 2:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(si)
+        return self._cache[si]
+
+    def load(self, r: Row, epoch: int) -> torch.Tensor | None:
+        """The row's image as a (3, H, W) uint8 tensor at its bucket size; None if it does not decode."""
+        return self._decode(r, self._bytes(r), epoch)
+
+    def _bytes(self, r: Row) -> bytes | None:
+        if self.latents is not None:
+            return None
+        return self._shard_table(r.shard)["image"][r.row].as_py()
+
+    def _cached(self, r: Row) -> torch.Tensor:
+        shape, data = self.latents[r.key]
+        return torch.frombuffer(bytearray(data), dtype=torch.float16).reshape(shape).float()
+
+    def _decode(self, r: Row, data: bytes | None, epoch: int) -> torch.Tensor | None:
+        """Decode, resize to cover the bucket, crop, flip. Pure (runs in worker threads: PIL
+        releases the GIL while it decodes and resizes, so threads use several cores)."""
+        from PIL import Image
+
+        bw, bh = self.buckets[r.bucket]
+        try:
+            img = Image.open(io.BytesIO(data or b""))
+            # JPEG: decode at 1/2, 1/4 or 1/8 scale when the bucket is that much smaller (DCT scaling;
+            # several times faster than a full decode). Conservative in both orientations (EXIF rotation).
+            need = max(bw, bh) / max(1, min(img.size))
+            if img.format == "JPEG" and need <= 0.5:
+                img.draft("RGB", (math.ceil(img.size[0] * need), math.ceil(img.size[1] * need)))
+            img = _to_rgb(img)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a counted skip
+            with self._lock:
+                self.counts["skipped: decode error"] += 1
+            log.debug("%s: %s", r.key, exc)
+            return None
+        rng = np.random.default_rng([self.seed, epoch, r.shard, r.row])
+        scale = max(bw / img.width, bh / img.height)
+        nw, nh = max(bw, round(img.width * scale)), max(bh, round(img.height * scale))
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        if self.random_crop:
+            x0, y0 = int(rng.integers(0, nw - bw + 1)), int(rng.integers(0, nh - bh + 1))
+        else:
+            x0, y0 = (nw - bw) // 2, (nh - bh) // 2
+        img = img.crop((x0, y0, x0 + bw, y0 + bh))
+        if self.random_flip and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        # uint8 (a quarter of float32's bytes to copy and to ship): the trainer scales to [-1, 1] on its device
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+    def __iter__(self) -> Iterator[dict]:
+        """Batches from the current position on. ``num_workers`` threads decode the next
+        ``prefetch`` batches while the current one trains; the position advances only when a
+        batch is handed out, so :meth:`state_dict` never counts a prefetched batch."""
+        pool = ThreadPoolExecutor(self.num_workers) if self.num_workers > 0 else None
+        pending: deque = deque()
+        cursor = (self.epoch, self.batch_index)
+        try:
+            while True:
+                while len(pending) < self.prefetch + 1:
+                    ep, idx = cursor
+                    batches = self.plan(ep)
+                    if idx >= len(batches):
+                        cursor = (ep + 1, 0)
+                        continue
+                    rows = batches[idx]
+                    blobs = [self._bytes(r) for r in rows]  # shard reads stay in this thread
+                    if self.latents is not None:
+                        work = [_Done(self._cached(r)) for r in rows]
+                    elif pool is None:
+                        work = [_Done(self._decode(r, b, ep)) for r, b in zip(rows, blobs, strict=True)]
+                    else:
+                        work = [pool.submit(self._decode, r, b, ep) for r, b in zip(rows, blobs, strict=True)]
+                    pending.append((ep, idx, rows, work))
+                    cursor = (ep, idx + 1)
+                ep, idx, rows, work = pending.popleft()
+                self.epoch, self.batch_index = ep, idx + 1
+                loaded = [(r, f.result()) for r, f in zip(rows, work, strict=True)]
+                loaded = [(r, x) for r, x in loaded if x is not None]
+                if not loaded:
+                    continue
+                yield {
+                    "latent_moments" if self.latents is not None else "pixel_values": torch.stack(
+                        [x for _, x in loaded]
+                    ),
+                    "captions": [r.caption for r, _ in loaded],
+                    "keys": [r.key for r, _ in loaded],
+                }
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Done:
+    """A finished 'future' for the no-thread path."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def to_model_range(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels -> [-1, 1] in ``dtype`` (run it on the training device)."""
+    return pixels.to(dtype).div(127.5).sub(1.0)
+
+
+def _size_of(data: bytes | None) -> tuple[int | None, int | None]:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data or b"")) as img:
+            return img.size
+    except Exception:  # noqa: BLE001
+        return None, None
+
+
+def _to_rgb(img):
+    """Decode fully (so truncated files fail here), honour EXIF rotation, flatten alpha on white."""
+    from PIL import Image, ImageOps
+
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "P"):
+        img = img.convert("RGBA")
+        bg = Image.new("RGB", img.size, (255, 255, 255))
+        bg.paste(img, mask=img.getchannel("A"))
+        return bg
+    if img.mode == "I;16" or img.mode == "I":
+        img = img.point(lambda v: v / 256).convert("L")
+    return img.convert("RGB")

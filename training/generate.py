@@ -1,0 +1,96 @@
+"""``paradiffusion generate``: prompts -> PNGs, with the prompt and settings in the PNG metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from paradiffusion.config import PipelinesConfig
+from paradiffusion.stage import StageSummary, announce, progress
+from paradiffusion.storage import Table, join
+
+
+def _slug(text: str, n: int = 40) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].strip("-")
+    return s or "prompt"
+
+
+def generate(cfg: PipelinesConfig, prompts: list[str]) -> list[Path]:
+    """Generate one PNG per prompt into ``generate.output``; returns the files written.
+
+    A file is named ``<index>-<slug>-<hash>.png``; the hash covers the prompt and every
+    setting, so a rerun with the same settings skips files that exist (resumable).
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    from training.pipeline import ParaDiffusionPipeline, default_device_dtype
+
+    gc = cfg.generate
+    root = cfg.project.data_root
+    model = gc.model or join(root, "train", "stage3", "export")
+    out = Path(gc.output or join(root, "generated"))
+    device, dtype = default_device_dtype(gc.device, gc.dtype)
+    settings = {
+        "model": model,
+        "height": gc.height,
+        "width": gc.width,
+        "num_inference_steps": gc.num_inference_steps,
+        "guidance_scale": gc.guidance_scale,
+        "negative_prompt": gc.negative_prompt,
+        "seed": gc.seed,
+        "dtype": str(dtype).removeprefix("torch."),
+        "scheduler": "DPMSolverMultistepScheduler",
+    }
+    announce(
+        "generate",
+        {
+            "model": model,
+            "prompts": len(prompts),
+            "size": f"{gc.width}x{gc.height}",
+            "steps / guidance": f"{gc.num_inference_steps} / {gc.guidance_scale}",
+            "device": f"{device} {settings['dtype']}",
+            "output": str(out),
+        },
+    )
+    summary = StageSummary("generate")
+    out.mkdir(parents=True, exist_ok=True)
+    Table(str(out)).save_config(cfg, "generate")
+    todo = []
+    for i, p in enumerate(prompts):
+        h = hashlib.sha256(json.dumps({"prompt": p, **settings}, sort_keys=True).encode()).hexdigest()[:8]
+        f = out / f"{i:04d}-{_slug(p)}-{h}.png"
+        summary.n_in += 1
+        if f.exists():
+            summary.skipped_done += 1
+        else:
+            todo.append((i, p, f))
+    written = []
+    if todo:
+        pipe = ParaDiffusionPipeline.from_pretrained(model, llm=gc.llm, vae=gc.vae, torch_dtype=dtype, device=device)
+        for i, p, f in progress(todo, total=len(todo), desc="generate", unit="img"):
+            g = torch.Generator().manual_seed(gc.seed + i)
+            img = pipe(
+                p,
+                negative_prompt=gc.negative_prompt,
+                height=gc.height,
+                width=gc.width,
+                num_inference_steps=gc.num_inference_steps,
+                guidance_scale=gc.guidance_scale,
+                generator=g,
+            )[0]
+            meta = PngInfo()
+            meta.add_text("prompt", p)
+            meta.add_text("parameters", json.dumps({**settings, "seed": gc.seed + i}))
+            tmp = f.with_suffix(".png.tmp")
+            img.save(tmp, format="PNG", pnginfo=meta)
+            tmp.replace(f)
+            written.append(f)
+            summary.n_out += 1
+    summary.finish()
+    summary.print()
+    Table(str(out)).save_json("_summary.json", summary.to_dict())
+    return written

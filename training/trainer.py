@@ -1,0 +1,675 @@
+"""The three-stage ParaDiffusion trainer on DeepSpeed.
+
+Read it top to bottom: :meth:`Trainer.setup` builds the model, data, DeepSpeed engine
+and EMA and resumes from the newest committed checkpoint; :meth:`Trainer.train` runs
+:meth:`train_step` until ``max_steps``, logging, checkpointing and validating on the
+way, then exports the model and prints the summary. A subclass can override three
+hooks (torchtitan style): :meth:`batch_generator` (where batches come from),
+:meth:`forward_backward_step` (the loss of one micro-batch and its backward) and
+:meth:`train_step` (one optimiser step = ``gradient_accumulation`` micro-batches).
+
+Randomness that decides the loss (VAE posterior sample, noise, timesteps, caption
+dropout) comes from a generator seeded by ``(seed, rank, step, micro-batch)``, and the
+data order from ``(seed, epoch, rank)``: a run resumed from a checkpoint therefore
+computes exactly the losses of the uninterrupted run (bit-for-bit on CPU).
+
+Checkpoint layout (``<output>/checkpoints/``)::
+
+    step-00001000/state/...     DeepSpeed: model, optimizer, LR schedule (every rank's part)
+    step-00001000/ema.pt        EMA of the trained UNet + projection
+    step-00001000/rank-<r>.pt   data position and RNG states of rank r
+    step-00001000/COMMITTED     written last; a folder without it is ignored and removed
+    .tmp-step-.../              being written
+
+A checkpoint is written under ``.tmp-step-*``, renamed, then committed by the marker,
+so a killed process or a full disk never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.log import get_logger
+from paradiffusion.stage import StageSummary, announce, progress
+from paradiffusion.storage import Table, join
+from training.config import StageConfig, TrainConfig
+
+log = get_logger("training")
+
+COMMIT_MARKER = "COMMITTED"
+#: Why a row of the images table is not trained on (the data loader's counters).
+SKIP_REASONS = tuple(f"skipped: {r}" for r in ("not downloaded", "not kept", "missing caption", "decode error"))
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without saving the bad state."""
+
+
+# ---------------------------------------------------------------------------- paths
+def stage_paths(cfg: PipelinesConfig, stage: int) -> dict[str, str | None]:
+    """Resolved input/output paths of a stage (``null`` config paths derived from data_root)."""
+    root = cfg.project.data_root
+    sc = cfg.train.stage(stage)
+    out = sc.output or join(root, "train", f"stage{stage}")
+    captions = sc.data.captions
+    if captions is None and sc.data.caption_source == "captions":
+        captions = join(root, "captions")
+    if captions is None and sc.data.caption_source == "table":
+        captions = join(root, "small_train")  # what `make annotations-approved` writes
+    init = sc.init_from
+    if init is None and stage > 1:
+        prev = cfg.train.stage(stage - 1).output or join(root, "train", f"stage{stage - 1}")
+        init = join(prev, "export")
+    scores = sc.data.scores
+    if scores is None and Table(join(root, "scores")).exists():
+        scores = join(root, "scores")
+    return {
+        "output": out,
+        "images": sc.data.images or join(root, "images"),
+        "captions": captions,
+        "scores": scores,
+        "init_from": init,
+    }
+
+
+# ---------------------------------------------------------------------------- distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the process group: NCCL on GPUs, gloo on CPU. A plain process becomes rank 0 of 1."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # not started by a launcher: a world of one
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+
+def deepspeed_config(train: TrainConfig, stage: StageConfig, on_gpu: bool) -> dict:
+    """The DeepSpeed JSON config, built from pipelines.yaml (so there is one source of truth)."""
+    ds = train.deepspeed
+    bf16 = ds.precision == "bf16" or (ds.precision == "auto" and on_gpu)
+    zero: dict = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm and on_gpu}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": stage.micro_batch_size,
+        "gradient_accumulation_steps": stage.gradient_accumulation,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _lr_lambda(warmup: int, total: int, schedule: str):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1.0 - frac
+
+    return f
+
+
+def _step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0]))
+    return g
+
+
+# ---------------------------------------------------------------------------- checkpoints
+class CheckpointDir:
+    """Committed checkpoints under ``<output>/checkpoints``: list, newest, prune, clean."""
+
+    def __init__(self, root: str):
+        self.root = Path(root)
+
+    def committed(self) -> list[tuple[int, Path]]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for d in self.root.glob("step-*"):
+            if (d / COMMIT_MARKER).is_file():
+                try:
+                    out.append((int(d.name.split("-", 1)[1]), d))
+                except ValueError:
+                    continue
+        return sorted(out)
+
+    def newest(self) -> tuple[int, Path] | None:
+        c = self.committed()
+        return c[-1] if c else None
+
+    def clean_uncommitted(self) -> list[Path]:
+        """Remove temp folders and step folders without a marker (a killed or failed save)."""
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        for d in self.root.iterdir():
+            if d.is_dir() and (d.name.startswith(".tmp-") or not (d / COMMIT_MARKER).is_file()):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+        return removed
+
+    def prune(self, keep: int) -> None:
+        for _, d in self.committed()[:-keep]:
+            (d / COMMIT_MARKER).unlink(missing_ok=True)  # uncommit first: a crash mid-delete leaves no half
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- trainer
+class Trainer:
+    """One training stage (1, 2 or 3) from ``pipelines.yaml``'s ``train:`` section."""
+
+    def __init__(self, cfg: PipelinesConfig, stage: int):
+        if stage not in (1, 2, 3):
+            raise ConfigError(f"--stage {stage}: one of 1, 2, 3")
+        self.cfg, self.stage = cfg, stage
+        self.tcfg: TrainConfig = cfg.train
+        self.scfg: StageConfig = cfg.train.stage(stage)
+        self.paths = stage_paths(cfg, stage)
+        if self.tcfg.deepspeed.zero_stage == 3 and self.scfg.ema.enabled:
+            raise ConfigError(
+                f"train.stage{stage}.ema.enabled with train.deepspeed.zero_stage=3 is not supported yet "
+                "(the EMA would need the full weights on every step); set ema.enabled=false or zero_stage=2"
+            )
+        self.step = 0
+        self.history: list[tuple[int, float]] = []  # (step, loss) of this process's run
+        self.keys_seen: list[str] = []  # the first keys this rank trained on (for checks; capped)
+        self.summary = StageSummary(f"train-stage{stage}")
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        import deepspeed
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import EMAModel
+
+        from training.data import BucketedImageData
+        from training.modeling import build_model, load_vae, trainable_parameters
+
+        stage = self.stage
+        if stage > 1 and self.paths["init_from"] and not Path(self.paths["init_from"], "unet").is_dir():
+            raise ConfigError(
+                f"train.stage{stage}.init_from = {self.paths['init_from']}: no export there (no unet/); run "
+                f"`make train-stage{stage - 1}` first or point init_from at a stage-{stage - 1} export"
+            )
+        self.rank, self.world_size, local_rank = init_distributed()
+        on_gpu = torch.cuda.is_available()
+        self.device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+        if not on_gpu and self.tcfg.launch.cpu_threads:
+            torch.set_num_threads(self.tcfg.launch.cpu_threads)
+        self.ds_config = deepspeed_config(self.tcfg, self.scfg, on_gpu)
+        self.dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+        mc = self.tcfg.model
+        sc = self.scfg
+        seed = self.cfg.project.seed
+        random.seed(seed)  # fresh weights (projection, LoRA) are initialised from the global RNGs
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        stage_for_model = sc.model_copy(update={"init_from": self.paths["init_from"]})
+        model, self.tokenizer = build_model(self.tcfg, stage_for_model, dtype=self.dtype)
+        self.vae = load_vae(mc.vae, dtype=self.dtype).to(self.device)
+        if mc.scheduler:
+            sched = DDPMScheduler.from_pretrained(mc.scheduler)
+        else:
+            sched = DDPMScheduler(
+                beta_start=0.00085,
+                beta_end=0.012,
+                beta_schedule="scaled_linear",
+                num_train_timesteps=1000,
+                clip_sample=False,
+            )
+        self.noise_scheduler = DDPMScheduler.from_config(sched.config, prediction_type=mc.prediction_type)
+        self.data = BucketedImageData(
+            self.paths["images"],
+            sc.micro_batch_size,
+            sc.data.resolution,
+            caption_source=sc.data.caption_source,
+            captions_url=self.paths["captions"],
+            caption_model_id=sc.data.caption_model_id,
+            caption_prompt_id=sc.data.caption_prompt_id,
+            scores_url=self.paths["scores"],
+            bucket_step=sc.data.bucket_step,
+            max_aspect_ratio=sc.data.max_aspect_ratio,
+            random_crop=sc.data.random_crop,
+            random_flip=sc.data.random_flip,
+            shuffle_buffer=sc.data.shuffle_buffer,
+            seed=self.cfg.project.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            latents_url=sc.data.latents,
+            num_workers=sc.data.num_workers,
+            prefetch=sc.data.prefetch,
+        )
+        params = trainable_parameters(model)
+        opt = torch.optim.AdamW(
+            params, lr=sc.optim.lr, betas=sc.optim.betas, eps=sc.optim.eps, weight_decay=sc.optim.weight_decay
+        )
+        sched_fn = _lr_lambda(sc.optim.warmup_steps, sc.max_steps, sc.optim.schedule)
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, sched_fn)
+        self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=lr_sched, config=self.ds_config
+        )
+        self.model = self.engine.module
+        self.ema = None
+        if sc.ema.enabled:
+            self.ema = EMAModel(self._ema_params(), decay=sc.ema.decay)
+        self.ckpt = CheckpointDir(join(self.paths["output"], "checkpoints"))
+        self.writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            Path(self.paths["output"]).mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(join(self.paths["output"], "tensorboard"))
+            Table(self.paths["output"]).save_config(self.cfg, f"train-stage{self.stage}")
+            (Path(self.paths["output"]) / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=1))
+            removed = self.ckpt.clean_uncommitted()
+            if removed:
+                log.warning(
+                    "removed %d uncommitted checkpoint folder(s): %s", len(removed), ", ".join(p.name for p in removed)
+                )
+        self._barrier()
+        if sc.checkpoint.resume and self.ckpt.newest() is not None:
+            self.load_checkpoint(self.ckpt.newest()[1])
+
+    def _ema_params(self) -> list[torch.nn.Parameter]:
+        m = self.model
+        return [p for p in list(m.unet.parameters()) + list(m.projection.parameters()) if p.requires_grad]
+
+    def _barrier(self) -> None:
+        import deepspeed.comm as dist
+
+        if self.world_size > 1:
+            dist.barrier()
+
+    # ------------------------------------------------------------------ hooks
+    def batch_generator(self) -> Iterator[dict]:
+        """Batches for this rank, forever; resumes where :attr:`data`'s position says."""
+        return iter(self.data)
+
+    def forward_backward_step(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """Loss of one micro-batch (DDPM, epsilon or v target, optional min-SNR) and its backward."""
+        from diffusers.training_utils import compute_snr
+
+        from training.data import to_model_range
+        from training.modeling import tokenize
+
+        sc = self.scfg
+        if "latents" in batch:  # precomputed (already scaled) VAE latents: no VAE in the step
+            latents = batch["latents"].to(self.device, torch.float32)
+        elif "latent_moments" in batch:  # cached VAE posterior (mean, logvar): sample it, no VAE in the step
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            dist = DiagonalGaussianDistribution(batch["latent_moments"].to(self.device, torch.float32))
+            latents = dist.sample(generator=generator) * self.vae.config.scaling_factor
+        else:
+            pixels = to_model_range(batch["pixel_values"].to(self.device), self.dtype)
+            with torch.no_grad():
+                latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
+                latents = latents.float() * self.vae.config.scaling_factor
+        b = latents.shape[0]
+        drop = torch.rand(b, generator=generator, device=self.device) < sc.caption_dropout
+        captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist(), strict=True)]
+        ids, mask = tokenize(self.tokenizer, captions, sc.max_length)
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        if sc.noise_offset:
+            noise = noise + sc.noise_offset * torch.randn(
+                (b, latents.shape[1], 1, 1), generator=generator, device=self.device
+            )
+        t = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=self.device
+        )
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        if self.noise_scheduler.config.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        pred = self.engine(noisy.to(self.dtype), t, ids.to(self.device), mask.to(self.device))
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if sc.min_snr_gamma is not None:
+            snr = compute_snr(self.noise_scheduler, t)
+            weight = snr.clamp(max=sc.min_snr_gamma)
+            weight = weight / snr if self.noise_scheduler.config.prediction_type == "epsilon" else weight / (snr + 1)
+            loss = loss * weight
+        loss = loss.mean()
+        self._check_finite(loss, batch)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    def train_step(self, batches: Iterator[dict]) -> dict:
+        """One optimiser step: ``gradient_accumulation`` micro-batches through forward/backward."""
+        losses, keys = [], []
+        for micro in range(self.scfg.gradient_accumulation):
+            batch = next(batches)
+            g = _step_generator(self.cfg.project.seed, self.rank, self.step, micro, self.device)
+            losses.append(self.forward_backward_step(batch, g))
+            keys += batch["keys"]
+        n = len(keys)
+        if self.ema is not None:
+            self.ema.step(self._ema_params())
+        norm = self.engine.get_global_grad_norm()
+        loss = torch.stack(losses).mean()
+        if self.world_size > 1:  # log the mean over ranks, not rank 0's share
+            import deepspeed.comm as dist
+
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+            loss = loss / self.world_size
+        return {
+            "loss": float(loss),
+            "samples": n,
+            "grad_norm": float(norm) if norm is not None else float("nan"),
+            "lr": float(self.lr_scheduler.get_last_lr()[0]),
+            "keys": keys,
+        }
+
+    # ------------------------------------------------------------------ faults
+    def _check_finite(self, loss: torch.Tensor, batch: dict) -> None:
+        import deepspeed.comm as dist
+
+        ok = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item() < 1:
+            newest = self.ckpt.newest()
+            where = f"the last good checkpoint is {newest[1]}" if newest else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {self.step + 1} (a rank saw a non-finite loss; this rank's keys: "
+                f"{batch['keys'][:4]}...). Nothing was saved from this step; {where}. Lower train.stage{self.stage}"
+                ".optim.lr, raise warmup_steps or check the data, then rerun to resume."
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write every rank's state under a temp name, rename it, then commit it with the marker."""
+        name = f"step-{self.step:08d}"
+        tmp = self.ckpt.root / f".tmp-{name}"
+        final = self.ckpt.root / name
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        self.engine.save_checkpoint(str(tmp), tag="state", client_state={"step": self.step}, save_latest=False)
+        torch.save(
+            {"data": self.data.state_dict(), "rng": _rng_state(), "step": self.step}, tmp / f"rank-{self.rank}.pt"
+        )
+        if self.rank == 0 and self.ema is not None:
+            torch.save(self.ema.state_dict(), tmp / "ema.pt")
+        self._barrier()
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            doc = {"step": self.step, "world_size": self.world_size, "written_at": time.time()}
+            marker_tmp = final / f".{COMMIT_MARKER}.tmp"
+            marker_tmp.write_text(json.dumps(doc))
+            os.replace(marker_tmp, final / COMMIT_MARKER)
+            self.ckpt.prune(self.scfg.checkpoint.keep_last)
+        self._barrier()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore model, optimizer, LR schedule, EMA, data position and RNG states."""
+        meta = json.loads((path / COMMIT_MARKER).read_text())
+        if meta.get("world_size") != self.world_size:
+            log.warning(
+                "checkpoint %s was written by %s ranks, now %d: data order will differ",
+                path.name,
+                meta.get("world_size"),
+                self.world_size,
+            )
+        _, client = self.engine.load_checkpoint(str(path), tag="state")
+        if client is None:
+            raise RuntimeError(f"{path}: DeepSpeed could not load the state (see the messages above)")
+        self.step = int(client["step"])
+        rank_file = path / f"rank-{self.rank}.pt"
+        if rank_file.is_file():
+            st = torch.load(rank_file, weights_only=False)
+            self.data.load_state_dict(st["data"])
+            _set_rng_state(st["rng"])
+        if self.ema is not None and (path / "ema.pt").is_file():
+            self.ema.load_state_dict(torch.load(path / "ema.pt", weights_only=False))
+        self.summary.extra["resumed_from"] = path.name
+        log.info("resumed from %s (step %d)", path, self.step)
+
+    # ------------------------------------------------------------------ logging and validation
+    def log_metrics(self, m: dict, samples_per_s: float) -> None:
+        if self.writer is None:
+            return
+        for k in ("loss", "lr", "grad_norm"):
+            self.writer.add_scalar(f"train/{k}", m[k], self.step)
+        self.writer.add_scalar("train/samples_per_s", samples_per_s, self.step)
+        row = {
+            "step": self.step,
+            **{k: m[k] for k in ("loss", "lr", "grad_norm", "samples")},
+            "samples_per_s": samples_per_s,
+        }
+        with open(Path(self.paths["output"]) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def validate(self) -> None:
+        """Images for the fixed validation prompts, to TensorBoard (rank 0; all ranks run for ZeRO-3)."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        from training.pipeline import ParaDiffusionPipeline
+
+        lc = self.scfg.logging
+        pipe = ParaDiffusionPipeline(
+            tokenizer=self.tokenizer,
+            llm=self.model.llm,
+            projection=self.model.projection,
+            unet=self.model.unet,
+            vae=self.vae,
+            scheduler=DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config),
+            max_length=self.scfg.max_length,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.project.seed)
+        was_training = self.model.training
+        self.model.eval()
+        images = pipe(
+            lc.validation_prompts,
+            height=lc.validation_size[0],
+            width=lc.validation_size[1],
+            num_inference_steps=lc.validation_steps,
+            guidance_scale=lc.guidance_scale,
+            generator=g,
+        )
+        self.model.train(was_training)
+        if self.writer is not None:
+            arr = np.stack([np.asarray(im) for im in images])
+            self.writer.add_images("validation", arr, self.step, dataformats="NHWC")
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> StageSummary:
+        """Set up, run to ``max_steps`` (resuming), export, summarise. Returns the summary."""
+        sc = self.scfg
+        if not hasattr(self, "engine"):
+            self.setup()
+        if self.rank == 0:
+            announce(
+                f"train-stage{self.stage}",
+                {
+                    "images": self.paths["images"],
+                    "captions": f"{sc.data.caption_source} {self.paths['captions'] or ''}",
+                    "init from": self.paths["init_from"] or "(fresh UNet and projection)",
+                    "LLM": f"{self.tcfg.model.llm} ({'LoRA trained' if sc.train_lora else 'frozen'}), {sc.max_length} tokens",
+                    "ranks": f"{self.world_size} ({self.device.type}, {'bf16' if self.dtype == torch.bfloat16 else 'fp32'}, "
+                    f"ZeRO-{self.tcfg.deepspeed.zero_stage})",
+                    "batch": f"{sc.micro_batch_size} x {sc.gradient_accumulation} accum x {self.world_size} ranks",
+                    "steps": f"{self.step} -> {sc.max_steps}",
+                    "output": self.paths["output"],
+                },
+            )
+        self.model.train()
+        batches = self.batch_generator()
+        bar = progress(
+            range(self.step, sc.max_steps),
+            total=sc.max_steps,
+            initial=self.step,
+            desc=f"train-stage{self.stage}",
+            unit="step",
+            disable=self.rank != 0,
+        )
+        samples = 0
+        t0 = time.time()
+        first = last = None
+        for _ in bar:
+            t_step = time.time()
+            m = self.train_step(batches)
+            self.step += 1
+            samples += m["samples"]
+            self.history.append((self.step, m["loss"]))
+            if len(self.keys_seen) < 1000:
+                self.keys_seen.extend(m.get("keys", []))
+            first = m["loss"] if first is None else first
+            last = m["loss"]
+            if self.rank == 0:
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+            if self.step % sc.logging.every_steps == 0 or self.step == sc.max_steps:
+                self.log_metrics(m, m["samples"] * self.world_size / max(1e-9, time.time() - t_step))
+            if self.step % sc.checkpoint.every_steps == 0 or self.step == sc.max_steps:
+                self.save_checkpoint()
+            if self.step % sc.logging.validation_every_steps == 0:
+                self.validate()
+        elapsed = time.time() - t0
+        export_dir = self.export()
+        if self.writer is not None:
+            self.writer.close()
+        s = self.summary
+        counts = self._all_ranks_counts()
+        s.n_in = counts.pop("rows", 0)  # rows of the images table, all ranks
+        for reason, n in counts.items():
+            if reason.startswith("skipped: ") and n:
+                s.reject(reason.removeprefix("skipped: "), n)
+        s.n_out = s.n_in - sum(s.rejected.values())  # rows training could use
+        trained = samples * self.world_size
+        s.extra.update(
+            {
+                "steps": self.step,
+                "steps_this_run": len(self.history),
+                "samples_trained_this_run": trained,
+                "first_loss": first,
+                "last_loss": last,
+                "samples_per_s": round(trained / elapsed, 2) if elapsed > 0 and trained else None,
+                "export": str(export_dir),
+                "checkpoint": str(self.ckpt.newest()[1]) if self.ckpt.newest() else None,
+            }
+        )
+        s.finish()
+        rank_stats = {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "steps_run": len(self.history),
+            "samples": samples,
+            "data": dict(self.data.counts),
+            "keys_seen_first": self.keys_seen[:1000],
+        }
+        ranks_dir = Path(self.paths["output"]) / "ranks"
+        ranks_dir.mkdir(parents=True, exist_ok=True)
+        (ranks_dir / f"rank-{self.rank}.json").write_text(json.dumps(rank_stats))
+        if self.rank == 0:
+            s.print()
+            Table(self.paths["output"]).save_json("_summary.json", s.to_dict())
+        return s
+
+    def _all_ranks_counts(self) -> dict[str, int]:
+        """The data counters (rows, skipped by reason) summed over ranks."""
+        import deepspeed.comm as dist
+
+        names = sorted(set(self.data.counts) | {"rows", "usable", *SKIP_REASONS})
+        t = torch.tensor([float(self.data.counts.get(n, 0)) for n in names], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return {n: int(v) for n, v in zip(names, t.tolist(), strict=True) if n != "usable"}
+
+    def export(self) -> Path:
+        """Write ``<output>/export`` (release layout) from the current (EMA) weights; rank 0 writes."""
+
+        out = Path(self.paths["output"]) / "export"
+        info = out / "paradiffusion.json"
+        if info.is_file() and json.loads(info.read_text()).get("step") == self.step:
+            return out  # a rerun of a finished stage: the export of this step is there already
+        use_ema = self.ema is not None and self.scfg.ema.export
+        if use_ema:
+            self.ema.store(self._ema_params())
+            self.ema.copy_to(self._ema_params())
+        gather = contextlib.nullcontext()
+        if self.tcfg.deepspeed.zero_stage == 3:  # every rank takes part in gathering the partitioned weights
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+        try:
+            with gather:
+                self._export_rank0(out, use_ema)
+        finally:
+            if use_ema:
+                self.ema.restore(self._ema_params())
+        self._barrier()
+        return out
+
+    def _export_rank0(self, out: Path, use_ema: bool) -> None:
+        from training.export import export_model
+
+        if self.rank == 0:
+            lora_from = None
+            if not self.scfg.train_lora and self.paths["init_from"]:
+                cand = Path(self.paths["init_from"]) / "text_encoder_lora"
+                lora_from = cand if cand.is_dir() else None
+            export_model(
+                self.model,
+                out,
+                llm=self.tcfg.model.llm,
+                llm_revision=self.tcfg.model.llm_revision,
+                vae=self.tcfg.model.vae,
+                scheduler_config=dict(self.noise_scheduler.config),
+                max_length=self.scfg.max_length,
+                stage=self.stage,
+                step=self.step,
+                lora_from=lora_from,
+                ema=use_ema,
+            )
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if st.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
