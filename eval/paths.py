@@ -1,0 +1,22 @@
+"""Where eval's outputs live by default (all under ``<project.data_root>/eval/``)."""
+
+from __future__ import annotations
+
+from paradiffusion.config import PipelinesConfig
+from paradiffusion.storage import join
+
+
+def images_url(cfg: PipelinesConfig) -> str:
+    return cfg.eval.generate.output or join(cfg.project.data_root, "eval", "images")
+
+
+def metrics_url(cfg: PipelinesConfig) -> str:
+    return cfg.eval.metrics.output or join(cfg.project.data_root, "eval", "metrics")
+
+
+def votes_folder(cfg: PipelinesConfig) -> str:
+    return cfg.eval.vote.folder or join(cfg.project.data_root, "eval", "votes")
+
+
+def report_folder(cfg: PipelinesConfig) -> str:
+    return cfg.eval.report.output or join(cfg.project.data_root, "eval", "report")

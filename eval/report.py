@@ -1,0 +1,240 @@
+"""`make eval-report`: one HTML page with the human voting rates (95 % CIs), the
+automatic metrics beside them, and image grids per prompt.
+
+How votes count (stated on the page too): each answer is one vote for model A, for
+model B, or a tie. For a comparison "X vs Y" the page shows the share of votes for X,
+for tie and for Y (ties are their own share: neither dropped nor split), the gap
+(share X minus share Y), and X's rate with ties split half-half. The ParaDiffusion
+paper reports voting rates per question (visual appeal, text faithfulness) against
+each baseline; its "+15 %" / "+45 %" read as the gap. Intervals: percentile cluster
+bootstrap over prompts.
+
+The page is written with ``html.escape`` and f-strings: it is one static page, and a
+template engine would add a dependency for no gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import html
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from eval.paths import images_url, metrics_url, report_folder, votes_folder
+from eval.schemas import EVAL_IMAGES
+from eval.stats import LOSS, TIE, WIN, VotingRate, voting_rate
+from eval.vote.db import QUESTIONS
+from paradiffusion.config import PipelinesConfig
+from paradiffusion.stage import StageSummary, announce
+from paradiffusion.storage import Table
+
+STAGE = "eval-report"
+TIES_NOTE = (
+    "Each answer is a vote for A, for B, or a tie. Shares: votes for the first model / tie / the second "
+    'model (ties are their own share). Gap = first share minus second share (how we read the paper\'s "+x %"). '
+    "Ties-half = first share + tie share / 2. 95 % intervals: percentile bootstrap over prompts."
+)
+
+CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+table{border-collapse:collapse;margin:8px 0 20px}td,th{border:1px solid #ccc;padding:3px 8px;font-size:.9em;text-align:right}
+th{background:#f3f3f3}td.l,th.l{text-align:left}.ci{color:#777;font-size:.85em}.note{color:#555;max-width:1000px}
+.banner{background:#fff3cd;border:1px solid #e0c36a;padding:8px 12px;margin:10px 0}
+.grid{display:flex;gap:8px;flex-wrap:wrap}.grid figure{margin:0;text-align:center;font-size:.8em}
+.grid img{width:192px;height:auto;border:1px solid #ccc;image-rendering:pixelated}.prompt{max-width:1000px;font-size:.9em}
+"""
+
+
+def _fmt(est, pct: bool = False) -> str:
+    if est is None:
+        return ""
+    if isinstance(est, dict):
+        mean, lo, hi = est["mean"], est["ci_low"], est["ci_high"]
+    else:
+        mean, lo, hi = est.mean, est.low, est.high
+    if mean != mean:  # NaN
+        return "-"
+    k, unit = (100, " %") if pct else (1, "")
+    return f"{mean * k:.1f}{unit} <span class=ci>[{lo * k:.1f}, {hi * k:.1f}]</span>"
+
+
+def voting_rates(rows: list[dict], n_boot: int, confidence: float, seed: int = 0) -> list[tuple[str, VotingRate]]:
+    """Voting rates per comparison x question, for each prompt set and for all of them."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        for ps in (r["prompt_set"], "ALL"):
+            groups[(r["model_x"], r["model_y"], r["question"], ps)].append(r)
+    out = []
+    for (mx, my, q, ps), rs in sorted(
+        groups.items(),
+        key=lambda kv: (
+            kv[0][0],
+            kv[0][1],
+            kv[0][3] != "ALL",
+            kv[0][3],
+            list(QUESTIONS).index(kv[0][2]) if kv[0][2] in QUESTIONS else 99,
+        ),
+    ):
+        outcomes = [WIN if r["winner"] == mx else TIE if r["winner"] is None else LOSS for r in rs]
+        ids = [f"{r['prompt_set']}/{r['prompt_id']}" for r in rs]
+        out.append((ps, voting_rate(outcomes, ids, mx, my, q, n_boot, confidence, seed)))
+    return out
+
+
+def _votes_section(cfg: PipelinesConfig) -> tuple[str, int]:
+    from eval.vote.db import VoteStore
+
+    db = Path(votes_folder(cfg)) / "votes.sqlite"
+    if not db.is_file():
+        return "<p>No voting database yet (run <code>make vote</code>).</p>", 0
+    store = VoteStore(db)
+    rows = store.votes_rows()
+    parts = []
+    simulated = store.get_meta("simulated")
+    if simulated:
+        parts.append(
+            f"<div class=banner><b>Simulated votes.</b> {html.escape(simulated)} They say nothing about "
+            "the models.</div>"
+        )
+    if not rows:
+        return "".join(parts) + "<p>No votes yet.</p>", 0
+    rc = cfg.eval.report
+    parts.append(f"<p class=note>{html.escape(TIES_NOTE)}</p>")
+    parts.append(
+        "<table><tr><th class=l>comparison (X vs Y)</th><th class=l>prompt set</th><th class=l>question</th>"
+        "<th>votes</th><th>prompts</th><th>X wins</th><th>tie</th><th>Y wins</th><th>gap X&minus;Y</th>"
+        "<th>X, ties half</th></tr>"
+    )
+    for ps, r in voting_rates(rows, rc.bootstrap, rc.confidence, cfg.project.seed):
+        parts.append(
+            f"<tr><td class=l>{html.escape(r.a)} vs {html.escape(r.b)}</td><td class=l>{html.escape(ps)}</td>"
+            f"<td class=l>{html.escape(r.question)}</td><td>{r.n_votes}</td><td>{r.n_prompts}</td>"
+            f"<td>{_fmt(r.win, True)}</td><td>{_fmt(r.tie, True)}</td><td>{_fmt(r.loss, True)}</td>"
+            f"<td>{_fmt(r.gap, True)}</td><td>{_fmt(r.win_ties_half, True)}</td></tr>"
+        )
+    parts.append("</table>")
+    return "".join(parts), len(rows)
+
+
+def _metrics_section(cfg: PipelinesConfig) -> str:
+    from eval.metrics import METRIC_COLUMNS
+
+    table = Table(metrics_url(cfg))
+    agg = table.load_json("_aggregate.json")
+    if not agg:
+        return "<p>No metrics yet (run <code>make eval</code>).</p>"
+    rows = agg["rows"]
+    cols = [m for m in METRIC_COLUMNS if any(m in r for r in rows)]
+    parts = [
+        f"<p class=note>Mean per image with 95 % interval ({html.escape(agg['ci_method'])}). "
+        f"CLIP score: {html.escape(agg['clip_score_note'])}.</p>",
+        "<table><tr><th class=l>model</th><th class=l>prompt set</th><th class=l>category</th><th>images</th>"
+        "<th>prompts</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>",
+    ]
+    for r in rows:
+        parts.append(
+            f"<tr><td class=l>{html.escape(r['model'])}</td><td class=l>{html.escape(r['prompt_set'])}</td>"
+            f"<td class=l>{html.escape(r['category'])}</td><td>{r['n_images']}</td><td>{r['n_prompts']}</td>"
+            + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols)
+            + "</tr>"
+        )
+    parts.append("</table>")
+    notes = agg.get("preference_notes") or {}
+    if notes:
+        parts.append(
+            "<p class=note>Preference models: "
+            + "; ".join(f"{html.escape(k)}: {html.escape(v)}" for k, v in notes.items())
+            + "</p>"
+        )
+    fid = table.load_json("_fid.json")
+    if fid:
+        parts.append(
+            f"<h3>FID ({html.escape(fid['features'])} features, reference {html.escape(str(fid['reference']))})"
+            f"</h3><p class=note>{html.escape(fid['note'])}</p><table><tr><th class=l>model / prompt set</th>"
+            "<th>FID</th><th>images</th><th>reference images</th></tr>"
+        )
+        for k, v in fid["results"].items():
+            parts.append(
+                f"<tr><td class=l>{html.escape(k)}</td><td>{v['fid']:.3f}</td><td>{v['n_images']}</td>"
+                f"<td>{v['n_reference']}</td></tr>"
+            )
+        parts.append("</table>")
+    return "".join(parts)
+
+
+def _grids_section(cfg: PipelinesConfig, out_dir: str) -> str:
+    images = Table(images_url(cfg), schema=EVAL_IMAGES)
+    if not images.done_shards():
+        return "<p>No images yet (run <code>make eval-generate</code>).</p>"
+    rows = [r for r in images.read().to_pylist() if not r["error"] and r["image_path"]]
+    local = "://" not in images.url
+    by_prompt: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by_prompt[(r["prompt_set"], r["prompt_id"])][r["model"]].append(r)
+    models = sorted({r["model"] for r in rows})
+    parts, shown = [], defaultdict(int)
+    for (ps, pid), per_model in sorted(by_prompt.items()):
+        if shown[ps] >= cfg.eval.report.grid_prompts:
+            continue
+        shown[ps] += 1
+        first = next(iter(per_model.values()))[0]
+        parts.append(
+            f"<h4>{html.escape(ps)} / {html.escape(pid)} <span class=ci>({html.escape(str(first['category']))})"
+            f"</span></h4><p class=prompt>{html.escape(first['prompt'])}</p><div class=grid>"
+        )
+        for m in models:
+            for r in sorted(per_model.get(m, []), key=lambda r: r["seed"]):
+                src = (
+                    os.path.relpath(os.path.join(images.path, r["image_path"]), out_dir)
+                    if local
+                    else f"{images.url}/{r['image_path']}"
+                )
+                parts.append(
+                    f'<figure><img loading=lazy src="{html.escape(src)}" alt=""><figcaption>'
+                    f"{html.escape(m)} &middot; seed {r['seed']}</figcaption></figure>"
+                )
+        parts.append("</div>")
+    return "".join(parts)
+
+
+def build_report(cfg: PipelinesConfig) -> tuple[str, dict]:
+    """The HTML page and a few counts for the summary."""
+    out_dir = os.path.abspath(report_folder(cfg)) if "://" not in report_folder(cfg) else report_folder(cfg)
+    votes_html, n_votes = _votes_section(cfg)
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    page = (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Evaluation report</title>"
+        f"<style>{CSS}</style></head><body><h1>Evaluation report</h1><p class=note>Written {now}. Images: "
+        f"{html.escape(images_url(cfg))}; metrics: {html.escape(metrics_url(cfg))}; votes: "
+        f"{html.escape(votes_folder(cfg))}.</p>"
+        f"<h2>Human voting rates</h2>{votes_html}"
+        f"<h2>Automatic metrics</h2>{_metrics_section(cfg)}"
+        f"<h2>Images per prompt</h2>{_grids_section(cfg, out_dir)}</body></html>"
+    )
+    return page, {"votes": n_votes}
+
+
+def run_report(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+    """The `eval-report` command."""
+    out = Table(report_folder(cfg))
+    announce(
+        STAGE,
+        {
+            "images": images_url(cfg),
+            "metrics": metrics_url(cfg),
+            "votes": votes_folder(cfg),
+            "output": f"{out.url}/index.html",
+        },
+    )
+    summary = StageSummary(STAGE)
+    page, counts = build_report(cfg)
+    out.write_file("index.html", page.encode())
+    out.save_config(cfg, STAGE, cfg.eval.report)
+    summary.n_in = counts["votes"]
+    summary.n_out = 1
+    summary.extra["report"] = f"{out.url}/index.html"
+    summary.finish()
+    out.save_json("_summary.json", summary.to_dict())
+    summary.print()
+    return 0

@@ -1,0 +1,67 @@
+"""Arrow schemas of the tables eval writes (the same contract as ``paradiffusion.schemas``)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+#: One row per generated image (or per failed generation, with ``error`` set).
+#: ``key`` = ``<model>/<prompt_set>/<prompt_id>/<seed>``; ``image_path`` is relative to the table folder.
+EVAL_IMAGES = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("prompt_set", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("category", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("image_path", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("settings", pa.string()),  # JSON: steps, guidance, size, dtype, negative prompt, model path
+        pa.field("seconds", pa.float32()),
+        pa.field("error", pa.string()),  # null when the image was made
+    ]
+)
+
+#: One row per scored image: every metric that ran (null where it did not).
+EVAL_METRICS = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("prompt_set", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("category", pa.string()),
+        pa.field("seed", pa.int64()),
+        pa.field("clip_score", pa.float32()),  # 100 x mean cosine over the prompt's chunks
+        pa.field("clip_score_truncated", pa.float32()),  # 100 x cosine with the prompt cut at the context length
+        pa.field("clip_chunks", pa.int32()),
+        pa.field("long_clip_score", pa.float32()),
+        pa.field("aesthetic", pa.float32()),
+        pa.field("imagereward", pa.float32()),
+        pa.field("hpsv2", pa.float32()),
+        pa.field("pickscore", pa.float32()),
+        pa.field("error", pa.string()),
+    ]
+)
+
+#: The votes export: one row per vote.
+VOTES = pa.schema(
+    [
+        pa.field("vote_id", pa.int64(), nullable=False),
+        pa.field("voter", pa.string(), nullable=False),
+        pa.field("pair_id", pa.int64(), nullable=False),
+        pa.field("prompt_set", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("category", pa.string()),
+        pa.field("seed", pa.int64()),
+        pa.field("model_x", pa.string(), nullable=False),
+        pa.field("model_y", pa.string(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("choice", pa.string(), nullable=False),  # as the voter saw it: A, B or tie
+        pa.field("a_model", pa.string(), nullable=False),  # which model was shown as A
+        pa.field("b_model", pa.string(), nullable=False),
+        pa.field("winner", pa.string()),  # model name, null for a tie
+        pa.field("created_at", pa.float64()),
+    ]
+)

@@ -1,0 +1,92 @@
+"""`make vote` and `paradiffusion vote-admin ...`: serving, invites, pairs, progress, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from eval.paths import images_url, votes_folder
+from eval.schemas import EVAL_IMAGES
+from eval.vote.db import VoteStore
+from eval.vote.pairs import build_pairs, export_votes
+from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.stage import StageSummary, announce
+from paradiffusion.storage import Table
+
+
+def _local(url: str, what: str) -> Path:
+    if "://" in url and not url.startswith("file://"):
+        raise ConfigError(f"{what} must be a local folder for the voting app, got {url}")
+    return Path(url.removeprefix("file://"))
+
+
+def open_store(cfg: PipelinesConfig) -> VoteStore:
+    folder = _local(votes_folder(cfg), "eval.vote.folder")
+    return VoteStore(folder / "votes.sqlite", quota=cfg.eval.vote.pairs_per_voter)
+
+
+def sync_pairs(cfg: PipelinesConfig, store: VoteStore) -> StageSummary:
+    """Add the pairs the current eval_images table allows (existing pairs are kept)."""
+    summary = StageSummary("vote-pairs")
+    images = Table(images_url(cfg), schema=EVAL_IMAGES)
+    if not images.done_shards():
+        raise ConfigError(f"no generated images in {images.url}: run `make eval-generate` first")
+    v = cfg.eval.vote
+    rows, skipped = build_pairs(images.read(), v.comparisons, v.prompt_sets, v.seeds_per_prompt)
+    summary.n_in = len(rows) + sum(skipped.values())
+    summary.n_out = store.add_pairs(rows)
+    summary.rejected.update(skipped)
+    summary.extra["pairs_total"] = store.n_pairs()
+    store.set_meta("image_root", str(_local(images.url, "eval.generate.output").resolve()))
+    Table(str(store.path.parent)).save_config(cfg, "vote", v)
+    return summary.finish()
+
+
+def run_vote(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+    from eval.vote.app import create_app
+    from eval.vote.server import serve_forever
+
+    store = open_store(cfg)
+    summary = sync_pairs(cfg, store)
+    host = args.host or cfg.eval.vote.host
+    port = args.port if args.port is not None else cfg.eval.vote.port
+    announce(
+        "vote",
+        {
+            "database": store.path,
+            "pairs": f"{store.n_pairs()} ({summary.n_out} new)",
+            "skipped": dict(summary.rejected) or "none",
+            "voters": f"{sum(1 for v in store.progress()['voters'] if v['role'] == 'voter')} invited",
+            "url": f"http://{host}:{port}/vote?t=<token>   admin: /admin?t=<admin token>",
+            "invite": "paradiffusion vote-admin invite NAME... [--admin]",
+        },
+    )
+    serve_forever(create_app(store, store.get_meta("image_root")), host, port)
+    return 0
+
+
+def run_vote_admin(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+    store = open_store(cfg)
+    base = args.base_url or f"http://{cfg.eval.vote.host}:{cfg.eval.vote.port}"
+    if args.action == "pairs":
+        sync_pairs(cfg, store).print()
+    elif args.action == "invite":
+        if not args.names:
+            raise ConfigError("vote-admin invite: give one or more voter names")
+        role = "admin" if args.admin else "voter"
+        page = "admin" if args.admin else "vote"
+        print("# the tokens are shown once; only their hashes are stored", file=sys.stderr)
+        for name in args.names:
+            token = store.add_voter(name, role)
+            print(f"{name}\t{role}\t{token}\t{base}/{page}?t={token}")
+    elif args.action == "revoke":
+        for name in args.names:
+            print(f"{name}: {store.revoke(name)} token(s) revoked", file=sys.stderr)
+    elif args.action == "progress":
+        print(json.dumps(store.progress(), indent=2))
+    elif args.action == "export":
+        url, n = export_votes(store, str(store.path.parent))
+        print(f"{n} votes -> {url} (DuckDB: SELECT * FROM read_parquet('{url}/part-*.parquet'))", file=sys.stderr)
+    return 0

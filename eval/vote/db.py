@@ -1,0 +1,325 @@
+"""The voting store: one SQLite file in WAL mode.
+
+WAL lets readers go on while one writer commits, and ``busy_timeout`` makes
+concurrent writers (threads of one server, or several server processes) wait for the
+lock instead of failing. Every rule that must hold under concurrency is a database
+constraint, not a check in Python:
+
+- one vote per voter, pair and question: ``UNIQUE(voter_id, pair_id, question)``;
+  a second one is ignored by ``ON CONFLICT DO NOTHING`` and reported as a duplicate;
+- a vote only for a pair served to that voter: the insert selects from ``served``,
+  so a pair that was not served inserts nothing;
+- serving the next pair happens in one ``BEGIN IMMEDIATE`` transaction.
+
+Tokens are stored as SHA-256 hashes; the plain token exists only in the invite link.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+#: The questions each pair is asked, in order: id -> what the voter reads.
+QUESTIONS: dict[str, str] = {
+    "visual_appeal": "Which image is more visually appealing?",
+    "text_faithfulness": "Which image follows the text more faithfully?",
+}
+CHOICES = ("A", "B", "tie")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS voters (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL, token_hash TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL CHECK (role IN ('voter', 'admin')), created_at REAL NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS pairs (
+    id INTEGER PRIMARY KEY, prompt_set TEXT NOT NULL, prompt_id TEXT NOT NULL, category TEXT,
+    prompt TEXT NOT NULL, seed INTEGER NOT NULL, model_x TEXT NOT NULL, model_y TEXT NOT NULL,
+    path_x TEXT NOT NULL, path_y TEXT NOT NULL, n_served INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (prompt_set, prompt_id, seed, model_x, model_y));
+CREATE TABLE IF NOT EXISTS served (
+    voter_id INTEGER NOT NULL REFERENCES voters(id), pair_id INTEGER NOT NULL REFERENCES pairs(id),
+    a_model TEXT NOT NULL, b_model TEXT NOT NULL, served_at REAL NOT NULL,
+    PRIMARY KEY (voter_id, pair_id));
+CREATE TABLE IF NOT EXISTS votes (
+    id INTEGER PRIMARY KEY, voter_id INTEGER NOT NULL, pair_id INTEGER NOT NULL, question TEXT NOT NULL,
+    choice TEXT NOT NULL CHECK (choice IN ('A', 'B', 'tie')), winner TEXT, a_model TEXT NOT NULL,
+    b_model TEXT NOT NULL, created_at REAL NOT NULL, UNIQUE (voter_id, pair_id, question));
+CREATE INDEX IF NOT EXISTS pairs_by_load ON pairs (n_served, id);
+"""
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _mix(*parts: object) -> int:
+    """A stable pseudo-random integer from the parts (order of pairs, side of images)."""
+    return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "big") >> 1
+
+
+@dataclass(frozen=True)
+class Voter:
+    id: int
+    name: str
+    role: str
+
+
+@dataclass
+class VoteResult:
+    """What happened to one submitted vote: ``accepted``, ``duplicate`` or ``not_served``."""
+
+    status: str
+    done: int = 0
+    total: int = 0
+
+
+class VoteStore:
+    """Thread-safe access to the voting database (one connection per thread)."""
+
+    def __init__(self, path: str | Path, quota: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.quota = quota
+        self._local = threading.local()
+        c = self._conn()
+        c.executescript(SCHEMA)
+        if c.execute("SELECT value FROM meta WHERE key='salt'").fetchone() is None:
+            c.execute("INSERT OR IGNORE INTO meta VALUES ('salt', ?)", (secrets.token_hex(16),))
+        self.salt = c.execute("SELECT value FROM meta WHERE key='salt'").fetchone()[0]
+
+    # -- connections
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- meta
+    def set_meta(self, key: str, value: str) -> None:
+        self._conn().execute(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value)
+        )
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self._conn().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    # -- voters
+    def add_voter(self, name: str, role: str = "voter") -> str:
+        """Create a voter (or admin) and return its plain invite token (shown once)."""
+        token = secrets.token_urlsafe(24)
+        self._conn().execute(
+            "INSERT INTO voters (name, token_hash, role, created_at) VALUES (?, ?, ?, ?)",
+            (name, hash_token(token), role, time.time()),
+        )
+        return token
+
+    def revoke(self, name: str) -> int:
+        return self._conn().execute("UPDATE voters SET revoked=1 WHERE name=?", (name,)).rowcount
+
+    def voter_for(self, token: str | None) -> Voter | None:
+        """The voter a token belongs to; None for a missing, unknown or revoked token."""
+        if not token or len(token) > 200:
+            return None
+        row = (
+            self._conn()
+            .execute("SELECT id, name, role FROM voters WHERE token_hash=? AND revoked=0", (hash_token(token),))
+            .fetchone()
+        )
+        return Voter(*row) if row else None
+
+    # -- pairs
+    def add_pairs(self, rows: list[dict]) -> int:
+        """Insert pairs (keys as in the ``pairs`` table); existing ones are kept. Returns how many were new."""
+        c = self._conn()
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            before = c.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
+            c.executemany(
+                "INSERT OR IGNORE INTO pairs (prompt_set, prompt_id, category, prompt, seed, model_x, model_y, path_x, path_y)"
+                " VALUES (:prompt_set, :prompt_id, :category, :prompt, :seed, :model_x, :model_y, :path_x, :path_y)",
+                rows,
+            )
+            after = c.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return after - before
+
+    def n_pairs(self) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
+
+    def total_for(self) -> int:
+        """Votes each voter is asked for: (quota or every pair) x questions."""
+        n = self.n_pairs()
+        return (min(n, self.quota) if self.quota else n) * len(QUESTIONS)
+
+    def pair(self, pair_id: int) -> dict | None:
+        c = self._conn()
+        cur = c.execute("SELECT * FROM pairs WHERE id=?", (pair_id,))
+        row = cur.fetchone()
+        return dict(zip([d[0] for d in cur.description], row, strict=True)) if row else None
+
+    # -- serving and voting
+    def _progress(self, c: sqlite3.Connection, voter_id: int) -> tuple[int, int]:
+        done = c.execute("SELECT COUNT(*) FROM votes WHERE voter_id=?", (voter_id,)).fetchone()[0]
+        return done, self.total_for()
+
+    def next_task(self, voter: Voter) -> dict:
+        """The pair this voter should judge now, with the questions still open.
+
+        A pair served earlier and not fully answered comes back first (a reload shows
+        the same pair, same sides). Otherwise the least-served pair is assigned (ties
+        broken in a per-voter random order), its sides drawn at random, and recorded
+        in ``served``. ``{"done": True}`` when the voter's quota is complete.
+        """
+        c = self._conn()
+        nq = len(QUESTIONS)
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            row = c.execute(
+                "SELECT s.pair_id, s.a_model FROM served s WHERE s.voter_id=? AND "
+                "(SELECT COUNT(*) FROM votes v WHERE v.voter_id=s.voter_id AND v.pair_id=s.pair_id) < ? "
+                "ORDER BY s.served_at, s.pair_id LIMIT 1",
+                (voter.id, nq),
+            ).fetchone()
+            if row is None:
+                n_served = c.execute("SELECT COUNT(*) FROM served WHERE voter_id=?", (voter.id,)).fetchone()[0]
+                if self.quota is None or n_served < self.quota:
+                    cand = c.execute(
+                        "SELECT p.id, p.model_x, p.model_y FROM pairs p WHERE NOT EXISTS "
+                        "(SELECT 1 FROM served s WHERE s.voter_id=? AND s.pair_id=p.id) "
+                        "AND p.n_served=(SELECT MIN(q.n_served) FROM pairs q WHERE NOT EXISTS "
+                        "(SELECT 1 FROM served s2 WHERE s2.voter_id=? AND s2.pair_id=q.id))",
+                        (voter.id, voter.id),
+                    ).fetchall()
+                    if cand:
+                        pid, mx, my = min(cand, key=lambda r: _mix(self.salt, voter.id, r[0]))
+                        a, b = (mx, my) if _mix(self.salt, "side", voter.id, pid) % 2 == 0 else (my, mx)
+                        c.execute("INSERT INTO served VALUES (?, ?, ?, ?, ?)", (voter.id, pid, a, b, time.time()))
+                        c.execute("UPDATE pairs SET n_served=n_served+1 WHERE id=?", (pid,))
+                        row = (pid, a)
+            done, total = self._progress(c, voter.id)
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        if row is None:
+            return {"done": True, "progress": {"done": done, "total": total}}
+        pair_id = row[0]
+        answered = {
+            q for (q,) in c.execute("SELECT question FROM votes WHERE voter_id=? AND pair_id=?", (voter.id, pair_id))
+        }
+        p = self.pair(pair_id)
+        return {
+            "done": False,
+            "pair_id": pair_id,
+            "prompt": p["prompt"],
+            "questions": [{"id": q, "text": t} for q, t in QUESTIONS.items() if q not in answered],
+            "progress": {"done": done, "total": total},
+        }
+
+    def served_sides(self, voter_id: int, pair_id: int) -> tuple[str, str] | None:
+        row = (
+            self._conn()
+            .execute("SELECT a_model, b_model FROM served WHERE voter_id=? AND pair_id=?", (voter_id, pair_id))
+            .fetchone()
+        )
+        return (row[0], row[1]) if row else None
+
+    def cast(self, voter: Voter, pair_id: int, question: str, choice: str) -> VoteResult:
+        """Record one vote. The insert itself enforces "served to this voter" and "once"."""
+        if question not in QUESTIONS:
+            raise ValueError(f"unknown question {question!r}; known: {list(QUESTIONS)}")
+        if choice not in CHOICES:
+            raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
+        c = self._conn()
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            cur = c.execute(
+                "INSERT INTO votes (voter_id, pair_id, question, choice, winner, a_model, b_model, created_at) "
+                "SELECT s.voter_id, s.pair_id, ?, ?, CASE ? WHEN 'A' THEN s.a_model WHEN 'B' THEN s.b_model END, "
+                "s.a_model, s.b_model, ? FROM served s WHERE s.voter_id=? AND s.pair_id=? "
+                "ON CONFLICT (voter_id, pair_id, question) DO NOTHING",
+                (question, choice, choice, time.time(), voter.id, pair_id),
+            )
+            inserted = cur.rowcount
+            status = "accepted"
+            if inserted != 1:
+                served = c.execute(
+                    "SELECT 1 FROM served WHERE voter_id=? AND pair_id=?", (voter.id, pair_id)
+                ).fetchone()
+                status = "duplicate" if served else "not_served"
+            done, total = self._progress(c, voter.id)
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return VoteResult(status, done, total)
+
+    # -- reading
+    def progress(self) -> dict:
+        """Everything the admin page shows: per voter and per comparison."""
+        c = self._conn()
+        total = self.total_for()
+        voters = [
+            {
+                "name": n,
+                "role": r,
+                "revoked": bool(rv),
+                "votes": int(v),
+                "served": int(s),
+                "total": total,
+                "last_vote": lv,
+            }
+            for n, r, rv, v, s, lv in c.execute(
+                "SELECT w.name, w.role, w.revoked, "
+                "(SELECT COUNT(*) FROM votes v WHERE v.voter_id=w.id), "
+                "(SELECT COUNT(*) FROM served s WHERE s.voter_id=w.id), "
+                "(SELECT MAX(created_at) FROM votes v WHERE v.voter_id=w.id) FROM voters w ORDER BY w.id"
+            )
+        ]
+        comparisons = [
+            {"models": f"{mx} vs {my}", "pairs": int(n), "votes": int(v)}
+            for mx, my, n, v in c.execute(
+                "SELECT p.model_x, p.model_y, COUNT(*), "
+                "(SELECT COUNT(*) FROM votes v JOIN pairs q ON q.id=v.pair_id WHERE q.model_x=p.model_x AND q.model_y=p.model_y) "
+                "FROM pairs p GROUP BY p.model_x, p.model_y ORDER BY 1, 2"
+            )
+        ]
+        n_votes = c.execute("SELECT COUNT(*) FROM votes").fetchone()[0]
+        return {
+            "pairs": self.n_pairs(),
+            "votes": n_votes,
+            "questions": list(QUESTIONS),
+            "voters": voters,
+            "comparisons": comparisons,
+        }
+
+    def votes_rows(self) -> list[dict]:
+        """Every vote joined with its pair, one dict per vote (for export)."""
+        cur = self._conn().execute(
+            "SELECT v.id AS vote_id, w.name AS voter, v.pair_id, p.prompt_set, p.prompt_id, p.category, p.seed, "
+            "p.model_x, p.model_y, v.question, v.choice, v.a_model, v.b_model, v.winner, v.created_at "
+            "FROM votes v JOIN pairs p ON p.id=v.pair_id JOIN voters w ON w.id=v.voter_id ORDER BY v.id"
+        )
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur]

@@ -1,0 +1,60 @@
+"""Fixtures for the eval tests: a small eval_images table of synthetic PNGs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from eval.schemas import EVAL_IMAGES
+from paradiffusion.storage import Table, rows_to_table
+
+
+def make_images_table(root: Path, models=("alpha", "beta"), n_prompts: int = 4, seeds=(0,), size: int = 32) -> Table:
+    """An eval_images table with one flat-coloured PNG per model x prompt x seed (with
+    text metadata naming the model, as eval-generate writes)."""
+    table = Table(str(root), schema=EVAL_IMAGES)
+    rows = []
+    rng = np.random.default_rng(0)
+    for m in models:
+        for p in range(n_prompts):
+            for s in seeds:
+                rel = f"png/{m}/set1/p{p}_s{s}.png"
+                f = root / rel
+                f.parent.mkdir(parents=True, exist_ok=True)
+                info = PngImagePlugin.PngInfo()
+                info.add_text("model", m)
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(f, pnginfo=info)
+                rows.append(
+                    {
+                        "key": f"{m}/set1/p{p}/{s}",
+                        "model": m,
+                        "prompt_set": "set1",
+                        "prompt_id": f"p{p}",
+                        "category": "cat" + str(p % 2),
+                        "prompt": f"prompt number {p}. It has two sentences.",
+                        "seed": s,
+                        "image_path": rel,
+                        "width": size,
+                        "height": size,
+                        "settings": json.dumps({"steps": 1}),
+                        "seconds": 0.0,
+                        "error": None,
+                    }
+                )
+    table.write_shard("all", rows_to_table(rows, EVAL_IMAGES))
+    return table
+
+
+@pytest.fixture
+def images_table(tmp_path: Path) -> Table:
+    return make_images_table(tmp_path / "images")
+
+
+@pytest.fixture
+def make_images():
+    """The :func:`make_images_table` builder, for tests that need other shapes."""
+    return make_images_table
