@@ -11,6 +11,10 @@ ARGS     = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup demo test test-integration lint config
+.PHONY: download
+.PHONY: filter bench-filter
+.PHONY: caption bench-caption
+.PHONY: select-small annotations-export annotations-import annotations-status annotations-approved stats bench-stats
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -22,6 +26,7 @@ setup: ## create .venv and install everything (torch, ray, deepspeed, ...); no G
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install --quiet -e '.[all,dev]'
+	sh scripts/install_browser.sh  # Debian's chromium for the voting-app browser test (only when missing)
 	@$(PY) -c "import torch, ray, open_clip, img2dataset, transformers, diffusers, peft, deepspeed, duckdb; print('setup ok: torch', torch.__version__, '| ray', ray.__version__)"
 
 demo: ## run every stage on the bundled sample with tiny offline models (writes demo_out/)
@@ -39,3 +44,80 @@ lint: ## ruff lint and format check
 
 config: ## validate pipelines.yaml and print it resolved
 	$(PD) config $(ARGS)
+
+download: ## fetch a URL list into image shards with img2dataset (SET="download.input=laion-parquet/")
+	$(PD) download $(ARGS)
+
+filter: ## decode, measure, CLIP + aesthetic score and dedup the image shards into <data_root>/scores (Ray Data)
+	$(PD) filter $(ARGS)
+
+bench-filter: ## CPU benchmark: the filter pipeline vs a bare multiprocessing loop (N=2000 for the full run)
+	$(PY) bench/filter_cpu.py --n $(or $(N),2000)
+
+caption: ## caption the kept set with a VLM into <data_root>/captions (RECAPTION=1 redoes finished keys)
+	$(PD) caption $(ARGS) $(if $(RECAPTION),--recaption)
+
+bench-caption: ## CPU benchmark: batched vs one-image-at-a-time captioning with the tiny VLM
+	$(PY) bench/caption_cpu.py
+
+select-small: ## choose ParaImage-Small candidates (aesthetic, resolution, CLIP-cluster diversity) into <data_root>/candidates
+	$(PD) select-small $(ARGS)
+
+annotations-export: ## Label Studio tasks (image + VLM draft) and labeling config for the candidates
+	$(PD) annotations export $(ARGS)
+
+annotations-import: ## import annotations: make annotations-import FILE=export.json (Label Studio JSON, .csv or .jsonl)
+	@test -n "$(FILE)" || { echo "usage: make annotations-import FILE=path/to/label-studio-export.json"; exit 2; }
+	$(PD) annotations import $(FILE) $(ARGS)
+
+annotations-status: ## annotation progress by review state and annotator
+	$(PD) annotations status $(ARGS)
+
+annotations-approved: ## write the approved descriptions as the stage-3 training table (<data_root>/small_train)
+	$(PD) annotations export-approved $(ARGS)
+
+stats: ## DuckDB views (views.sql, stats.duckdb), Table 1, length histogram, funnel, ... and a report
+	$(PD) stats $(ARGS)
+
+bench-stats: ## DuckDB vs pandas on synthetic caption rows (ROWS=1000000 for the full run)
+	$(PY) bench/stats_duckdb.py --rows $(or $(ROWS),1000000)
+
+# ---- eval: prompt sets, generation, metrics, human voting, report
+.PHONY: eval-generate eval vote vote-invite eval-report bench-vote
+eval-generate: ## N seeded images per prompt from every model in eval.models (resumable; one process per GPU via torchrun)
+	$(PD) eval-generate $(ARGS)
+
+eval: ## automatic metrics: CLIP score (long prompts chunked), aesthetic, FID, preference models, bootstrap CIs
+	$(PD) eval $(ARGS)
+
+vote: ## serve the blind pairwise voting app (invite voters: make vote-invite NAMES="ann bob")
+	$(PD) vote $(ARGS)
+
+vote-invite: ## invite tokens for voters: make vote-invite NAMES="ann bob" (ADMIN=1 for admin tokens)
+	$(PD) vote-admin invite $(NAMES) $(if $(ADMIN),--admin,) $(ARGS)
+
+eval-report: ## HTML report: voting rates with 95% CIs, metrics, image grids (<data_root>/eval/report/index.html)
+	$(PD) eval-report $(ARGS)
+
+bench-vote: ## benchmark: vote latency/throughput with 50 voters on loopback; CLIP-score images/s vs the bare model
+	$(PY) bench/vote_load.py
+
+.PHONY: train-stage1 train-stage2 train-stage3 generate bench-train cache-latents
+STAGE ?= 1
+cache-latents: ## VAE latents of a stage's images, once: make cache-latents STAGE=3 (then SET="train.stage3.data.latents=...")
+	$(PD) cache-latents --stage $(STAGE) $(ARGS)
+
+train-stage1: ## train stage 1 (LLM frozen, alt text) with DeepSpeed; resumes from the newest checkpoint
+	$(PD) train --stage 1 $(ARGS)
+
+train-stage2: ## train stage 2 (LoRA on the LLM, paragraph captions) from the stage-1 export
+	$(PD) train --stage 2 $(ARGS)
+
+train-stage3: ## train stage 3 (LLM frozen, ParaImage-Small) from the stage-2 export
+	$(PD) train --stage 3 $(ARGS)
+
+generate: ## text to image: make generate PROMPT="a paragraph ..." (PNGs with prompt + settings in metadata)
+	$(PD) generate $(ARGS) --prompt "$(PROMPT)"
+
+bench-train: ## CPU benchmark: training data loader images/s into 512 px batches vs decode alone
+	$(PY) bench/train_loader.py

@@ -50,6 +50,20 @@ CONFIG = Command(
 COMMANDS: dict[str, str] = {
     "config": "paradiffusion.cli:CONFIG",
     "demo": "paradiffusion.demo:DEMO",
+    "download": "curation.cli:DOWNLOAD",
+    "filter": "curation.cli:FILTER",
+    "caption": "captioning.cli:CAPTION",
+    "select-small": "captioning.small.cli:SELECT_SMALL",
+    "annotations": "captioning.small.cli:ANNOTATIONS",
+    "stats": "stats.cli:STATS",
+    "cache-latents": "training.cli:CACHE_LATENTS",
+    "train": "training.cli:TRAIN",
+    "generate": "training.cli:GENERATE",
+    "eval-generate": "eval.cli:EVAL_GENERATE",
+    "eval": "eval.cli:EVAL_METRICS",
+    "vote": "eval.cli:VOTE",
+    "vote-admin": "eval.cli:VOTE_ADMIN",
+    "eval-report": "eval.cli:EVAL_REPORT",
 }
 
 
@@ -68,11 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = _load_command(target)
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         p.add_argument(
-            "--config", action="append", default=None, metavar="FILE",
+            "--config",
+            action="append",
+            default=None,
+            metavar="FILE",
             help="config file (repeatable; later files override earlier ones). Default: pipelines.yaml",
         )
         p.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            dest="overrides",
             help="override one setting for this run, e.g. --set filter.batch_size=64 (repeatable)",
         )
         cmd.add_arguments(p)

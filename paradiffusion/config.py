@@ -55,7 +55,17 @@ class RayConfig(StrictModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray (default: all detected).")
     object_store_memory_gb: float | None = Field(None, gt=0)
-    auth_mode: Literal["token"] | None = Field(None, description="Set RAY_AUTH_MODE for clusters started with token auth.")
+    auth_mode: Literal["token"] | None = Field(
+        None, description="Set RAY_AUTH_MODE for clusters started with token auth."
+    )
+
+
+from captioning.config import CaptionConfig  # noqa: E402
+from captioning.small.config import AnnotationsConfig, SelectSmallConfig  # noqa: E402
+from curation.config import DownloadConfig, FilterConfig  # noqa: E402 - stage sections import StrictModel from above
+from eval.config import EvalConfig  # noqa: E402
+from stats.config import StatsConfig  # noqa: E402
+from training.config import GenerateConfig, TrainConfig  # noqa: E402
 
 
 class PipelinesConfig(StrictModel):
@@ -63,6 +73,15 @@ class PipelinesConfig(StrictModel):
 
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    select_small: SelectSmallConfig = Field(default_factory=SelectSmallConfig)
+    annotations: AnnotationsConfig = Field(default_factory=AnnotationsConfig)
+    stats: StatsConfig = Field(default_factory=StatsConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------- loading

@@ -60,9 +60,88 @@ def step_sample(ctx: DemoContext) -> None:
     log.info("sample: %d files in %s", len(records), ctx.out / "sample")
 
 
+def step_download(ctx: DemoContext) -> None:
+    """Download the sample from the local server with img2dataset, plus URLs that fail."""
+    from paradiffusion.testing.sample import write_url_list
+
+    url_list = write_url_list(
+        ctx.state["records"],
+        ctx.base_url,
+        ctx.out / "urls" / "sample.parquet",
+        url_col="URL",
+        caption_col="TEXT",
+        extra_urls={
+            "missing/deleted-photo.jpg": "A photo that is no longer on the server.",
+            "html/not-an-image.jpg": "A link that answers with a web page.",
+            "slow/30/images/chelsea.jpg": "A server too slow to answer within the timeout.",
+        },
+    )
+    ctx.cli("download", extra_sets=[f"download.input={url_list}"])
+
+
+def step_filter(ctx: DemoContext) -> None:
+    """Filter the downloaded shards with a tiny random CLIP + aesthetic head built here."""
+    from paradiffusion.testing.tiny_clip import build_tiny_clip
+
+    tiny = build_tiny_clip(ctx.out / "models" / "tiny_clip")
+    ctx.cli(
+        "filter",
+        extra_sets=[f"filter.models.clip_model={tiny['clip_model']}", f"filter.models.aesthetic={tiny['aesthetic']}"],
+    )
+
+
+def step_caption(ctx: DemoContext) -> None:
+    """Caption the kept set with a tiny random LLaVA built here (its captions are random words)."""
+    from paradiffusion.testing.tiny_vlm import build_tiny_vlm
+
+    model = build_tiny_vlm(ctx.out / "models" / "tiny_vlm")
+    ctx.cli("caption", extra_sets=[f"caption.captioners.tiny.model={model}"])
+
+
+from captioning.small.demo import step_annotations, step_select_small, step_stats  # noqa: E402
+
+
+def _eval_step(name: str) -> Callable[[DemoContext], None]:
+    """A step of eval's demo (eval/demo_steps.py), imported when it runs."""
+
+    def run(ctx: DemoContext) -> None:
+        import eval.demo_steps
+
+        getattr(eval.demo_steps, name)(ctx)
+
+    run.__doc__ = f"eval.demo_steps.{name}"
+    return run
+
+
+def _training_step(name: str) -> Callable[[DemoContext], None]:
+    """A step of training's demo (training/demo_steps.py), imported when it runs."""
+
+    def run(ctx: DemoContext) -> None:
+        import training.demo_steps
+
+        getattr(training.demo_steps, name)(ctx)
+
+    run.__doc__ = f"training.demo_steps.{name}"
+    return run
+
+
 #: (name, function) in pipeline order. A step gets the context and runs its stage.
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("sample", step_sample),
+    ("download", step_download),
+    ("filter", step_filter),
+    ("caption", step_caption),  # needs the kept set: runs after filter
+    ("select-small", step_select_small),  # ParaImage-Small: candidates, annotation round trip, stats
+    ("annotations", step_annotations),
+    ("stats", step_stats),
+    ("train-stage1", _training_step("step_train_stage1")),  # tiny LLM + UNet + VAE on the kept images
+    ("train-stage2", _training_step("step_train_stage2")),
+    ("train-stage3", _training_step("step_train_stage3")),
+    ("generate", _training_step("step_generate")),
+    ("eval-generate", _eval_step("step_eval_generate")),  # eval: tiny models, a few prompts
+    ("eval", _eval_step("step_eval_metrics")),
+    ("vote", _eval_step("step_eval_vote")),  # a SIMULATED vote: scripted voters through the real HTTP API
+    ("eval-report", _eval_step("step_eval_report")),
 ]
 
 
@@ -92,5 +171,6 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", default=None, help="comma-separated step names to run (default: all)")
 
 
-DEMO = Command(help="run every stage on the bundled sample with tiny offline models", run=run_demo,
-               add_arguments=_add_arguments)
+DEMO = Command(
+    help="run every stage on the bundled sample with tiny offline models", run=run_demo, add_arguments=_add_arguments
+)
