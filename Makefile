@@ -84,6 +84,9 @@ bench-stats: ## DuckDB vs pandas on synthetic caption rows (ROWS=1000000 for the
 
 # ---- eval: prompt sets, generation, metrics, human voting, report
 .PHONY: eval-generate eval vote vote-invite eval-report bench-vote
+fetch-benchmarks: ## fetch ViLG-300, ParaPrompts-400 and DPG-Bench prompts into benchmarks/ (needs internet)
+	sh scripts/fetch_benchmarks.sh benchmarks
+
 eval-generate: ## N seeded images per prompt from every model in eval.models (resumable; one process per GPU via torchrun)
 	$(PD) eval-generate $(ARGS)
 

@@ -71,9 +71,8 @@ def _make_image(args: tuple[int, str, int]) -> tuple[str, bytes]:
 
 def make_fixture(root: Path, n: int, shard_size: int, procs: int) -> Path:
     """``n`` varied JPEGs as img2dataset shards under ``root/images`` (reused when present)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
+    from paradiffusion.testing.image_shards import write_image_shard
     from paradiffusion.testing.sample import ENGLISH, PHOTOS, _photo_path
 
     images = root / "images"
@@ -86,16 +85,6 @@ def make_fixture(root: Path, n: int, shard_size: int, procs: int) -> Path:
     jobs = [(i, photos[i % len(photos)], 0) for i in range(n)]
     with mp.Pool(procs) as pool:
         made = pool.map(_make_image, jobs, chunksize=16)
-    schema = pa.schema(
-        [
-            ("key", pa.string()),
-            ("url", pa.string()),
-            ("caption", pa.string()),
-            ("jpg", pa.binary()),
-            ("status", pa.string()),
-            ("error_message", pa.string()),
-        ]
-    )
     for s, start in enumerate(range(0, n, shard_size)):
         rows = [
             {
@@ -108,8 +97,7 @@ def make_fixture(root: Path, n: int, shard_size: int, procs: int) -> Path:
             }
             for j, (name, data) in enumerate(made[start : start + shard_size])
         ]
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), images / f"{s:05d}.parquet")
-        (images / f"{s:05d}_stats.json").write_text(json.dumps({"count": len(rows)}))
+        write_image_shard(images, f"{s:05d}", rows)
     (images / "_complete.json").write_text(json.dumps({"n": n}))
     return images
 

@@ -67,10 +67,10 @@ def bare_model(model_name: str | None, model: dict, device: str, batch: int, ite
 
 def make_rows(root: Path, n: int, unique: int, shard_size: int, procs: int) -> Path:
     """``n`` rows in shards, cycling over ``unique`` generated JPEGs."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
     from filter_cpu import make_fixture
 
+    from paradiffusion.testing.image_shards import write_image_shard
     from paradiffusion.testing.sample import ENGLISH, PHOTOS
 
     src = make_fixture(root / "unique", unique, unique, procs)
@@ -81,16 +81,6 @@ def make_rows(root: Path, n: int, unique: int, shard_size: int, procs: int) -> P
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir(parents=True)
     captions = list(PHOTOS.values()) + ENGLISH
-    schema = pa.schema(
-        [
-            ("key", pa.string()),
-            ("url", pa.string()),
-            ("caption", pa.string()),
-            ("jpg", pa.binary()),
-            ("status", pa.string()),
-            ("error_message", pa.string()),
-        ]
-    )
     for s, start in enumerate(range(0, n, shard_size)):
         rows = [
             {
@@ -103,8 +93,7 @@ def make_rows(root: Path, n: int, unique: int, shard_size: int, procs: int) -> P
             }
             for j in range(min(shard_size, n - start))
         ]
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), images / f"{s:05d}.parquet")
-        (images / f"{s:05d}_stats.json").write_text(json.dumps({"count": len(rows)}))
+        write_image_shard(images, f"{s:05d}", rows)
     (images / "_complete.json").write_text(json.dumps({"n": n}))
     return images
 

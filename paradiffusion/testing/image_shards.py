@@ -21,6 +21,28 @@ from paradiffusion.testing.sample import SampleRecord
 #: How a failed download looks in img2dataset's parquet output.
 FAILED = {"status": "failed_to_download", "error_message": "HTTP Error 404: Not Found"}
 
+#: The columns of img2dataset's parquet output that the later stages read.
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("jpg", pa.binary()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+    ]
+)
+
+
+def write_image_shard(out_dir: str | os.PathLike, name: str, rows: list[dict]) -> None:
+    """Write one shard like img2dataset does: the parquet first, ``<name>_stats.json`` last."""
+    out = Path(out_dir)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), out / f"{name}.parquet")
+    ok = sum(r["status"] == "success" for r in rows)
+    (out / f"{name}_stats.json").write_text(
+        json.dumps({"count": len(rows), "successes": ok, "failed_to_download": len(rows) - ok})
+    )
+
 
 def write_image_shards(
     records: Sequence[SampleRecord],
@@ -63,21 +85,7 @@ def write_image_shards(
                     **FAILED,
                 }
             )
-        schema = pa.schema(
-            [
-                ("key", pa.string()),
-                ("url", pa.string()),
-                ("caption", pa.string()),
-                ("jpg", pa.binary()),
-                ("status", pa.string()),
-                ("error_message", pa.string()),
-            ]
-        )
         name = f"{s:05d}"
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), out / f"{name}.parquet")
-        ok = sum(r["status"] == "success" for r in rows)
-        (out / f"{name}_stats.json").write_text(
-            json.dumps({"count": len(rows), "successes": ok, "failed_to_download": len(rows) - ok})
-        )
+        write_image_shard(out, name, rows)
         names.append(name)
     return names

@@ -7,10 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from eval_prompt_files import find_benchmarks
 from PIL import Image, PngImagePlugin
 
 from eval.schemas import EVAL_IMAGES
 from paradiffusion.storage import Table, rows_to_table
+
+
+@pytest.fixture(scope="session")
+def benchmarks_dir() -> Path:
+    """The published ViLG-300 / ParaPrompts-400 / DPG-Bench files; skips when absent
+    (they are not redistributed: `make fetch-benchmarks`)."""
+    found = find_benchmarks()
+    if found is None:
+        pytest.skip("published prompt files not found (make fetch-benchmarks or set PARADIFFUSION_BENCHMARKS)")
+    return found
 
 
 def make_images_table(root: Path, models=("alpha", "beta"), n_prompts: int = 4, seeds=(0,), size: int = 32) -> Table:

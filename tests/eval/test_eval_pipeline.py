@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from eval_prompt_files import SAMPLE_PROMPTS
 from PIL import Image
 
 from eval.testing import build_tiny_paradiffusion, build_tiny_pickscore, build_tiny_sd
@@ -21,7 +22,6 @@ from paradiffusion.storage import Table
 from paradiffusion.testing.tiny_clip import TINY_MODEL_CFG, build_tiny_clip
 
 LONG_CFG = {**TINY_MODEL_CFG, "text_cfg": {**TINY_MODEL_CFG["text_cfg"], "context_length": 248}}
-BENCH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "benchmarks"
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def _config(tmp_path: Path, models: dict, fid_ref: Path | None = None) -> Path:
         "project": {"data_root": str(tmp_path / "data")},
         "eval": {
             "prompt_sets": {
-                "para": {"kind": "paraprompts", "path": str(BENCH / "ParaPrompts_400.csv"), "limit": 2},
-                "vilg": {"kind": "vilg300", "path": str(BENCH / "ViLG-300.csv"), "limit": 1},
+                "para": {"kind": "paraprompts", "path": str(SAMPLE_PROMPTS / "paraprompts_sample.csv"), "limit": 2},
+                "vilg": {"kind": "vilg300", "path": str(SAMPLE_PROMPTS / "vilg_sample.csv"), "limit": 1},
             },
             "models": {
                 "tiny-a": {**model, "kind": "paradiffusion", "path": models["a"]},

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from eval.prompts import VILG_CATEGORIES, load_dpg_bench, load_paraprompts, load_prompt_set, load_vilg300
 
-BENCH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "benchmarks"
 
-
-def test_vilg300():
-    prompts, report = load_vilg300(BENCH / "ViLG-300.csv")
+def test_vilg300(benchmarks_dir):
+    prompts, report = load_vilg300(benchmarks_dir / "ViLG-300.csv")
     assert len(prompts) == 300 and report.rows == 300 and not report.skipped and not report.notes
     cats = Counter(p.category for p in prompts)
     assert set(cats) == set(VILG_CATEGORIES.values())  # every Chinese category has an English name
@@ -24,8 +21,8 @@ def test_vilg300():
     assert all("\n" not in p.text for p in prompts)  # quoted line breaks read as one prompt
 
 
-def test_paraprompts():
-    prompts, report = load_paraprompts(BENCH / "ParaPrompts_400.csv")
+def test_paraprompts(benchmarks_dir):
+    prompts, report = load_paraprompts(benchmarks_dir / "ParaPrompts_400.csv")
     assert len(prompts) == 399 and len({p.prompt_id for p in prompts}) == 399
     assert set(Counter(p.category for p in prompts)) == {
         "Human",
@@ -41,12 +38,25 @@ def test_paraprompts():
     assert words[0] >= 50 and words[-1] <= 300
 
 
-def test_dpg_bench():
-    prompts, report = load_dpg_bench(BENCH / "dpg_bench" / "prompts")
+def test_dpg_bench(benchmarks_dir):
+    prompts, report = load_dpg_bench(benchmarks_dir / "dpg_bench" / "prompts")
     assert len(prompts) == 1065 and report.rows == 1065
     assert [p.prompt_id for p in prompts[:3]] == ["0", "1", "2"]
     cats = Counter(p.category for p in prompts)
     assert cats["partiprompts"] == 324 and cats["COCOval"] == 100
+
+
+def test_sample_prompt_files_read_like_the_published_ones():
+    """The bundled sample files (always present) go through the same readers."""
+    from eval_prompt_files import SAMPLE_PROMPTS
+
+    vilg, report = load_vilg300(SAMPLE_PROMPTS / "vilg_sample.csv")
+    assert [p.category for p in vilg] == ["Colors", "Counting", "Positional", "Styles"] and not report.skipped
+    assert not vilg[0].text.startswith("\ufeff") and all("\n" not in p.text for p in vilg)
+    para, _ = load_paraprompts(SAMPLE_PROMPTS / "paraprompts_sample.csv")
+    assert len(para) == 4 and all(len(p.text.split()) > 70 for p in para)
+    dpg, _ = load_dpg_bench(SAMPLE_PROMPTS / "dpg" / "prompts")
+    assert len(dpg) == 2
 
 
 def test_bad_rows_are_counted_not_dropped_silently(tmp_path):

@@ -9,8 +9,6 @@ from eval.metrics import chunk_text, fid_from_features, frechet_distance
 from eval.prompts import load_paraprompts
 from eval.stats import LOSS, TIE, WIN, bootstrap_mean, voting_rate
 
-BENCH = "../shared/data/benchmarks"
-
 
 def test_frechet_distance_known_answers():
     d = 8
@@ -24,11 +22,11 @@ def test_frechet_distance_known_answers():
     assert fid_from_features(x, y) == pytest.approx(16 * 9.0, rel=1e-6)
 
 
-def test_chunks_cover_every_word_and_fit():
+def test_chunks_cover_every_word_and_fit(benchmarks_dir):
     import open_clip
 
     tok = open_clip.get_tokenizer("ViT-B-32")
-    prompts, _ = load_paraprompts(f"{BENCH}/ParaPrompts_400.csv", limit=40)
+    prompts, _ = load_paraprompts(benchmarks_dir / "ParaPrompts_400.csv", limit=40)
     n_multi = 0
     for p in prompts:
         chunks = chunk_text(p.text, lambda t: len(tok.encode(t)), 75)
@@ -74,7 +72,9 @@ def test_clip_score_is_the_mean_over_chunks(tmp_path):
 
     clip = load_clip(build_tiny_clip(tmp_path)["clip_model"], device="cpu")
     scorer = ClipScorer(clip)
-    prompts, _ = load_paraprompts(f"{BENCH}/ParaPrompts_400.csv", limit=1)
+    from eval_prompt_files import SAMPLE_PROMPTS
+
+    prompts, _ = load_paraprompts(SAMPLE_PROMPTS / "paraprompts_sample.csv", limit=1)  # a paragraph
     long_text, short_text = prompts[0].text, "A red car."
     rng = np.random.default_rng(0)
     emb = clip.encode_pil([Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)])
