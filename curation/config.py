@@ -169,6 +169,9 @@ class FilterConfig(StrictModel):
     thresholds: FilterThresholdsConfig = Field(default_factory=FilterThresholdsConfig)
     batch_size: int = Field(256, ge=1, description="images per model call (per actor)")
     decode_batch_size: int = Field(64, ge=1, description="images per decode task")
+    read_concurrency: int = Field(
+        2, ge=1, description="shard readers streaming at once (they hold no CPU, so more only adds processes)"
+    )
     num_actors: int = Field(1, ge=1, description="model actors (one per GPU on a GPU cluster)")
     gpus_per_actor: float | None = Field(
         None, ge=0, description="null: 1 when the cluster has GPUs, else 0 (CPU actors)"

@@ -387,6 +387,10 @@ def measure_ray(pending: list[tuple[str, str]], work: Table, cfg: PipelinesConfi
         batch_size=1,
         batch_format="numpy",
         num_cpus=0,  # streaming I/O: must not wait for a CPU that the model actors hold (CPU-only runs)
+        # ...but zero-CPU tasks are otherwise unbounded: Ray starts a worker process per
+        # pending shard (28 for 32 shards on 2 cores in bench/filter_cpu.py), which costs
+        # more than the reading. A couple of streaming readers keep the actors fed.
+        concurrency=min(f.read_concurrency, len(items)),
     )
     ds = ds.map_batches(
         preprocess_batch,
