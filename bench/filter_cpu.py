@@ -254,7 +254,7 @@ def main() -> None:
     assert bare_n == a.n and summary["in"] == a.n, (bare_n, summary["in"])
 
     result = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, shared/noisy",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "n": a.n,
         "model": a.model,
         "procs": a.procs,
