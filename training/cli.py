@@ -64,8 +64,6 @@ def run_train(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from exc
     return 0
 
 
@@ -90,10 +88,7 @@ def run_generate(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
         raise ConfigError(
             'generate: give --prompt TEXT (repeatable) or --prompts-file FILE (make generate PROMPT="...")'
         )
-    try:
-        generate(cfg, prompts)
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from exc
+    generate(cfg, prompts)
     return 0
 
 
@@ -105,10 +100,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 def run_cache_latents(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     from training.latents import cache_latents
 
-    try:
-        cache_latents(cfg, args.stage)
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from exc
+    cache_latents(cfg, args.stage)
     return 0
 
 

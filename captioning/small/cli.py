@@ -17,11 +17,7 @@ ANNOTATION_ACTIONS = ("export", "import", "review", "status", "history", "export
 def _select(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     from captioning.small.select import run_select_small
 
-    try:
-        run_select_small(cfg)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    run_select_small(cfg)
     return 0
 
 
@@ -70,7 +66,7 @@ def _annotations(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
             )
         elif args.action == "export-approved":
             an.export_approved(cfg)
-    except (an.ImportRefused, an.ReviewError, FileNotFoundError) as exc:
+    except (an.ImportRefused, an.ReviewError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -234,7 +234,7 @@ def test_partial_checkpoint_is_ignored(tiny_models, tmp_path, monkeypatch):
     assert t2.summary.extra["resumed_from"] == "step-00000002" and t2.step == 4
 
 
-def test_cli_train_and_generate(tiny_models, tmp_path):
+def test_cli_train_and_generate(tiny_models, tmp_path, capsys):
     from paradiffusion.cli import main
 
     write_image_shards(tmp_path / "images", n_shards=1, per_shard=4)
@@ -262,12 +262,13 @@ def test_cli_train_and_generate(tiny_models, tmp_path):
     im = Image.open(png)
     assert im.size == (24, 16) and im.text["prompt"] == "a cat"
     assert json.loads(im.text["parameters"])["guidance_scale"] == 7.5
-    assert (
-        main(["train", "--stage", "2", "--config", str(f), "--set", f"train.stage2.init_from={tmp_path / 'nothing'}"])
-        == 2
-    )  # a clear config error
+    capsys.readouterr()
+    missing_ckpt = ["--set", f"train.stage2.init_from={tmp_path / 'nothing'}"]
+    assert main(["train", "--stage", "2", "--config", str(f), *missing_ckpt]) == 2  # a config error naming it
+    assert str(tmp_path / "nothing") in capsys.readouterr().err
     bad_model = ["--set", f"generate.model={tmp_path / 'none'}"]
-    assert main(["generate", "--config", str(f), "--prompt", "x", *bad_model]) == 2
+    assert main(["generate", "--config", str(f), "--prompt", "x", *bad_model]) == 1
+    assert str(tmp_path / "none") in capsys.readouterr().err
 
 
 @pytest.mark.slow
