@@ -150,11 +150,25 @@ class LaunchConfig(StrictModel):
 
 
 class EmaConfig(StrictModel):
-    """Exponential moving average of the UNet (and projection) weights."""
+    """Exponential moving average of every trained parameter (UNet, projection, LoRA), in fp32.
+
+    Kept from DeepSpeed's fp32 master weights, each rank its own piece (4 bytes x trained
+    parameters / ranks); see training/ema.py. The decay of update n is diffusers' EMAModel's:
+    ``warmup: ratio`` min(decay, (1 + k) / (10 + k)) with k = n - 1 (EMAModel's default),
+    ``power`` min(decay, 1 - (1 + k / inv_gamma) ** -power) (its use_ema_warmup), ``none`` decay.
+    """
 
     enabled: bool = True
-    decay: float = Field(0.9999, gt=0, lt=1)
-    export: bool = Field(True, description="export the EMA weights (else the raw ones)")
+    decay: float = Field(0.9999, gt=0, lt=1, description="the largest decay (reached after the warmup)")
+    warmup: Literal["ratio", "power", "none"] = Field(
+        "ratio", description="ratio: (1+k)/(10+k) (diffusers' default); power: 1-(1+k/inv_gamma)^-power; none"
+    )
+    inv_gamma: float = Field(1.0, gt=0, description="warmup: power")
+    power: float = Field(2 / 3, gt=0, description="warmup: power (2/3 for ~1M steps, 3/4 for shorter runs)")
+    device: Literal["accelerator", "cpu"] = Field(
+        "accelerator", description="where this rank's EMA lives: beside the master weights, or in CPU memory"
+    )
+    export: bool = Field(True, description="export the EMA weights (else the raw fp32 master weights)")
 
 
 class StageConfig(StrictModel):

@@ -21,6 +21,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from paradiffusion.log import get_logger
 from training.modeling import LORA_DIR, PROJECTION_DIR, ParaDiffusionModel, save_projection
 
@@ -42,11 +44,15 @@ def export_model(
     step: int | None = None,
     lora_from: str | Path | None = None,
     ema: bool = False,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` to ``out`` (replacing an older export atomically); returns ``out``.
 
     ``lora_from``: a LoRA folder to carry over when the LLM was not trained in this run
-    (stage 3 keeps the stage-2 LoRA).
+    (stage 3 keeps the stage-2 LoRA). ``weights``: whole fp32 tensors of the trained
+    parameters by their name in ``model`` (``unet.*``, ``projection.*``, ``llm.*lora*``), the
+    trainer's EMA or fp32 master weights; they are written instead of the module's own
+    (bf16) ones, so the UNet, projection and LoRA of an export all come from the same source.
     """
     from diffusers import DDPMScheduler
 
@@ -54,10 +60,17 @@ def export_model(
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.unet.save_pretrained(str(tmp / "unet"))
-    save_projection(model.projection, tmp / PROJECTION_DIR)
+    if weights is None:
+        model.unet.save_pretrained(str(tmp / "unet"))
+        save_projection(model.projection, tmp / PROJECTION_DIR)
+    else:
+        _with_weights(model.unet, _part(weights, "unet.", model.unet)).save_pretrained(str(tmp / "unet"))
+        save_projection(model.projection, tmp / PROJECTION_DIR, state=_part(weights, "projection.", model.projection))
     if hasattr(model.llm, "peft_config"):
-        model.llm.save_pretrained(str(tmp / LORA_DIR))
+        lora = (
+            None if weights is None else {k.removeprefix("llm."): v for k, v in weights.items() if k.startswith("llm.")}
+        )
+        model.llm.save_pretrained(str(tmp / LORA_DIR), state_dict=lora)
     elif lora_from is not None:
         shutil.copytree(lora_from, tmp / LORA_DIR)
     DDPMScheduler.from_config(scheduler_config).save_pretrained(str(tmp / "scheduler"))
@@ -80,3 +93,25 @@ def export_model(
     shutil.rmtree(old, ignore_errors=True)
     log.info("exported stage %s step %s to %s", stage, step, out)
     return out
+
+
+def _part(weights: dict[str, torch.Tensor], prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of ``weights`` under ``prefix``, which must cover every parameter of ``module``."""
+    part = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+    missing = [n for n, _ in module.named_parameters() if n not in part]
+    if missing:
+        raise ValueError(f"export weights lack {prefix}{missing[0]} (and {len(missing) - 1} more): not trained?")
+    return part
+
+
+def _with_weights(module, state: dict[str, torch.Tensor]):
+    """A copy of a diffusers model (same class and config) holding ``state`` (fp32) as its
+    parameters and the module's own buffers; built on the meta device, so no second set of
+    weights is allocated (works under ZeRO-3 too: the module's partitioned weights are not read)."""
+    params = {n for n, _ in module.named_parameters()}
+    with torch.device("meta"):
+        copy = type(module).from_config(module.config)
+    full = {k: v for k, v in module.state_dict().items() if k not in params}
+    full.update(state)
+    copy.load_state_dict(full, strict=True, assign=True)
+    return copy

@@ -27,7 +27,6 @@ so a killed process or a full disk never leaves a checkpoint that looks complete
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -47,6 +46,7 @@ from paradiffusion.log import get_logger
 from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, join
 from training.config import StageConfig, TrainConfig
+from training.ema import is_partitioned
 
 log = get_logger("training")
 
@@ -195,11 +195,6 @@ class Trainer:
         self.tcfg: TrainConfig = cfg.train
         self.scfg: StageConfig = cfg.train.stage(stage)
         self.paths = stage_paths(cfg, stage)
-        if self.tcfg.deepspeed.zero_stage == 3 and self.scfg.ema.enabled:
-            raise ConfigError(
-                f"train.stage{stage}.ema.enabled with train.deepspeed.zero_stage=3 is not supported yet "
-                "(the EMA would need the full weights on every step); set ema.enabled=false or zero_stage=2"
-            )
         self.step = 0
         self.history: list[tuple[int, float]] = []  # (step, loss) of this process's run
         self.keys_seen: list[str] = []  # the first keys this rank trained on (for checks; capped)
@@ -209,7 +204,6 @@ class Trainer:
     def setup(self) -> None:
         import deepspeed
         from diffusers import DDPMScheduler
-        from diffusers.training_utils import EMAModel
 
         from training.data import BucketedImageData
         from training.modeling import build_model, load_vae, trainable_parameters
@@ -279,8 +273,18 @@ class Trainer:
         )
         self.model = self.engine.module
         self.ema = None
-        if sc.ema.enabled:
-            self.ema = EMAModel(self._ema_params(), decay=sc.ema.decay)
+        if sc.ema.enabled:  # fp32, from the master weights: training/ema.py
+            from training.ema import ShardedEMA, master_fragments
+
+            self.ema = ShardedEMA(
+                master_fragments(self.engine),
+                decay=sc.ema.decay,
+                warmup=sc.ema.warmup,
+                inv_gamma=sc.ema.inv_gamma,
+                power=sc.ema.power,
+                device=self.device if sc.ema.device == "accelerator" else torch.device("cpu"),
+            )
+        self.frozen = self._frozen_fingerprint()
         self.ckpt = CheckpointDir(join(self.paths["output"], "checkpoints"))
         self.writer = None
         if self.rank == 0:
@@ -299,9 +303,23 @@ class Trainer:
         if sc.checkpoint.resume and self.ckpt.newest() is not None:
             self.load_checkpoint(self.ckpt.newest()[1])
 
-    def _ema_params(self) -> list[torch.nn.Parameter]:
-        m = self.model
-        return [p for p in list(m.unet.parameters()) + list(m.projection.parameters()) if p.requires_grad]
+    def _frozen_fingerprint(self) -> dict:
+        """Count, sum and sum of squares of the frozen parameters (all ranks): checkpoints leave
+        them out, so a resume checks it runs with the weights the checkpoint was trained with."""
+        import deepspeed.comm as dist
+
+        t = torch.zeros(3, dtype=torch.float64, device=self.device)
+        n = 0
+        for p in self.model.parameters():
+            if p.requires_grad:
+                continue
+            local = p.ds_tensor if hasattr(p, "ds_tensor") else p.data  # ZeRO-3: this rank's piece (zero-padded)
+            n += p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+            t[0] += local.detach().sum(dtype=torch.float64)
+            t[1] += torch.linalg.vector_norm(local.detach(), dtype=torch.float64).square()
+        if self.world_size > 1 and self.tcfg.deepspeed.zero_stage == 3:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return {"params": n, "sum": float(t[0]), "sum_sq": float(t[1])}
 
     def _barrier(self) -> None:
         import deepspeed.comm as dist
@@ -374,7 +392,9 @@ class Trainer:
             keys += batch["keys"]
         n = len(keys)
         if self.ema is not None:
-            self.ema.step(self._ema_params())
+            from training.ema import master_fragments
+
+            self.ema.update(master_fragments(self.engine))
         norm = self.engine.get_global_grad_norm()
         loss = torch.stack(losses).mean()
         if self.world_size > 1:  # log the mean over ranks, not rank 0's share
@@ -416,17 +436,21 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
-        self.engine.save_checkpoint(str(tmp), tag="state", client_state={"step": self.step}, save_latest=False)
+        # The frozen parameters (the LLM's base weights: 13.5 GB at 7B) are left out: they come from
+        # train.model.llm (and init_from) again on resume, checked against self.frozen.
+        self.engine.save_checkpoint(
+            str(tmp), tag="state", client_state={"step": self.step}, save_latest=False, exclude_frozen_parameters=True
+        )
         torch.save(
             {"data": self.data.state_dict(), "rng": _rng_state(), "step": self.step}, tmp / f"rank-{self.rank}.pt"
         )
-        if self.rank == 0 and self.ema is not None:
-            torch.save(self.ema.state_dict(), tmp / "ema.pt")
+        if self.ema is not None and (self.rank == 0 or is_partitioned(self.model)):
+            torch.save(self.ema.state_dict(), tmp / f"ema-rank-{self.rank}.pt")  # this rank's fp32 pieces
         self._barrier()
         if self.rank == 0:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            doc = {"step": self.step, "world_size": self.world_size, "written_at": time.time()}
+            doc = {"step": self.step, "world_size": self.world_size, "frozen": self.frozen, "written_at": time.time()}
             marker_tmp = final / f".{COMMIT_MARKER}.tmp"
             marker_tmp.write_text(json.dumps(doc))
             os.replace(marker_tmp, final / COMMIT_MARKER)
@@ -444,7 +468,10 @@ class Trainer:
                 meta.get("world_size"),
                 self.world_size,
             )
-        _, client = self.engine.load_checkpoint(str(path), tag="state")
+        self._check_frozen(path, meta.get("frozen"))
+        _, client = self.engine.load_checkpoint(
+            str(path), tag="state", load_module_strict=False, custom_load_fn=_load_trained_only
+        )
         if client is None:
             raise RuntimeError(f"{path}: DeepSpeed could not load the state (see the messages above)")
         self.step = int(client["step"])
@@ -453,10 +480,34 @@ class Trainer:
             st = torch.load(rank_file, weights_only=False)
             self.data.load_state_dict(st["data"])
             _set_rng_state(st["rng"])
-        if self.ema is not None and (path / "ema.pt").is_file():
-            self.ema.load_state_dict(torch.load(path / "ema.pt", weights_only=False))
+        if self.ema is not None:
+            files = sorted(path.glob("ema-rank-*.pt"))
+            if files:
+                own = path / f"ema-rank-{self.rank}.pt"
+                self.ema.load(files, own if own in files and meta.get("world_size") == self.world_size else None)
+            else:  # a checkpoint from before the fp32 EMA (ema.pt held a bf16 EMA) or with the EMA off
+                from training.ema import master_fragments
+
+                self.ema.reset(master_fragments(self.engine))  # restart it from the resumed master weights
+                log.warning("%s has no fp32 EMA (ema-rank-*.pt): the EMA restarts from the resumed weights", path.name)
         self.summary.extra["resumed_from"] = path.name
         log.info("resumed from %s (step %d)", path, self.step)
+
+    def _check_frozen(self, path: Path, saved: dict | None) -> None:
+        """Stop when the frozen weights differ from those the checkpoint was trained with."""
+        if saved is None:
+            return  # a checkpoint from before the fingerprint (it holds the frozen weights itself)
+        now = self.frozen
+        same = saved["params"] == now["params"] and all(
+            math.isclose(saved[k], now[k], rel_tol=1e-6, abs_tol=1e-6) for k in ("sum", "sum_sq")
+        )
+        if not same:
+            raise ConfigError(
+                f"{path}: the frozen weights (the LLM: train.model.llm, train.model.llm_revision; stage 3: the "
+                f"stage-2 LoRA in train.stage{self.stage}.init_from) differ from the ones this checkpoint was "
+                f"trained with ({saved} now {now}); checkpoints leave them out. Point the config back at them, or "
+                f"start afresh with train.stage{self.stage}.checkpoint.resume=false (or another output folder)"
+            )
 
     # ------------------------------------------------------------------ logging and validation
     def log_metrics(self, m: dict, samples_per_s: float) -> None:
@@ -611,51 +662,59 @@ class Trainer:
         return {n: int(v) for n, v in zip(names, t.tolist(), strict=True) if n != "usable"}
 
     def export(self) -> Path:
-        """Write ``<output>/export`` (release layout) from the current (EMA) weights; rank 0 writes."""
+        """Write ``<output>/export`` (release layout) from the fp32 EMA, or the fp32 master weights.
+
+        Every rank takes part (each holds a piece of the weights); rank 0 writes. The module's
+        bf16 weights are not used: they are a rounding of the masters.
+        """
+        from training.ema import master_weights
 
         out = Path(self.paths["output"]) / "export"
         info = out / "paradiffusion.json"
         if info.is_file() and json.loads(info.read_text()).get("step") == self.step:
             return out  # a rerun of a finished stage: the export of this step is there already
         use_ema = self.ema is not None and self.scfg.ema.export
-        if use_ema:
-            self.ema.store(self._ema_params())
-            self.ema.copy_to(self._ema_params())
-        gather = contextlib.nullcontext()
-        if self.tcfg.deepspeed.zero_stage == 3:  # every rank takes part in gathering the partitioned weights
-            import deepspeed
-
-            gather = deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
-        try:
-            with gather:
-                self._export_rank0(out, use_ema)
-        finally:
-            if use_ema:
-                self.ema.restore(self._ema_params())
+        # one whole fp32 parameter at a time through the accelerator, then to CPU on rank 0
+        weights = self.ema.full(self.engine, self.device) if use_ema else master_weights(self.engine, self.device)
+        if self.rank == 0:
+            self._export_rank0(out, use_ema, weights)
         self._barrier()
         return out
 
-    def _export_rank0(self, out: Path, use_ema: bool) -> None:
+    def _export_rank0(self, out: Path, use_ema: bool, weights: dict[str, torch.Tensor]) -> None:
         from training.export import export_model
 
-        if self.rank == 0:
-            lora_from = None
-            if not self.scfg.train_lora and self.paths["init_from"]:
-                cand = Path(self.paths["init_from"]) / "text_encoder_lora"
-                lora_from = cand if cand.is_dir() else None
-            export_model(
-                self.model,
-                out,
-                llm=self.tcfg.model.llm,
-                llm_revision=self.tcfg.model.llm_revision,
-                vae=self.tcfg.model.vae,
-                scheduler_config=dict(self.noise_scheduler.config),
-                max_length=self.scfg.max_length,
-                stage=self.stage,
-                step=self.step,
-                lora_from=lora_from,
-                ema=use_ema,
-            )
+        lora_from = None
+        if not self.scfg.train_lora and self.paths["init_from"]:
+            cand = Path(self.paths["init_from"]) / "text_encoder_lora"
+            lora_from = cand if cand.is_dir() else None
+        export_model(
+            self.model,
+            out,
+            llm=self.tcfg.model.llm,
+            llm_revision=self.tcfg.model.llm_revision,
+            vae=self.tcfg.model.vae,
+            scheduler_config=dict(self.noise_scheduler.config),
+            max_length=self.scfg.max_length,
+            stage=self.stage,
+            step=self.step,
+            lora_from=lora_from,
+            ema=use_ema,
+            weights=weights,
+        )
+
+
+def _load_trained_only(src: dict, dst: torch.nn.Module) -> None:
+    """Load a checkpoint's module state that holds the trained parameters only (DeepSpeed's
+    ``custom_load_fn``): every key missing must be a frozen parameter, no key unknown."""
+    result = dst.load_state_dict(src, strict=False)
+    frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
+    missing = [k for k in result.missing_keys if k not in frozen]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]} "
+            "(was it written with another train.model or LoRA config?)"
+        )
 
 
 def _rng_state() -> dict:

@@ -11,7 +11,6 @@ import pytest
 import torch
 from train_fixtures import tiny_config, write_image_shards
 
-from paradiffusion.config import ConfigError
 from paradiffusion.schemas import CAPTIONS
 from paradiffusion.storage import Table
 from training.trainer import COMMIT_MARKER, CheckpointDir, Trainer, TrainingDiverged
@@ -293,18 +292,16 @@ def test_zero3_trains_resumes_and_exports_full_weights(tiny_models, tmp_path):
     from safetensors.torch import load_file
 
     write_image_shards(tmp_path / "images", n_shards=1, per_shard=4)
-    cfg = tiny_config(tiny_models, tmp_path, max_steps=2, **{"ema.enabled": False})
+    cfg = tiny_config(tiny_models, tmp_path, max_steps=2)
     cfg.train.deepspeed.zero_stage = 3
     Trainer(cfg, 1).train()
     cfg.train.stage1.max_steps = 3
     t = Trainer(cfg, 1)
     t.train()
     assert t.summary.extra["resumed_from"] == "step-00000002" and t.step == 3
+    assert t.ema is not None and t.ema.updates == 3  # the EMA (ZeRO-3 pieces) resumed with the run
     w = load_file(str(tmp_path / "train" / "stage1" / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert w["conv_in.weight"].shape == (32, 4, 3, 3)  # gathered, not a ZeRO-3 partition
-    cfg.train.stage1.ema.enabled = True
-    with pytest.raises(ConfigError, match="ema.enabled"):  # EMA + ZeRO-3 is refused, naming the setting
-        Trainer(cfg, 1)
 
 
 def test_cached_latents_train_without_decoding(tiny_models, tmp_path):
