@@ -288,10 +288,7 @@ class Trainer:
         self.ckpt = CheckpointDir(join(self.paths["output"], "checkpoints"))
         self.writer = None
         if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
             Path(self.paths["output"]).mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(join(self.paths["output"], "tensorboard"))
             Table(self.paths["output"]).save_config(self.cfg, f"train-stage{self.stage}")
             (Path(self.paths["output"]) / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=1))
             removed = self.ckpt.clean_uncommitted()
@@ -302,6 +299,13 @@ class Trainer:
         self._barrier()
         if sc.checkpoint.resume and self.ckpt.newest() is not None:
             self.load_checkpoint(self.ckpt.newest()[1])
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # A killed run logged steps after its last checkpoint; they are run again now, so drop
+            # them: metrics.jsonl keeps each step once, TensorBoard hides events from step+1 on.
+            _truncate_metrics(Path(self.paths["output"]) / "metrics.jsonl", self.step)
+            self.writer = SummaryWriter(join(self.paths["output"], "tensorboard"), purge_step=self.step + 1)
 
     def _frozen_fingerprint(self) -> dict:
         """Count, sum and sum of squares of the frozen parameters (all ranks): checkpoints leave
@@ -383,7 +387,11 @@ class Trainer:
         return loss.detach()
 
     def train_step(self, batches: Iterator[dict]) -> dict:
-        """One optimiser step: ``gradient_accumulation`` micro-batches through forward/backward."""
+        """One optimiser step: ``gradient_accumulation`` micro-batches through forward/backward.
+
+        Returns the step's loss (mean over ranks), samples (summed over ranks; ``rank_samples``
+        this rank's), grad norm and the learning rate the step used."""
+        lr = float(self.engine.get_lr()[0])  # read before the step: the scheduler moves on in engine.step()
         losses, keys = [], []
         for micro in range(self.scfg.gradient_accumulation):
             batch = next(batches)
@@ -396,17 +404,17 @@ class Trainer:
 
             self.ema.update(master_fragments(self.engine))
         norm = self.engine.get_global_grad_norm()
-        loss = torch.stack(losses).mean()
-        if self.world_size > 1:  # log the mean over ranks, not rank 0's share
+        totals = torch.stack([torch.stack(losses).mean().float(), torch.tensor(float(n), device=self.device)])
+        if self.world_size > 1:  # the mean loss and the samples of all ranks, not rank 0's share
             import deepspeed.comm as dist
 
-            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-            loss = loss / self.world_size
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         return {
-            "loss": float(loss),
-            "samples": n,
+            "loss": float(totals[0]) / self.world_size,
+            "samples": int(totals[1]),
+            "rank_samples": n,
             "grad_norm": float(norm) if norm is not None else float("nan"),
-            "lr": float(self.lr_scheduler.get_last_lr()[0]),
+            "lr": lr,
             "keys": keys,
         }
 
@@ -589,7 +597,7 @@ class Trainer:
             unit="step",
             disable=self.rank != 0,
         )
-        samples = 0
+        samples = rank_samples = 0  # all ranks' (summed each step), this rank's
         t0 = time.time()
         first = last = None
         for _ in bar:
@@ -597,6 +605,7 @@ class Trainer:
             m = self.train_step(batches)
             self.step += 1
             samples += m["samples"]
+            rank_samples += m.get("rank_samples", m["samples"])
             self.history.append((self.step, m["loss"]))
             if len(self.keys_seen) < 1000:
                 self.keys_seen.extend(m.get("keys", []))
@@ -605,7 +614,7 @@ class Trainer:
             if self.rank == 0:
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
             if self.step % sc.logging.every_steps == 0 or self.step == sc.max_steps:
-                self.log_metrics(m, m["samples"] * self.world_size / max(1e-9, time.time() - t_step))
+                self.log_metrics(m, m["samples"] / max(1e-9, time.time() - t_step))
             if self.step % sc.checkpoint.every_steps == 0 or self.step == sc.max_steps:
                 self.save_checkpoint()
             if self.step % sc.logging.validation_every_steps == 0:
@@ -621,7 +630,7 @@ class Trainer:
             if reason.startswith("skipped: ") and n:
                 s.reject(reason.removeprefix("skipped: "), n)
         s.n_out = s.n_in - sum(s.rejected.values())  # rows training could use
-        trained = samples * self.world_size
+        trained = samples
         s.extra.update(
             {
                 "steps": self.step,
@@ -639,7 +648,7 @@ class Trainer:
             "rank": self.rank,
             "world_size": self.world_size,
             "steps_run": len(self.history),
-            "samples": samples,
+            "samples": rank_samples,
             "data": dict(self.data.counts),
             "keys_seen_first": self.keys_seen[:1000],
         }
@@ -715,6 +724,28 @@ def _load_trained_only(src: dict, dst: torch.nn.Module) -> None:
             f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]} "
             "(was it written with another train.model or LoRA config?)"
         )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (and no torn last line), atomically."""
+    if not path.is_file():
+        return
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+        log.info("metrics.jsonl: dropped %d row(s) after step %d (run again from the checkpoint)", dropped, step)
 
 
 def _rng_state() -> dict:

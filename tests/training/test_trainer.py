@@ -149,7 +149,7 @@ class _Killed(Exception):
 class _KillAt(Trainer):
     """A trainer whose process 'dies' just before computing step ``kill_at``."""
 
-    kill_at = 5
+    kill_at = 6
 
     def train_step(self, batches):
         if self.step + 1 == self.kill_at:
@@ -157,27 +157,49 @@ class _KillAt(Trainer):
         return super().train_step(batches)
 
 
-def test_resume_is_exact(tiny_models, tmp_path):
+def _metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_exact(tiny_models, tmp_path, precision):
+    """Killed after logging step 5 (the last checkpoint is step 4): the resumed run repeats the
+    uninterrupted run's losses bit for bit, ends with the same (EMA) export, and the logs hold
+    each step once with the learning rate that step used."""
     write_image_shards(tmp_path / "images", n_shards=2, per_shard=5)
-    ref_cfg = tiny_config(tiny_models, tmp_path, max_steps=6, **{"data.random_crop": True})
-    ref_cfg.train.stage1.output = str(tmp_path / "ref")
-    ref = Trainer(ref_cfg, 1)
+
+    def config(name):
+        cfg = tiny_config(tiny_models, tmp_path, max_steps=6, **{"data.random_crop": True, "optim.warmup_steps": 4})
+        cfg.train.stage1.output = str(tmp_path / name)
+        cfg.train.deepspeed.precision = precision
+        return cfg
+
+    ref = Trainer(config("ref"), 1)
     ref.train()
-    cfg = tiny_config(tiny_models, tmp_path, max_steps=6, **{"data.random_crop": True})
-    cfg.train.stage1.output = str(tmp_path / "run")
-    first = _KillAt(cfg, 1)
+    first = _KillAt(config("run"), 1)
     with pytest.raises(_Killed):
         first.train()
-    assert first.history == ref.history[:4]
-    resumed = Trainer(cfg, 1)
+    assert first.history == ref.history[:5]
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
+    resumed = Trainer(config("run"), 1)
     resumed.train()
     assert resumed.summary.extra["resumed_from"] == "step-00000004"
     assert resumed.history == ref.history[4:]  # bit-identical losses, step for step
     from safetensors.torch import load_file
 
-    a = load_file(str(tmp_path / "ref" / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
-    b = load_file(str(tmp_path / "run" / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_projection/model.safetensors"):
+        a = load_file(str(tmp_path / "ref" / "export" / part))
+        b = load_file(str(tmp_path / "run" / "export" / part))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    rows, ref_rows = _metrics(tmp_path / "run"), _metrics(tmp_path / "ref")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # each step once
+    assert [(r["loss"], r["lr"]) for r in rows] == [(r["loss"], r["lr"]) for r in ref_rows]
+    assert [r["lr"] for r in rows] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])  # warmup: used, not next
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert [e.step for e in ev.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
 
 
 class _NanAt(Trainer):
