@@ -5,11 +5,11 @@ How a rank gets its batches, one epoch at a time:
 1. *Plan* (cheap, no decoding): read ``key``, the alt text, ``width``/``height`` and
    ``status`` of every complete img2dataset shard; drop rows that failed to
    download, are not in the kept set, or have no caption (each counted by reason);
-   give each rank its shards (or every world_size-th row when there are fewer
-   shards than ranks); shuffle with ``(seed, epoch)``; assign each row the
-   aspect-ratio bucket nearest to its size; cut windows of ``shuffle_buffer`` rows
-   into same-bucket batches. The plan is a pure function of the data, the seed and
-   the epoch.
+   assign each row the aspect-ratio bucket nearest to its size; give each rank the
+   same number of rows of each bucket (split by rows, not shards: see ``_index``),
+   so every rank has the same batches per epoch and none oversamples; shuffle with
+   ``(seed, epoch, rank)``; cut windows of ``shuffle_buffer`` rows into same-bucket
+   batches. The plan is a pure function of the data, the seed and the epoch.
 2. *Load*: decode, resize to cover the bucket, crop (centre or random), maybe flip.
    Augmentation randomness is seeded by ``(seed, epoch, row)``. An image that does
    not decode is skipped and counted; the batch is then one smaller.
@@ -187,42 +187,61 @@ class BucketedImageData:
 
     # ------------------------------------------------------------------ planning
     def _index(self, captions: dict[str, str] | None, kept: set[str] | None) -> list[Row]:
-        rows: list[Row] = []
-        split_by_shard = len(self.shards) >= self.world_size
+        """This rank's rows. Every rank reads the metadata columns of every shard (not the
+        images) and takes the same share of each bucket: ``usable_b // world_size`` rows of
+        bucket b, a contiguous run in (shard, row) order (so a rank reads few shards' images).
+        Ranks therefore hold equal rows with equal bucket counts, which gives them the same
+        number and sizes of batches each epoch: they stay in step, and none goes round its
+        rows more often than another. The ``usable_b % world_size`` rows left over (fewer than
+        world_size per bucket) are not trained on and are counted. Skips are counted by the
+        rank ``row number % world_size``, so the sums over ranks are the table's counts."""
+        usable: list[Row] = []
         n_seen = 0
         for si, url in enumerate(self.shards):
-            if split_by_shard and si % self.world_size != self.rank:
-                continue
             fs, path = fsspec.core.url_to_fs(url)
             fs_schema = pq.read_schema(path, filesystem=fs)
             cols = [c for c in ("key", "caption", "width", "height", "status") if c in fs_schema.names]
             meta = read_image_shard(url, cols + (["image"] if not {"width", "height"} <= set(cols) else []))
             d = meta.to_pydict()
+            none = [None] * len(d["key"])
             for i, key in enumerate(d["key"]):
+                counts = n_seen % self.world_size == self.rank  # this rank counts this row's fate
                 n_seen += 1
-                if not split_by_shard and (n_seen - 1) % self.world_size != self.rank:
-                    continue
-                self.counts["rows"] += 1
+                reason, cap = None, None
                 if "status" in d and d["status"][i] not in (None, "success"):
-                    self.counts["skipped: not downloaded"] += 1
-                    continue
-                if kept is not None and key not in kept:
-                    self.counts["skipped: not kept"] += 1
-                    continue
-                cap = (d.get("caption") or [None] * len(d["key"]))[i] if captions is None else captions.get(key)
-                if cap is None or not str(cap).strip():
-                    self.counts["skipped: missing caption"] += 1
-                    continue
-                w, h = d.get("width", [None] * len(d["key"]))[i], d.get("height", [None] * len(d["key"]))[i]
-                if not w or not h:
-                    w, h = _size_of(d["image"][i]) if "image" in d else (None, None)
-                if not w or not h:
-                    self.counts["skipped: decode error"] += 1
-                    continue
-                if self.latents is not None and key not in self.latents:
-                    self.counts["skipped: no cached latent"] += 1
-                    continue
-                rows.append(Row(si, i, key, str(cap), nearest_bucket(self.buckets, int(w), int(h))))
+                    reason = "not downloaded"
+                elif kept is not None and key not in kept:
+                    reason = "not kept"
+                else:
+                    cap = (d.get("caption") or none)[i] if captions is None else captions.get(key)
+                    if cap is None or not str(cap).strip():
+                        reason = "missing caption"
+                if reason is None:
+                    w, h = d.get("width", none)[i], d.get("height", none)[i]
+                    if not w or not h:
+                        w, h = _size_of(d["image"][i]) if "image" in d else (None, None)
+                    if not w or not h:
+                        reason = "decode error"
+                    elif self.latents is not None and key not in self.latents:
+                        reason = "no cached latent"
+                if counts:
+                    self.counts["rows"] += 1
+                    if reason is not None:
+                        self.counts[f"skipped: {reason}"] += 1
+                if reason is None:
+                    usable.append(Row(si, i, key, str(cap), nearest_bucket(self.buckets, int(w), int(h))))
+        by_bucket: dict[int, list[Row]] = {}
+        for r in usable:
+            by_bucket.setdefault(r.bucket, []).append(r)
+        rows: list[Row] = []
+        left_over = 0
+        for members in by_bucket.values():
+            share = len(members) // self.world_size
+            rows.extend(members[self.rank * share : (self.rank + 1) * share])
+            left_over += len(members) - share * self.world_size
+        if left_over and self.rank == 0:
+            self.counts["skipped: uneven split across ranks"] += left_over
+        rows.sort(key=lambda r: (r.shard, r.row))
         self.counts["usable"] = len(rows)
         return rows
 

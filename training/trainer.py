@@ -52,7 +52,17 @@ log = get_logger("training")
 
 COMMIT_MARKER = "COMMITTED"
 #: Why a row of the images table is not trained on (the data loader's counters).
-SKIP_REASONS = tuple(f"skipped: {r}" for r in ("not downloaded", "not kept", "missing caption", "decode error"))
+SKIP_REASONS = tuple(
+    f"skipped: {r}"
+    for r in (
+        "not downloaded",
+        "not kept",
+        "missing caption",
+        "decode error",
+        "no cached latent",
+        "uneven split across ranks",
+    )
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -664,7 +674,7 @@ class Trainer:
         """The data counters (rows, skipped by reason) summed over ranks."""
         import deepspeed.comm as dist
 
-        names = sorted(set(self.data.counts) | {"rows", "usable", *SKIP_REASONS})
+        names = ["rows", "usable", *SKIP_REASONS]  # the same on every rank: the all-reduce lines them up
         t = torch.tensor([float(self.data.counts.get(n, 0)) for n in names], device=self.device)
         if self.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)

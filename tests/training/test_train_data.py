@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,12 +71,34 @@ def test_resume_mid_epoch_gives_the_same_batches(tmp_path):
         assert torch.equal(a["pixel_values"], b["pixel_values"])  # same crop and flip too
 
 
-@pytest.mark.parametrize("n_shards", [1, 4])
-def test_ranks_see_disjoint_rows(tmp_path, n_shards):
-    write_image_shards(tmp_path / "images", n_shards=n_shards, per_shard=12 // n_shards)
-    keys = [{r.key for r in _data(tmp_path, rank=r, world_size=2).rows} for r in (0, 1)]
-    assert keys[0] and keys[1] and not keys[0] & keys[1]
-    assert len(keys[0] | keys[1]) == 12
+@pytest.mark.parametrize("per_shard", [[12], [3, 3, 3, 3], [14, 8], [9, 2, 6, 5]])
+def test_ranks_get_equal_disjoint_rows_and_stay_in_step(tmp_path, per_shard):
+    """Split by rows, not shards: with shards of 14 and 8 rows each of 2 ranks trains on 11,
+    the same number of batches of the same sizes each epoch, so over 3 epochs every row is
+    seen 3 times (no rank goes round its rows more often); disjoint, and exactly resumable."""
+    write_image_shards(tmp_path / "images", per_shard=per_shard, sizes=SIZES)
+    total = sum(per_shard)
+    ranks = [_data(tmp_path, rank=r, world_size=2) for r in (0, 1)]
+    keys = [{r.key for r in d.rows} for d in ranks]
+    assert len(keys[0]) == len(keys[1]) and not keys[0] & keys[1]
+    left_over = ranks[0].counts["skipped: uneven split across ranks"]
+    assert len(keys[0] | keys[1]) + left_over == total and left_over < 2 * len(ranks[0].buckets)
+    assert sum(d.counts["rows"] for d in ranks) == total  # counted once over ranks
+    plans = [[len(b) for b in d.plan(0)] for d in ranks]
+    assert plans[0] == plans[1]  # same batch count and sizes: the ranks stay in step
+    n_batches = 3 * len(plans[0])
+    for d, own in zip(ranks, keys, strict=True):
+        seen = Counter(k for b in itertools.islice(iter(d), n_batches) for k in b["keys"])
+        assert set(seen) == own and set(seen.values()) == {3}  # each of its rows once per epoch
+    d = _data(tmp_path, rank=1, world_size=2)
+    ref = [b["keys"] for b in itertools.islice(iter(d), 7)]
+    d2 = _data(tmp_path, rank=1, world_size=2)
+    it = iter(d2)
+    for _ in range(3):
+        next(it)
+    d3 = _data(tmp_path, rank=1, world_size=2)
+    d3.load_state_dict(d2.state_dict())
+    assert [b["keys"] for b in itertools.islice(iter(d3), 4)] == ref[3:]
 
 
 def test_caption_sources(tmp_path):

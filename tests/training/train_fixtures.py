@@ -23,14 +23,16 @@ CAPTIONS = [
 def write_image_shards(
     folder: Path,
     n_shards: int = 2,
-    per_shard: int = 6,
+    per_shard: int | list[int] = 6,
     size: int = 40,
     seed: int = 0,
     corrupt: int = 0,
     missing_caption: int = 0,
     sizes: list[tuple[int, int]] | None = None,
 ) -> list[str]:
-    """img2dataset-like parquet shards (key, caption, jpg, status, width, height + _stats.json); returns keys."""
+    """img2dataset-like parquet shards (key, caption, jpg, status, width, height + _stats.json); returns keys.
+
+    ``per_shard``: rows in every shard, or a list with each shard's rows."""
 
     from paradiffusion.testing.sample import synthetic_image
 
@@ -38,9 +40,10 @@ def write_image_shards(
     folder.mkdir(parents=True, exist_ok=True)
     keys = []
     n = 0
-    for s in range(n_shards):
+    counts = per_shard if isinstance(per_shard, list) else [per_shard] * n_shards
+    for s, count in enumerate(counts):
         rows = []
-        for i in range(per_shard):
+        for i in range(count):
             w, h = sizes[n % len(sizes)] if sizes else (size, size)
             img = synthetic_image(rng, w, h)
             buf = io.BytesIO()
@@ -66,7 +69,7 @@ def write_image_shards(
             )
             n += 1
         pq.write_table(pa.Table.from_pylist(rows), folder / f"{s:05d}.parquet")
-        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": per_shard}))
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": count}))
     return keys
 
 
