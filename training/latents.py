@@ -7,14 +7,21 @@ images shard, committed by marker: a rerun skips finished shards. Training with
 ``data.latents`` set samples from the moments (seeded like the pixel path) and skips the
 VAE. The training loader reads the table into memory: meant for stage 3 and runs of up to a
 few million images per node.
+
+The table records what the latents depend on in ``_latents.json``: the bucket settings
+(``data.resolution``, ``bucket_step``, ``max_aspect_ratio``) and the VAE (its id or path and a
+fingerprint of its weights). Training on the cache, or adding shards to it, with other
+settings stops with a message naming the setting.
 """
 
 from __future__ import annotations
 
+import math
+
 import pyarrow as pa
 import torch
 
-from paradiffusion.config import PipelinesConfig
+from paradiffusion.config import ConfigError, PipelinesConfig
 from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, join
 
@@ -29,8 +36,60 @@ LATENTS = pa.schema(
 )
 
 
+SETTINGS_FILE = "_latents.json"
+#: Recorded settings -> the config key that sets them (under train.stageN).
+_DATA_KEYS = {"resolution": "data.resolution", "bucket_step": "data.bucket_step",
+              "max_aspect_ratio": "data.max_aspect_ratio"}  # fmt: skip
+
+
 def latents_path(cfg: PipelinesConfig, stage: int) -> str:
     return cfg.train.stage(stage).data.latents or join(cfg.project.data_root, "latents", f"stage{stage}")
+
+
+def vae_fingerprint(vae: torch.nn.Module) -> list[float]:
+    """Sum and sum of squares of the VAE's weights, taken in bf16 so the dtype it was loaded in does not matter."""
+    t = torch.zeros(2, dtype=torch.float64)
+    for p in vae.parameters():
+        x = p.detach().to(torch.bfloat16)
+        t[0] += x.sum(dtype=torch.float64).cpu()
+        t[1] += torch.linalg.vector_norm(x, dtype=torch.float64).square().cpu()
+    return t.tolist()
+
+
+def latent_settings(cfg: PipelinesConfig, stage: int, vae: torch.nn.Module) -> dict:
+    """What cached latents depend on: the stage's bucket settings and the VAE."""
+    d = cfg.train.stage(stage).data
+    return {
+        **{k: getattr(d, k) for k in _DATA_KEYS},
+        "vae": cfg.train.model.vae,
+        "vae_fingerprint": vae_fingerprint(vae),
+    }
+
+
+def check_latents(url: str, want: dict, stage: int) -> None:
+    """Stop (ConfigError naming the setting) when the cache at ``url`` was made with other settings."""
+    have = Table(url).load_json(SETTINGS_FILE)
+    if have is None:
+        raise ConfigError(
+            f"train.stage{stage}.data.latents = {url}: no {SETTINGS_FILE} there (a cache made before the settings "
+            f"were recorded): remove it and run `make cache-latents STAGE={stage}` again"
+        )
+    remake = (
+        f"or make a new cache (`make cache-latents STAGE={stage}` with train.stage{stage}.data.latents set to "
+        "another folder)"
+    )
+    for k, key in _DATA_KEYS.items():
+        if have.get(k) != want[k]:
+            raise ConfigError(
+                f"train.stage{stage}.{key} is {want[k]} but the latent cache {url} was made with {have.get(k)}: "
+                f"set it back, {remake}"
+            )
+    old, new = have.get("vae_fingerprint") or [math.nan, math.nan], want["vae_fingerprint"]
+    if not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(old, new, strict=True)):
+        raise ConfigError(
+            f"train.model.vae = {want['vae']} is not the VAE the latent cache {url} was made with "
+            f"({have.get('vae')}; its weights differ): set it back, {remake}"
+        )
 
 
 def cache_latents(cfg: PipelinesConfig, stage: int, batch_size: int = 16) -> StageSummary:
@@ -58,9 +117,13 @@ def cache_latents(cfg: PipelinesConfig, stage: int, batch_size: int = 16) -> Sta
     announce(summary.stage, {"images": paths["images"], "rows usable": len(data.rows), "output": out.url,
                              "VAE": cfg.train.model.vae, "device": f"{device} {dtype}"})  # fmt: skip
     out.clean_tmp()
-    out.save_config(cfg, summary.stage, sc.data)
     vae = load_vae(cfg.train.model.vae, dtype=dtype).to(device)
+    settings = latent_settings(cfg, stage, vae)
     done = out.done_shards()
+    if done:  # adding to a cache: only with the settings it was made with
+        check_latents(out.url, settings, stage)
+    out.save_config(cfg, summary.stage, sc.data)
+    out.save_json(SETTINGS_FILE, settings)
     by_shard: dict[int, list] = {}
     for r in data.rows:
         by_shard.setdefault(r.shard, []).append(r)

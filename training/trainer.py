@@ -251,6 +251,16 @@ class Trainer:
                 clip_sample=False,
             )
         self.noise_scheduler = DDPMScheduler.from_config(sched.config, prediction_type=mc.prediction_type)
+        if sc.data.latents:  # cached latents: made with this stage's buckets and this VAE, or stop
+            from training.latents import check_latents, latent_settings
+
+            check_latents(sc.data.latents, latent_settings(self.cfg, stage, self.vae), stage)
+            if sc.data.random_crop or sc.data.random_flip:
+                log.warning(
+                    "train.stage%d.data.latents: the cache holds centre crops without flips; "
+                    "data.random_crop / random_flip do not apply",
+                    stage,
+                )
         self.data = BucketedImageData(
             self.paths["images"],
             sc.micro_batch_size,

@@ -11,6 +11,7 @@ import pytest
 import torch
 from train_fixtures import tiny_config, write_image_shards
 
+from paradiffusion.config import ConfigError
 from paradiffusion.schemas import CAPTIONS
 from paradiffusion.storage import Table
 from training.trainer import COMMIT_MARKER, CheckpointDir, Trainer, TrainingDiverged
@@ -343,3 +344,22 @@ def test_cached_latents_train_without_decoding(tiny_models, tmp_path):
     t.train()
     assert t.step == 2 and all(loss == loss for _, loss in t.history)
     assert t.summary.rejected["no cached latent"] == 1  # the corrupt image has none
+
+    # The cache records what its latents depend on; other settings stop with the setting named.
+    for key, value in (("resolution", 24), ("bucket_step", 8), ("max_aspect_ratio", 1.5)):
+        bad = cfg.model_copy(deep=True)
+        setattr(bad.train.stage1.data, key, value)
+        with pytest.raises(ConfigError, match=rf"train\.stage1\.data\.{key} is {value} but the latent cache"):
+            Trainer(bad, 1).setup()
+        with pytest.raises(ConfigError, match=rf"data\.{key}"):  # nor can shards of other settings be added
+            cache_latents(bad, 1)
+    from diffusers import AutoencoderKL
+
+    other = AutoencoderKL.from_pretrained(tiny_models["vae"])
+    with torch.no_grad():
+        other.encoder.conv_in.weight.mul_(1.5)
+    other.save_pretrained(str(tmp_path / "other_vae"))
+    bad = cfg.model_copy(deep=True)
+    bad.train.model.vae = str(tmp_path / "other_vae")
+    with pytest.raises(ConfigError, match=r"train\.model\.vae = .*other_vae is not the VAE"):
+        Trainer(bad, 1).setup()
