@@ -1,4 +1,4 @@
-"""Two ranks under the real `deepspeed` launcher (CPU, gloo), ZeRO-2, through `paradiffusion train`."""
+"""Two ranks under the real `deepspeed` launcher (CPU, gloo), ZeRO-2 and ZeRO-3, through `paradiffusion train`."""
 
 from __future__ import annotations
 
@@ -16,40 +16,55 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.cluster
-def test_two_rank_zero2_under_the_deepspeed_launcher(tiny_models, tmp_path):
-    write_image_shards(tmp_path / "images", n_shards=2, per_shard=6)
-    cfg = tiny_config(tiny_models, tmp_path, max_steps=3)
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_ranks_under_the_deepspeed_launcher(tiny_models, tmp_path, zero_stage):
+    """Two ranks, ZeRO-2 or ZeRO-3, bf16, shards of 7 and 4 rows: equal disjoint rows per rank, summaries that sum
+    the ranks, an export equal to DeepSpeed's own fp32 reconstruction of the checkpoint, and
+    EMA pieces that tile every trained parameter exactly once."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    write_image_shards(tmp_path / "images", per_shard=[7, 4])
+    cfg = tiny_config(tiny_models, tmp_path, max_steps=3, **{"ema.export": False})
     f = tmp_path / "cfg.yaml"
     f.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("LOCAL_RANK", None)
     env.pop("RANK", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "paradiffusion",
-        "train",
-        "--stage",
-        "1",
-        "--config",
-        str(f),
-        "--set",
-        "train.launch.launcher=deepspeed",
-        "--set",
-        "train.launch.num_gpus=2",
-        "--set",
-        "train.deepspeed.zero_stage=2",
-        "--set",
-        "train.launch.master_port=29531",
-    ]
+    cmd = [sys.executable, "-m", "paradiffusion", "train", "--stage", "1", "--config", str(f)]
+    for s in ("train.launch.launcher=deepspeed", "train.launch.num_gpus=2", f"train.deepspeed.zero_stage={zero_stage}",
+              "train.deepspeed.precision=bf16", f"train.launch.master_port={29529 + zero_stage}"):  # fmt: skip
+        cmd += ["--set", s]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     out = tmp_path / "train" / "stage1"
     ranks = [json.loads((out / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["steps_run"] for r in ranks] == [3, 3]
+    assert ranks[0]["data"]["usable"] == ranks[1]["data"]["usable"]  # split by rows, not by shard (7 / 4)
     seen = [set(r["keys_seen_first"]) for r in ranks]
     assert seen[0] and seen[1] and not seen[0] & seen[1]  # disjoint data
-    assert (out / "checkpoints" / "step-00000003" / "COMMITTED").is_file()
-    assert len(list((out / "checkpoints" / "step-00000003").glob("rank-*.pt"))) == 2
-    assert (out / "export" / "unet" / "config.json").is_file()
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["samples_trained_this_run"] == ranks[0]["samples"] + ranks[1]["samples"]  # summed, not x2
+    assert summary["in"] == 11
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert sum(m["samples"] for m in metrics) == summary["samples_trained_this_run"]
+    ck = out / "checkpoints" / "step-00000003"
+    assert (ck / "COMMITTED").is_file()
+    assert len(list(ck.glob("rank-*.pt"))) == 2 and len(list(ck.glob("ema-rank-*.pt"))) == 2
+
+    # The export holds the fp32 master weights: what DeepSpeed's zero_to_fp32 rebuilds from the checkpoint.
+    ref = get_fp32_state_dict_from_zero_checkpoint(str(ck), tag="state", exclude_frozen_parameters=True)
+    unet = load_file(str(out / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
+    proj = load_file(str(out / "export" / "text_projection" / "model.safetensors"))
+    exported = {**{f"unet.{k}": v for k, v in unet.items()}, **{f"projection.{k}": v for k, v in proj.items()}}
+    assert set(exported) == {k for k in ref if not k.startswith("llm.")}
+    assert all(torch.equal(exported[k], ref[k].float()) for k in exported)
+    # Each rank's EMA pieces cover its part of the flat masters; together every element once.
+    covered = {k: torch.zeros(v.numel(), dtype=torch.int32) for k, v in exported.items()}
+    for r in (0, 1):
+        for name, frag in torch.load(ck / f"ema-rank-{r}.pt", weights_only=True)["fragments"].items():
+            covered[name][frag["start"] : frag["start"] + frag["value"].numel()] += 1
+    assert all(bool((c == 1).all()) for c in covered.values())
