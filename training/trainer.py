@@ -15,14 +15,18 @@ computes exactly the losses of the uninterrupted run (bit-for-bit on CPU).
 
 Checkpoint layout (``<output>/checkpoints/``)::
 
-    step-00001000/state/...     DeepSpeed: model, optimizer, LR schedule (every rank's part)
-    step-00001000/ema.pt        EMA of the trained UNet + projection
-    step-00001000/rank-<r>.pt   data position and RNG states of rank r
-    step-00001000/COMMITTED     written last; a folder without it is ignored and removed
-    .tmp-step-.../              being written
+    step-00001000/state/...         DeepSpeed: trained parameters, optimizer, LR schedule (every rank's
+                                    part); the frozen ones (the LLM's base weights) are left out
+    step-00001000/ema-rank-<r>.pt   rank r's pieces of the fp32 EMA of every trained parameter
+    step-00001000/rank-<r>.pt       data position and RNG states of rank r
+    step-00001000/COMMITTED         written last (step, world size, frozen-weights fingerprint); a
+                                    folder without it is ignored and removed
+    .tmp-step-.../                  being written
 
 A checkpoint is written under ``.tmp-step-*``, renamed, then committed by the marker,
-so a killed process or a full disk never leaves a checkpoint that looks complete.
+so a killed process or a full disk never leaves a checkpoint that looks complete. The
+EMA and the export come from DeepSpeed's fp32 master weights (training/ema.py), not from
+the module's bf16 weights.
 """
 
 from __future__ import annotations

@@ -140,3 +140,24 @@ def test_bf16_training_exports_fp32_master_weights_and_fp32_ema(tiny_models, tmp
     assert all(torch.equal(exported[n], ema[n]) for n in t.names)
     info = json.loads((tmp_path / "train" / "stage1" / "export" / "paradiffusion.json").read_text())
     assert info["ema_weights"] is True
+
+
+def test_ema_pieces_reload_across_world_sizes(tmp_path):
+    """EMA files of two ranks (pieces [0, 6) and [6, 10) of a parameter) load into one rank that
+    holds all of it, and back into the two pieces: a resume with another number of ranks."""
+    full = torch.arange(10, dtype=torch.float32)
+    halves = [ShardedEMA([Fragment("w", full.shape, s, full[s:e].clone())]) for s, e in ((0, 6), (6, 10))]
+    for r, ema in enumerate(halves):
+        ema.updates = 7
+        torch.save(ema.state_dict(), tmp_path / f"ema-rank-{r}.pt")
+    files = sorted(tmp_path.glob("ema-rank-*.pt"))
+    one = ShardedEMA([Fragment("w", full.shape, 0, torch.zeros(10))])
+    one.load(files, None)
+    assert torch.equal(one.values["w"], full) and one.updates == 7
+    torch.save(one.state_dict(), tmp_path / "one.pt")
+    back = ShardedEMA([Fragment("w", full.shape, 6, torch.zeros(4))])
+    back.load([tmp_path / "one.pt"], None)
+    assert torch.equal(back.values["w"], full[6:])
+    short = ShardedEMA([Fragment("w", full.shape, 0, torch.zeros(10))])
+    with pytest.raises(RuntimeError, match="lacks"):
+        short.load(files[:1], files[0])
