@@ -101,6 +101,18 @@ class VoteConfig(StrictModel):
     prompt_sets: list[str] | None = Field(None, description="prompt sets to vote on (null: all generated)")
     seeds_per_prompt: int = Field(1, ge=1, description="how many of the seeded images per prompt become pairs")
     pairs_per_voter: int | None = Field(None, ge=1, description="each voter's quota (null: every pair)")
+    display: Literal["letterbox", "crop"] = Field(
+        "letterbox",
+        description="both images of a pair are served at one size: letterbox (fit inside the common box, "
+        "plain bars) or crop (centre-crop both to one aspect)",
+    )
+    background: str = Field(
+        "#ffffff", pattern=r"^#[0-9a-fA-F]{6}$", description="letterbox bar colour (#rrggbb; the page is white)"
+    )
+    count_revoked: bool = Field(
+        False, description="count the votes of voters revoked later in the report (admin votes never count)"
+    )
+    max_body_bytes: int = Field(4096, ge=256, le=1 << 20, description="larger request bodies get HTTP 413")
 
     @field_validator("comparisons")
     @classmethod

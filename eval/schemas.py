@@ -50,6 +50,8 @@ VOTES = pa.schema(
     [
         pa.field("vote_id", pa.int64(), nullable=False),
         pa.field("voter", pa.string(), nullable=False),
+        pa.field("voter_role", pa.string()),  # voter | admin (admins cannot vote; older databases may hold some)
+        pa.field("voter_revoked", pa.bool_()),  # revoked after voting: left out of the report by default
         pa.field("pair_id", pa.int64(), nullable=False),
         pa.field("prompt_set", pa.string(), nullable=False),
         pa.field("prompt_id", pa.string(), nullable=False),
