@@ -130,6 +130,9 @@ class ReportConfig(StrictModel):
     bootstrap: int = Field(2000, ge=10, le=100000)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     grid_prompts: int = Field(24, ge=0, description="prompts shown as image grids (per prompt set)")
+    min_prompts: int = Field(
+        10, ge=1, description="rows whose interval rests on fewer prompts than this are flagged on the page"
+    )
 
 
 class EvalConfig(StrictModel):

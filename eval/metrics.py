@@ -151,10 +151,95 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
-    """FID between two feature sets (rows are images); each needs at least 2 rows."""
+    """FID between two feature sets held in memory (rows are images); each needs at least 2 rows."""
     if len(a) < 2 or len(b) < 2:
         return float("nan")
     return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+class FeatureStats:
+    """Mean and covariance of feature rows, accumulated batch by batch in float64.
+
+    Memory is one batch plus a d x d matrix, whatever the number of images. Batches
+    are merged with the pairwise update of Chan, Golub and LeVeque (1979): for a batch
+    with ``n_b`` rows, mean ``m_b`` and centred sum of squares ``M_b``,
+    ``M = M_a + M_b + d d^T n_a n_b / n`` with ``d = m_b - m_a``. Unlike summing raw
+    ``x x^T``, it does not lose precision when the mean is large next to the spread.
+    ``cov()`` equals ``np.cov(all_rows, rowvar=False)``.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: np.ndarray | None = None
+        self.m2: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or len(x) == 0:
+            return
+        nb, mb = len(x), x.mean(0)
+        centred = x - mb
+        m2b = centred.T @ centred
+        if self.n == 0:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+            return
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2b + np.outer(delta, delta) * (self.n * nb / n)
+        self.n = n
+
+    def cov(self) -> np.ndarray:
+        return self.m2 / (self.n - 1)
+
+    def to_bytes(self, **extra) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, n=self.n, mean=self.mean, m2=self.m2, **extra)
+        return buf.getvalue()
+
+    @classmethod
+    def from_npz(cls, doc) -> FeatureStats:
+        out = cls()
+        out.n, out.mean, out.m2 = int(doc["n"]), doc["mean"], doc["m2"]
+        return out
+
+
+def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    """FID between two accumulated feature sets; NaN when either has fewer than 2 images."""
+    if a.n < 2 or b.n < 2:
+        return float("nan")
+    return frechet_distance(a.mean, a.cov(), b.mean, b.cov())
+
+
+def stream_stats(
+    items: list,
+    load: Callable[[object], object],
+    extract: Callable[[list], np.ndarray],
+    batch_size: int,
+    on_error: Callable[[object, Exception], None] | None = None,
+) -> FeatureStats:
+    """Features of ``items`` accumulated ``batch_size`` images at a time.
+
+    ``load(item)`` decodes one image; at most one batch of decoded images exists at a
+    time. An item that fails to load is passed to ``on_error`` (counted by the caller)
+    and skipped.
+    """
+    stats = FeatureStats()
+    for start in range(0, len(items), batch_size):
+        batch = []
+        for item in items[start : start + batch_size]:
+            try:
+                batch.append(load(item))
+            except Exception as exc:  # noqa: BLE001 - an unreadable image is counted, not fatal
+                if on_error is None:
+                    raise
+                on_error(item, exc)
+        if batch:
+            stats.update(extract(batch))
+        del batch
+    return stats
 
 
 class InceptionFeatures:
@@ -285,7 +370,7 @@ def aggregate(rows: list[dict], n_boot: int = 1000, confidence: float = 0.95, se
                     e = bootstrap_mean(
                         gc[m].to_numpy(dtype=float), gc["prompt_id"].to_numpy(), n_boot, confidence, seed
                     )
-                    rec[m] = {"mean": e.mean, "ci_low": e.low, "ci_high": e.high}
+                    rec[m] = {"mean": e.mean, "ci_low": e.low, "ci_high": e.high, "n_prompts": e.n_prompts}
             out.append(rec)
     return out
 
@@ -300,20 +385,58 @@ def _open_image(root: Table, rel: str):
     return im.convert("RGB")
 
 
-def _reference_images(folder: str, summary: StageSummary) -> list:
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def _load_rgb(path) -> object:
     from PIL import Image
 
-    out = []
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def reference_stats(
+    folder: str,
+    extract: Callable[[list], np.ndarray],
+    extractor_id: str,
+    batch_size: int,
+    cache: Table | None,
+    summary: StageSummary,
+) -> tuple[FeatureStats, bool]:
+    """Feature statistics of a reference folder, streamed, and cached per reference set.
+
+    The cache key is the feature extractor plus every file's relative path, size and
+    modification time, so adding, removing or changing a reference image (or switching
+    the extractor) computes the statistics again. Returns the statistics and whether
+    they came from the cache.
+    """
+    import hashlib
+
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ConfigError(f"eval.metrics.fid_reference {folder!r} holds no .png/.jpg/.jpeg/.webp images")
+    h = hashlib.sha256(extractor_id.encode())
     for f in files:
-        try:
-            with Image.open(f) as im:
-                out.append(im.convert("RGB"))
-        except Exception:  # noqa: BLE001 - an unreadable reference image is counted, not fatal
-            summary.reject("fid_reference_unreadable")
-    return out
+        st = f.stat()
+        h.update(f"\0{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    name = f"_fid_reference/{h.hexdigest()[:24]}.npz"
+    if cache is not None and cache.fs.exists(f"{cache.path}/{name}"):
+        with cache.fs.open(f"{cache.path}/{name}", "rb") as f:
+            doc = np.load(f)
+            stats = FeatureStats.from_npz(doc)
+            unreadable = int(doc["unreadable"])
+        if unreadable:
+            summary.reject("fid_reference_unreadable", unreadable)
+        return stats, True
+    bad = []
+    stats = stream_stats(files, _load_rgb, extract, batch_size, on_error=lambda item, exc: bad.append(item))
+    if bad:
+        summary.reject("fid_reference_unreadable", len(bad))
+        log.warning("%d unreadable reference image(s), e.g. %s", len(bad), bad[0])
+    if cache is not None and stats.n:
+        cache.write_file(name, stats.to_bytes(unreadable=len(bad), files=len(files)))
+    return stats, False
 
 
 def run_metrics(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
@@ -412,7 +535,7 @@ def run_metrics(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
         },
     )
     if mcfg.fid_reference:
-        fid = compute_fid(cfg, images, clip, summary)
+        fid = compute_fid(cfg, images, clip, summary, cache=table)
         table.save_json("_fid.json", fid)
         summary.extra["fid"] = "; ".join(f"{k}: {v['fid']:.2f}" for k, v in fid["results"].items())
     summary.extra["preference"] = "; ".join(f"{k}: {v}" for k, v in notes.items()) or "all configured ran"
@@ -422,8 +545,13 @@ def run_metrics(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def compute_fid(cfg: PipelinesConfig, images: Table, clip, summary: StageSummary) -> dict:
-    """FID of every model x prompt set against the reference folder."""
+def compute_fid(cfg: PipelinesConfig, images: Table, clip, summary: StageSummary, cache: Table | None = None) -> dict:
+    """FID of every model x prompt set against the reference folder.
+
+    Images are decoded and turned into features one batch (``eval.metrics.batch_size``)
+    at a time, so memory is bounded by the batch, not the set; the reference
+    statistics are cached in ``cache`` (the metrics table folder) per reference set.
+    """
     mcfg = cfg.eval.metrics
     if mcfg.fid_features == "inception":
         if not mcfg.fid_inception_weights:
@@ -432,16 +560,15 @@ def compute_fid(cfg: PipelinesConfig, images: Table, clip, summary: StageSummary
                 "torchvision inception_v3 state dict)"
             )
         extract = InceptionFeatures(mcfg.fid_inception_weights, str(clip.device))
+        w = Path(mcfg.fid_inception_weights)
+        extractor_id = f"inception-v3:{w.resolve()}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
     else:
 
         def extract(ims: list) -> np.ndarray:
             return clip.encode_pil(ims)
 
-    def features(ims: list) -> np.ndarray:
-        bs = mcfg.batch_size
-        return np.concatenate([extract(ims[i : i + bs]) for i in range(0, len(ims), bs)])
-
-    ref = features(_reference_images(mcfg.fid_reference, summary))
+        extractor_id = f"clip:{mcfg.clip_model}:{mcfg.clip_pretrained}:{mcfg.precision}"
+    ref, cached = reference_stats(mcfg.fid_reference, extract, extractor_id, mcfg.batch_size, cache, summary)
     rows = [
         r
         for r in images.read(columns=["model", "prompt_set", "image_path", "error"]).to_pylist()
@@ -452,11 +579,17 @@ def compute_fid(cfg: PipelinesConfig, images: Table, clip, summary: StageSummary
         groups.setdefault(f"{r['model']}/{r['prompt_set']}", []).append(r["image_path"])
     results = {}
     for name, paths in progress(sorted(groups.items()), desc="fid", unit="set"):
-        feats = features([_open_image(images, p) for p in paths])
-        results[name] = {"fid": fid_from_features(feats, ref), "n_images": len(paths), "n_reference": len(ref)}
+
+        def unreadable(item, exc, name=name) -> None:
+            summary.reject("fid_image_unreadable")
+            log.warning("FID %s: cannot read %s (%s)", name, item, exc)
+
+        stats = stream_stats(paths, lambda p: _open_image(images, p), extract, mcfg.batch_size, unreadable)
+        results[name] = {"fid": fid_from_stats(stats, ref), "n_images": stats.n, "n_reference": ref.n}
     return {
         "features": mcfg.fid_features,
         "reference": mcfg.fid_reference,
+        "reference_cached": cached,
         "results": results,
         "note": "not comparable with papers' TF-Inception FID; few images make FID biased upward",
     }
