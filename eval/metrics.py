@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from eval.dpg_judge import dpg_prompt_sets, judge_dpg
 from eval.paths import images_url, metrics_url
 from eval.schemas import EVAL_IMAGES, EVAL_METRICS
 from eval.stats import bootstrap_mean
@@ -53,6 +54,8 @@ METRIC_COLUMNS = [
     "imagereward",
     "hpsv2",
     "pickscore",
+    "dpg_score",
+    "dpg_score_corrected",
 ]
 _SENTENCE = re.compile(r"(?<=[.!?;])\s+")
 
@@ -449,7 +452,19 @@ def run_metrics(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
         raise ConfigError(f"no generated images in {images.url}: run `make eval-generate` first")
     table = Table(metrics_url(cfg), schema=EVAL_METRICS)
     table.clean_tmp()
-    todo = sorted(images.done_shards() - table.done_shards())
+    dpg_sets = set(dpg_prompt_sets(cfg)) if mcfg.dpg.questions else set()
+
+    def needs_scoring(shard: str) -> bool:
+        if shard not in table.done_shards():
+            return True
+        # a shard scored before its DPG-Bench answers were all there is scored again (CLIP is cheap)
+        return (
+            bool(dpg_sets)
+            and _shard_prompt_set(images, shard) in dpg_sets
+            and table.marker(shard).get("dpg") != "complete"
+        )
+
+    todo = sorted(s for s in images.done_shards() if needs_scoring(s))
     summary = StageSummary(STAGE)
     summary.skipped_done = len(images.done_shards()) - len(todo)
     clip = load_clip(mcfg.clip_model, mcfg.clip_pretrained, device=mcfg.device, precision=mcfg.precision)
@@ -477,14 +492,28 @@ def run_metrics(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
             "aesthetic": mcfg.aesthetic or "not configured",
             "preference": ", ".join(pref) or "none",
             "fid": f"{mcfg.fid_features} features vs {mcfg.fid_reference}" if mcfg.fid_reference else "not configured",
+            "dpg-bench": (
+                f"judge {mcfg.dpg.judge} on {sorted(dpg_sets)}, questions {mcfg.dpg.questions}"
+                if dpg_sets
+                else "not configured (eval.metrics.dpg.questions)"
+            ),
             "output": table.url,
         },
     )
+    dpg = judge_dpg(cfg, images, summary) if dpg_sets else None
+    if dpg is not None:
+        table.save_json("_dpg.json", dpg.doc)
+        summary.extra["dpg"] = "; ".join(
+            f"{k}: {v['official']['score']:.2f} (corrected {v['corrected']['score']:.2f})"
+            for k, v in dpg.doc["results"].items()
+            if v["official"]["score"] is not None and v["corrected"]["score"] is not None
+        )
     table.save_config(cfg, STAGE, mcfg)
     total = sum(int(images.marker(s)["rows"]) for s in todo)
     with progress(range(total), total=total, desc=STAGE, unit="img") as bar:
         for shard in todo:
             rows = pq.read_table(images.shard_file(shard), filesystem=images.fs).to_pylist()
+            dpg_complete = dpg is None or dpg.complete(r["key"] for r in rows)
             out_rows = []
             for start in range(0, len(rows), mcfg.batch_size):
                 batch = rows[start : start + mcfg.batch_size]
@@ -514,12 +543,19 @@ def run_metrics(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
                     for name, fn in pref.items():
                         cols[name] = fn(ims, prompts)
                     for i, o in enumerate(ok):
+                        scores = dpg.scores.get(o["key"], (None, None)) if dpg is not None else (None, None)
                         out_rows.append(
-                            o | {k: (int(v[i]) if k == "clip_chunks" else float(v[i])) for k, v in cols.items()}
+                            o
+                            | {k: (int(v[i]) if k == "clip_chunks" else float(v[i])) for k, v in cols.items()}
+                            | {"dpg_score": scores[0], "dpg_score_corrected": scores[1]}
                         )
                     summary.n_out += len(ok)
                 bar.update(len(batch))
-            table.write_shard(shard, rows_to_table(out_rows, EVAL_METRICS))
+            table.write_shard(
+                shard,
+                rows_to_table(out_rows, EVAL_METRICS),
+                meta={"dpg": "complete" if dpg_complete else "partial"} if dpg_sets else None,
+            )
     all_rows = table.read().to_pylist()
     agg = aggregate(all_rows, mcfg.bootstrap, seed=cfg.project.seed)
     table.save_json(
@@ -593,6 +629,15 @@ def compute_fid(cfg: PipelinesConfig, images: Table, clip, summary: StageSummary
         "results": results,
         "note": "not comparable with papers' TF-Inception FID; few images make FID biased upward",
     }
+
+
+def _shard_prompt_set(images: Table, shard: str) -> str | None:
+    """The prompt set of an eval_images shard (from its marker; older shards: from the rows)."""
+    ps = images.marker(shard).get("prompt_set")
+    if ps is None:
+        col = pq.read_table(images.shard_file(shard), filesystem=images.fs, columns=["prompt_set"]).column(0)
+        ps = col[0].as_py() if len(col) else None
+    return ps
 
 
 def load_metrics_json(cfg: PipelinesConfig, name: str) -> dict | None:
