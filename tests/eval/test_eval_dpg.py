@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from eval_prompt_files import SAMPLE_PROMPTS
+from eval_prompt_files import SAMPLE_PROMPTS, trimmed_dpg_questions
 from PIL import Image
 
 from eval.dpg import (
@@ -155,22 +155,6 @@ def _dpg_images(root: Path, models=("alpha", "beta"), seeds=(0, 1, 2, 3, 4)) -> 
     return table
 
 
-def trimmed_questions(folder: Path, per_prompt: int = 3) -> Path:
-    """The sample question file cut to its first questions per prompt (fewer judge calls on a slow CPU)."""
-    import csv
-
-    with open(QUESTIONS, newline="") as f:
-        rows = list(csv.DictReader(f))
-    keep = [r for r in rows if int(r["proposition_id"]) <= per_prompt and r["dependency"] in ("0", "1", "2")]
-    out = folder / "dpg_questions_trimmed.csv"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(keep)
-    return out
-
-
 def _config(
     tmp_path: Path,
     judge_dir: str | None = None,
@@ -307,7 +291,7 @@ def test_judge_step_with_the_tiny_vlm(tmp_path, tiny_vlm):
     from paradiffusion.config import ConfigError
 
     images = _dpg_images(tmp_path / "data" / "eval" / "images", models=("alpha",), seeds=(0, 1))
-    questions = trimmed_questions(tmp_path)  # 3 questions per prompt: 6 judge calls
+    questions = trimmed_dpg_questions(tmp_path)  # 3 questions per prompt: 6 judge calls
     cfg = _config(tmp_path, judge_dir=tiny_vlm, questions=questions)
     summary = StageSummary("t")
     run = judge_dpg(cfg, images, summary)
