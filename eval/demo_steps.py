@@ -37,17 +37,21 @@ def step_eval_generate(ctx) -> None:
 
 
 def step_eval_metrics(ctx) -> None:
-    """CLIP score (chunked), aesthetic, FID against the sample photos and PickScore, with tiny models."""
+    """CLIP score (chunked), aesthetic, FID against the sample photos, PickScore and DPG-Bench
+    (our sample question file, judged by the caption step's tiny VLM), with tiny models."""
     from eval.testing import build_tiny_pickscore
     from paradiffusion.testing.tiny_clip import build_tiny_clip
+    from paradiffusion.testing.tiny_vlm import build_tiny_vlm
 
     tiny = build_tiny_clip(_models_dir(ctx) / "eval_tiny_clip")
     pick = build_tiny_pickscore(_models_dir(ctx) / "eval_tiny_pickscore")
+    judge = build_tiny_vlm(_models_dir(ctx) / "tiny_vlm")  # the caption step's (reused when it ran)
     ctx.overrides += [
         f"eval.metrics.clip_model={tiny['clip_model']}",
         f"eval.metrics.aesthetic={tiny['aesthetic']}",
         f"eval.metrics.fid_reference={ctx.out / 'sample'}",
         f"eval.metrics.preference.pickscore={pick}",
+        f"caption.captioners.tiny.model={judge}",
     ]
     ctx.cli("eval")
 

@@ -43,8 +43,8 @@ from paradiffusion.storage import Table, rows_to_table
 log = get_logger("eval.dpg")
 
 NOTE = (
-    "DPG-Bench (ELLA): yes/no questions per prompt with dependencies, asked of each of the four lowest-seed images "
-    "(the official 2x2 grid). 'Official arithmetic' reproduces dpg_bench/compute_dpg_bench.py (ELLA commit 3c228f1): "
+    "DPG-Bench (ELLA): yes/no questions per prompt with dependencies, asked of each of the {n} lowest-seed images "
+    "of the prompt (the official 2x2 grid holds 4). 'Official arithmetic' reproduces dpg_bench/compute_dpg_bench.py (ELLA commit 3c228f1): "
     "its first data row is skipped and category scores come from the last of the four images only (upstream issues "
     "#61, #60); 'corrected' fixes those two. Category scores use the answers before the dependency rule, as the "
     "script does. The official judge is mPLUG-large (exact answer 'yes'); this judge is a different VLM (first word "
@@ -286,7 +286,7 @@ def _score(cfg, questions: DpgQuestions, answers: Table, crop: dict[str, int], f
         "n_questions": questions.n_questions,
         "question_template": d.question_template,
         "images_per_prompt": d.images_per_prompt,
-        "note": NOTE,
+        "note": NOTE.format(n=d.images_per_prompt),
         "results": results,
     }
     return run

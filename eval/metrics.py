@@ -22,7 +22,16 @@ Per set of images (``_fid.json``): FID of each model x prompt set against
 ``eval.metrics.fid_reference``, a clean implementation (:func:`frechet_distance`) on
 CLIP image features (default) or torchvision Inception-v3 pool features
 (``fid_features: inception`` with local weights). Neither is the TF-Inception FID of
-papers: compare numbers only within this tool.
+papers: compare numbers only within this tool. Images are decoded one batch at a time
+and their statistics merged (:class:`FeatureStats`), so memory is bounded by the batch,
+not the set; the reference statistics are cached per reference set
+(``_fid_reference/<key>.npz``, :func:`reference_stats`).
+
+DPG-Bench (prompt sets of kind ``dpg_bench``, ``eval.metrics.dpg``): a VQA judge answers
+the official yes/no questions about each image first (:mod:`eval.dpg_judge`); the
+per-image ``dpg_score`` / ``dpg_score_corrected`` go into this table and the
+DPG-Bench scores per category into ``_dpg.json`` (:mod:`eval.dpg`). A shard scored
+before its DPG answers were all there is scored again on the next run.
 """
 
 from __future__ import annotations

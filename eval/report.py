@@ -257,7 +257,7 @@ def _dpg_section(doc: dict, min_prompts: int) -> tuple[str, int]:
     ]
     head = (
         "<tr><th class=l>model / prompt set</th><th>DPG score (official arithmetic)</th>"
-        "<th>corrected</th><th>prompts scored</th><th>prompts left out</th>"
+        "<th>corrected</th><th>prompts scored</th><th>prompts left out</th><th>unclear answers</th>"
         "<th class=l>level-1 categories (official)</th></tr>"
     )
     body, flagged = [], 0
@@ -270,15 +270,19 @@ def _dpg_section(doc: dict, min_prompts: int) -> tuple[str, int]:
         body.append(
             f"<tr{' class=few' if few else ''}><td class=l>{html.escape(name)}{few}</td>"
             f"<td>{_fmt_score(off)}</td><td>{_fmt_score(cor)}</td><td>{off['n_prompts']}</td>"
-            f"<td class=l>{left}</td><td class=l>{l1}</td></tr>"
+            f"<td class=l>{left}</td><td>{res.get('unclear_answers', 0)}</td><td class=l>{l1}</td></tr>"
         )
     parts.append(_table(head, body))
     l2_head = "<tr><th class=l>model / prompt set</th><th class=l>level-2 category</th><th>official</th><th>corrected</th></tr>"
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
     l2_rows = [
-        f"<tr><td class=l>{html.escape(name)}</td><td class=l>{html.escape(cat)}</td><td>{v:.1f}</td>"
-        f"<td>{res['corrected']['l2'].get(cat, float('nan')):.1f}</td></tr>"
+        f"<tr><td class=l>{html.escape(name)}</td><td class=l>{html.escape(cat)}</td>"
+        f"<td>{cell(res['official']['l2'].get(cat))}</td><td>{cell(res['corrected']['l2'].get(cat))}</td></tr>"
         for name, res in doc["results"].items()
-        for cat, v in sorted(res["official"]["l2"].items())
+        for cat in sorted(set(res["official"]["l2"]) | set(res["corrected"]["l2"]))
     ]
     parts.append("<details><summary>Level-2 categories</summary>" + _table(l2_head, l2_rows) + "</details>")
     return "".join(parts), flagged
