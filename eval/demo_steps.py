@@ -58,8 +58,7 @@ def step_eval_metrics(ctx) -> None:
 
 def step_eval_vote(ctx) -> None:
     """A SIMULATED vote: 8 scripted voters through the real HTTP API, then the Parquet export."""
-    from eval.vote.admin import open_store, sync_pairs
-    from eval.vote.app import create_app
+    from eval.vote.admin import app_for, open_store, sync_pairs
     from eval.vote.server import serve_in_thread
     from eval.vote.simulate import run_voters
     from paradiffusion.config import load_config
@@ -74,7 +73,7 @@ def step_eval_vote(ctx) -> None:
     tokens = [store.add_voter(f"demo-voter-{i}") for i in range(8)]
     store.add_voter("demo-admin", role="admin")
     rng = random.Random(0)
-    with serve_in_thread(create_app(store, store.get_meta("image_root"))) as url:
+    with serve_in_thread(app_for(cfg, store)) as url:
         print(f"   simulated voters -> {url}/api/vote", file=sys.stderr)
         runs = run_voters(url, tokens, choose=lambda task, q: rng.choices(["A", "B", "tie"], [5, 3, 2])[0])
     print(

@@ -271,7 +271,9 @@ def _score(cfg, questions: DpgQuestions, answers: Table, crop: dict[str, int], f
             scored, left_out = score_answers(questions, answers_by_item, arithmetic)
             agg = aggregate_items(scored, left_out)
             if scored:
-                e = bootstrap_mean([s.score for s in scored.values()], list(scored), 1000, 0.95, cfg.project.seed)
+                e = bootstrap_mean(
+                    [s.score for s in scored.values()], list(scored), cfg.eval.metrics.bootstrap, 0.95, cfg.project.seed
+                )
                 agg.update(ci_low=e.low * 100, ci_high=e.high * 100)
             res[arithmetic] = agg
         res["n_images"] = sum(len(c) for c in items.values())
