@@ -83,14 +83,14 @@ bench-stats: ## DuckDB vs pandas on synthetic caption rows (ROWS=1000000 for the
 	$(PY) bench/stats_duckdb.py --rows $(or $(ROWS),1000000)
 
 # ---- eval: prompt sets, generation, metrics, human voting, report
-.PHONY: eval-generate eval vote vote-invite eval-report bench-vote
-fetch-benchmarks: ## fetch ViLG-300, ParaPrompts-400 and DPG-Bench prompts into benchmarks/ (needs internet)
+.PHONY: fetch-benchmarks eval-generate eval vote vote-invite eval-report bench-vote bench-eval
+fetch-benchmarks: ## fetch ViLG-300, ParaPrompts-400, DPG-Bench prompts and its question file into benchmarks/ (needs internet)
 	sh scripts/fetch_benchmarks.sh benchmarks
 
 eval-generate: ## N seeded images per prompt from every model in eval.models (resumable; one process per GPU via torchrun)
 	$(PD) eval-generate $(ARGS)
 
-eval: ## automatic metrics: CLIP score (long prompts chunked), aesthetic, FID, preference models, bootstrap CIs
+eval: ## automatic metrics: CLIP score (long prompts chunked), aesthetic, FID (streamed), preference models, DPG-Bench (VQA judge), bootstrap CIs
 	$(PD) eval $(ARGS)
 
 vote: ## serve the blind pairwise voting app (invite voters: make vote-invite NAMES="ann bob")
@@ -104,6 +104,10 @@ eval-report: ## HTML report: voting rates with 95% CIs, metrics, image grids (<d
 
 bench-vote: ## benchmark: vote latency/throughput with 50 voters on loopback; CLIP-score images/s vs the bare model
 	$(PY) bench/vote_load.py
+
+bench-eval: ## benchmarks: streamed vs in-memory FID (time, peak memory); DPG-Bench judge batched vs one image a call
+	$(PY) bench/fid_stream.py --images $(or $(N),1000)
+	$(PY) bench/dpg_judge.py
 
 .PHONY: train-stage1 train-stage2 train-stage3 generate bench-train cache-latents
 STAGE ?= 1

@@ -23,7 +23,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, also when not pip-installed
 
 
-def bench_votes(n_voters: int, pairs_per_voter: int, tmp: Path) -> dict:
+def bench_votes(n_voters: int, pairs_per_voter: int, tmp: Path, shapes: str = "same") -> dict:
+    """50 voters through the HTTP API; each fetches both images of a pair before voting.
+    ``shapes="different"``: m2's images are portrait, so the server letterboxes each pair
+    into one box (rendered on the first request, then served from its cache)."""
     import pyarrow as pa
     from PIL import Image
 
@@ -35,7 +38,7 @@ def bench_votes(n_voters: int, pairs_per_voter: int, tmp: Path) -> dict:
     from eval.vote.simulate import run_voters
     from paradiffusion.storage import Table
 
-    root = tmp / "images"
+    root = tmp / f"images-{shapes}"
     rows = []
     rng = np.random.default_rng(0)
     n_prompts = max(pairs_per_voter, 20)
@@ -43,7 +46,8 @@ def bench_votes(n_voters: int, pairs_per_voter: int, tmp: Path) -> dict:
         for p in range(n_prompts):
             rel = f"png/{m}/p{p}.png"
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / rel)
+            h, w = (80, 48) if shapes == "different" and m == "m2" else (64, 64)
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / rel)
             rows.append(
                 {
                     "key": f"{m}/s/p{p}/0",
@@ -54,10 +58,12 @@ def bench_votes(n_voters: int, pairs_per_voter: int, tmp: Path) -> dict:
                     "prompt": f"prompt {p}",
                     "seed": 0,
                     "image_path": rel,
+                    "width": w,
+                    "height": h,
                 }
             )
     Table(str(root), schema=EVAL_IMAGES).write_shard("all", pa.Table.from_pylist(rows, schema=EVAL_IMAGES))
-    store = VoteStore(tmp / "votes.sqlite", quota=pairs_per_voter)
+    store = VoteStore(tmp / f"votes-{shapes}.sqlite", quota=pairs_per_voter)
     store.add_pairs(build_pairs(Table(str(root), schema=EVAL_IMAGES).read())[0])
     tokens = [store.add_voter(f"v{i}") for i in range(n_voters)]
     with serve_in_thread(create_app(store, root)) as url:
@@ -68,6 +74,7 @@ def bench_votes(n_voters: int, pairs_per_voter: int, tmp: Path) -> dict:
     accepted = sum(r.accepted for r in runs)
     stored = store.progress()["votes"]
     return {
+        "shapes": shapes,
         "voters": n_voters,
         "answers": int(len(lat)),
         "accepted": accepted,
@@ -93,8 +100,10 @@ def bench_clip(n_images: int, tmp: Path) -> dict:
     torch.set_num_threads(2)
     info = build_tiny_clip(tmp / "clip")
     clip = load_clip(info["clip_model"], device="cpu")
-    bench_dir = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
-    prompts = [p.text for p in load_paraprompts(bench_dir / "ParaPrompts_400.csv")[0]]
+    repo = Path(__file__).resolve().parents[1]
+    published = repo / "benchmarks" / "ParaPrompts_400.csv"  # make fetch-benchmarks; else our sample file
+    source = published if published.is_file() else repo / "eval" / "sample_prompts" / "paraprompts_sample.csv"
+    prompts = [p.text for p in load_paraprompts(source)[0]]
     prompts = (prompts * (n_images // len(prompts) + 1))[:n_images]
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(n_images)]
@@ -136,19 +145,34 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        votes = bench_votes(args.voters, args.pairs_per_voter, Path(d))
+        votes = bench_votes(args.voters, args.pairs_per_voter, Path(d), "same")
+        votes_letterbox = bench_votes(args.voters, args.pairs_per_voter, Path(d), "different")
         clip = bench_clip(args.images, Path(d))
-    res = {"machine": f"{platform.machine()} {platform.system()}", "votes": votes, "clip_score": clip}
+    res = {
+        "machine": f"{platform.machine()} {platform.system()}",
+        "votes": votes,
+        "votes_letterbox": votes_letterbox,
+        "clip_score": clip,
+    }
     out = Path(__file__).resolve().parents[1] / "bench_out" / "vote_load.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
-    v, c = votes, clip
-    print("| measure | value |\n|---|---|")
+    c = clip
+    print("| measure | same-size pairs | pairs letterboxed to one box |\n|---|---|---|")
+    v, lb = votes, votes_letterbox
     print(
-        f"| voters / answers (accepted = stored) | {v['voters']} / {v['answers']} ({v['accepted']} = {v['stored']}) |"
+        f"| voters / answers (accepted = stored) | {v['voters']} / {v['answers']} ({v['accepted']} = {v['stored']}) "
+        f"| {lb['voters']} / {lb['answers']} ({lb['accepted']} = {lb['stored']}) |"
     )
-    print(f"| vote submission latency p50 / p95 / max | {v['p50_ms']:.1f} / {v['p95_ms']:.1f} / {v['max_ms']:.1f} ms |")
-    print(f"| throughput (answers incl. fetching the next pair) | {v['votes_per_s']:.0f} votes/s |")
+    print(
+        f"| vote submission latency p50 / p95 / max | {v['p50_ms']:.1f} / {v['p95_ms']:.1f} / {v['max_ms']:.1f} ms "
+        f"| {lb['p50_ms']:.1f} / {lb['p95_ms']:.1f} / {lb['max_ms']:.1f} ms |"
+    )
+    print(
+        f"| throughput (answers, incl. the next pair and both images) | {v['votes_per_s']:.0f} votes/s "
+        f"| {lb['votes_per_s']:.0f} votes/s |"
+    )
+    print("\n| path | images/s |\n|---|---|")
     print(
         f"| CLIP score metric (chunked, {c['chunks_per_prompt']:.1f} chunks/prompt, PIL preprocessing) "
         f"| {c['metric_images_per_s']:.0f} images/s |"

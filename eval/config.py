@@ -66,6 +66,45 @@ class PreferenceConfig(StrictModel):
     pickscore_processor: str | None = Field(None, description="processor id/folder (default: same as pickscore)")
 
 
+class DpgConfig(StrictModel):
+    """DPG-Bench scoring: yes/no questions with dependencies asked of a VQA judge (eval/dpg.py)."""
+
+    questions: str | None = Field(
+        None,
+        description="the official question file dpg_bench.csv (make fetch-benchmarks), or one of yours in its "
+        "format; null: DPG-Bench images are not scored",
+    )
+    judge: str | None = Field(
+        None,
+        description="the VQA judge: a name from caption.captioners (any VLM the captioner registry loads). "
+        "The official judge is mPLUG-large (ModelScope), which this tool does not load",
+    )
+    prompt_sets: list[str] | None = Field(None, description="prompt sets to score (null: every one of kind dpg_bench)")
+    images_per_prompt: int = Field(
+        4, ge=1, le=4, description="images judged per prompt: the lowest seeds, as the official 2x2 grid of four"
+    )
+    question_template: str = Field(
+        "{question} Answer yes or no.",
+        description="what the judge is asked; {question} is the file's question (mPLUG gets the bare question)",
+    )
+    max_new_tokens: int = Field(8, ge=1, le=256, description="the answer's token budget (its first word counts)")
+    batch_size: int = Field(16, ge=1, description="images per judge call (one question, several images)")
+    images_per_shard: int = Field(
+        8, ge=1, description="answers are committed every this many images: a kill loses at most these"
+    )
+
+    @field_validator("question_template")
+    @classmethod
+    def _has_question(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError("question_template must contain {question}")
+        try:
+            v.format(question="q")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"question_template may hold only the {{question}} field ({exc})") from None
+        return v
+
+
 class MetricsConfig(StrictModel):
     """`make eval`: automatic metrics per image, then per model x prompt set x category."""
 
@@ -82,7 +121,8 @@ class MetricsConfig(StrictModel):
     )
     fid_inception_weights: str | None = Field(None, description="torchvision inception_v3 state dict (local file)")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
-    batch_size: int = Field(32, ge=1)
+    dpg: DpgConfig = Field(default_factory=DpgConfig)
+    batch_size: int = Field(32, ge=1, description="images per model call; FID decodes one batch at a time")
     device: str = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     bootstrap: int = Field(1000, ge=10, le=100000, description="bootstrap resamples (over prompts) for the CIs")
@@ -101,6 +141,18 @@ class VoteConfig(StrictModel):
     prompt_sets: list[str] | None = Field(None, description="prompt sets to vote on (null: all generated)")
     seeds_per_prompt: int = Field(1, ge=1, description="how many of the seeded images per prompt become pairs")
     pairs_per_voter: int | None = Field(None, ge=1, description="each voter's quota (null: every pair)")
+    display: Literal["letterbox", "crop"] = Field(
+        "letterbox",
+        description="both images of a pair are served at one size: letterbox (fit inside the common box, "
+        "plain bars) or crop (centre-crop both to one aspect)",
+    )
+    background: str = Field(
+        "#ffffff", pattern=r"^#[0-9a-fA-F]{6}$", description="letterbox bar colour (#rrggbb; the page is white)"
+    )
+    count_revoked: bool = Field(
+        False, description="count the votes of voters revoked later in the report (admin votes never count)"
+    )
+    max_body_bytes: int = Field(4096, ge=256, le=1 << 20, description="larger request bodies get HTTP 413")
 
     @field_validator("comparisons")
     @classmethod
@@ -118,6 +170,9 @@ class ReportConfig(StrictModel):
     bootstrap: int = Field(2000, ge=10, le=100000)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     grid_prompts: int = Field(24, ge=0, description="prompts shown as image grids (per prompt set)")
+    min_prompts: int = Field(
+        10, ge=1, description="rows whose interval rests on fewer prompts than this are flagged on the page"
+    )
 
 
 class EvalConfig(StrictModel):
@@ -150,6 +205,7 @@ class EvalConfig(StrictModel):
         check(self.generate.models, self.models, "generate.models")
         check(self.generate.prompt_sets, self.prompt_sets, "generate.prompt_sets")
         check(self.vote.prompt_sets, self.prompt_sets, "vote.prompt_sets")
+        check(self.metrics.dpg.prompt_sets, self.prompt_sets, "metrics.dpg.prompt_sets")
         for pair in self.vote.comparisons or []:
             check(pair, self.models, "vote.comparisons")
         return self

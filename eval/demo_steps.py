@@ -37,25 +37,28 @@ def step_eval_generate(ctx) -> None:
 
 
 def step_eval_metrics(ctx) -> None:
-    """CLIP score (chunked), aesthetic, FID against the sample photos and PickScore, with tiny models."""
+    """CLIP score (chunked), aesthetic, FID against the sample photos, PickScore and DPG-Bench
+    (our sample question file, judged by the caption step's tiny VLM), with tiny models."""
     from eval.testing import build_tiny_pickscore
     from paradiffusion.testing.tiny_clip import build_tiny_clip
+    from paradiffusion.testing.tiny_vlm import build_tiny_vlm
 
     tiny = build_tiny_clip(_models_dir(ctx) / "eval_tiny_clip")
     pick = build_tiny_pickscore(_models_dir(ctx) / "eval_tiny_pickscore")
+    judge = build_tiny_vlm(_models_dir(ctx) / "tiny_vlm")  # the caption step's (reused when it ran)
     ctx.overrides += [
         f"eval.metrics.clip_model={tiny['clip_model']}",
         f"eval.metrics.aesthetic={tiny['aesthetic']}",
         f"eval.metrics.fid_reference={ctx.out / 'sample'}",
         f"eval.metrics.preference.pickscore={pick}",
+        f"caption.captioners.tiny.model={judge}",
     ]
     ctx.cli("eval")
 
 
 def step_eval_vote(ctx) -> None:
     """A SIMULATED vote: 8 scripted voters through the real HTTP API, then the Parquet export."""
-    from eval.vote.admin import open_store, sync_pairs
-    from eval.vote.app import create_app
+    from eval.vote.admin import app_for, open_store, sync_pairs
     from eval.vote.server import serve_in_thread
     from eval.vote.simulate import run_voters
     from paradiffusion.config import load_config
@@ -70,7 +73,7 @@ def step_eval_vote(ctx) -> None:
     tokens = [store.add_voter(f"demo-voter-{i}") for i in range(8)]
     store.add_voter("demo-admin", role="admin")
     rng = random.Random(0)
-    with serve_in_thread(create_app(store, store.get_meta("image_root"))) as url:
+    with serve_in_thread(app_for(cfg, store)) as url:
         print(f"   simulated voters -> {url}/api/vote", file=sys.stderr)
         runs = run_voters(url, tokens, choose=lambda task, q: rng.choices(["A", "B", "tie"], [5, 3, 2])[0])
     print(

@@ -22,7 +22,16 @@ Per set of images (``_fid.json``): FID of each model x prompt set against
 ``eval.metrics.fid_reference``, a clean implementation (:func:`frechet_distance`) on
 CLIP image features (default) or torchvision Inception-v3 pool features
 (``fid_features: inception`` with local weights). Neither is the TF-Inception FID of
-papers: compare numbers only within this tool.
+papers: compare numbers only within this tool. Images are decoded one batch at a time
+and their statistics merged (:class:`FeatureStats`), so memory is bounded by the batch,
+not the set; the reference statistics are cached per reference set
+(``_fid_reference/<key>.npz``, :func:`reference_stats`).
+
+DPG-Bench (prompt sets of kind ``dpg_bench``, ``eval.metrics.dpg``): a VQA judge answers
+the official yes/no questions about each image first (:mod:`eval.dpg_judge`); the
+per-image ``dpg_score`` / ``dpg_score_corrected`` go into this table and the
+DPG-Bench scores per category into ``_dpg.json`` (:mod:`eval.dpg`). A shard scored
+before its DPG answers were all there is scored again on the next run.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from eval.dpg_judge import dpg_prompt_sets, judge_dpg
 from eval.paths import images_url, metrics_url
 from eval.schemas import EVAL_IMAGES, EVAL_METRICS
 from eval.stats import bootstrap_mean
@@ -53,6 +63,8 @@ METRIC_COLUMNS = [
     "imagereward",
     "hpsv2",
     "pickscore",
+    "dpg_score",
+    "dpg_score_corrected",
 ]
 _SENTENCE = re.compile(r"(?<=[.!?;])\s+")
 
@@ -151,10 +163,95 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
-    """FID between two feature sets (rows are images); each needs at least 2 rows."""
+    """FID between two feature sets held in memory (rows are images); each needs at least 2 rows."""
     if len(a) < 2 or len(b) < 2:
         return float("nan")
     return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+class FeatureStats:
+    """Mean and covariance of feature rows, accumulated batch by batch in float64.
+
+    Memory is one batch plus a d x d matrix, whatever the number of images. Batches
+    are merged with the pairwise update of Chan, Golub and LeVeque (1979): for a batch
+    with ``n_b`` rows, mean ``m_b`` and centred sum of squares ``M_b``,
+    ``M = M_a + M_b + d d^T n_a n_b / n`` with ``d = m_b - m_a``. Unlike summing raw
+    ``x x^T``, it does not lose precision when the mean is large next to the spread.
+    ``cov()`` equals ``np.cov(all_rows, rowvar=False)``.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: np.ndarray | None = None
+        self.m2: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or len(x) == 0:
+            return
+        nb, mb = len(x), x.mean(0)
+        centred = x - mb
+        m2b = centred.T @ centred
+        if self.n == 0:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+            return
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2b + np.outer(delta, delta) * (self.n * nb / n)
+        self.n = n
+
+    def cov(self) -> np.ndarray:
+        return self.m2 / (self.n - 1)
+
+    def to_bytes(self, **extra) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, n=self.n, mean=self.mean, m2=self.m2, **extra)
+        return buf.getvalue()
+
+    @classmethod
+    def from_npz(cls, doc) -> FeatureStats:
+        out = cls()
+        out.n, out.mean, out.m2 = int(doc["n"]), doc["mean"], doc["m2"]
+        return out
+
+
+def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    """FID between two accumulated feature sets; NaN when either has fewer than 2 images."""
+    if a.n < 2 or b.n < 2:
+        return float("nan")
+    return frechet_distance(a.mean, a.cov(), b.mean, b.cov())
+
+
+def stream_stats(
+    items: list,
+    load: Callable[[object], object],
+    extract: Callable[[list], np.ndarray],
+    batch_size: int,
+    on_error: Callable[[object, Exception], None] | None = None,
+) -> FeatureStats:
+    """Features of ``items`` accumulated ``batch_size`` images at a time.
+
+    ``load(item)`` decodes one image; at most one batch of decoded images exists at a
+    time. An item that fails to load is passed to ``on_error`` (counted by the caller)
+    and skipped.
+    """
+    stats = FeatureStats()
+    for start in range(0, len(items), batch_size):
+        batch = []
+        for item in items[start : start + batch_size]:
+            try:
+                batch.append(load(item))
+            except Exception as exc:  # noqa: BLE001 - an unreadable image is counted, not fatal
+                if on_error is None:
+                    raise
+                on_error(item, exc)
+        if batch:
+            stats.update(extract(batch))
+        del batch
+    return stats
 
 
 class InceptionFeatures:
@@ -285,7 +382,7 @@ def aggregate(rows: list[dict], n_boot: int = 1000, confidence: float = 0.95, se
                     e = bootstrap_mean(
                         gc[m].to_numpy(dtype=float), gc["prompt_id"].to_numpy(), n_boot, confidence, seed
                     )
-                    rec[m] = {"mean": e.mean, "ci_low": e.low, "ci_high": e.high}
+                    rec[m] = {"mean": e.mean, "ci_low": e.low, "ci_high": e.high, "n_prompts": e.n_prompts}
             out.append(rec)
     return out
 
@@ -300,20 +397,58 @@ def _open_image(root: Table, rel: str):
     return im.convert("RGB")
 
 
-def _reference_images(folder: str, summary: StageSummary) -> list:
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def _load_rgb(path) -> object:
     from PIL import Image
 
-    out = []
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def reference_stats(
+    folder: str,
+    extract: Callable[[list], np.ndarray],
+    extractor_id: str,
+    batch_size: int,
+    cache: Table | None,
+    summary: StageSummary,
+) -> tuple[FeatureStats, bool]:
+    """Feature statistics of a reference folder, streamed, and cached per reference set.
+
+    The cache key is the feature extractor plus every file's relative path, size and
+    modification time, so adding, removing or changing a reference image (or switching
+    the extractor) computes the statistics again. Returns the statistics and whether
+    they came from the cache.
+    """
+    import hashlib
+
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ConfigError(f"eval.metrics.fid_reference {folder!r} holds no .png/.jpg/.jpeg/.webp images")
+    h = hashlib.sha256(extractor_id.encode())
     for f in files:
-        try:
-            with Image.open(f) as im:
-                out.append(im.convert("RGB"))
-        except Exception:  # noqa: BLE001 - an unreadable reference image is counted, not fatal
-            summary.reject("fid_reference_unreadable")
-    return out
+        st = f.stat()
+        h.update(f"\0{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    name = f"_fid_reference/{h.hexdigest()[:24]}.npz"
+    if cache is not None and cache.fs.exists(f"{cache.path}/{name}"):
+        with cache.fs.open(f"{cache.path}/{name}", "rb") as f:
+            doc = np.load(f)
+            stats = FeatureStats.from_npz(doc)
+            unreadable = int(doc["unreadable"])
+        if unreadable:
+            summary.reject("fid_reference_unreadable", unreadable)
+        return stats, True
+    bad = []
+    stats = stream_stats(files, _load_rgb, extract, batch_size, on_error=lambda item, exc: bad.append(item))
+    if bad:
+        summary.reject("fid_reference_unreadable", len(bad))
+        log.warning("%d unreadable reference image(s), e.g. %s", len(bad), bad[0])
+    if cache is not None and stats.n:
+        cache.write_file(name, stats.to_bytes(unreadable=len(bad), files=len(files)))
+    return stats, False
 
 
 def run_metrics(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
@@ -326,7 +461,19 @@ def run_metrics(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
         raise ConfigError(f"no generated images in {images.url}: run `make eval-generate` first")
     table = Table(metrics_url(cfg), schema=EVAL_METRICS)
     table.clean_tmp()
-    todo = sorted(images.done_shards() - table.done_shards())
+    dpg_sets = set(dpg_prompt_sets(cfg)) if mcfg.dpg.questions else set()
+
+    def needs_scoring(shard: str) -> bool:
+        if shard not in table.done_shards():
+            return True
+        # a shard scored before its DPG-Bench answers were all there is scored again (CLIP is cheap)
+        return (
+            bool(dpg_sets)
+            and _shard_prompt_set(images, shard) in dpg_sets
+            and table.marker(shard).get("dpg") != "complete"
+        )
+
+    todo = sorted(s for s in images.done_shards() if needs_scoring(s))
     summary = StageSummary(STAGE)
     summary.skipped_done = len(images.done_shards()) - len(todo)
     clip = load_clip(mcfg.clip_model, mcfg.clip_pretrained, device=mcfg.device, precision=mcfg.precision)
@@ -354,14 +501,28 @@ def run_metrics(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
             "aesthetic": mcfg.aesthetic or "not configured",
             "preference": ", ".join(pref) or "none",
             "fid": f"{mcfg.fid_features} features vs {mcfg.fid_reference}" if mcfg.fid_reference else "not configured",
+            "dpg-bench": (
+                f"judge {mcfg.dpg.judge} on {sorted(dpg_sets)}, questions {mcfg.dpg.questions}"
+                if dpg_sets
+                else "not configured (eval.metrics.dpg.questions)"
+            ),
             "output": table.url,
         },
     )
+    dpg = judge_dpg(cfg, images, summary) if dpg_sets else None
+    if dpg is not None:
+        table.save_json("_dpg.json", dpg.doc)
+        summary.extra["dpg"] = "; ".join(
+            f"{k}: {v['official']['score']:.2f} (corrected {v['corrected']['score']:.2f})"
+            for k, v in dpg.doc["results"].items()
+            if v["official"]["score"] is not None and v["corrected"]["score"] is not None
+        )
     table.save_config(cfg, STAGE, mcfg)
     total = sum(int(images.marker(s)["rows"]) for s in todo)
     with progress(range(total), total=total, desc=STAGE, unit="img") as bar:
         for shard in todo:
             rows = pq.read_table(images.shard_file(shard), filesystem=images.fs).to_pylist()
+            dpg_complete = dpg is None or dpg.complete(r["key"] for r in rows)
             out_rows = []
             for start in range(0, len(rows), mcfg.batch_size):
                 batch = rows[start : start + mcfg.batch_size]
@@ -391,12 +552,19 @@ def run_metrics(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
                     for name, fn in pref.items():
                         cols[name] = fn(ims, prompts)
                     for i, o in enumerate(ok):
+                        scores = dpg.scores.get(o["key"], (None, None)) if dpg is not None else (None, None)
                         out_rows.append(
-                            o | {k: (int(v[i]) if k == "clip_chunks" else float(v[i])) for k, v in cols.items()}
+                            o
+                            | {k: (int(v[i]) if k == "clip_chunks" else float(v[i])) for k, v in cols.items()}
+                            | {"dpg_score": scores[0], "dpg_score_corrected": scores[1]}
                         )
                     summary.n_out += len(ok)
                 bar.update(len(batch))
-            table.write_shard(shard, rows_to_table(out_rows, EVAL_METRICS))
+            table.write_shard(
+                shard,
+                rows_to_table(out_rows, EVAL_METRICS),
+                meta={"dpg": "complete" if dpg_complete else "partial"} if dpg_sets else None,
+            )
     all_rows = table.read().to_pylist()
     agg = aggregate(all_rows, mcfg.bootstrap, seed=cfg.project.seed)
     table.save_json(
@@ -412,7 +580,7 @@ def run_metrics(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
         },
     )
     if mcfg.fid_reference:
-        fid = compute_fid(cfg, images, clip, summary)
+        fid = compute_fid(cfg, images, clip, summary, cache=table)
         table.save_json("_fid.json", fid)
         summary.extra["fid"] = "; ".join(f"{k}: {v['fid']:.2f}" for k, v in fid["results"].items())
     summary.extra["preference"] = "; ".join(f"{k}: {v}" for k, v in notes.items()) or "all configured ran"
@@ -422,8 +590,13 @@ def run_metrics(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def compute_fid(cfg: PipelinesConfig, images: Table, clip, summary: StageSummary) -> dict:
-    """FID of every model x prompt set against the reference folder."""
+def compute_fid(cfg: PipelinesConfig, images: Table, clip, summary: StageSummary, cache: Table | None = None) -> dict:
+    """FID of every model x prompt set against the reference folder.
+
+    Images are decoded and turned into features one batch (``eval.metrics.batch_size``)
+    at a time, so memory is bounded by the batch, not the set; the reference
+    statistics are cached in ``cache`` (the metrics table folder) per reference set.
+    """
     mcfg = cfg.eval.metrics
     if mcfg.fid_features == "inception":
         if not mcfg.fid_inception_weights:
@@ -432,16 +605,15 @@ def compute_fid(cfg: PipelinesConfig, images: Table, clip, summary: StageSummary
                 "torchvision inception_v3 state dict)"
             )
         extract = InceptionFeatures(mcfg.fid_inception_weights, str(clip.device))
+        w = Path(mcfg.fid_inception_weights)
+        extractor_id = f"inception-v3:{w.resolve()}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
     else:
 
         def extract(ims: list) -> np.ndarray:
             return clip.encode_pil(ims)
 
-    def features(ims: list) -> np.ndarray:
-        bs = mcfg.batch_size
-        return np.concatenate([extract(ims[i : i + bs]) for i in range(0, len(ims), bs)])
-
-    ref = features(_reference_images(mcfg.fid_reference, summary))
+        extractor_id = f"clip:{mcfg.clip_model}:{mcfg.clip_pretrained}:{mcfg.precision}"
+    ref, cached = reference_stats(mcfg.fid_reference, extract, extractor_id, mcfg.batch_size, cache, summary)
     rows = [
         r
         for r in images.read(columns=["model", "prompt_set", "image_path", "error"]).to_pylist()
@@ -452,14 +624,29 @@ def compute_fid(cfg: PipelinesConfig, images: Table, clip, summary: StageSummary
         groups.setdefault(f"{r['model']}/{r['prompt_set']}", []).append(r["image_path"])
     results = {}
     for name, paths in progress(sorted(groups.items()), desc="fid", unit="set"):
-        feats = features([_open_image(images, p) for p in paths])
-        results[name] = {"fid": fid_from_features(feats, ref), "n_images": len(paths), "n_reference": len(ref)}
+
+        def unreadable(item, exc, name=name) -> None:
+            summary.reject("fid_image_unreadable")
+            log.warning("FID %s: cannot read %s (%s)", name, item, exc)
+
+        stats = stream_stats(paths, lambda p: _open_image(images, p), extract, mcfg.batch_size, unreadable)
+        results[name] = {"fid": fid_from_stats(stats, ref), "n_images": stats.n, "n_reference": ref.n}
     return {
         "features": mcfg.fid_features,
         "reference": mcfg.fid_reference,
+        "reference_cached": cached,
         "results": results,
         "note": "not comparable with papers' TF-Inception FID; few images make FID biased upward",
     }
+
+
+def _shard_prompt_set(images: Table, shard: str) -> str | None:
+    """The prompt set of an eval_images shard (from its marker; older shards: from the rows)."""
+    ps = images.marker(shard).get("prompt_set")
+    if ps is None:
+        col = pq.read_table(images.shard_file(shard), filesystem=images.fs, columns=["prompt_set"]).column(0)
+        ps = col[0].as_py() if len(col) else None
+    return ps
 
 
 def load_metrics_json(cfg: PipelinesConfig, name: str) -> dict | None:

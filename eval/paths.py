@@ -20,3 +20,8 @@ def votes_folder(cfg: PipelinesConfig) -> str:
 
 def report_folder(cfg: PipelinesConfig) -> str:
     return cfg.eval.report.output or join(cfg.project.data_root, "eval", "report")
+
+
+def dpg_answers_url(cfg: PipelinesConfig) -> str:
+    """DPG-Bench judge answers: a table inside the metrics folder."""
+    return join(metrics_url(cfg), "dpg_answers")

@@ -9,8 +9,19 @@ paper reports voting rates per question (visual appeal, text faithfulness) again
 each baseline; its "+15 %" / "+45 %" read as the gap. Intervals: percentile cluster
 bootstrap over prompts.
 
+Which votes count: votes from admin tokens never count (an admin sees the models;
+databases from before admins were refused may hold some), and votes of voters revoked
+later are left out unless ``eval.vote.count_revoked`` is true. The page says how many
+votes it counted and how many it left out, and why.
+
+Every interval is printed with the number of prompts behind it (``n=``); rows with
+fewer than ``eval.report.min_prompts`` prompts (default 10) are flagged, because a
+bootstrap over a handful of prompts gives intervals that are too narrow to trust (one
+prompt gives a zero-width one).
+
 The page is written with ``html.escape`` and f-strings: it is one static page, and a
-template engine would add a dependency for no gain.
+template engine would add a dependency for no gain. It has a viewport tag and its
+tables scroll inside their own box, so it reads on a phone.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import argparse
 import datetime as _dt
 import html
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from eval.paths import images_url, metrics_url, report_folder, votes_folder
@@ -37,26 +48,62 @@ TIES_NOTE = (
     "Ties-half = first share + tie share / 2. 95 % intervals: percentile bootstrap over prompts."
 )
 
-CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
-table{border-collapse:collapse;margin:8px 0 20px}td,th{border:1px solid #ccc;padding:3px 8px;font-size:.9em;text-align:right}
+CSS = """body{font-family:system-ui,sans-serif;margin:16px;color:#222;max-width:1400px;overflow-wrap:anywhere}
+.scroll{overflow-x:auto;max-width:100%;margin:8px 0 20px}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:3px 8px;font-size:.9em;text-align:right;overflow-wrap:normal;white-space:nowrap}
 th{background:#f3f3f3}td.l,th.l{text-align:left}.ci{color:#777;font-size:.85em}.note{color:#555;max-width:1000px}
+tr.few td{background:#fff7e0}.flag{color:#a15c00;font-weight:bold}
 .banner{background:#fff3cd;border:1px solid #e0c36a;padding:8px 12px;margin:10px 0}
-.grid{display:flex;gap:8px;flex-wrap:wrap}.grid figure{margin:0;text-align:center;font-size:.8em}
-.grid img{width:192px;height:auto;border:1px solid #ccc;image-rendering:pixelated}.prompt{max-width:1000px;font-size:.9em}
+.grid{display:flex;gap:8px;flex-wrap:wrap}.grid figure{margin:0;text-align:center;font-size:.8em;max-width:45vw}
+.grid img{width:192px;max-width:100%;height:auto;border:1px solid #ccc;image-rendering:pixelated}
+.prompt{max-width:1000px;font-size:.9em}
 """
 
 
+def _table(head: str, rows: list[str]) -> str:
+    """A table that scrolls sideways inside its own box (a phone never gets a page wider than itself)."""
+    return f"<div class=scroll><table>{head}{''.join(rows)}</table></div>"
+
+
+def _few(n_prompts: int, min_prompts: int) -> str:
+    """The flag for a row with too few prompts to trust its interval ('' when enough)."""
+    if n_prompts >= min_prompts:
+        return ""
+    return (
+        f' <span class=flag title="fewer than {min_prompts} prompts: the interval is too narrow to trust">'
+        f"&#9888; {n_prompts} prompt{'s' if n_prompts != 1 else ''}</span>"
+    )
+
+
 def _fmt(est, pct: bool = False) -> str:
+    """``mean [low, high] n=prompts``: every interval with the number of prompts behind it."""
     if est is None:
         return ""
     if isinstance(est, dict):
-        mean, lo, hi = est["mean"], est["ci_low"], est["ci_high"]
+        mean, lo, hi, n = est["mean"], est["ci_low"], est["ci_high"], est.get("n_prompts")
     else:
-        mean, lo, hi = est.mean, est.low, est.high
+        mean, lo, hi, n = est.mean, est.low, est.high, est.n_prompts
     if mean != mean:  # NaN
         return "-"
     k, unit = (100, " %") if pct else (1, "")
-    return f"{mean * k:.1f}{unit} <span class=ci>[{lo * k:.1f}, {hi * k:.1f}]</span>"
+    count = f" n={n}" if n is not None else ""
+    return f"{mean * k:.1f}{unit} <span class=ci>[{lo * k:.1f}, {hi * k:.1f}]{count}</span>"
+
+
+def counted_votes(rows: list[dict], count_revoked: bool = False) -> tuple[list[dict], Counter]:
+    """The votes the report counts, and how many it leaves out by reason.
+
+    Admin-token votes never count; revoked voters' votes count only with ``count_revoked``.
+    """
+    kept, left_out = [], Counter()
+    for r in rows:
+        if r.get("voter_role", "voter") != "voter":
+            left_out["from admin tokens (an admin sees the models)"] += 1
+        elif r.get("voter_revoked") and not count_revoked:
+            left_out["from revoked voters (eval.vote.count_revoked: false)"] += 1
+        else:
+            kept.append(r)
+    return kept, left_out
 
 
 def voting_rates(rows: list[dict], n_boot: int, confidence: float, seed: int = 0) -> list[tuple[str, VotingRate]]:
@@ -82,14 +129,15 @@ def voting_rates(rows: list[dict], n_boot: int, confidence: float, seed: int = 0
     return out
 
 
-def _votes_section(cfg: PipelinesConfig) -> tuple[str, int]:
+def _votes_section(cfg: PipelinesConfig) -> tuple[str, int, int]:
+    """The voting table; also the votes counted and the rows flagged for too few prompts."""
     from eval.vote.db import VoteStore
 
     db = Path(votes_folder(cfg)) / "votes.sqlite"
     if not db.is_file():
-        return "<p>No voting database yet (run <code>make vote</code>).</p>", 0
+        return "<p>No voting database yet (run <code>make vote</code>).</p>", 0, 0
     store = VoteStore(db)
-    rows = store.votes_rows()
+    all_rows = store.votes_rows()
     parts = []
     simulated = store.get_meta("simulated")
     if simulated:
@@ -97,49 +145,79 @@ def _votes_section(cfg: PipelinesConfig) -> tuple[str, int]:
             f"<div class=banner><b>Simulated votes.</b> {html.escape(simulated)} They say nothing about "
             "the models.</div>"
         )
-    if not rows:
-        return "".join(parts) + "<p>No votes yet.</p>", 0
+    if not all_rows:
+        return "".join(parts) + "<p>No votes yet.</p>", 0, 0
     rc = cfg.eval.report
+    rows, left_out = counted_votes(all_rows, cfg.eval.vote.count_revoked)
+    n_voters = len({r["voter"] for r in rows})
+    counted = (
+        f"Counted {len(rows)} of {len(all_rows)} votes, from {n_voters} voter{'s' if n_voters != 1 else ''}"
+        + (
+            "; left out: " + "; ".join(f"{n} {html.escape(why)}" for why, n in sorted(left_out.items()))
+            if left_out
+            else "; none left out"
+        )
+        + (
+            ". Revoked voters' votes are counted (eval.vote.count_revoked: true)."
+            if cfg.eval.vote.count_revoked
+            else "."
+        )
+    )
+    parts.append(f"<p class=note id=votes-counted>{counted}</p>")
+    if not rows:
+        return "".join(parts), 0, 0
     parts.append(f"<p class=note>{html.escape(TIES_NOTE)}</p>")
-    parts.append(
-        "<table><tr><th class=l>comparison (X vs Y)</th><th class=l>prompt set</th><th class=l>question</th>"
+    head = (
+        "<tr><th class=l>comparison (X vs Y)</th><th class=l>prompt set</th><th class=l>question</th>"
         "<th>votes</th><th>prompts</th><th>X wins</th><th>tie</th><th>Y wins</th><th>gap X&minus;Y</th>"
         "<th>X, ties half</th></tr>"
     )
+    body, flagged = [], 0
     for ps, r in voting_rates(rows, rc.bootstrap, rc.confidence, cfg.project.seed):
-        parts.append(
-            f"<tr><td class=l>{html.escape(r.a)} vs {html.escape(r.b)}</td><td class=l>{html.escape(ps)}</td>"
-            f"<td class=l>{html.escape(r.question)}</td><td>{r.n_votes}</td><td>{r.n_prompts}</td>"
-            f"<td>{_fmt(r.win, True)}</td><td>{_fmt(r.tie, True)}</td><td>{_fmt(r.loss, True)}</td>"
-            f"<td>{_fmt(r.gap, True)}</td><td>{_fmt(r.win_ties_half, True)}</td></tr>"
+        few = _few(r.n_prompts, rc.min_prompts)
+        flagged += bool(few)
+        body.append(
+            f"<tr{' class=few' if few else ''}><td class=l>{html.escape(r.a)} vs {html.escape(r.b)}{few}</td>"
+            f"<td class=l>{html.escape(ps)}</td><td class=l>{html.escape(r.question)}</td><td>{r.n_votes}</td>"
+            f"<td>{r.n_prompts}</td><td>{_fmt(r.win, True)}</td><td>{_fmt(r.tie, True)}</td>"
+            f"<td>{_fmt(r.loss, True)}</td><td>{_fmt(r.gap, True)}</td><td>{_fmt(r.win_ties_half, True)}</td></tr>"
         )
-    parts.append("</table>")
-    return "".join(parts), len(rows)
+    parts.append(_table(head, body))
+    return "".join(parts), len(rows), flagged
 
 
-def _metrics_section(cfg: PipelinesConfig) -> str:
+def _metrics_section(cfg: PipelinesConfig) -> tuple[str, int]:
+    """The metrics table (and FID, DPG-Bench); also the rows flagged for too few prompts."""
     from eval.metrics import METRIC_COLUMNS
 
     table = Table(metrics_url(cfg))
     agg = table.load_json("_aggregate.json")
     if not agg:
-        return "<p>No metrics yet (run <code>make eval</code>).</p>"
+        return "<p>No metrics yet (run <code>make eval</code>).</p>", 0
+    min_prompts = cfg.eval.report.min_prompts
     rows = agg["rows"]
     cols = [m for m in METRIC_COLUMNS if any(m in r for r in rows)]
     parts = [
-        f"<p class=note>Mean per image with 95 % interval ({html.escape(agg['ci_method'])}). "
-        f"CLIP score: {html.escape(agg['clip_score_note'])}.</p>",
-        "<table><tr><th class=l>model</th><th class=l>prompt set</th><th class=l>category</th><th>images</th>"
-        "<th>prompts</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>",
+        f"<p class=note>Mean per image with 95 % interval ({html.escape(agg['ci_method'])}); n = prompts behind "
+        f"the interval; rows with fewer than {min_prompts} prompts are flagged. "
+        f"CLIP score: {html.escape(agg['clip_score_note'])}.</p>"
     ]
+    head = (
+        "<tr><th class=l>model</th><th class=l>prompt set</th><th class=l>category</th><th>images</th>"
+        "<th>prompts</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
+    )
+    body, flagged = [], 0
     for r in rows:
-        parts.append(
-            f"<tr><td class=l>{html.escape(r['model'])}</td><td class=l>{html.escape(r['prompt_set'])}</td>"
-            f"<td class=l>{html.escape(r['category'])}</td><td>{r['n_images']}</td><td>{r['n_prompts']}</td>"
-            + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols)
+        few = _few(int(r["n_prompts"]), min_prompts)
+        flagged += bool(few)
+        body.append(
+            f"<tr{' class=few' if few else ''}><td class=l>{html.escape(r['model'])}{few}</td>"
+            f"<td class=l>{html.escape(r['prompt_set'])}</td><td class=l>{html.escape(r['category'])}</td>"
+            f"<td>{r['n_images']}</td><td>{r['n_prompts']}</td>"
+            + "".join(f"<td>{_fmt({'n_prompts': r['n_prompts'], **r[c]} if c in r else None)}</td>" for c in cols)
             + "</tr>"
         )
-    parts.append("</table>")
+    parts.append(_table(head, body))
     notes = agg.get("preference_notes") or {}
     if notes:
         parts.append(
@@ -151,16 +229,70 @@ def _metrics_section(cfg: PipelinesConfig) -> str:
     if fid:
         parts.append(
             f"<h3>FID ({html.escape(fid['features'])} features, reference {html.escape(str(fid['reference']))})"
-            f"</h3><p class=note>{html.escape(fid['note'])}</p><table><tr><th class=l>model / prompt set</th>"
-            "<th>FID</th><th>images</th><th>reference images</th></tr>"
+            f"</h3><p class=note>{html.escape(fid['note'])}</p>"
         )
-        for k, v in fid["results"].items():
-            parts.append(
-                f"<tr><td class=l>{html.escape(k)}</td><td>{v['fid']:.3f}</td><td>{v['n_images']}</td>"
-                f"<td>{v['n_reference']}</td></tr>"
+        parts.append(
+            _table(
+                "<tr><th class=l>model / prompt set</th><th>FID</th><th>images</th><th>reference images</th></tr>",
+                [
+                    f"<tr><td class=l>{html.escape(k)}</td><td>{v['fid']:.3f}</td><td>{v['n_images']}</td>"
+                    f"<td>{v['n_reference']}</td></tr>"
+                    for k, v in fid["results"].items()
+                ],
             )
-        parts.append("</table>")
-    return "".join(parts)
+        )
+    dpg = table.load_json("_dpg.json")
+    if dpg:
+        dpg_html, dpg_flagged = _dpg_section(dpg, min_prompts)
+        parts.append(dpg_html)
+        flagged += dpg_flagged
+    return "".join(parts), flagged
+
+
+def _dpg_section(doc: dict, min_prompts: int) -> tuple[str, int]:
+    """DPG-Bench: the score by the official arithmetic and the corrected one, per category."""
+    parts = [
+        f"<h3>DPG-Bench (judge: {html.escape(str(doc['judge']))})</h3>",
+        f"<p class=note>{html.escape(doc['note'])}</p>",
+    ]
+    head = (
+        "<tr><th class=l>model / prompt set</th><th>DPG score (official arithmetic)</th>"
+        "<th>corrected</th><th>prompts scored</th><th>prompts left out</th><th>unclear answers</th>"
+        "<th class=l>level-1 categories (official)</th></tr>"
+    )
+    body, flagged = [], 0
+    for name, res in doc["results"].items():
+        off, cor = res["official"], res["corrected"]
+        few = _few(int(off["n_prompts"]), min_prompts)
+        flagged += bool(few)
+        l1 = ", ".join(f"{html.escape(k)} {v:.1f}" for k, v in sorted(off["l1"].items()))
+        left = "; ".join(f"{n} {html.escape(why)}" for why, n in sorted(off["left_out"].items())) or "none"
+        body.append(
+            f"<tr{' class=few' if few else ''}><td class=l>{html.escape(name)}{few}</td>"
+            f"<td>{_fmt_score(off)}</td><td>{_fmt_score(cor)}</td><td>{off['n_prompts']}</td>"
+            f"<td class=l>{left}</td><td>{res.get('unclear_answers', 0)}</td><td class=l>{l1}</td></tr>"
+        )
+    parts.append(_table(head, body))
+    l2_head = "<tr><th class=l>model / prompt set</th><th class=l>level-2 category</th><th>official</th><th>corrected</th></tr>"
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    l2_rows = [
+        f"<tr><td class=l>{html.escape(name)}</td><td class=l>{html.escape(cat)}</td>"
+        f"<td>{cell(res['official']['l2'].get(cat))}</td><td>{cell(res['corrected']['l2'].get(cat))}</td></tr>"
+        for name, res in doc["results"].items()
+        for cat in sorted(set(res["official"]["l2"]) | set(res["corrected"]["l2"]))
+    ]
+    parts.append("<details><summary>Level-2 categories</summary>" + _table(l2_head, l2_rows) + "</details>")
+    return "".join(parts), flagged
+
+
+def _fmt_score(res: dict) -> str:
+    """A DPG score (0-100) with its bootstrap interval over prompts and the prompt count."""
+    if res.get("score") is None:
+        return "-"
+    return f"{res['score']:.2f} <span class=ci>[{res['ci_low']:.2f}, {res['ci_high']:.2f}] n={res['n_prompts']}</span>"
 
 
 def _grids_section(cfg: PipelinesConfig, out_dir: str) -> str:
@@ -201,18 +333,20 @@ def _grids_section(cfg: PipelinesConfig, out_dir: str) -> str:
 def build_report(cfg: PipelinesConfig) -> tuple[str, dict]:
     """The HTML page and a few counts for the summary."""
     out_dir = os.path.abspath(report_folder(cfg)) if "://" not in report_folder(cfg) else report_folder(cfg)
-    votes_html, n_votes = _votes_section(cfg)
+    votes_html, n_votes, flagged_votes = _votes_section(cfg)
+    metrics_html, flagged_metrics = _metrics_section(cfg)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     page = (
-        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Evaluation report</title>"
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        '<meta name=viewport content="width=device-width, initial-scale=1"><title>Evaluation report</title>'
         f"<style>{CSS}</style></head><body><h1>Evaluation report</h1><p class=note>Written {now}. Images: "
         f"{html.escape(images_url(cfg))}; metrics: {html.escape(metrics_url(cfg))}; votes: "
         f"{html.escape(votes_folder(cfg))}.</p>"
         f"<h2>Human voting rates</h2>{votes_html}"
-        f"<h2>Automatic metrics</h2>{_metrics_section(cfg)}"
+        f"<h2>Automatic metrics</h2>{metrics_html}"
         f"<h2>Images per prompt</h2>{_grids_section(cfg, out_dir)}</body></html>"
     )
-    return page, {"votes": n_votes}
+    return page, {"votes": n_votes, "rows_under_min_prompts": flagged_votes + flagged_metrics}
 
 
 def run_report(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
@@ -233,6 +367,10 @@ def run_report(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     out.save_config(cfg, STAGE, cfg.eval.report)
     summary.n_in = counts["votes"]
     summary.n_out = 1
+    if counts["rows_under_min_prompts"]:
+        summary.flag(
+            f"rows under {cfg.eval.report.min_prompts} prompts (flagged on the page)", counts["rows_under_min_prompts"]
+        )
     summary.extra["report"] = f"{out.url}/index.html"
     summary.finish()
     out.save_json("_summary.json", summary.to_dict())

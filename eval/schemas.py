@@ -41,7 +41,33 @@ EVAL_METRICS = pa.schema(
         pa.field("imagereward", pa.float32()),
         pa.field("hpsv2", pa.float32()),
         pa.field("pickscore", pa.float32()),
+        # DPG-Bench (prompt sets of kind dpg_bench): 100 x this image's share of yes answers after the
+        # dependency rule, by the official script's arithmetic (null where it leaves the prompt out)
+        # and the corrected one (eval/dpg.py); the prompt's score is the mean over its images.
+        pa.field("dpg_score", pa.float32()),
+        pa.field("dpg_score_corrected", pa.float32()),
         pa.field("error", pa.string()),
+    ]
+)
+
+#: DPG-Bench: one row per judged image x question (``<metrics>/dpg_answers``). Written in
+#: committed shards of whole images, so a rerun skips every image already judged.
+DPG_ANSWERS = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),  # the eval_images key of the image
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("prompt_set", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),  # = the question file's item_id
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("crop", pa.int32(), nullable=False),  # 0-3: the image's place in the official 2x2 grid
+        pa.field("qid", pa.int32(), nullable=False),  # proposition_id
+        pa.field("question", pa.string()),  # as asked (question_template applied)
+        pa.field("category", pa.string()),  # level 2, e.g. "attribute - color"
+        pa.field("answer", pa.string()),  # the judge's raw answer
+        pa.field("yes", pa.bool_(), nullable=False),  # first word "yes"
+        pa.field("clear", pa.bool_(), nullable=False),  # first word "yes" or "no"
+        pa.field("judge", pa.string()),  # model id (and revision) of the judge
+        pa.field("created_at", pa.float64()),
     ]
 )
 
@@ -50,6 +76,8 @@ VOTES = pa.schema(
     [
         pa.field("vote_id", pa.int64(), nullable=False),
         pa.field("voter", pa.string(), nullable=False),
+        pa.field("voter_role", pa.string()),  # voter | admin (admins cannot vote; older databases may hold some)
+        pa.field("voter_revoked", pa.bool_()),  # revoked after voting: left out of the report by default
         pa.field("pair_id", pa.int64(), nullable=False),
         pa.field("prompt_set", pa.string(), nullable=False),
         pa.field("prompt_id", pa.string(), nullable=False),

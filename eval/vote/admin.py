@@ -34,18 +34,33 @@ def sync_pairs(cfg: PipelinesConfig, store: VoteStore) -> StageSummary:
     if not images.done_shards():
         raise ConfigError(f"no generated images in {images.url}: run `make eval-generate` first")
     v = cfg.eval.vote
-    rows, skipped = build_pairs(images.read(), v.comparisons, v.prompt_sets, v.seeds_per_prompt)
-    summary.n_in = len(rows) + sum(skipped.values())
-    summary.n_out = store.add_pairs(rows)
-    summary.rejected.update(skipped)
+    built = build_pairs(images.read(), v.comparisons, v.prompt_sets, v.seeds_per_prompt)
+    summary.n_in = len(built.rows) + sum(built.skipped.values())
+    summary.n_out = store.add_pairs(built.rows)
+    summary.rejected.update(built.skipped)
+    for what, n in built.aspect_mismatch.items():
+        summary.flag(f"aspect_mismatch ({what}; shown as {v.display})", n)
     summary.extra["pairs_total"] = store.n_pairs()
     store.set_meta("image_root", str(_local(images.url, "eval.generate.output").resolve()))
     Table(str(store.path.parent)).save_config(cfg, "vote", v)
     return summary.finish()
 
 
-def run_vote(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def app_for(cfg: PipelinesConfig, store: VoteStore):
+    """The voting app over ``store`` with the ``eval.vote`` display and limits."""
     from eval.vote.app import create_app
+
+    v = cfg.eval.vote
+    return create_app(
+        store,
+        store.get_meta("image_root"),
+        display=v.display,
+        background=v.background,
+        max_body_bytes=v.max_body_bytes,
+    )
+
+
+def run_vote(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     from eval.vote.server import serve_forever
 
     store = open_store(cfg)
@@ -58,12 +73,14 @@ def run_vote(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
             "database": store.path,
             "pairs": f"{store.n_pairs()} ({summary.n_out} new)",
             "skipped": dict(summary.rejected) or "none",
+            "images": f"both of a pair shown at one size ({cfg.eval.vote.display})"
+            + (f"; WARNING: {dict(summary.flagged)}" if summary.flagged else ""),
             "voters": f"{sum(1 for v in store.progress()['voters'] if v['role'] == 'voter')} invited",
             "url": f"http://{host}:{port}/vote?t=<token>   admin: /admin?t=<admin token>",
             "invite": "paradiffusion vote-admin invite NAME... [--admin]",
         },
     )
-    serve_forever(create_app(store, store.get_meta("image_root")), host, port)
+    serve_forever(app_for(cfg, store), host, port)
     return 0
 
 

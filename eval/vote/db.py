@@ -7,8 +7,10 @@ constraint, not a check in Python:
 
 - one vote per voter, pair and question: ``UNIQUE(voter_id, pair_id, question)``;
   a second one is ignored by ``ON CONFLICT DO NOTHING`` and reported as a duplicate;
-- a vote only for a pair served to that voter: the insert selects from ``served``,
-  so a pair that was not served inserts nothing;
+- a vote only for a pair served to that voter, after both of its images were sent to
+  that voter, from a voter (not admin) token that is not revoked: the insert selects
+  from ``served`` joined with ``voters`` under those conditions, so anything else
+  inserts nothing;
 - serving the next pair happens in one ``BEGIN IMMEDIATE`` transaction.
 
 Tokens are stored as SHA-256 hashes; the plain token exists only in the invite link.
@@ -30,6 +32,8 @@ QUESTIONS: dict[str, str] = {
     "text_faithfulness": "Which image follows the text more faithfully?",
 }
 CHOICES = ("A", "B", "tie")
+#: Largest id SQLite stores (a signed 64-bit integer); ids are 1 .. MAX_ID.
+MAX_ID = 2**63 - 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -45,6 +49,7 @@ CREATE TABLE IF NOT EXISTS pairs (
 CREATE TABLE IF NOT EXISTS served (
     voter_id INTEGER NOT NULL REFERENCES voters(id), pair_id INTEGER NOT NULL REFERENCES pairs(id),
     a_model TEXT NOT NULL, b_model TEXT NOT NULL, served_at REAL NOT NULL,
+    a_loaded REAL, b_loaded REAL,
     PRIMARY KEY (voter_id, pair_id));
 CREATE TABLE IF NOT EXISTS votes (
     id INTEGER PRIMARY KEY, voter_id INTEGER NOT NULL, pair_id INTEGER NOT NULL, question TEXT NOT NULL,
@@ -72,9 +77,9 @@ class Voter:
 
 @dataclass
 class VoteResult:
-    """What happened to one submitted vote: ``accepted``, ``duplicate`` or ``not_served``."""
+    """What happened to one submitted vote."""
 
-    status: str
+    status: str  # accepted | duplicate | not_served | not_loaded | not_allowed
     done: int = 0
     total: int = 0
 
@@ -89,6 +94,10 @@ class VoteStore:
         self._local = threading.local()
         c = self._conn()
         c.executescript(SCHEMA)
+        served_cols = {r[1] for r in c.execute("PRAGMA table_info(served)")}
+        for col in ("a_loaded", "b_loaded"):  # databases written before images had to load first
+            if col not in served_cols:
+                c.execute(f"ALTER TABLE served ADD COLUMN {col} REAL")
         if c.execute("SELECT value FROM meta WHERE key='salt'").fetchone() is None:
             c.execute("INSERT OR IGNORE INTO meta VALUES ('salt', ?)", (secrets.token_hex(16),))
         self.salt = c.execute("SELECT value FROM meta WHERE key='salt'").fetchone()[0]
@@ -173,6 +182,8 @@ class VoteStore:
         return (min(n, self.quota) if self.quota else n) * len(QUESTIONS)
 
     def pair(self, pair_id: int) -> dict | None:
+        if not 1 <= pair_id <= MAX_ID:
+            return None
         c = self._conn()
         cur = c.execute("SELECT * FROM pairs WHERE id=?", (pair_id,))
         row = cur.fetchone()
@@ -191,6 +202,8 @@ class VoteStore:
         broken in a per-voter random order), its sides drawn at random, and recorded
         in ``served``. ``{"done": True}`` when the voter's quota is complete.
         """
+        if voter.role != "voter":
+            raise ValueError(f"{voter.name!r} holds an admin token: admins see the models and do not vote")
         c = self._conn()
         nq = len(QUESTIONS)
         c.execute("BEGIN IMMEDIATE")
@@ -214,7 +227,10 @@ class VoteStore:
                     if cand:
                         pid, mx, my = min(cand, key=lambda r: _mix(self.salt, voter.id, r[0]))
                         a, b = (mx, my) if _mix(self.salt, "side", voter.id, pid) % 2 == 0 else (my, mx)
-                        c.execute("INSERT INTO served VALUES (?, ?, ?, ?, ?)", (voter.id, pid, a, b, time.time()))
+                        c.execute(
+                            "INSERT INTO served (voter_id, pair_id, a_model, b_model, served_at) VALUES (?, ?, ?, ?, ?)",
+                            (voter.id, pid, a, b, time.time()),
+                        )
                         c.execute("UPDATE pairs SET n_served=n_served+1 WHERE id=?", (pid,))
                         row = (pid, a)
             done, total = self._progress(c, voter.id)
@@ -238,6 +254,8 @@ class VoteStore:
         }
 
     def served_sides(self, voter_id: int, pair_id: int) -> tuple[str, str] | None:
+        if not 1 <= pair_id <= MAX_ID:
+            return None
         row = (
             self._conn()
             .execute("SELECT a_model, b_model FROM served WHERE voter_id=? AND pair_id=?", (voter_id, pair_id))
@@ -245,29 +263,51 @@ class VoteStore:
         )
         return (row[0], row[1]) if row else None
 
+    def mark_loaded(self, voter_id: int, pair_id: int, side: str) -> None:
+        """Record that image ``side`` (A or B) of a served pair was sent to this voter."""
+        col = {"A": "a_loaded", "B": "b_loaded"}[side]
+        self._conn().execute(
+            f"UPDATE served SET {col}=COALESCE({col}, ?) WHERE voter_id=? AND pair_id=?",
+            (time.time(), voter_id, pair_id),
+        )
+
     def cast(self, voter: Voter, pair_id: int, question: str, choice: str) -> VoteResult:
-        """Record one vote. The insert itself enforces "served to this voter" and "once"."""
+        """Record one vote. The insert itself enforces "served to this voter", "both images
+        sent first", "a voter token, not revoked" and "once"."""
         if question not in QUESTIONS:
             raise ValueError(f"unknown question {question!r}; known: {list(QUESTIONS)}")
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
+        if not 1 <= pair_id <= MAX_ID:
+            return VoteResult("not_served")
         c = self._conn()
         c.execute("BEGIN IMMEDIATE")
         try:
             cur = c.execute(
                 "INSERT INTO votes (voter_id, pair_id, question, choice, winner, a_model, b_model, created_at) "
                 "SELECT s.voter_id, s.pair_id, ?, ?, CASE ? WHEN 'A' THEN s.a_model WHEN 'B' THEN s.b_model END, "
-                "s.a_model, s.b_model, ? FROM served s WHERE s.voter_id=? AND s.pair_id=? "
+                "s.a_model, s.b_model, ? FROM served s JOIN voters w ON w.id=s.voter_id "
+                "WHERE s.voter_id=? AND s.pair_id=? AND w.role='voter' AND w.revoked=0 "
+                "AND s.a_loaded IS NOT NULL AND s.b_loaded IS NOT NULL "
                 "ON CONFLICT (voter_id, pair_id, question) DO NOTHING",
                 (question, choice, choice, time.time(), voter.id, pair_id),
             )
             inserted = cur.rowcount
             status = "accepted"
             if inserted != 1:
-                served = c.execute(
-                    "SELECT 1 FROM served WHERE voter_id=? AND pair_id=?", (voter.id, pair_id)
+                row = c.execute(
+                    "SELECT s.a_loaded IS NOT NULL AND s.b_loaded IS NOT NULL, w.role='voter' AND w.revoked=0 "
+                    "FROM served s JOIN voters w ON w.id=s.voter_id WHERE s.voter_id=? AND s.pair_id=?",
+                    (voter.id, pair_id),
                 ).fetchone()
-                status = "duplicate" if served else "not_served"
+                if row is None:
+                    status = "not_served"
+                elif not row[1]:
+                    status = "not_allowed"
+                elif not row[0]:
+                    status = "not_loaded"
+                else:
+                    status = "duplicate"
             done, total = self._progress(c, voter.id)
             c.execute("COMMIT")
         except BaseException:
@@ -317,9 +357,22 @@ class VoteStore:
     def votes_rows(self) -> list[dict]:
         """Every vote joined with its pair, one dict per vote (for export)."""
         cur = self._conn().execute(
-            "SELECT v.id AS vote_id, w.name AS voter, v.pair_id, p.prompt_set, p.prompt_id, p.category, p.seed, "
+            "SELECT v.id AS vote_id, w.name AS voter, w.role AS voter_role, w.revoked <> 0 AS voter_revoked, "
+            "v.pair_id, p.prompt_set, p.prompt_id, p.category, p.seed, "
             "p.model_x, p.model_y, v.question, v.choice, v.a_model, v.b_model, v.winner, v.created_at "
             "FROM votes v JOIN pairs p ON p.id=v.pair_id JOIN voters w ON w.id=v.voter_id ORDER BY v.id"
+        )
+        cols = [d[0] for d in cur.description]
+        rows = [dict(zip(cols, r, strict=True)) for r in cur]
+        for r in rows:
+            r["voter_revoked"] = bool(r["voter_revoked"])
+        return rows
+
+    def pairs_overview(self) -> list[dict]:
+        """Every pair with its models, how often it was served and its votes (admin page only)."""
+        cur = self._conn().execute(
+            "SELECT p.id, p.prompt_set, p.prompt_id, p.category, p.seed, p.model_x, p.model_y, p.n_served, "
+            "(SELECT COUNT(*) FROM votes v WHERE v.pair_id=p.id) AS votes FROM pairs p ORDER BY p.id"
         )
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, r, strict=True)) for r in cur]

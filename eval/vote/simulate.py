@@ -31,9 +31,10 @@ def run_voter(
     seed: int = 0,
     timeout: float = 60.0,
 ) -> VoterRun:
-    """Answer until the server says done (or ``max_answers``). ``choose(task, question)``
-    returns "A", "B" or "tie" (default: random). ``retry_duplicate`` re-sends each first
-    answer once, which the server must refuse with 409."""
+    """Answer until the server says done (or ``max_answers``), fetching both images of
+    each pair first. ``choose(task, question)`` returns "A", "B" or "tie" (default:
+    random). ``retry_duplicate`` re-sends each first answer once, which the server must
+    refuse with 409."""
     import httpx
 
     rng = random.Random(seed)
@@ -48,6 +49,10 @@ def run_voter(
             task = r.json()
             if task["done"]:
                 break
+            for side in ("A", "B"):  # as a browser does: a vote counts only after both images were sent
+                img = client.get(f"/image/{task['pair_id']}/{side}")
+                if img.status_code != 200:
+                    run.errors.append(f"image {side}: HTTP {img.status_code}")
             for q in task["questions"]:
                 body = {"pair_id": task["pair_id"], "question": q["id"], "choice": choose(task, q["id"])}
                 t0 = time.perf_counter()

@@ -69,3 +69,11 @@ def images_table(tmp_path: Path) -> Table:
 def make_images():
     """The :func:`make_images_table` builder, for tests that need other shapes."""
     return make_images_table
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> str:
+    """A tiny random LLaVA folder (the VQA judge of the DPG-Bench tests), built once per session."""
+    from paradiffusion.testing.tiny_vlm import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny_vlm")

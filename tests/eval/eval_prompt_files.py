@@ -21,3 +21,20 @@ def find_benchmarks() -> Path | None:
         if c and (Path(c) / "ParaPrompts_400.csv").is_file():
             return Path(c)
     return None
+
+
+def trimmed_dpg_questions(folder: Path, per_prompt: int = 3) -> Path:
+    """Our sample DPG-Bench question file (official format) cut to its first questions per
+    prompt, so tests with the tiny VLM judge make few calls on a slow CPU."""
+    import csv
+
+    with open(SAMPLE_PROMPTS / "dpg" / "dpg_bench_sample.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep = [r for r in rows if int(r["proposition_id"]) <= per_prompt]
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "dpg_questions_trimmed.csv"
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(keep)
+    return out

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from eval_prompt_files import SAMPLE_PROMPTS
+from eval_prompt_files import SAMPLE_PROMPTS, trimmed_dpg_questions
 from PIL import Image
 
 from eval.testing import build_tiny_paradiffusion, build_tiny_pickscore, build_tiny_sd
@@ -25,9 +25,11 @@ LONG_CFG = {**TINY_MODEL_CFG, "text_cfg": {**TINY_MODEL_CFG["text_cfg"], "contex
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, tiny_vlm):
     root = tmp_path_factory.mktemp("models")
     return {
+        "vlm": tiny_vlm,
+        "dpg_questions": str(trimmed_dpg_questions(root)),
         "a": build_tiny_paradiffusion(root / "pd", seed=0),
         "b": build_tiny_sd(root / "sd-b", seed=1),
         "clip": build_tiny_clip(root / "clip"),
@@ -41,10 +43,17 @@ def _config(tmp_path: Path, models: dict, fid_ref: Path | None = None) -> Path:
     model = {"kind": "diffusers", "height": 32, "width": 32, "steps": 1, "dtype": "fp32", "batch_size": 2}
     doc = {
         "project": {"data_root": str(tmp_path / "data")},
+        "caption": {  # the DPG-Bench judge: any VLM the captioner registry loads (here the tiny LLaVA)
+            "captioner": "tiny",
+            "captioners": {
+                "tiny": {"type": "transformers", "model": models["vlm"], "dtype": "float32", "device": "cpu"}
+            },
+        },
         "eval": {
             "prompt_sets": {
                 "para": {"kind": "paraprompts", "path": str(SAMPLE_PROMPTS / "paraprompts_sample.csv"), "limit": 2},
                 "vilg": {"kind": "vilg300", "path": str(SAMPLE_PROMPTS / "vilg_sample.csv"), "limit": 1},
+                "dpg": {"kind": "dpg_bench", "path": str(SAMPLE_PROMPTS / "dpg" / "prompts"), "limit": 1},
             },
             "models": {
                 "tiny-a": {**model, "kind": "paradiffusion", "path": models["a"]},
@@ -60,6 +69,7 @@ def _config(tmp_path: Path, models: dict, fid_ref: Path | None = None) -> Path:
                 "fid_reference": str(fid_ref) if fid_ref else None,
                 "preference": {"pickscore": models["pickscore"]},
                 "long_clip_model": models["long_clip"]["clip_model"],
+                "dpg": {"questions": models["dpg_questions"], "judge": "tiny", "max_new_tokens": 3},
             },
             "vote": {"pairs_per_voter": 3},
             "report": {"bootstrap": 200},
@@ -74,10 +84,10 @@ def test_generate_metrics_vote_report(tmp_path, models, capsys):
     cfg_file = _config(tmp_path, models)
     assert main(["eval-generate", "--config", str(cfg_file)]) == 0
     images = Table(str(tmp_path / "data" / "eval" / "images"))
-    # 2 models x (para: 2 prompts -> 1 shard, vilg: 1 prompt -> 1 shard)
-    assert len(images.done_shards()) == 4
+    # 2 models x (para: 2 prompts -> 1 shard, vilg: 1 prompt -> 1 shard, dpg: 1 prompt -> 1 shard)
+    assert len(images.done_shards()) == 6
     rows = images.read().to_pylist()
-    assert len(rows) == 2 * (2 + 1) * 2 and not any(r["error"] for r in rows)
+    assert len(rows) == 2 * (2 + 1 + 1) * 2 and not any(r["error"] for r in rows)
     r0 = rows[0]
     png = Image.open(images.path + "/" + r0["image_path"])
     assert png.size == (32, 32)
@@ -93,7 +103,7 @@ def test_generate_metrics_vote_report(tmp_path, models, capsys):
     capsys.readouterr()
     assert main(["eval-generate", "--config", str(cfg_file)]) == 0
     summary = json.loads(Path(images.path, "_summary.json").read_text())
-    assert summary["skipped_already_done"] == 3 and summary["out"] == len(before)
+    assert summary["skipped_already_done"] == 5 and summary["out"] == len(before)
     after = pq.read_table(images.shard_file(shard)).to_pylist()
     assert [r["key"] for r in after] == [r["key"] for r in before]
     for b, a in zip(before, after, strict=True):
@@ -117,6 +127,17 @@ def test_generate_metrics_vote_report(tmp_path, models, capsys):
     assert len(mrows) == len(rows)
     assert all(m["clip_chunks"] > 1 for m in mrows if m["prompt_set"] == "para")  # long prompts were chunked
     assert all(m["aesthetic"] is not None and m["clip_score"] is not None for m in mrows)
+    # DPG-Bench: the tiny VLM judged both images of the DPG prompt for each model (3 questions each)
+    dpg_rows = [m for m in mrows if m["prompt_set"] == "dpg"]
+    assert len(dpg_rows) == 4 and all(
+        m["dpg_score"] is not None and m["dpg_score_corrected"] is not None for m in dpg_rows
+    )
+    assert all(m["dpg_score"] is None for m in mrows if m["prompt_set"] != "dpg")
+    answers = Table(str(tmp_path / "data" / "eval" / "metrics" / "dpg_answers")).read().to_pylist()
+    assert len(answers) == 4 * 3 and {a["crop"] for a in answers} == {0, 1}
+    dpg_doc = metrics.load_json("_dpg.json")
+    assert sorted(dpg_doc["results"]) == ["tiny-a/dpg", "tiny-b/dpg"] and "mPLUG" in dpg_doc["official_judge"]
+    assert all(metrics.marker(s).get("dpg") == "complete" for s in metrics.done_shards() if "dpg" in s)
     assert all(isinstance(m["long_clip_score"], float) for m in mrows)
     agg = metrics.load_json("_aggregate.json")
     all_para_a = next(
@@ -139,7 +160,7 @@ def test_generate_metrics_vote_report(tmp_path, models, capsys):
 
     cfg = load_config([cfg_file])
     store = open_store(cfg)
-    assert sync_pairs(cfg, store).n_out == 3  # one pair per prompt (seeds_per_prompt=1), one comparison
+    assert sync_pairs(cfg, store).n_out == 4  # one pair per prompt (seeds_per_prompt=1), one comparison
     store.set_meta("simulated", "scripted voters in a test.")
     tokens = [store.add_voter(f"v{i}") for i in range(3)]
     with serve_in_thread(create_app(store, store.get_meta("image_root"))) as url:
@@ -149,5 +170,8 @@ def test_generate_metrics_vote_report(tmp_path, models, capsys):
     assert main(["eval-report", "--config", str(cfg_file)]) == 0
     page = (tmp_path / "data" / "eval" / "report" / "index.html").read_text()
     assert "Simulated votes" in page and "tiny-a vs tiny-b" in page and "visual_appeal" in page
+    assert 'name=viewport content="width=device-width' in page and "Counted 18 of 18 votes, from 3 voters" in page
+    assert "DPG-Bench (judge:" in page and " n=2</span>" in page  # the prompt count beside an interval
+    assert "&#9888; 1 prompt<" in page  # rows on a single prompt are flagged
     srcs = re.findall(r'<img loading=lazy src="([^"]+)"', page)
     assert len(srcs) == len(rows) and all((tmp_path / "data" / "eval" / "report" / s).resolve().is_file() for s in srcs)

@@ -84,3 +84,92 @@ def test_clip_score_is_the_mean_over_chunks(tmp_path):
     assert n.tolist() == [len(chunks), 1] and len(chunks) > 1
     assert chunked[0] == pytest.approx(manual, abs=1e-4)
     assert chunked[1] == pytest.approx(truncated[1], abs=1e-4)  # a short prompt: one chunk, the usual score
+
+
+def _pixel_features(images: list) -> np.ndarray:
+    """A deterministic stand-in for a feature extractor: 4x4 RGB thumbnails (48-d)."""
+    return np.stack([np.asarray(im.resize((4, 4)), dtype=np.float64).ravel() / 255 for im in images])
+
+
+def _write_images(folder, n: int, seed: int, shift: int = 0) -> list:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = folder / f"im{i:03d}.png"
+        arr = np.clip(rng.normal(120 + shift, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_fid_streams_in_batches_and_equals_the_in_memory_result(tmp_path):
+    from PIL import Image
+
+    from eval.metrics import FeatureStats, fid_from_stats, stream_stats
+
+    ref = _write_images(tmp_path / "ref", 11, seed=0)
+    gen = _write_images(tmp_path / "gen", 7, seed=1, shift=30)
+    live, peak, batches = [0], [0], []
+
+    def load(path):
+        live[0] += 1  # decoded and not yet turned into features
+        peak[0] = max(peak[0], live[0])
+        return Image.open(path).convert("RGB")
+
+    def extract(ims):
+        batches.append(len(ims))
+        live[0] -= len(ims)
+        return _pixel_features(ims)
+
+    s_ref = stream_stats(ref, load, extract, batch_size=3)
+    s_gen = stream_stats(gen, load, extract, batch_size=3)
+    assert batches == [3, 3, 3, 2, 3, 3, 1] and peak[0] == 3  # never more than one batch decoded
+    all_ref = _pixel_features([Image.open(p).convert("RGB") for p in ref])
+    all_gen = _pixel_features([Image.open(p).convert("RGB") for p in gen])
+    np.testing.assert_allclose(s_ref.mean, all_ref.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(s_ref.cov(), np.cov(all_ref, rowvar=False), rtol=1e-9, atol=1e-14)
+    in_memory = fid_from_features(all_gen, all_ref)  # how FID was computed before it streamed
+    assert in_memory > 0.01
+    assert fid_from_stats(s_gen, s_ref) == pytest.approx(in_memory, rel=1e-9)
+    # the merge is exact for any batching, including a large offset (no sum-of-squares cancellation)
+    big = all_ref + 1e4
+    one = FeatureStats()
+    for i in range(0, len(big), 4):
+        one.update(big[i : i + 4])
+    np.testing.assert_allclose(one.cov(), np.cov(big, rowvar=False), rtol=1e-7, atol=1e-10)
+
+
+def test_fid_reference_statistics_are_cached_per_reference_set(tmp_path):
+    from eval.metrics import reference_stats
+    from paradiffusion.stage import StageSummary
+    from paradiffusion.storage import Table
+
+    paths = _write_images(tmp_path / "ref", 5, seed=2)
+    (tmp_path / "ref" / "broken.png").write_bytes(b"not an image")
+    cache = Table(str(tmp_path / "metrics"))
+    calls = []
+
+    def extract(ims):
+        calls.append(len(ims))
+        return _pixel_features(ims)
+
+    s1 = StageSummary("t")
+    first, cached = reference_stats(str(tmp_path / "ref"), extract, "pixels-4x4", 2, cache, s1)
+    assert not cached and first.n == 5 and sum(calls) == 5 and s1.rejected["fid_reference_unreadable"] == 1
+
+    def must_not_run(ims):
+        raise AssertionError("the cached statistics should have been used")
+
+    s2 = StageSummary("t")
+    again, cached = reference_stats(str(tmp_path / "ref"), must_not_run, "pixels-4x4", 2, cache, s2)
+    assert cached and again.n == 5 and s2.rejected["fid_reference_unreadable"] == 1
+    np.testing.assert_array_equal(again.m2, first.m2)
+    # another extractor, or a changed reference set, is another cache entry
+    assert not reference_stats(str(tmp_path / "ref"), extract, "other", 2, cache, StageSummary("t"))[1]
+    _write_images(tmp_path / "ref", 6, seed=3)  # rewrites the five and adds one
+    changed, cached = reference_stats(str(tmp_path / "ref"), extract, "pixels-4x4", 2, cache, StageSummary("t"))
+    assert not cached and changed.n == 6 and not np.allclose(changed.mean, first.mean)
+    assert len(paths) == 5

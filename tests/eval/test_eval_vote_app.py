@@ -1,22 +1,38 @@
-"""The voting app over HTTP (in-process client): tokens, paths, blindness, status codes."""
+"""The voting app over HTTP (in-process client): tokens, paths, blindness, status codes,
+the hardening cases (ids, strict JSON, body size, nesting, headers) and the admin."""
 
 from __future__ import annotations
 
+import io
+import logging
+
 import pytest
+from PIL import Image
 from starlette.testclient import TestClient
 
-from eval.vote.app import create_app, strip_png_text
+from eval.vote.app import create_app, json_depth_ok, parse_id, strip_png_text
 from eval.vote.db import VoteStore
 from eval.vote.pairs import build_pairs
+
+VOTE = {"question": "visual_appeal", "choice": "A"}
 
 
 @pytest.fixture
 def setup(tmp_path, images_table):
     store = VoteStore(tmp_path / "votes.sqlite")
-    store.add_pairs(build_pairs(images_table.read())[0])
+    store.add_pairs(build_pairs(images_table.read()).rows)
     voter, admin = store.add_voter("ann"), store.add_voter("boss", role="admin")
     client = TestClient(create_app(store, tmp_path / "images"))
     return store, client, voter, admin
+
+
+def _serve(client, token: str) -> int:
+    """Ask for the next pair and fetch both its images (as the page does); returns the pair id."""
+    h = {"X-Token": token}
+    pid = client.get("/api/next", headers=h).json()["pair_id"]
+    for side in "AB":
+        assert client.get(f"/image/{pid}/{side}", headers=h).status_code == 200
+    return pid
 
 
 def test_bad_or_missing_token_is_403(setup):
@@ -27,12 +43,16 @@ def test_bad_or_missing_token_is_403(setup):
         "/api/next",
         "/admin",
         "/api/admin/progress",
+        "/api/admin/pairs",
+        "/admin/image/1/x",
         "/image/1/A",
         f"/admin?t={voter}",
+        f"/api/admin/pairs?t={voter}",
+        f"/admin/image/1/x?t={voter}",
         "/image/1/A?t=nope",
     ):
         assert client.get(path).status_code == 403, path
-    assert client.post("/api/vote", json={"pair_id": 1, "question": "visual_appeal", "choice": "A"}).status_code == 403
+    assert client.post("/api/vote", json={"pair_id": 1, **VOTE}).status_code == 403
     assert client.get(f"/vote?t={voter}").status_code == 200
     assert client.get(f"/admin?t={admin}").status_code == 200
 
@@ -44,31 +64,149 @@ def test_vote_flow_status_codes(setup):
     pid = task["pair_id"]
     assert "alpha" not in str(task) and "beta" not in str(task)  # blind: no model names
     not_served = next(i for i in range(1, 5) if i != pid)
-    assert (
-        client.post(
-            "/api/vote", headers=h, json={"pair_id": not_served, "question": "visual_appeal", "choice": "A"}
-        ).status_code
-        == 403
-    )
+    assert client.post("/api/vote", headers=h, json={"pair_id": not_served, **VOTE}).status_code == 403
     assert client.get(f"/image/{not_served}/A", headers=h).status_code == 403
     assert client.post("/api/vote", headers=h, json={"pair_id": pid, "question": "x", "choice": "A"}).status_code == 400
     assert client.post("/api/vote", headers=h, content=b"not json").status_code == 400
-    ok = client.post("/api/vote", headers=h, json={"pair_id": pid, "question": "visual_appeal", "choice": "A"})
+    # a vote counts only after both images were sent
+    early = client.post("/api/vote", headers=h, json={"pair_id": pid, **VOTE})
+    assert early.status_code == 409 and early.json()["code"] == "images_not_loaded"
+    assert client.get(f"/image/{pid}/A", headers=h).status_code == 200
+    assert client.post("/api/vote", headers=h, json={"pair_id": pid, **VOTE}).json()["code"] == "images_not_loaded"
+    assert client.get(f"/image/{pid}/B", headers=h).status_code == 200
+    ok = client.post("/api/vote", headers=h, json={"pair_id": pid, **VOTE})
     assert ok.status_code == 200 and ok.json()["progress"]["done"] == 1
     again = client.post("/api/vote", headers=h, json={"pair_id": pid, "question": "visual_appeal", "choice": "B"})
-    assert again.status_code == 409
+    assert again.status_code == 409 and again.json()["code"] == "duplicate"
     assert len(store.votes_rows()) == 1
 
 
-def test_images_are_blind_and_confined(setup, tmp_path):
+def test_ids_are_positive_63_bit_integers(setup):
+    _, client, voter, _ = setup
+    h = {"X-Token": voter}
+    for bad in ("9223372036854775808", "99999999999999999999999", "0", "-1", "01", "1.0", "abc", "1e3", "%2B1"):
+        r = client.get(f"/image/{bad}/A", headers=h)
+        assert r.status_code == 400, (bad, r.status_code)
+    assert client.get("/image/9223372036854775807/A", headers=h).status_code == 403  # valid id, not served
+    assert parse_id("9223372036854775807") == 2**63 - 1 and parse_id("9223372036854775808") is None
+    assert parse_id("7") == 7 and parse_id("007") is None and parse_id("") is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"pair_id": 1e400, "question": "visual_appeal", "choice": "A"}',
+        b'{"pair_id": 2.9, "question": "visual_appeal", "choice": "A"}',
+        b'{"pair_id": 1.0, "question": "visual_appeal", "choice": "A"}',
+        b'{"pair_id": true, "question": "visual_appeal", "choice": "A"}',
+        b'{"pair_id": "1", "question": "visual_appeal", "choice": "A"}',
+        b'{"pair_id": null, "question": "visual_appeal", "choice": "A"}',
+        b'{"pair_id": 9223372036854775808, "question": "visual_appeal", "choice": "A"}',
+        b'{"pair_id": 0, "question": "visual_appeal", "choice": "A"}',
+        b'{"pair_id": NaN, "question": "visual_appeal", "choice": "A"}',
+        b'{"pair_id": Infinity, "question": "visual_appeal", "choice": "A"}',
+        b'{"pair_id": [1], "question": "visual_appeal", "choice": "A"}',
+        b'{"pair_id": {"a": 1}, "question": "visual_appeal", "choice": "A"}',
+        b'{"pair_id": 1, "question": ["visual_appeal"], "choice": "A"}',
+        b'{"pair_id": 1, "question": "visual_appeal", "choice": 1}',
+        b'{"pair_id": 1, "question": "visual_appeal"}',
+        b'{"pair_id": 1, "question": "visual_appeal", "choice": "A", "extra": 1}',
+        b'{"pair_id": 1, "pair_id": 2, "question": "visual_appeal", "choice": "A"}',
+        b'[1, "visual_appeal", "A"]',
+        b'"just a string"',
+        b"",
+        b"\xff\xfe{}",
+        b"[" * 2000 + b"]" * 2000,
+        b'{"a":' * 600 + b"1" + b"}" * 600,
+    ],
+)
+def test_strict_json_types_are_400(setup, body):
+    _, client, voter, _ = setup
+    _serve(client, voter)  # a pair is served and loaded: only the body is wrong
+    r = client.post("/api/vote", headers={"X-Token": voter, "Content-Type": "application/json"}, content=body)
+    assert r.status_code == 400, (body[:60], r.status_code, r.text[:200])
+    assert r.json()["code"] == "bad_request"
+
+
+def test_json_depth_scan():
+    assert json_depth_ok(b'{"a": [1, 2]}', 2) and not json_depth_ok(b'{"a": [[1]]}', 2)
+    assert json_depth_ok(b'{"a": "[[[[[[ not brackets \\" [[["}', 1)  # brackets inside strings do not count
+    assert not json_depth_ok(b"[" * 100_000, 2)
+
+
+def test_large_bodies_are_413(setup):
+    _, client, voter, _ = setup
+    h = {"X-Token": voter}
+    big = b'{"pair_id": 1, "question": "visual_appeal", "choice": "' + b"A" * (50 * 1024 * 1024) + b'"}'
+    r = client.post("/api/vote", headers=h, content=big)
+    assert r.status_code == 413 and r.json()["code"] == "too_large"
+    sent = []
+
+    def chunks():  # no Content-Length: the limit applies while reading the stream
+        for _ in range(64):
+            sent.append(1)
+            yield b" " * 65536
+
+    assert client.post("/api/vote", headers=h, content=chunks()).status_code == 413
+    r = client.post("/api/vote", headers={**h, "Content-Length": "abc"}, content=b"{}")
+    assert r.status_code in (400, 413)
+
+
+def test_security_headers_on_every_response(setup):
+    _, client, voter, admin = setup
+    pid = _serve(client, voter)
+    for r in (
+        client.get(f"/vote?t={voter}"),
+        client.get(f"/admin?t={admin}"),
+        client.get("/vote?t=nope"),
+        client.get("/api/next", headers={"X-Token": voter}),
+        client.get(f"/image/{pid}/A", headers={"X-Token": voter}),
+        client.get("/image/99999999999999999999/A", headers={"X-Token": voter}),
+        client.get("/no/such/route"),
+        client.post("/api/vote", headers={"X-Token": voter}, content=b"[" * 5000),
+    ):
+        csp = r.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp and "unsafe-inline" not in csp
+        assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+    page = client.get(f"/vote?t={voter}")
+    assert "script-src 'sha256-" in page.headers["content-security-policy"]
+
+
+def test_admin_sees_models_only_on_admin_pages_and_cannot_vote(setup):
     store, client, voter, admin = setup
+    ha = {"X-Token": admin}
+    assert client.get(f"/vote?t={admin}").status_code == 403
+    assert "cannot vote" in client.get(f"/vote?t={admin}").text
+    for path in ("/api/next", "/image/1/A", "/image/1/B"):
+        r = client.get(path, headers=ha)
+        assert r.status_code == 403 and r.json()["code"] == "admin_cannot_vote", path
+    assert client.post("/api/vote", headers=ha, json={"pair_id": 1, **VOTE}).status_code == 403
+    pairs = client.get("/api/admin/pairs", headers=ha).json()["pairs"]
+    assert len(pairs) == 4 and {p["model_x"] for p in pairs} == {"alpha"} and {p["model_y"] for p in pairs} == {"beta"}
+    x = client.get("/admin/image/1/x", headers=ha)
+    y = client.get("/admin/image/1/y", headers=ha)
+    assert x.status_code == y.status_code == 200 and x.content != y.content
+    assert client.get("/admin/image/1/z", headers=ha).status_code == 404
+    assert client.get("/admin/image/99/x", headers=ha).status_code == 404
+    assert client.get("/admin/image/0/x", headers=ha).status_code == 400
+    # what the voter is shown as A is the admin's x or y, so the admin view really is the pair
+    pid = _serve(client, voter)
+    a = client.get(f"/image/{pid}/A", headers={"X-Token": voter}).content
+    a_model = store.served_sides(store.voter_for(voter).id, pid)[0]
+    which = "x" if a_model == store.pair(pid)["model_x"] else "y"
+    assert a == client.get(f"/admin/image/{pid}/{which}", headers=ha).content
+    assert store.votes_rows() == []
+
+
+def test_images_are_blind_and_confined(setup, tmp_path):
+    store, client, voter, _ = setup
     h = {"X-Token": voter}
     pid = client.get("/api/next", headers=h).json()["pair_id"]
     a, b = client.get(f"/image/{pid}/A", headers=h), client.get(f"/image/{pid}/B", headers=h)
     assert a.status_code == b.status_code == 200 and a.content != b.content
     assert a.content.startswith(b"\x89PNG") and b"alpha" not in a.content and b"beta" not in a.content
     assert client.get(f"/image/{pid}/C", headers=h).status_code == 404
-    assert client.get("/image/999/A", headers={"X-Token": admin}).status_code == 404
+    assert client.get("/image/999/A", headers=h).status_code == 403  # not served to this voter
     assert client.get("/image/../../etc/passwd", headers=h).status_code == 404
     assert client.get(f"/image/{pid}/%2e%2e%2f%2e%2e%2fvotes.sqlite", headers=h).status_code == 404
     # a pair whose stored path leaves the image folder is never served
@@ -80,10 +218,52 @@ def test_images_are_blind_and_confined(setup, tmp_path):
     assert client.get(f"/image/{pid}/B", headers=h).status_code == 404
 
 
+@pytest.mark.parametrize("display", ["letterbox", "crop"])
+def test_pair_images_share_one_size(tmp_path, make_images, display, caplog):
+    """Models generating at different shapes (here 48x80 portrait vs 64x64 square) are shown
+    at one size, so the shape names no model; building such pairs warns."""
+    images = make_images(tmp_path / "images", models=("tall",), n_prompts=2)
+    square = make_images(tmp_path / "sq", models=("square",), n_prompts=2, size=64)
+    import pyarrow as pa
+
+    rows = images.read().to_pylist()
+    for r in rows:  # make "tall" 48 wide x 80 high
+        Image.new("RGB", (48, 80), (200, 30, 30)).save(tmp_path / "images" / r["image_path"])
+        r.update(width=48, height=80)
+    for r in square.read().to_pylist():
+        rel = r["image_path"]
+        (tmp_path / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 64), (30, 30, 200)).save(tmp_path / "images" / rel)
+        rows.append(r)
+    with caplog.at_level(logging.WARNING):
+        built = build_pairs(pa.Table.from_pylist(rows))
+    assert len(built.rows) == 2 and built.aspect_mismatch == {"square vs tall: 64x64 vs 48x80": 2}
+    assert "differ in aspect ratio" in caplog.text
+    store = VoteStore(tmp_path / "votes.sqlite")
+    store.add_pairs(built.rows)
+    token = store.add_voter("ann")
+    client = TestClient(create_app(store, tmp_path / "images", display=display))
+    h = {"X-Token": token}
+    pid = client.get("/api/next", headers=h).json()["pair_id"]
+    a = Image.open(io.BytesIO(client.get(f"/image/{pid}/A", headers=h).content))
+    b = Image.open(io.BytesIO(client.get(f"/image/{pid}/B", headers=h).content))
+    assert a.size == b.size
+    tall = a if a.getpixel((a.width // 2, a.height // 2))[0] > 100 else b
+    if display == "letterbox":
+        assert a.size == (64, 80)  # the largest width by the largest height
+        assert tall.getpixel((1, 40)) == (255, 255, 255)  # white bars beside the narrow image
+        assert tall.getpixel((32, 40))[0] > 150
+    else:
+        assert abs(a.width / a.height - ((48 / 80) * 1.0) ** 0.5) < 0.03  # one aspect between the two
+        assert tall.getpixel((1, 1))[0] > 150  # cropped, no bars
+    again = client.get(f"/image/{pid}/A", headers=h).content  # served from the cache, same bytes
+    assert Image.open(io.BytesIO(again)).tobytes() == a.tobytes()
+
+
 def test_admin_progress(setup):
     _, client, voter, admin = setup
     h = {"X-Token": voter}
-    pid = client.get("/api/next", headers=h).json()["pair_id"]
+    pid = _serve(client, voter)
     client.post("/api/vote", headers=h, json={"pair_id": pid, "question": "text_faithfulness", "choice": "tie"})
     prog = client.get("/api/admin/progress", headers={"X-Token": admin}).json()
     assert prog["votes"] == 1 and prog["pairs"] == 4
@@ -92,10 +272,6 @@ def test_admin_progress(setup):
 
 
 def test_strip_png_text_keeps_pixels(tmp_path, images_table):
-    import io
-
-    from PIL import Image
-
     f = next((tmp_path / "images" / "png").rglob("*.png"))
     raw = f.read_bytes()
     stripped = strip_png_text(raw)

@@ -8,8 +8,8 @@ from eval.vote.pairs import build_pairs, export_votes
 
 def _store(tmp_path, images_table, quota=None) -> VoteStore:
     store = VoteStore(tmp_path / "votes.sqlite", quota=quota)
-    rows, skipped = build_pairs(images_table.read())
-    assert store.add_pairs(rows) == 4 and not skipped
+    rows, skipped, mismatch = build_pairs(images_table.read())
+    assert store.add_pairs(rows) == 4 and not skipped and not mismatch
     assert store.add_pairs(rows) == 0  # idempotent
     return store
 
@@ -24,6 +24,12 @@ def test_tokens(tmp_path, images_table):
     assert store.voter_for(tok) is None
 
 
+def _loaded(store: VoteStore, voter, pair_id: int) -> None:
+    """What the image route records when it has sent both images of a pair."""
+    store.mark_loaded(voter.id, pair_id, "A")
+    store.mark_loaded(voter.id, pair_id, "B")
+
+
 def test_serve_vote_once_and_only_served(tmp_path, images_table):
     store = _store(tmp_path, images_table)
     v = store.voter_for(store.add_voter("ann"))
@@ -32,6 +38,10 @@ def test_serve_vote_once_and_only_served(tmp_path, images_table):
     assert store.next_task(v)["pair_id"] == t1["pair_id"]  # a reload shows the same pair
     other = next(i for i in range(1, 5) if i != t1["pair_id"])
     assert store.cast(v, other, "visual_appeal", "A").status == "not_served"
+    assert store.cast(v, t1["pair_id"], "visual_appeal", "A").status == "not_loaded"  # no image sent yet
+    store.mark_loaded(v.id, t1["pair_id"], "A")
+    assert store.cast(v, t1["pair_id"], "visual_appeal", "A").status == "not_loaded"  # only one of the two
+    store.mark_loaded(v.id, t1["pair_id"], "B")
     assert store.cast(v, t1["pair_id"], "visual_appeal", "A").status == "accepted"
     assert store.cast(v, t1["pair_id"], "visual_appeal", "B").status == "duplicate"
     t1b = store.next_task(v)
@@ -55,6 +65,7 @@ def test_quota_sides_and_balance(tmp_path, images_table):
             if task["done"]:
                 break
             sides.add(store.served_sides(v.id, task["pair_id"])[0])
+            _loaded(store, v, task["pair_id"])
             for q in task["questions"]:
                 assert store.cast(v, task["pair_id"], q["id"], "A").status == "accepted"
         assert task["done"] and task["progress"] == {"done": 4, "total": 4}
@@ -72,8 +83,30 @@ def test_export_parquet_readable_by_duckdb(tmp_path, images_table):
     store = _store(tmp_path, images_table)
     v = store.voter_for(store.add_voter("ann"))
     task = store.next_task(v)
+    _loaded(store, v, task["pair_id"])
     store.cast(v, task["pair_id"], "visual_appeal", "B")
     url, n = export_votes(store, str(tmp_path / "votes"))
     assert n == 1
-    got = duckdb.sql(f"SELECT question, choice, winner, b_model FROM read_parquet('{url}/part-*.parquet')").fetchall()
+    got = duckdb.sql(
+        f"SELECT question, choice, winner, b_model, voter_role, voter_revoked FROM read_parquet('{url}/part-*.parquet')"
+    ).fetchall()
     assert got[0][0] == "visual_appeal" and got[0][1] == "B" and got[0][2] == got[0][3]
+    assert got[0][4:] == ("voter", False)
+
+
+def test_admins_and_revoked_voters_cannot_vote(tmp_path, images_table):
+    import pytest
+
+    store = _store(tmp_path, images_table)
+    admin = store.voter_for(store.add_voter("boss", role="admin"))
+    with pytest.raises(ValueError, match="admin"):
+        store.next_task(admin)
+    v = store.voter_for(store.add_voter("ann"))
+    pid = store.next_task(v)["pair_id"]
+    _loaded(store, v, pid)
+    # an admin row in `served` (a database from before admins were refused) still cannot vote
+    store._conn().execute("INSERT INTO served VALUES (?, ?, 'alpha', 'beta', 0, 1, 1)", (admin.id, pid))
+    assert store.cast(admin, pid, "visual_appeal", "A").status == "not_allowed"
+    store.revoke("ann")
+    assert store.cast(v, pid, "visual_appeal", "A").status == "not_allowed"  # revoked between serving and voting
+    assert store.votes_rows() == []
