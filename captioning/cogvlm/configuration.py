@@ -35,7 +35,7 @@ COGVLM2_VISION = {**COGVLM_VISION, "num_positions": 9217, "image_size": 1344}
 class CogVLMConfig(PretrainedConfig):
     """CogVLM v1: Vicuna-7B (Llama) with visual experts + EVA2-CLIP-E; defaults are cogvlm-chat-hf's."""
 
-    model_type = "cogvlm"
+    model_type = ""  # the Hub configs carry no model_type; config_class_for tells the families apart
 
     def __init__(
         self,
@@ -107,7 +107,7 @@ class CogVLMConfig(PretrainedConfig):
 class CogVLM2Config(CogVLMConfig):
     """CogVLM2: Llama-3-8B with visual experts and grouped-query attention; defaults are cogvlm2-llama3-chat-19B's."""
 
-    model_type = "cogvlm2"
+    model_type = ""
 
     def __init__(
         self,
