@@ -20,8 +20,10 @@ import os
 from pathlib import Path
 
 
-def tiny_config(family: str = "cogvlm", vocab_size: int = 256, image_size: int = 28, **ids):
-    """A CogVLM (``family="cogvlm"``) or CogVLM2 config a few hundred kB big."""
+def tiny_config(
+    family: str = "cogvlm", vocab_size: int = 256, image_size: int = 28, hidden_size: int = 64, layers: int = 2, **ids
+):
+    """A CogVLM (``family="cogvlm"``) or CogVLM2 config, a few hundred kB big at the defaults."""
     from captioning.cogvlm.configuration import CogVLM2Config, CogVLMConfig
 
     vision = {
@@ -39,9 +41,9 @@ def tiny_config(family: str = "cogvlm", vocab_size: int = 256, image_size: int =
     vision["num_positions"] = (image_size // vision["patch_size"]) ** 2 + 1
     common = {
         "vocab_size": vocab_size,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": layers,
         "num_attention_heads": 4,
         "max_position_embeddings": 1024,
         "vision_config": vision,
@@ -72,14 +74,27 @@ def spread_weights(model, seed: int) -> None:
 
 
 def build_tiny_cogvlm(
-    out_dir: str | os.PathLike, family: str = "cogvlm", seed: int = 0, shard_size: str = "100KB"
+    out_dir: str | os.PathLike,
+    family: str = "cogvlm",
+    seed: int = 0,
+    shard_size: str = "100KB",
+    hidden_size: int = 64,
+    layers: int = 2,
 ) -> str:
     """Write a tiny random native CogVLM (or CogVLM2) with its tokenizer into ``out_dir``; returns the folder."""
     from paradiffusion.testing.tiny_vlm import WORDS, build_tokenizer
 
     out = Path(out_dir)
     stamp = out / "tiny_cogvlm.json"
-    settings = {"family": family, "seed": seed, "shard_size": shard_size, "words": len(WORDS), "version": 1}
+    settings = {
+        "family": family,
+        "seed": seed,
+        "shard_size": shard_size,
+        "hidden_size": hidden_size,
+        "layers": layers,
+        "words": len(WORDS),
+        "version": 1,
+    }
     if stamp.is_file() and json.loads(stamp.read_text()) == settings and (out / "config.json").is_file():
         return str(out)
     import torch
@@ -89,7 +104,7 @@ def build_tiny_cogvlm(
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    config = tiny_config(family, vocab_size=len(tok), **ids)
+    config = tiny_config(family, vocab_size=len(tok), hidden_size=hidden_size, layers=layers, **ids)
     torch.manual_seed(seed)
     model = CogVLMForCausalLM(config).eval()
     spread_weights(model, seed)

@@ -180,3 +180,25 @@ def test_templates_render_as_the_reference(tokenizer):
     assert set(TEMPLATES) == {"base", "chat", "vqa", "chat_old"}
     with pytest.raises(ValueError, match="one of: base, chat, vqa, chat_old"):
         render_prompt("chatty", q)
+
+
+@pytest.mark.slow
+def test_compiled_static_decode_step_gives_the_same_tokens(loaded):
+    """The decode step captures as one full graph (what transformers compiles on a GPU) and decodes the same."""
+    from transformers import CompileConfig
+
+    model, ref = loaded
+    batch = _batch(ref)
+    cc = CompileConfig(fullgraph=True, backend="eager", dynamic=False)
+    cc._compile_all_devices = True  # transformers compiles on GPUs only by default; the graph is the same
+    torch._dynamo.reset()
+    out = model.generate(
+        **batch,
+        max_new_tokens=32,
+        do_sample=False,
+        pad_token_id=model.config.pad_token_id,
+        cache_implementation="static",
+        compile_config=cc,
+    )
+    assert out[:, batch["input_ids"].shape[1] :].tolist() == ref["batch.greedy"].tolist()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
