@@ -10,6 +10,7 @@ inputs (3 images, prompts of different lengths):
 - the inputs the reference builds (``build_conversation_input_ids``): ids, token types, pixels;
 - fp32 logits of every row alone and of the left-padded batch;
 - greedy tokens (32 new) of every row alone and of the left-padded batch;
+- the batch again with the saved folder loaded in bf16 (logits, greedy tokens);
 - the reference's prompt templates rendered for one query.
 
 Nothing here is imported by the toolkit; CI only reads the fixture folders it wrote. The
@@ -250,8 +251,12 @@ def left_pad(rows: list[dict], pad_id: int) -> dict:
     }
 
 
-def record(model, tokenizer, rows: list[dict], out: Path, extra: dict) -> dict:
-    """Run the reference on each row alone and on the left-padded batch; save tensors and a summary."""
+def record(model, tokenizer, rows: list[dict], out: Path, extra: dict, bf16_model=None) -> dict:
+    """Run the reference on each row alone and on the left-padded batch; save tensors and a summary.
+
+    ``bf16_model`` (the saved folder loaded back with ``torch_dtype=torch.bfloat16``, as users
+    load the real checkpoints) adds the batch's bf16 logits and greedy tokens.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -287,6 +292,12 @@ def record(model, tokenizer, rows: list[dict], out: Path, extra: dict) -> dict:
                 "batch.greedy": new.contiguous(),
             }
         )
+        if bf16_model is not None:
+            b16 = dict(batch, images=[[im.to(torch.bfloat16) for im in ims] for ims in batch["images"]])
+            tensors["batch.logits_bf16"] = bf16_model(**b16).logits.float().contiguous()
+            gen = bf16_model.generate(**b16, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad_id)
+            tensors["batch.greedy_bf16"] = gen[:, batch["input_ids"].shape[1] :].contiguous()
+            summary["batch_greedy_bf16"] = tensors["batch.greedy_bf16"].tolist()
     summary["batch_greedy"] = new.tolist()
     summary["padded_equals_alone"] = [
         summary["batch_greedy"][i] == summary["rows"][i]["greedy"] for i in range(len(rows))
@@ -381,7 +392,8 @@ def main() -> None:
             for im, q in zip(images, PROMPTS, strict=True)
         ]
         save_model(model2, cfg2, out2, auto_map, shard=None)
-        s2 = record(model2, tokenizer, rows2, out2, {"env": env, "template": "chat", "prompts": PROMPTS})
+        bf16 = m2.CogVLMForCausalLM.from_pretrained(str(out2), torch_dtype=torch.bfloat16).eval()
+        s2 = record(model2, tokenizer, rows2, out2, {"env": env, "template": "chat", "prompts": PROMPTS}, bf16)
         print("cogvlm2:", json.dumps(s2["padded_equals_alone"]))
 
         # ---- CogVLM v1 (cogvlm-chat-hf architecture, tiny) ----
@@ -456,15 +468,18 @@ def main() -> None:
         m2.VisionExpertAttention, m2.EVA2CLIPModel = agent.VisionExpertAttention, V1Vision
         try:
             model1 = m2.CogVLMForCausalLM(cfg1).eval()
+            randomize(model1, args.seed + 1)
+            save_model(model1, cfg1, out1, auto_map, shard="40KB")
+            bf16 = m2.CogVLMForCausalLM.from_pretrained(
+                str(out1), config=CogVLMConfig.from_pretrained(str(out1)), torch_dtype=torch.bfloat16
+            ).eval()
         finally:
             m2.VisionExpertAttention, m2.EVA2CLIPModel = saved
-        randomize(model1, args.seed + 1)
         rows1 = [
             v1_inputs(tokenizer, cfg1, m2._history_to_prompt, im, q, "chat")
             for im, q in zip(images, PROMPTS, strict=True)
         ]
-        save_model(model1, cfg1, out1, auto_map, shard="40KB")
-        s1 = record(model1, tokenizer, rows1, out1, {"env": env, "template": "chat", "prompts": PROMPTS})
+        s1 = record(model1, tokenizer, rows1, out1, {"env": env, "template": "chat", "prompts": PROMPTS}, bf16)
         print("cogvlm:", json.dumps(s1["padded_equals_alone"]))
     finally:
         restore()

@@ -17,8 +17,8 @@ One implementation serves both families; the config says which (see
 Parameter and buffer names are the published checkpoints' (``model.layers.N.self_attn.
 language_expert_query_key_value.weight``, ``...rotary_emb.inv_freq``, ``model.vision.
 transformer.layers.N.attention.query_key_value.weight``, ...), so the official sharded
-safetensors load as they are. Rotary frequencies are computed in the dtype of the
-``inv_freq`` buffer the checkpoint carries, as the reference does.
+safetensors load as they are. Rotary angles are computed in the activations' dtype, as
+the reference does once loaded in bf16/fp16.
 
 Differences from the reference code, all numerically neutral in fp32: attention goes
 through transformers' attention interface (SDPA by default) instead of a hand-written
@@ -244,9 +244,9 @@ class VisionExpertMLP(nn.Module):
 class CogVLMRotaryEmbedding(nn.Module):
     """Rotary frequencies; ``inv_freq`` is a persistent buffer, as in the checkpoints (``...rotary_emb.inv_freq``).
 
-    Positions are multiplied in the buffer's dtype (a bf16 checkpoint loaded in bf16
-    rounds positions above 256 as the reference does), then cos/sin are cast to the
-    activations' dtype.
+    Angles are computed in the activations' dtype, as the reference does: loaded in bf16 or
+    fp16 its ``inv_freq`` buffer takes that dtype and it multiplies positions in it (so in
+    bf16, positions above 256 and large angles are rounded). In fp32 this is plain RoPE.
     """
 
     def __init__(self, head_dim: int, base: float):
@@ -258,8 +258,8 @@ class CogVLMRotaryEmbedding(nn.Module):
         return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].to(self.inv_freq.dtype) * self.inv_freq
-        return freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        freqs = position_ids[..., None].to(x.dtype) * self.inv_freq.to(x.dtype)
+        return freqs.cos(), freqs.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -271,12 +271,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Plain softmax attention (``attn_implementation="eager"``), for debugging and parity checks."""
+    """Softmax attention in the reference's order of operations (``attn_implementation="eager"``).
+
+    The query is scaled before the product and the softmax runs in fp32, as in the reference's
+    ``attention_fn``, so bf16/fp16 results round as the reference's do (SDPA rounds differently).
+    """
     groups = module.num_key_value_groups
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = torch.matmul(query * scaling, key.transpose(2, 3))
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)

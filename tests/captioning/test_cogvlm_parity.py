@@ -21,6 +21,9 @@ Substitutions the harness made (GPU-only or real-vocab code): xformers attention
 SDPA, triton rotary -> the same rotation in torch, no embedding padding_idx beyond the tiny
 vocab, CogVLM2's hard-coded image-slot id 128002 -> the tiny tokenizer's pad id.
 
+Also in bf16 (the saved folder loaded with ``torch_dtype=bfloat16`` by the reference, and
+``dtype=bfloat16`` by us): with eager attention, bit-identical logits and tokens.
+
 Compared like with like: each row alone (no padding) and the left-padded batch of three.
 With left padding the reference shifts a padded row's positions by one (its first real token
 gets position 1), so padded and unpadded logits differ; both are compared with the
@@ -152,6 +155,31 @@ def test_greedy_tokens_are_identical(loaded):
     batch = _batch(ref)
     out = model.generate(**batch, max_new_tokens=32, do_sample=False, pad_token_id=pad)
     assert out[:, batch["input_ids"].shape[1] :].tolist() == ref["batch.greedy"].tolist(), "left-padded batch"
+
+
+def test_bf16_matches_the_reference_in_bf16(family):
+    """Both loaded in bf16, as the real checkpoints are run.
+
+    With ``attn_implementation="eager"`` (the reference's order of operations) the bf16 logits
+    are the reference's bit for bit and so are the greedy tokens; this pins down that rotary
+    angles are computed in bf16 as the reference does. SDPA (the default) rounds differently:
+    its logits stay within bf16 noise, and greedy tokens may part at near-ties.
+    """
+    from captioning.cogvlm.loading import load_model
+
+    ref = _reference(family)
+    batch = _batch(ref)
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    real = batch["attention_mask"].bool()
+    for impl, bound in (("eager", 0.0), ("sdpa", 0.25)):
+        model = load_model(str(DATA / family), dtype=torch.bfloat16, attn_implementation=impl)
+        with torch.no_grad():
+            out = model(**batch).logits
+        diff = (out - ref["batch.logits_bf16"])[real].abs().max().item()
+        assert diff <= bound, f"{impl}: max |logit diff| {diff}"
+    eager = load_model(str(DATA / family), dtype=torch.bfloat16, attn_implementation="eager")
+    gen = eager.generate(**batch, max_new_tokens=32, do_sample=False, pad_token_id=eager.config.pad_token_id)
+    assert gen[:, batch["input_ids"].shape[1] :].tolist() == ref["batch.greedy_bf16"].tolist()
 
 
 def test_static_cache_gives_the_same_tokens(loaded):
