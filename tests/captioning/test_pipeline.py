@@ -122,6 +122,22 @@ def test_native_cogvlm_through_the_ray_pipeline(dataset, tiny_cog):
     assert again.n_out == 0 and again.skipped_done == len(dataset["expected"])  # never redo
 
 
+def test_broken_cogvlm_folder_stops_before_any_work(dataset, tiny_cog, tmp_path):
+    import shutil
+
+    from paradiffusion.config import ConfigError
+
+    broken = tmp_path / "broken_cog"
+    shutil.copytree(tiny_cog, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    spec = f"{{cog: {{type: cogvlm, model: '{broken}', dtype: float32, device: cpu}}}}"
+    cfg = caption_config(dataset["root"], str(broken), "caption.captioner=cog", f"caption.captioners={spec}")
+    with pytest.raises(ConfigError, match=rf"caption.captioners.cog.model: .*missing: {shard.name}"):
+        run_caption(cfg)
+    assert not Path(dataset["root"], "captions", "_done").exists()
+
+
 def test_ray_end_to_end(dataset, tiny_vlm):
     """Ray Data: decode tasks + a model actor pool, on a local Ray."""
     cfg = caption_config(dataset["root"], tiny_vlm, executor="ray")
