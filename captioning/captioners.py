@@ -259,7 +259,8 @@ class CogVLMRemoteCaptioner(Captioner):
         kwargs: dict[str, Any] = {
             "revision": spec.revision,
             "trust_remote_code": True,
-            "dtype": self.dtype,
+            # the remote code runs under an older transformers, which reads torch_dtype (dtype came in 4.56)
+            _dtype_kwarg(): self.dtype,
             "low_cpu_mem_usage": True,
         }
         q = quantization_config(spec)
@@ -307,6 +308,14 @@ class CogVLMRemoteCaptioner(Captioner):
             out = self.model.generate(**batch, **kw)
         gen = out[:, width:].tolist()
         return _decode_rows(gen, self.tokenizer, self.eos_ids, self.pad_id, self.generation.max_new_tokens)
+
+
+def _dtype_kwarg() -> str:
+    """``from_pretrained``'s name for the dtype in the installed transformers."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def _as_list(v) -> list[int]:
