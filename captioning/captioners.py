@@ -7,10 +7,13 @@ A :class:`Captioner` turns a batch of RGB images and one prompt into one
   ``AutoModelForImageTextToText`` with an ``AutoProcessor`` chat template (Qwen2.5-VL,
   LLaVA, SmolVLM, GLM-4V, ...). Batched ``generate`` with left padding and a KV cache
   (dynamic, or static so transformers compiles the decode step).
-- :class:`CogVLMCaptioner` (``type: cogvlm``): CogVLM / CogVLM2 through their own
-  remote code: ``model.build_conversation_input_ids(tokenizer, query=..., history=[],
-  images=[img], template_version=...)`` per image, left-padded into one batch, then
-  ``model.generate``.
+- :class:`CogVLMCaptioner` (``type: cogvlm``): CogVLM / CogVLM2 implemented natively in
+  :mod:`captioning.cogvlm` (no remote code; which of the two comes from the checkpoint's
+  ``config.json``), batched ``generate`` with left padding, a dynamic or static KV cache.
+- :class:`CogVLMRemoteCaptioner` (``type: cogvlm_remote``): the Hub's own remote code
+  (``build_conversation_input_ids`` + ``generate``), an explicit opt-in that only runs
+  pinned revisions of the model and of its tokenizer. That code was written for
+  transformers 4.3x/4.4x and does not run on the transformers this project pins.
 
 :data:`CAPTIONERS` maps the type to the class (a registry, not an ``if`` chain). The
 module imports torch and transformers only inside functions, so the CLI stays fast.
@@ -54,12 +57,18 @@ def is_local(model: str) -> bool:
 
 
 def check_pinned(spec: CaptionerSpec) -> None:
-    """Refuse to run Hub remote code that is not pinned to a commit SHA."""
-    if spec.trust_remote_code and not is_local(spec.model) and not _SHA_RE.match(spec.revision or ""):
+    """Refuse to run Hub remote code (model or tokenizer) that is not pinned to a commit SHA."""
+    remote = spec.trust_remote_code or spec.type == "cogvlm_remote"
+    if remote and not is_local(spec.model) and not _SHA_RE.match(spec.revision or ""):
         raise ValueError(
-            f"{spec.model}: trust_remote_code runs the model repo's own Python code, so its revision must be "
+            f"{spec.model}: remote code runs the model repo's own Python code, so its revision must be "
             f"pinned to a full commit SHA (got {spec.revision!r}). Find the commit you reviewed on the model "
             "page's 'Files and versions' > 'History' and set caption.captioners.<name>.revision to it."
+        )
+    if remote and spec.tokenizer and not is_local(spec.tokenizer) and not _SHA_RE.match(spec.tokenizer_revision or ""):
+        raise ValueError(
+            f"{spec.tokenizer}: the tokenizer of a remote-code captioner must be pinned too: set "
+            f"caption.captioners.<name>.tokenizer_revision to a full commit SHA (got {spec.tokenizer_revision!r})"
         )
 
 
@@ -229,8 +238,8 @@ class TransformersCaptioner(Captioner):
         return _decode_rows(gen, self.processor, self.eos_ids, self.pad_id, self.generation.max_new_tokens)
 
 
-class CogVLMCaptioner(Captioner):
-    """CogVLM (``THUDM/cogvlm-chat-hf``) and CogVLM2 through the API their model cards document.
+class CogVLMRemoteCaptioner(Captioner):
+    """``type: cogvlm_remote``: CogVLM / CogVLM2 through their Hub remote code (pinned revisions only).
 
     Each image goes through ``model.build_conversation_input_ids`` (which returns 1-D
     ``input_ids``, ``token_type_ids``, ``attention_mask`` and ``images``); the rows are
@@ -246,13 +255,12 @@ class CogVLMCaptioner(Captioner):
         self.dtype = torch_dtype("bfloat16" if spec.dtype == "auto" else spec.dtype)
         tok_name = spec.tokenizer or spec.model
         tok_rev = spec.tokenizer_revision if spec.tokenizer else spec.revision
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            tok_name, revision=tok_rev, trust_remote_code=spec.trust_remote_code
-        )
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_name, revision=tok_rev, trust_remote_code=True)
         kwargs: dict[str, Any] = {
             "revision": spec.revision,
-            "trust_remote_code": spec.trust_remote_code,
-            "dtype": self.dtype,
+            "trust_remote_code": True,
+            # the remote code runs under an older transformers, which reads torch_dtype (dtype came in 4.56)
+            _dtype_kwarg(): self.dtype,
             "low_cpu_mem_usage": True,
         }
         q = quantization_config(spec)
@@ -302,6 +310,14 @@ class CogVLMCaptioner(Captioner):
         return _decode_rows(gen, self.tokenizer, self.eos_ids, self.pad_id, self.generation.max_new_tokens)
 
 
+def _dtype_kwarg() -> str:
+    """``from_pretrained``'s name for the dtype in the installed transformers."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
 def _as_list(v) -> list[int]:
     if v is None:
         return []
@@ -319,10 +335,83 @@ def _decode_rows(
     return out
 
 
+class CogVLMCaptioner(Captioner):
+    """``type: cogvlm``: CogVLM (``THUDM/cogvlm-*-hf``) or CogVLM2, natively (:mod:`captioning.cogvlm`).
+
+    The checkpoint's ``config.json`` says which family it is; the folder is checked before
+    loading (missing shards, unexpected or missing parameter names stop with their names).
+    Each image becomes ``[BOS] + image slots + template(prompt)``, rows are left-padded into
+    one batch and captioned by one ``generate`` call (``cache: static`` pre-allocates the KV
+    cache, which transformers then compiles the decode step for on a GPU).
+    """
+
+    def __init__(self, spec: CaptionerSpec, generation: GenerationSettings):
+        super().__init__(spec, generation)
+        from transformers import AutoTokenizer
+
+        from captioning.cogvlm.loading import load_model
+
+        self.device = resolve_device(spec.device)
+        dtype = torch_dtype("bfloat16" if spec.dtype == "auto" else spec.dtype)
+        tok_name = spec.tokenizer or spec.model
+        tok_rev = spec.tokenizer_revision if spec.tokenizer else spec.revision
+        tokenizer = AutoTokenizer.from_pretrained(tok_name, revision=tok_rev)
+        q = quantization_config(spec)
+        model = load_model(
+            spec.model,
+            revision=spec.revision,
+            dtype=dtype,
+            attn_implementation=spec.attn_implementation,
+            quantization_config=q,
+            device_map={"": self.device} if q is not None else None,
+        )
+        if q is None:
+            model.to(self.device)
+        self._setup(model, tokenizer)
+
+    @classmethod
+    def from_objects(cls, model, tokenizer, spec: CaptionerSpec, generation: GenerationSettings) -> CogVLMCaptioner:
+        """Wrap an already built native model and tokenizer (benchmarks, notebooks)."""
+        self = cls.__new__(cls)
+        Captioner.__init__(self, spec, generation)
+        self.device = str(next(model.parameters()).device)
+        self._setup(model.eval(), tokenizer)
+        return self
+
+    def _setup(self, model, tokenizer) -> None:
+        from captioning.cogvlm.processing import CogVLMProcessor
+
+        self.model, self.tokenizer = model, tokenizer
+        self.processor = CogVLMProcessor(tokenizer, model.config, self.spec.template_version)
+        pad = self.spec.pad_token_id if self.spec.pad_token_id is not None else self.processor.pad_id
+        self.processor.pad_id = self.pad_id = pad
+        gc = model.generation_config
+        self.eos_ids = set(_as_list(gc.eos_token_id) or _as_list(model.config.eos_token_id))
+        self.eos_ids |= set(_as_list(getattr(tokenizer, "eos_token_id", None)))
+
+    def _caption_batch(self, images: list[Image.Image], prompt: str) -> list[CaptionResult]:
+        import torch
+
+        batch = self.processor(images, prompt)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+        kw = self.generation.generate_kwargs()
+        if self.spec.cache == "static":
+            kw["cache_implementation"] = "static"
+        kw["pad_token_id"] = self.pad_id
+        kw["eos_token_id"] = sorted(self.eos_ids)
+        with torch.inference_mode():
+            out = self.model.generate(**batch, **kw)
+        gen = out[:, batch["input_ids"].shape[1] :].tolist()
+        return _decode_rows(gen, self.tokenizer, self.eos_ids, self.pad_id, self.generation.max_new_tokens)
+
+
 #: ``type`` in the config -> captioner class.
 CAPTIONERS: dict[str, type[Captioner]] = {
     "transformers": TransformersCaptioner,
     "cogvlm": CogVLMCaptioner,
+    "cogvlm_remote": CogVLMRemoteCaptioner,
 }
 
 

@@ -25,21 +25,30 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") != 1
+
+
 class CaptionerSpec(StrictModel):
     """One vision-language model and how to load it."""
 
-    type: Literal["transformers", "cogvlm"] = Field(
+    type: Literal["transformers", "cogvlm", "cogvlm_remote"] = Field(
         "transformers",
         description="transformers: any AutoModelForImageTextToText with a processor chat template; "
-        "cogvlm: CogVLM / CogVLM2 remote code (build_conversation_input_ids + generate)",
+        "cogvlm: CogVLM / CogVLM2 implemented natively (no remote code; the family comes from config.json); "
+        "cogvlm_remote: their Hub remote code (opt-in; pinned model and tokenizer revisions only)",
     )
     model: str = Field(..., min_length=1, description="Hugging Face id or local folder")
     revision: str | None = Field(
-        None, description="commit SHA on the Hub; required (40 hex digits) when trust_remote_code is true"
+        None,
+        description="commit SHA on the Hub; required (40 hex digits) for remote code "
+        "(trust_remote_code or type cogvlm_remote)",
     )
     trust_remote_code: bool = False
     tokenizer: str | None = Field(None, description="tokenizer id or folder when not the model's own (CogVLM v1)")
-    tokenizer_revision: str | None = None
+    tokenizer_revision: str | None = Field(
+        None, description="commit SHA of the tokenizer repo (required for remote code)"
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="8/4-bit loading needs bitsandbytes")
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -47,18 +56,30 @@ class CaptionerSpec(StrictModel):
     cache: Literal["dynamic", "static"] = Field(
         "dynamic", description="static: a pre-allocated KV cache that transformers compiles the decode step for"
     )
-    template_version: Literal["chat", "vqa", "base"] = Field("chat", description="CogVLM conversation template")
+    template_version: Literal["chat", "vqa", "base", "chat_old"] = Field(
+        "chat",
+        description="CogVLM prompt template: chat 'Question: {prompt} Answer:', vqa '... Short answer:', base "
+        "the prompt alone, chat_old CogAgent's '<EOI>Question: {prompt} Answer:'",
+    )
     pad_token_id: int | None = Field(None, ge=0, description="CogVLM: pad id when the tokenizer has none")
     batch_size: int | None = Field(None, ge=1, le=4096, description="overrides caption.batch_size for this model")
 
     @model_validator(mode="after")
     def _remote_code_is_pinned(self) -> CaptionerSpec:
-        looks_local = self.model.startswith(("/", "./", "../", "~")) or self.model.count("/") != 1
-        if self.trust_remote_code and not looks_local and self.revision is not None:
-            if not _SHA_RE.match(self.revision):
+        if self.type == "cogvlm" and self.trust_remote_code:
+            raise ValueError(
+                "type cogvlm runs the native CogVLM code and never remote code: drop trust_remote_code, "
+                "or use type cogvlm_remote to run the Hub's own code (pinned revisions only)"
+            )
+        remote = self.trust_remote_code or self.type == "cogvlm_remote"
+        pins = [("revision", self.model, self.revision)]
+        if self.tokenizer:
+            pins.append(("tokenizer_revision", self.tokenizer, self.tokenizer_revision))
+        for key, name, rev in pins:
+            if remote and not _looks_local(name) and rev is not None and not _SHA_RE.match(rev):
                 raise ValueError(
-                    f"revision {self.revision!r}: a trust_remote_code model runs code from the Hub, so pin it to a "
-                    "full 40-hex commit SHA (not a branch or tag)"
+                    f"{key} {rev!r}: remote code runs Python from the Hub, so pin {name} to a full 40-hex commit SHA "
+                    "(not a branch or tag)"
                 )
         return self
 
@@ -196,7 +217,6 @@ class CaptionConfig(StrictModel):
             "cogvlm": CaptionerSpec(
                 type="cogvlm",
                 model="THUDM/cogvlm-chat-hf",
-                trust_remote_code=True,
                 tokenizer="lmsys/vicuna-7b-v1.5",
             )
         }

@@ -316,12 +316,24 @@ def run_caption(cfg: PipelinesConfig, recaption: bool = False, limit: int | None
             "mode": "recaption (redo keys already captioned)" if recaption else "skip keys already captioned",
         },
     )
-    from captioning.captioners import check_pinned
+    from captioning.captioners import check_pinned, is_local
 
     try:
         check_pinned(spec)
     except ValueError as exc:
         raise ConfigError(f"caption.captioners.{c.captioner}: {exc}") from None
+    if spec.type == "cogvlm" and is_local(spec.model):
+        # a broken checkpoint folder stops here, named, before any actor loads it (a Hub id is checked
+        # by each actor after its download)
+        from pathlib import Path
+
+        from captioning.cogvlm.loading import CheckpointError, check_checkpoint, read_config
+
+        folder = Path(spec.model).expanduser()
+        try:
+            check_checkpoint(folder, read_config(folder))
+        except CheckpointError as exc:
+            raise ConfigError(f"caption.captioners.{c.captioner}.model: {exc}") from None
     table = Table(out_url, CAPTIONS)
     stale = table.clean_tmp()
     if stale:

@@ -91,11 +91,16 @@ def step_filter(ctx: DemoContext) -> None:
 
 
 def step_caption(ctx: DemoContext) -> None:
-    """Caption the kept set with a tiny random LLaVA built here (its captions are random words)."""
+    """Caption the kept set with a tiny random LLaVA, then with a tiny random native CogVLM (random words both)."""
+    from paradiffusion.testing.tiny_cogvlm import build_tiny_cogvlm
     from paradiffusion.testing.tiny_vlm import build_tiny_vlm
 
     model = build_tiny_vlm(ctx.out / "models" / "tiny_vlm")
     ctx.cli("caption", extra_sets=[f"caption.captioners.tiny.model={model}"])
+    # the paper's captioner type (type: cogvlm), on the real CogVLM architecture at tiny size;
+    # its captions sit beside the first captioner's in the same table
+    cog = build_tiny_cogvlm(ctx.out / "models" / "tiny_cogvlm", "cogvlm")
+    ctx.cli("caption", extra_sets=["caption.captioner=tiny_cogvlm", f"caption.captioners.tiny_cogvlm.model={cog}"])
 
 
 from captioning.small.demo import step_annotations, step_select_small, step_stats  # noqa: E402

@@ -14,8 +14,8 @@ from paradiffusion.config import load_config
 from paradiffusion.schemas import SCORES
 from paradiffusion.storage import Table
 
-#: name -> RGB; the CogVLM test model names the colour it sees, so a caption can be
-#: checked against its image.
+#: name -> RGB: solid-colour fixture images (every key's colour is recorded, so a test can
+#: tell images apart).
 COLOURS = {
     "red": (220, 20, 20),
     "green": (20, 200, 20),

@@ -1,11 +1,11 @@
-"""Captioners on tiny local models: the transformers-native path and the CogVLM adapter."""
+"""Captioners on tiny local models: the transformers-native path and the shared batching logic.
 
-from pathlib import Path
+The native CogVLM captioner has its own tests in test_cogvlm.py and test_cogvlm_parity.py.
+"""
 
 import pytest
 from caption_fixtures import COLOURS
 from PIL import Image
-from tiny_cogvlm import write_tiny_cogvlm
 
 from captioning.captioners import CAPTIONERS, Captioner, CaptionResult, check_pinned, finish_of, load_captioner
 from captioning.config import CaptionerSpec, GenerationSettings
@@ -27,10 +27,10 @@ def test_finish_reason():
 
 
 def test_registry_names_match_config_choices():
-    assert set(CAPTIONERS) == {"transformers", "cogvlm"}
+    assert set(CAPTIONERS) == {"transformers", "cogvlm", "cogvlm_remote"}
     with pytest.raises(ConfigError) as err:
         load_config([], ["caption.captioners.cogvlm.type=vllm"])
-    assert "'transformers', 'cogvlm'" in str(err.value)
+    assert "'transformers', 'cogvlm', 'cogvlm_remote'" in str(err.value)
 
 
 def test_transformers_captioner_batched_equals_one_at_a_time(tiny_vlm):
@@ -85,30 +85,10 @@ def test_quantization_without_bitsandbytes_says_what_to_install(tiny_vlm):
 
 def test_remote_code_must_be_pinned():
     with pytest.raises(ValueError, match="commit SHA"):
-        check_pinned(CaptionerSpec(type="cogvlm", model="THUDM/cogvlm-chat-hf", trust_remote_code=True))
+        check_pinned(CaptionerSpec(model="org/vlm-with-remote-code", trust_remote_code=True))
     with pytest.raises(ValueError, match="40-hex"):
-        CaptionerSpec(type="cogvlm", model="THUDM/cogvlm-chat-hf", trust_remote_code=True, revision="main")
-    check_pinned(CaptionerSpec(type="cogvlm", model="THUDM/cogvlm-chat-hf", trust_remote_code=True, revision="0" * 40))
-
-
-# CogVLM: the model folder below holds remote code that implements the interface CogVLM's
-# model card documents (build_conversation_input_ids + generate) and checks how it is called.
-# This tests OUR adapter against that interface, not CogVLM's weights or modelling code.
-@pytest.fixture(scope="module")
-def tiny_cog(tiny_vlm, tmp_path_factory) -> str:
-    return write_tiny_cogvlm(Path(tmp_path_factory.mktemp("cog")) / "tinycog", tiny_vlm)
-
-
-def test_cogvlm_adapter_batches_and_maps_captions_to_images(tiny_cog, tiny_vlm):
-    spec = CaptionerSpec(type="cogvlm", model=tiny_cog, trust_remote_code=True, tokenizer=tiny_vlm, device="cpu")
-    cap = load_captioner(spec, GenerationSettings(max_new_tokens=32))
-    imgs, names = images(5)
-    out = cap.caption(imgs, "Provide a detailed description of the image.")
-    assert [r.error for r in out] == [None] * 5  # the stand-in asserts left padding, token types, dtype
-    assert [r.caption.split()[0] for r in out] == names[:5]
-    assert all(r.finish_reason == "stop" and r.n_tokens == 8 for r in out)
-    short = load_captioner(spec, GenerationSettings(max_new_tokens=3)).caption(imgs[:2], "Describe.")
-    assert [(r.n_tokens, r.finish_reason) for r in short] == [(3, "length"), (3, "length")]
+        CaptionerSpec(type="cogvlm_remote", model="THUDM/cogvlm-chat-hf", revision="main")
+    check_pinned(CaptionerSpec(model="org/vlm-with-remote-code", trust_remote_code=True, revision="0" * 40))
 
 
 def test_config_errors_name_the_choices():

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import yaml
 from caption_fixtures import caption_config, write_dataset
-from tiny_cogvlm import write_tiny_cogvlm
 
 from captioning.pipeline import run_caption
 from captioning.store import select_captions
@@ -85,26 +84,58 @@ def test_recaption_replaces_and_prompts_coexist(dataset, tiny_vlm):
     assert set(sel["prompt_id"].to_pylist()) == {"paper"}  # the default rule prefers the paper's prompt
 
 
-def test_cogvlm_adapter_through_the_pipeline(dataset, tiny_vlm, tmp_path):
-    # The model folder implements CogVLM's documented interface with a stand-in (see tiny_cogvlm.py):
-    # this checks our adapter and pipeline, not CogVLM's weights.
-    cog = write_tiny_cogvlm(tmp_path / "tinycog", tiny_vlm, caption_words=6)
+def test_native_cogvlm_through_the_ray_pipeline(dataset, tiny_cog):
+    """The real (tiny) CogVLM on the Ray actor pool: each key gets the caption of its own image."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from captioning.captioners import load_captioner
+    from captioning.config import CaptionerSpec, GenerationSettings
+
+    spec = f"{{cog: {{type: cogvlm, model: '{tiny_cog}', dtype: float32, device: cpu}}}}"
     cfg = caption_config(
-        dataset["root"],
-        tiny_vlm,
-        "caption.captioner=cog",
-        f"caption.captioners={{cog: {{type: cogvlm, model: '{cog}', trust_remote_code: true, tokenizer: '{tiny_vlm}',"
-        " device: cpu}}",
-        "caption.image.resize=bucket",
-        "caption.image.bucket_pixels=1024",
-        "caption.image.size_multiple=8",
+        dataset["root"], tiny_cog, "caption.captioner=cog", f"caption.captioners={spec}", executor="ray"
     )
     s = run_caption(cfg)
     got = {r["key"]: r for r in captions(dataset["root"]).to_pylist()}
-    for key, colour in dataset["expected"].items():
-        assert got[key]["caption"].split()[0] == colour, key  # each caption came back to its own image
-        assert got[key]["finish_reason"] == "stop" and got[key]["n_tokens"] == 6
-    assert s.n_out == len(dataset["expected"])
+    assert_one_row_per_key(captions(dataset["root"]), [*dataset["expected"], dataset["broken"]])
+    assert s.n_out == len(dataset["expected"]) and s.rejected == {"decode_error": 1}
+    # the same captioner, one image at a time, on the images decoded straight from the shards
+    cap = load_captioner(
+        CaptionerSpec(type="cogvlm", model=tiny_cog, dtype="float32", device="cpu"),
+        GenerationSettings(max_new_tokens=12),
+    )
+    images = {}
+    for shard in sorted(Path(dataset["root"], "images").glob("*.parquet")):
+        for row in pq.read_table(shard, columns=["key", "jpg"]).to_pylist():
+            images[row["key"]] = row["jpg"]
+    for key in dataset["expected"]:
+        alone = cap.caption([Image.open(io.BytesIO(images[key])).convert("RGB")], cfg.caption.prompt_text)[0]
+        assert got[key]["caption"] == alone.caption, key
+        assert got[key]["model_id"] == tiny_cog and got[key]["finish_reason"] == alone.finish_reason
+    assert len({got[k]["caption"] for k in dataset["expected"]}) > 1
+    again = run_caption(
+        caption_config(dataset["root"], tiny_cog, "caption.captioner=cog", f"caption.captioners={spec}")
+    )
+    assert again.n_out == 0 and again.skipped_done == len(dataset["expected"])  # never redo
+
+
+def test_broken_cogvlm_folder_stops_before_any_work(dataset, tiny_cog, tmp_path):
+    import shutil
+
+    from paradiffusion.config import ConfigError
+
+    broken = tmp_path / "broken_cog"
+    shutil.copytree(tiny_cog, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    spec = f"{{cog: {{type: cogvlm, model: '{broken}', dtype: float32, device: cpu}}}}"
+    cfg = caption_config(dataset["root"], str(broken), "caption.captioner=cog", f"caption.captioners={spec}")
+    with pytest.raises(ConfigError, match=rf"caption.captioners.cog.model: .*missing: {shard.name}"):
+        run_caption(cfg)
+    assert not Path(dataset["root"], "captions", "_done").exists()
 
 
 def test_ray_end_to_end(dataset, tiny_vlm):
@@ -203,9 +234,19 @@ def test_caption_on_a_two_node_cluster(ray_cluster, tmp_path, tiny_vlm):
     assert_one_row_per_key(captions(info["root"]), [*info["expected"], info["broken"]])
 
 
-def test_default_cogvlm_refuses_to_run_unpinned(tmp_path):
+def test_remote_cogvlm_refuses_to_run_unpinned(tmp_path):
     from paradiffusion.cli import main
 
-    rc = main(["caption", "--config", str(REPO / "pipelines.yaml"), "--set", f"project.data_root={tmp_path}"])
+    rc = main(
+        [
+            "caption",
+            "--config",
+            str(REPO / "pipelines.yaml"),
+            "--set",
+            f"project.data_root={tmp_path}",
+            "--set",
+            "caption.captioner=cogvlm_remote",
+        ]
+    )
     assert rc == 2  # a config error, before any model is loaded or any file written
     assert not (tmp_path / "captions").exists()
