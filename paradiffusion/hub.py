@@ -67,6 +67,7 @@ _WEIGHT_EXTS = (
     ".mlmodel",
 )
 _MEDIA_EXTS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".mp4", ".pdf")
+_DOC_FILE = re.compile(r"(?i)^(\.gitattributes|.*\.md|license.*|notice.*|use_policy.*)$")  # no loader reads these
 HTTP_TIMEOUT = 15.0  # seconds for one metadata request: an unreachable Hub fails within seconds, not minutes
 
 
@@ -487,6 +488,11 @@ def _is_weight(name: str) -> bool:
     return name.endswith(_WEIGHT_EXTS)
 
 
+def _is_small_loader_file(name: str) -> bool:
+    """Configs, tokenizer files, code: what a loader may read besides the weights (not docs, not media)."""
+    return not _is_weight(name) and not name.endswith(_MEDIA_EXTS) and not _DOC_FILE.match(name)
+
+
 def _weight_re(stems: tuple[str, ...]) -> re.Pattern:
     # The default, non-variant weights: stem.safetensors / stem.bin, or shards stem-00001-of-00002.*
     return re.compile(rf"^({'|'.join(map(re.escape, stems))})(-\d{{5}}-of-\d{{5}})?\.(safetensors|bin)$")
@@ -620,7 +626,7 @@ def select_files(listing: Iterable[str], ref: ModelRef) -> list[str]:
                 chosen.add(_join(folder, first))
             continue
         if lay.small_files:
-            chosen.update(_join(folder, n) for n in names if not _is_weight(n) and not n.endswith(_MEDIA_EXTS))
+            chosen.update(_join(folder, n) for n in names if _is_small_loader_file(n))
         if lay.weights:
             chosen.update(_join(folder, n) for n in _preferred_weights(names, lay.weights))
     return sorted(chosen)
@@ -1077,7 +1083,10 @@ def explain(exc: BaseException, ref: ModelRef, cache: ModelCache) -> str:
             "models.cache_dir at the fetched folder"
         )
     if (e := find(hf.HfHubHTTPError)) is not None:
-        return f"{head}: the Hub refused the download ({_first_line(e, 160)}). Fix: check the id and your access"
+        return (
+            f"{head}: the Hub answered {status or 'an error'} ({_first_line(e, 160)}). "
+            "Fix: check the id and your access, or rerun later"
+        )
     return f"{head}: download failed ({type(exc).__name__}: {_first_line(exc)}). Fix: rerun to resume, or {local_fix}"
 
 

@@ -88,7 +88,7 @@ def run_fetch(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
         if ref.key in seen:
             continue
         seen.add(ref.key)
-        res, status = None, ""
+        res, status, before = None, "", None
         try:
             if ref.kind == "unmanaged":
                 status = "not managed"
@@ -117,14 +117,19 @@ def run_fetch(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
                     if still:
                         raise hub.ModelUnavailable(f"{ref.head()}: {still[0][1]} even after a new download")
                     status = "repaired"
-        except hub.ModelUnavailable as exc:
-            status = "local: missing" if ref.kind in ("folder", "file") else "FAILED"
-            (notes if ref.kind in ("folder", "file") else failures).append(str(exc))
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is one line in the summary
-            status = "FAILED"
-            failures.append(hub.explain(exc, ref, cache))
+            line = str(exc) if isinstance(exc, hub.ModelUnavailable) else hub.explain(exc, ref, cache)
+            if ref.kind in ("folder", "file"):  # not fetch's to fix: said, not failed
+                status = "local: missing"
+                notes.append(line)
+            elif before is not None and res is None:  # the Hub said no, but a complete copy is cached
+                res, status = before, "cached (not refreshed)"
+                notes.append(line)
+            else:
+                status = "FAILED"
+                failures.append(line)
         if res is not None:
             total += res.size if status != "local" else 0
             for extra in hub.follow_ups(res):

@@ -332,6 +332,8 @@ def test_select_files_takes_what_the_loader_reads():
         "tokenizer.model",
         "modeling_x.py",
         "figure.png",
+        "LICENSE.txt",
+        "merges.txt",
         "onnx/model.onnx",
         "original/consolidated.pth",
         "unet/config.json",
@@ -343,10 +345,9 @@ def test_select_files_takes_what_the_loader_reads():
     ]
     ref = hub.ModelRef("s", "o/r", "hf", layout=("transformers", "tokenizer"))
     assert hub.select_files(listing, ref) == [
-        ".gitattributes",
-        "README.md",
         "config.json",
         "generation_config.json",
+        "merges.txt",
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
         "model.safetensors.index.json",
@@ -449,3 +450,39 @@ def test_stages_declare_the_models_their_config_names():
     assert [(r.source, r.revision) for r in qwen] == [
         ("Qwen/Qwen2.5-VL-7B-Instruct", "cc594898137f460bfe9f0759e9844b3ce807cfb5")
     ]
+
+
+# --------------------------------------------------------------------------- the run's environment
+def test_a_ray_cluster_job_gets_the_model_cache_and_offline_mode(monkeypatch, tmp_path):
+    import types
+
+    from paradiffusion.config import ModelsConfig, RayConfig
+    from paradiffusion.raycluster import init_ray
+
+    calls: dict = {}
+    fake_ray = types.SimpleNamespace(
+        is_initialized=lambda: False, init=lambda **kw: calls.update(kw), cluster_resources=dict, nodes=list
+    )
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    with hub.run_environment(ModelsConfig(cache_dir=str(tmp_path / "m"))):
+        hub.go_offline()
+        init_ray(RayConfig(address="10.0.0.1:6379"))
+        assert os.environ["TORCH_HOME"] == str(tmp_path / "m" / "torch")
+    assert calls["runtime_env"] == {
+        "env_vars": {
+            "HF_HUB_CACHE": str(tmp_path / "m" / "hub"),
+            "TORCH_HOME": str(tmp_path / "m" / "torch"),
+            "HF_HUB_OFFLINE": "1",
+        }
+    }
+    assert os.environ.get("TORCH_HOME") != str(tmp_path / "m" / "torch")  # restored after the command
+
+
+def test_models_command_names_the_commands_that_declare_models(capsys):
+    from paradiffusion.cli import main
+
+    assert main(["models", "check", "--stages", "stats", "--config", os.devnull]) == 2
+    err = capsys.readouterr().err
+    assert "stats" in err and "filter" in err and "train" in err
+    with pytest.raises(Exception, match="cache_dir"):
+        load_config([], ["models.cache_dir=s3://bucket/models"])
