@@ -697,9 +697,10 @@ def locate(ref: ModelRef, cache: ModelCache) -> Resolved:
 def _locate_folder(ref: ModelRef, cache: ModelCache) -> Resolved:
     p = Path(os.path.expanduser(ref.source))
     if not p.exists():
+        pathlike = ref.source.startswith(("/", ".", "~")) or ref.source.count("/") > 1
         raise ModelUnavailable(
-            f"{ref.head()}: no such folder, and it is not a Hugging Face id (owner/name). "
-            f"Fix: point {ref.setting} at the model folder, or give its Hub id",
+            f"{ref.head()}: no such folder{'' if pathlike else ', and not a Hugging Face id (owner/name)'}. "
+            f"Fix: point {ref.setting} at the model folder{'' if pathlike else ', or give its Hub id'}",
             setting=ref.setting,
         )
     if not p.is_dir():
@@ -1176,8 +1177,8 @@ def resolve_for_run(cfg: ModelsConfig, refs: list[ModelRef]) -> list[Resolved]:
     reason = "models.offline: true" if cfg.offline else "HF_HUB_OFFLINE=1"
     resolved = resolve(refs, cache, offline=offline, offline_reason=reason)
     for r in resolved:
-        where = r.path or r.ref.note
-        log.info("%s: %s %s", ", ".join(r.settings), r.action, where)
+        what = f" ({r.ref.note})" if r.ref.note and r.path else ""
+        log.info("%s: %s %s%s", ", ".join(r.settings), r.action, r.path or r.ref.note, what)
     if all(r.ref.kind != "unmanaged" for r in resolved):
         go_offline()
     else:
