@@ -45,6 +45,13 @@ lint: ## ruff lint and format check
 config: ## validate pipelines.yaml and print it resolved
 	$(PD) config $(ARGS)
 
+.PHONY: models models-check
+models: ## download every model the config names into models.cache_dir (STAGES="filter train" for some); resumable
+	$(PD) models fetch $(ARGS) $(if $(STAGES),--stages $(STAGES))
+
+models-check: ## verify the model cache without network: every file present, published hashes, readable
+	$(PD) models check $(ARGS) $(if $(STAGES),--stages $(STAGES))
+
 download: ## fetch a URL list into image shards with img2dataset (SET="download.input=laion-parquet/")
 	$(PD) download $(ARGS)
 

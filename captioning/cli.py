@@ -24,8 +24,49 @@ def _caption_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="caption at most N pending images this run")
 
 
+def _caption_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> list:
+    """The selected captioner (``caption.captioner``) and, for CogVLM v1, its separate tokenizer.
+
+    Remote code must be pinned before anything is downloaded, so that check comes first.
+    """
+    from captioning.captioners import check_pinned
+    from paradiffusion.config import ConfigError
+    from paradiffusion.hub import model_ref
+
+    name = cfg.caption.captioner
+    spec = cfg.caption.captioners.get(name)
+    if spec is None:
+        return []  # the stage reports the unknown captioner with the names it knows
+    try:
+        check_pinned(spec)
+    except ValueError as exc:
+        raise ConfigError(f"caption.captioners.{name}: {exc}") from None
+    key = f"caption.captioners.{name}"
+    refs = [
+        model_ref(
+            f"{key}.model",
+            spec.model,
+            revision=spec.revision,
+            revision_setting=f"{key}.revision",
+            layout=("transformers", "tokenizer"),
+        )
+    ]
+    if spec.tokenizer:
+        refs.append(
+            model_ref(
+                f"{key}.tokenizer",
+                spec.tokenizer,
+                revision=spec.tokenizer_revision,
+                revision_setting=f"{key}.tokenizer_revision",
+                layout=("tokenizer",),
+            )
+        )
+    return refs
+
+
 CAPTION = Command(
     help="caption the kept set with a vision-language model (CogVLM, Qwen2.5-VL, LLaVA, ...) into the captions table",
     run=_run_caption,
     add_arguments=_caption_arguments,
+    models=_caption_models,
 )

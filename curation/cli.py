@@ -34,7 +34,19 @@ def _run_filter(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     return run_filter(cfg, args)
 
 
+def _filter_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> list:
+    """The CLIP model (open_clip name + tag, hf-hub: id or folder) and the aesthetic head (path or URL)."""
+    from paradiffusion.hub import open_clip_refs, weights_ref
+
+    m = cfg.filter.models
+    refs = open_clip_refs("filter.models.clip_model", m.clip_model, m.clip_pretrained, "filter.models.clip_pretrained")
+    if m.aesthetic:
+        refs.append(weights_ref("filter.models.aesthetic", m.aesthetic, note="LAION aesthetic predictor"))
+    return refs
+
+
 FILTER = Command(
     help="decode, measure and score the image shards (CLIP, aesthetic), dedup, and write the scores table",
     run=_run_filter,
+    models=_filter_models,
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from paradiffusion.cli import Command
 from paradiffusion.config import PipelinesConfig
@@ -61,13 +62,70 @@ def _report(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     return run_report(cfg, args)
 
 
+# --------------------------------------------------------------------------- models each command loads
+def _generate_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> list:
+    """Every model eval-generate runs: kind paradiffusion (export or release), kind diffusers (a pipeline)."""
+    from paradiffusion.hub import ModelRef, looks_local
+    from training.cli import paradiffusion_models
+
+    ec = cfg.eval
+    refs: list = []
+    for name in ec.generate.models or list(ec.models):
+        m = ec.models[name]
+        key = f"eval.models.{name}"
+        if m.kind == "paradiffusion":
+            refs += paradiffusion_models(f"{key}.path", m.path, m.llm, m.vae, f"{key}.llm", f"{key}.vae")
+        else:
+            kind = "folder" if looks_local(m.path) else "hf"
+            refs.append(ModelRef(f"{key}.path", m.path, kind, layout=("pipeline",), note="diffusers pipeline"))
+    return refs
+
+
+def _metrics_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> list:
+    """CLIP (and Long-CLIP), the aesthetic head, Inception weights for FID, the preference models."""
+    from paradiffusion.hub import model_ref, open_clip_refs, unmanaged, weights_ref
+
+    mc = cfg.eval.metrics
+    refs = open_clip_refs("eval.metrics.clip_model", mc.clip_model, mc.clip_pretrained, "eval.metrics.clip_pretrained")
+    if mc.long_clip_model:
+        refs += open_clip_refs("eval.metrics.long_clip_model", mc.long_clip_model)
+    if mc.aesthetic:
+        refs.append(weights_ref("eval.metrics.aesthetic", mc.aesthetic, note="LAION aesthetic predictor"))
+    if mc.fid_reference and mc.fid_features == "inception" and mc.fid_inception_weights:
+        refs.append(weights_ref("eval.metrics.fid_inception_weights", mc.fid_inception_weights))
+    pc = mc.preference
+    for setting, value, package in (
+        ("imagereward", pc.imagereward, "image-reward"),
+        ("hpsv2", pc.hpsv2, "hpsv2"),
+    ):
+        if value:
+            key = f"eval.metrics.preference.{setting}"
+            local = os.path.exists(os.path.expanduser(value))
+            refs.append(
+                weights_ref(key, value) if local else unmanaged(key, value, f"the {package} package fetches it")
+            )
+    if pc.pickscore:
+        refs.append(model_ref("eval.metrics.preference.pickscore", pc.pickscore, layout=("transformers",)))
+        refs.append(
+            model_ref(
+                "eval.metrics.preference.pickscore_processor",
+                pc.pickscore_processor or pc.pickscore,
+                layout=("processor", "tokenizer"),
+            )
+        )
+    return refs
+
+
 EVAL_GENERATE = Command(
     help="generate seeded images for the eval prompt sets from every configured model",
     run=_generate,
     add_arguments=_generate_args,
+    models=_generate_models,
 )
 EVAL_METRICS = Command(
-    help="automatic metrics (CLIP score, aesthetic, FID, preference models) with bootstrap CIs", run=_metrics
+    help="automatic metrics (CLIP score, aesthetic, FID, preference models) with bootstrap CIs",
+    run=_metrics,
+    models=_metrics_models,
 )
 VOTE = Command(help="serve the blind pairwise voting app (builds the pairs first)", run=_vote, add_arguments=_vote_args)
 VOTE_ADMIN = Command(

@@ -13,8 +13,12 @@ import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from paradiffusion.config import ConfigError, PipelinesConfig, load_config
+
+if TYPE_CHECKING:
+    from paradiffusion.hub import ModelRef
 
 
 @dataclass
@@ -22,11 +26,17 @@ class Command:
     """A subcommand: its help line, its own arguments and what it runs.
 
     ``run(cfg, args)`` returns the process exit code.
+
+    ``models(cfg, args)`` lists the models the resolved config makes this command load
+    (:class:`paradiffusion.hub.ModelRef`); :func:`main` resolves them before ``run``, so a
+    model that cannot be had stops the run at once with one line. ``args`` is None when
+    ``paradiffusion models fetch/check`` asks: then list every model the command could load.
     """
 
     help: str
     run: Callable[[PipelinesConfig, argparse.Namespace], int]
     add_arguments: Callable[[argparse.ArgumentParser], None] = field(default=lambda p: None)
+    models: Callable[[PipelinesConfig, argparse.Namespace | None], list[ModelRef]] | None = None
 
 
 def _show_config(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
@@ -50,6 +60,7 @@ CONFIG = Command(
 COMMANDS: dict[str, str] = {
     "config": "paradiffusion.cli:CONFIG",
     "demo": "paradiffusion.demo:DEMO",
+    "models": "paradiffusion.hub_cli:MODELS",
     "download": "curation.cli:DOWNLOAD",
     "filter": "curation.cli:FILTER",
     "caption": "captioning.cli:CAPTION",
@@ -109,9 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from paradiffusion import hub
+
+    cmd: Command = args._command
     try:
-        return int(args._command.run(cfg, args) or 0)
+        with hub.run_environment(cfg.models):  # the cache folders, for this command and what it starts
+            if cmd.models is not None:  # before Ray, DeepSpeed or any data work
+                hub.resolve_for_run(cfg.models, cmd.models(cfg, args))
+            return int(cmd.run(cfg, args) or 0)
     except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except hub.ModelUnavailable as exc:  # one line: the setting, what was tried, the fix
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:  # a missing input table, model folder or file: say which, no traceback

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class StrictModel(BaseModel):
@@ -60,6 +60,40 @@ class RayConfig(StrictModel):
     )
 
 
+class ModelsConfig(StrictModel):
+    """Where the models every stage names are cached, and whether a run may download them.
+
+    Before a stage starts, every model its config names is resolved in the driver
+    (:mod:`paradiffusion.hub`): found in this cache or a local path, or downloaded
+    into it, or the run stops with one line saying what to fix. The run itself then
+    reads the cache with the Hub switched off (``HF_HUB_OFFLINE=1``), so Ray workers
+    and DeepSpeed ranks never download.
+    """
+
+    cache_dir: str | None = Field(
+        None,
+        description="one folder for every model: Hugging Face files in <cache_dir>/hub, URL downloads in "
+        "<cache_dir>/torch/hub/checkpoints. On a cluster, a folder every node mounts (shared file system, or object "
+        "storage mounted with e.g. mountpoint-s3/gcsfuse). null: Hugging Face's own cache (HF_HUB_CACHE, HF_HOME) "
+        "and torch's (TORCH_HOME)",
+    )
+    offline: bool = Field(
+        False,
+        description="never download: every model must already be in the cache or a local path "
+        "(HF_HUB_OFFLINE=1 in the environment does the same)",
+    )
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _local_folder(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v:
+            raise ValueError(
+                "must be a folder on this machine's file system (loaders read model files from disk); for object "
+                "storage, mount the bucket (e.g. mountpoint-s3, gcsfuse) and give the mount point"
+            )
+        return v
+
+
 from captioning.config import CaptionConfig  # noqa: E402
 from captioning.small.config import AnnotationsConfig, SelectSmallConfig  # noqa: E402
 from curation.config import DownloadConfig, FilterConfig  # noqa: E402 - stage sections import StrictModel from above
@@ -73,6 +107,7 @@ class PipelinesConfig(StrictModel):
 
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)

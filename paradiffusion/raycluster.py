@@ -46,6 +46,11 @@ def init_ray(cfg: RayConfig) -> str:
         ray.init(**kwargs)
         where = "local Ray"
     else:
+        from paradiffusion.hub import run_env
+
+        env = run_env()  # the model cache and offline mode this run resolved (a cluster's workers get them here)
+        if env:
+            kwargs["runtime_env"] = {"env_vars": env}
         ray.init(address=address, **kwargs)
         where = f"Ray cluster at {address}"
     res = ray.cluster_resources()

@@ -104,16 +104,108 @@ def run_cache_latents(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- models each command loads
+def _vae_ref(cfg: PipelinesConfig) -> list:
+    from paradiffusion.hub import model_ref
+
+    return [model_ref("train.model.vae", cfg.train.model.vae, layout=("diffusers",))]
+
+
+def train_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> list:
+    """The LLM (+ tokenizer), the VAE, and the UNet / scheduler when named (all three stages share them)."""
+    from paradiffusion.hub import model_ref
+
+    mc = cfg.train.model
+    refs = [
+        model_ref(
+            "train.model.llm",
+            mc.llm,
+            revision=mc.llm_revision,
+            revision_setting="train.model.llm_revision",
+            layout=("transformers", "tokenizer"),
+        ),
+        *_vae_ref(cfg),
+    ]
+    if mc.unet:
+        refs.append(model_ref("train.model.unet", mc.unet, subfolder=mc.unet_subfolder, layout=("diffusers",)))
+    if mc.scheduler:
+        refs.append(model_ref("train.model.scheduler", mc.scheduler, layout=("scheduler",)))
+    return refs
+
+
+def paradiffusion_models(
+    setting: str,
+    path: str,
+    llm: str | None = None,
+    vae: str | None = None,
+    llm_setting: str | None = None,
+    vae_setting: str | None = None,
+) -> list:
+    """What ``ParaDiffusionPipeline.from_pretrained(path, llm=..., vae=...)`` reads.
+
+    Our export folder (``unet/``, ``scheduler/``, ``paradiffusion.json`` naming the LLM and
+    VAE) or the official release on the Hub (the whole repository: the pipeline takes a full
+    snapshot, ``Llama-2-7b-hf/`` and ``sdxl-vae-fp16-fix/`` included). ``llm`` / ``vae``
+    override where those come from.
+    """
+    import json
+
+    from paradiffusion.hub import ModelRef, looks_local, model_ref
+
+    parts: tuple[str, ...] = ("unet:diffusers", "scheduler:scheduler")
+    llm_from = (llm_setting or setting) if llm else setting
+    vae_from = (vae_setting or setting) if vae else setting
+    info: dict = {}
+    if not looks_local(path):
+        refs = [ModelRef(setting, path, "hf", layout=("any", *parts), note="ParaDiffusion release")]
+    else:
+        root = os.path.expanduser(path)
+        info_file = os.path.join(root, "paradiffusion.json")
+        if os.path.isfile(info_file):
+            with open(info_file) as f:
+                info = json.load(f)
+        llm, vae = llm or info.get("llm"), vae or info.get("vae")
+        if not llm and os.path.isdir(os.path.join(root, "Llama-2-7b-hf")):  # a local copy of the release
+            parts += ("Llama-2-7b-hf:transformers", "Llama-2-7b-hf:tokenizer")
+        if not vae and os.path.isdir(os.path.join(root, "sdxl-vae-fp16-fix")):
+            parts += ("sdxl-vae-fp16-fix:diffusers",)
+        refs = [ModelRef(setting, path, "folder", layout=parts, note="ParaDiffusion export")]
+    named = "its paradiffusion.json names it"
+    if llm:
+        rev = info.get("llm_revision")  # the pipeline passes the export's revision on
+        note = named if llm_from == setting else ""
+        refs.append(model_ref(llm_from, llm, revision=rev, layout=("transformers", "tokenizer"), note=note))
+    if vae:
+        refs.append(model_ref(vae_from, vae, layout=("diffusers",), note=named if vae_from == setting else ""))
+    return refs
+
+
+def _generate_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> list:
+    from paradiffusion.storage import join
+
+    gc = cfg.generate
+    model = gc.model or join(cfg.project.data_root, "train", "stage3", "export")
+    refs = paradiffusion_models("generate.model", model, gc.llm, gc.vae, "generate.llm", "generate.vae")
+    if args is None and gc.model is None:  # models fetch: the stage-3 export is trained here, not fetched
+        refs = refs[1:]
+    return refs
+
+
 CACHE_LATENTS = Command(
     help="encode a stage's images with the VAE once (then set train.stageN.data.latents to train without the VAE)",
     run=run_cache_latents,
     add_arguments=_train_args,
+    models=lambda cfg, args: _vae_ref(cfg),
 )
 TRAIN = Command(
-    help="train the ParaDiffusion model: --stage 1, 2 or 3 (DeepSpeed)", run=run_train, add_arguments=_train_args
+    help="train the ParaDiffusion model: --stage 1, 2 or 3 (DeepSpeed)",
+    run=run_train,
+    add_arguments=_train_args,
+    models=train_models,
 )
 GENERATE = Command(
     help="text to image with an export or the official weights; PNGs with settings in metadata",
     run=run_generate,
     add_arguments=_generate_args,
+    models=_generate_models,
 )

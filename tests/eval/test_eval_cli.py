@@ -25,7 +25,10 @@ def test_config_errors_name_the_key(tmp_path, capsys):
         raise AssertionError("a model name with a space must not validate")
     except ConfigError as exc:
         assert "must match" in str(exc)
-    assert main(["eval", "--config", _cfg(tmp_path, {})]) == 2
+    empty_cache = ["--set", f"models.cache_dir={tmp_path / 'models'}"]
+    assert main(["eval", "--config", _cfg(tmp_path, {}), *empty_cache]) == 2  # models are resolved first
+    assert "eval.metrics.clip_pretrained = openai" in capsys.readouterr().err
+    assert main(["eval", "--config", _cfg(tmp_path, {"metrics": {"clip_pretrained": None}})]) == 2
     assert "run `make eval-generate` first" in capsys.readouterr().err
 
 

@@ -289,7 +289,7 @@ def test_cli_train_and_generate(tiny_models, tmp_path, capsys):
     assert main(["train", "--stage", "2", "--config", str(f), *missing_ckpt]) == 2  # a config error naming it
     assert str(tmp_path / "nothing") in capsys.readouterr().err
     bad_model = ["--set", f"generate.model={tmp_path / 'none'}"]
-    assert main(["generate", "--config", str(f), "--prompt", "x", *bad_model]) == 1
+    assert main(["generate", "--config", str(f), "--prompt", "x", *bad_model]) == 2  # a model that cannot be had
     assert str(tmp_path / "none") in capsys.readouterr().err
 
 
