@@ -386,21 +386,19 @@ def import_file(cfg: PipelinesConfig, path: str, users: dict[str, str] | None = 
         if p.reason != ls.NOT_ANNOTATED:
             log.warning("%s: %s", source, p)
     not_annotated = [p for p in problems if p.reason == ls.NOT_ANNOTATED]
-    if not_annotated:
-        log.info(
-            "%s: %d task(s) nobody annotated: %s",
-            source,
-            len(not_annotated),
-            "; ".join(f"{p.ref} ({p.detail.split(':')[0]})" for p in not_annotated[:20])
-            + (" ..." if len(not_annotated) > 20 else ""),
-        )
     file_hash = hashlib.sha256(raw).hexdigest()
     shard = store.append("import", rows, {"source_file": source, "sha256": file_hash, "problems": len(problems)})
     store.remember(learned)
     summary.n_out = len(rows)
     summary.extra["shard"] = shard or "none (nothing new)"
     summary.extra["annotators"] = len({r["annotator"] for r in rows})
-    summary.extra["not_annotated"] = {"count": len(not_annotated), "positions": [p.ref for p in not_annotated]}
+    # tasks nobody annotated: counted under rejected; where they are, printed (first 10) and in full
+    where = [f"{p.ref} ({p.detail.split(':')[0]})" for p in not_annotated]
+    if where:
+        summary.extra["not_annotated_tasks"] = "; ".join(where[:10]) + (
+            f"; ... {len(where) - 10} more" if len(where) > 10 else ""
+        )
+    summary.extra["not_annotated_positions"] = [p.ref for p in not_annotated]
     summary.extra["problems"] = [str(p) for p in problems if p.reason != ls.NOT_ANNOTATED]
     summary.finish()
     store.table.save_config(cfg, "annotations", ac)

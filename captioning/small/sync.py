@@ -158,7 +158,13 @@ def serve(cfg: PipelinesConfig, install_only: bool = False) -> int:
     files_root = Path(an.export_dir(cfg)).absolute()
     files_root.mkdir(parents=True, exist_ok=True)
     server = lsserver.LabelStudioServer(
-        exe, data_dir(cfg), lc.port, lc.admin_email, os.environ.get(lc.password_env) or None, files_root
+        exe,
+        data_dir(cfg),
+        lc.port,
+        lc.admin_email,
+        os.environ.get(lc.password_env) or None,
+        files_root,
+        lsserver.empty_database(lc.venv),
     )
     announce(
         "annotations serve",

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -221,8 +222,9 @@ def test_tasks_nobody_annotated_are_reported(selected, tmp_path):
         ("not_annotated", starts[2]),
     ]
     assert "task 2" in res.not_annotated[0].ref and "'c1_0'" in res.not_annotated[0].detail
-    assert res.summary.extra["not_annotated"]["count"] == 2
-    assert res.summary.extra["not_annotated"]["positions"] == [p.ref for p in res.not_annotated]
+    assert res.summary.extra["not_annotated_positions"] == [p.ref for p in res.not_annotated]
+    assert re.search(r"rejected: not_annotated\s+2\n", res.summary.render())
+    assert re.search(r"not_annotated_tasks\s+line \d+, task 2 \(key 'c1_0'\); line \d+, task 3 ", res.summary.render())
     assert res.summary.rejected["not_annotated"] == 2
     m = tmp_path / "min.json"
     m.write_text(json.dumps(_json_min(json.loads(f.read_text()), by_email=False)))
