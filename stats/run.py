@@ -7,6 +7,7 @@ Output folder (``stats.output``, default ``<data_root>/stats``)::
     report.md        every canned query as a Markdown table, with the plots
     stats.json       the same results as JSON
     *.png            caption-length histogram, funnel
+    derived/         text-derived columns per source shard (stats.derived): the text is read once
     _config.yaml, _summary.json
 """
 
@@ -23,6 +24,7 @@ from paradiffusion.config import ConfigError, PipelinesConfig
 from paradiffusion.log import get_logger
 from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, join
+from stats import derived as _derived
 from stats import nouns as _nouns
 from stats.queries import Query, bucket_labels, canned_queries
 from stats.views import build_views, find_sources, views_sql
@@ -104,7 +106,7 @@ def add_mean_nouns(con, res: Result, cfg: PipelinesConfig) -> None:
         res.rows = [(*r, why) for r in res.rows]
         return
     n = cfg.stats.noun_sample
-    sample = _sample_captions(con, {r[0]: r[1] for r in res.rows}, n, cfg.project.seed)
+    sample = _sample_captions(con, {r[0]: r[2] for r in res.rows}, n, cfg.project.seed)  # by captions
     sums: dict[str, list[int]] = {}
     for source, caption in progress(sample, total=len(sample), desc="nouns", unit="caption"):
         sums.setdefault(source, []).append(counter(caption or ""))
@@ -114,7 +116,7 @@ def add_mean_nouns(con, res: Result, cfg: PipelinesConfig) -> None:
         got = sums.get(r[0], [])
         out.append((*r, round(sum(got) / len(got), 1) if got else None))
     res.rows = out
-    sampled = [r[0] for r in res.rows if r[1] > n]
+    sampled = [r[0] for r in res.rows if r[2] > n]
     if sampled:
         sizes = ", ".join(f"{s}: {len(sums.get(s, []))}" for s in sampled)
         res.notes.append(f"mean_nouns on a seeded sample of captions ({sizes})")
@@ -189,13 +191,14 @@ def plot_funnel(res: Result, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r[1] for r in res.rows][::-1]
+    names = [f"{r[0]}. {r[1]}" + (f" (of {r[3]})" if r[3] is not None and r[3] != r[0] - 1 else "") for r in res.rows]
+    names = names[::-1]
     values = [r[2] for r in res.rows][::-1]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1))
     ax.barh(names, values, color="#4c72b0")
     for y, v in enumerate(values):
         ax.text(v, y, f" {v:,}", va="center", fontsize=8)
-    ax.set_xlabel("rows / keys")
+    ax.set_xlabel("images (distinct keys)")
     ax.set_title("Funnel")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -230,10 +233,21 @@ def run_stats(cfg: PipelinesConfig, only: list[str] | None = None, quiet: bool =
         },
     )
     summary = StageSummary("stats")
-    views = build_views(cfg, sources)
-    view_names = {n for n, _ in views}
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "views.sql", views_sql(views, missing).encode())
+    derived: dict[str, str] = {}
+    if sc.derived:
+        import duckdb
+
+        with duckdb.connect() as dcon:
+            tables = {n: join(cfg.project.data_root, n) for n in _derived.TEXT_TABLES if n in have}
+            state = _derived.refresh(dcon, out, tables, sc.keywords)
+        derived = state.folders
+        summary.extra["derived_shards_read"] = sum(state.computed.values())
+        summary.extra["derived_shards_reused"] = sum(state.reused.values())
+        summary.extra["derived_seconds"] = round(state.seconds, 2)
+    views = build_views(cfg, sources, derived)
+    view_names = {n for n, _ in views}
+    _write_atomic(out / "views.sql", views_sql(views, missing, derived).encode())
     if sc.write_duckdb:
         tmp = out / ".stats.duckdb.tmp"
         tmp.unlink(missing_ok=True)
