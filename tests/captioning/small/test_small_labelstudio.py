@@ -1,6 +1,8 @@
 import json
 import xml.etree.ElementTree as ET
 
+import pytest
+
 from captioning.small import labelstudio as ls
 
 # A Label Studio JSON export as the tool writes it (trimmed to the fields it always has).
@@ -132,3 +134,21 @@ def test_parse_json_min():
     assert entries[1].created_at.isoformat() == "2026-11-29T04:22:34.061505+00:00"
     assert [(p.ref, p.reason) for p in problems] == [("line 23, task 4", ls.NOT_ANNOTATED)]
     assert "'k3'" in problems[0].detail
+
+
+def test_token_comes_from_the_variable_or_the_file(tmp_path, monkeypatch):
+    from captioning.small import sync
+    from captioning.small.lsclient import LabelStudioError, is_jwt
+    from paradiffusion.config import load_config
+
+    cfg = load_config([], [f"project.data_root={tmp_path}"])
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    with pytest.raises(LabelStudioError, match="set LABEL_STUDIO_API_KEY") as exc:
+        sync.resolve_token(cfg)
+    assert str(tmp_path / "labelstudio" / "api_token") in str(exc.value)
+    (tmp_path / "labelstudio").mkdir()
+    (tmp_path / "labelstudio" / "api_token").write_text("a.b.c\n")
+    assert sync.resolve_token(cfg) == "a.b.c" and is_jwt("a.b.c")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    assert not is_jwt(sync.resolve_token(cfg))  # a legacy token: sent as "Token ..."
+    assert sync.server_url(cfg) == "http://127.0.0.1:8080"
