@@ -179,7 +179,7 @@ def _sources(root: Path, with_text: bool = False):
     )
     c = _vlm(root, ["n_words", "finish_reason"] + (["caption"] if with_text else []))
     c = c[(c["n_words"].fillna(0) > 0) & (c["finish_reason"] != "error")]
-    c = c.merge(sc[["key", "short_side"]], on="key")
+    c = c.merge(sc[["key", "short_side"]], on="key", how="left")
     keep = ["source", "key", "n_words", "short_side"] + (["caption"] if with_text else [])
     return pd.concat([alt, c[keep]], ignore_index=True)
 

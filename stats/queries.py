@@ -73,8 +73,7 @@ def canned_queries(length_buckets: list[int], keywords: list[str], have: set[str
         Query(
             "prompt_versions",
             "Prompt versions: each caption set (model x prompt text) is its own source",
-            "SELECT 'vlm:' || model_id || coalesce('@' || model_revision, '') || '/' || prompt_id || '#v' || "
-            "prompt_version AS source, prompt_hash, first_used, captions FROM prompt_versions "
+            "SELECT source, prompt_hash, first_used, captions FROM prompt_versions "
             "ORDER BY model_id, model_revision, prompt_id, prompt_version",
             ("prompt_versions",),
         ),

@@ -16,7 +16,8 @@ globs, so they see new shards without being regenerated. Derived views:
   ``annotations.train_rule``): the SQL of :mod:`captioning.small.texts`.
 - ``caption_sources``: every caption source in one shape (``source``, ``key``, ``caption``,
   ``n_words``, ``short_side``): the kept alt texts, each VLM source (captions with words), the
-  approved annotations. Statistics count *images* as distinct keys per source.
+  approved annotations (``short_side`` from ``scores``, null where an image has no score).
+  Statistics count *images* as distinct keys per source.
 - ``caption_words`` / ``caption_keywords``: per caption, the whitespace word count and the
   keyword flags, from the ``derived`` cache (:mod:`stats.derived`: the text is read once per
   shard) or, without it, from the text.
@@ -144,31 +145,31 @@ def build_views(
     if "captions" in have:
         cols = src["captions"].columns
         rev = "model_revision" if "model_revision" in cols else "NULL::VARCHAR"
+        # the label is built here, once per caption set, and joined to the rows (not concatenated per row)
         views.append(
             (
                 "prompt_versions",
-                "SELECT model_id, model_revision, prompt_id, prompt_hash, "
-                "dense_rank() OVER (PARTITION BY model_id, coalesce(model_revision, ''), prompt_id "
+                f"SELECT {source_label_sql()} AS source, * FROM (SELECT model_id, model_revision, prompt_id, "
+                "prompt_hash, dense_rank() OVER (PARTITION BY model_id, coalesce(model_revision, ''), prompt_id "
                 "ORDER BY first_used, prompt_hash) AS prompt_version, first_used, captions FROM ("
                 f"SELECT model_id, {rev} AS model_revision, prompt_id, prompt_hash, min(created_at) AS first_used, "
-                "count(*) AS captions FROM captions GROUP BY ALL)",
+                "count(*) AS captions FROM captions GROUP BY ALL))",
             )
         )
-        label = source_label_sql("v")
+        crev = "c.model_revision" if "model_revision" in cols else "NULL"
         views.append(
             (
                 "vlm_captions",
-                f"SELECT {label} AS source, v.prompt_version, c.* FROM captions c JOIN prompt_versions v "
+                "SELECT v.source, v.prompt_version, c.* FROM captions c JOIN prompt_versions v "
                 "ON c.model_id = v.model_id AND c.prompt_id = v.prompt_id AND c.prompt_hash = v.prompt_hash "
-                f"AND coalesce({'c.model_revision' if 'model_revision' in cols else 'NULL'}, '') "
-                "= coalesce(v.model_revision, '')",
+                f"AND coalesce({crev}, '') = coalesce(v.model_revision, '')",
             )
         )
         if "captions" in derived:
             views.append(
                 (
                     "caption_words",
-                    f"SELECT {label} AS source, d.* FROM read_parquet({_lit(derived['captions'] + '/*.parquet')}, "
+                    f"SELECT v.source, d.* FROM read_parquet({_lit(derived['captions'] + '/*.parquet')}, "
                     "union_by_name = true) d JOIN prompt_versions v ON d.model_id = v.model_id AND "
                     "d.prompt_id = v.prompt_id AND d.prompt_hash = v.prompt_hash "
                     "AND coalesce(d.model_revision, '') = coalesce(v.model_revision, '')",
@@ -209,7 +210,7 @@ def build_views(
             has_words = f"coalesce({n}, 0) > 0 AND c.finish_reason IS DISTINCT FROM 'error'"
             text_parts.append(
                 f"SELECT c.source, c.key, c.caption, {n} AS n_words, {size} "
-                f"FROM vlm_captions c JOIN scores s USING (key) WHERE {has_words}"
+                f"FROM vlm_captions c LEFT JOIN scores s USING (key) WHERE {has_words}"
             )
             if "captions" in derived:
                 # the same rows as Table 1's VLM sources: with words (the captioner's count), not errors
@@ -217,23 +218,22 @@ def build_views(
                 w_n = "coalesce(w.n_words, 0)" if "n_words" in src["captions"].columns else "w.words"
                 kw_parts.append(
                     f"SELECT w.source, w.key{', ' + kw_v if kw_v else ''} FROM caption_words w "
-                    f"SEMI JOIN scores s ON w.key = s.key WHERE {w_n} > 0 AND w.finish_reason IS DISTINCT FROM 'error'"
+                    f"WHERE {w_n} > 0 AND w.finish_reason IS DISTINCT FROM 'error'"
                 )
             else:
                 kw_v = ", ".join(f"{keyword_sql('c.caption', w)} AS {keyword_column(w)}" for w in keywords)
                 kw_parts.append(
-                    f"SELECT c.source, c.key{', ' + kw_v if kw_v else ''} FROM vlm_captions c "
-                    f"SEMI JOIN scores s USING (key) WHERE {has_words}"
+                    f"SELECT c.source, c.key{', ' + kw_v if kw_v else ''} FROM vlm_captions c WHERE {has_words}"
                 )
         if "annotations" in have:
             text_parts.append(
                 f"SELECT 'annotations_approved' AS source, a.key, a.text AS caption, {words_sql('a.text')} AS n_words, "
-                f"{size} FROM annotations_approved a JOIN scores s USING (key)"
+                f"{size} FROM annotations_approved a LEFT JOIN scores s USING (key)"
             )
             kw_a = ", ".join(f"{keyword_sql('a.text', w)} AS {keyword_column(w)}" for w in keywords)
             kw_parts.append(
                 f"SELECT 'annotations_approved' AS source, a.key{', ' + kw_a if kw_a else ''} "
-                "FROM annotations_approved a SEMI JOIN scores s USING (key)"
+                "FROM annotations_approved a"
             )
         views.append(("caption_sources", "\nUNION ALL\n".join(text_parts)))
         views.append(("caption_keywords", "\nUNION ALL\n".join(kw_parts)))

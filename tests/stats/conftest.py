@@ -162,4 +162,4 @@ def tables(tmp_path):
 @pytest.fixture
 def stats_cfg(tables):
     root, _ = tables
-    return load_config([], [f"project.data_root={root}", "stats.plots=true"])
+    return load_config([], [f"project.data_root={root}", "stats.plots=false"])
