@@ -420,14 +420,16 @@ class Decision:
     ref: str = "command line"
 
 
-def _target(d: Decision, texts: list[dict]) -> dict:
+def _target(d: Decision, texts: list[dict], parents: dict[int, int]) -> dict:
     """The text a decision is about: the one named by ``d.version`` (a text's version, or a
-    review row's version, meaning the text it decided on), else the key's only open text."""
+    review row's version, meaning the text it decided on; ``parents`` maps those), else the
+    key's only open text."""
     if not texts:
         raise ReviewError(f"{d.ref}: key {d.key!r} has no annotation to review", "no_annotation")
     if d.version is not None:
+        wanted = parents.get(d.version, d.version)
         for t in texts:
-            if d.version == t["version"] or d.version == t["decided_in"]:
+            if t["version"] == wanted:
                 return t
         listing = ", ".join(f"v{t['version']} by {who(t)} ({t['state']})" for t in texts)
         raise ReviewError(
@@ -447,13 +449,16 @@ def _target(d: Decision, texts: list[dict]) -> dict:
     return live[-1]  # nothing can take this action: the transition check below says why
 
 
-def _decide(d: Decision, texts: list[dict], ac: AnnotationsConfig, force: bool, last: int) -> tuple[dict, CheckResult]:
-    """The review row for decision ``d`` on the key's ``texts``; ``last`` is the key's highest version."""
+def _decide(
+    d: Decision, texts: list[dict], parents: dict[int, int], ac: AnnotationsConfig, force: bool, last: int
+) -> tuple[dict, CheckResult]:
+    """The review row for decision ``d`` on the key's ``texts``; ``parents`` maps the key's review
+    versions to the text they decided on; ``last`` is the key's highest version."""
     if d.action not in ACTIONS:
         raise ReviewError(f"{d.ref}: unknown action {d.action!r}; use one of {', '.join(ACTIONS)}", "unknown_action")
     if not d.reviewer:
         raise ReviewError(f"{d.ref}: a review needs a reviewer", "missing_reviewer")
-    cur = _target(d, texts)
+    cur = _target(d, texts, parents)
     if cur["superseded"]:
         newer = max(t["version"] for t in texts if t["annotator"] == cur["annotator"])
         raise ReviewError(
@@ -502,16 +507,22 @@ def review(cfg: PipelinesConfig, decisions: list[Decision], force: bool = False)
     """
     ac = cfg.annotations
     store = AnnotationStore(annotations_url(cfg))
+    history = store.history()
     by_key: dict[str, list[dict]] = {}
-    for t in store.texts():
+    for t in store.texts(history):
         by_key.setdefault(t["key"], []).append(t)
-    last = store.last_versions()
+    parents: dict[str, dict[int, int]] = {}
+    last: dict[str, int] = {}
+    for k, v, pv in zip(*history.select(["key", "version", "parent_version"]).to_pydict().values(), strict=True):
+        last[k] = max(last.get(k, 0), v)
+        if pv is not None:
+            parents.setdefault(k, {})[v] = pv
     summary = StageSummary("annotations review")
     summary.n_in = len(decisions)
     rows, refused = [], []
     for d in decisions:
         try:
-            row, check = _decide(d, by_key.get(d.key, []), ac, force, last.get(d.key, 0))
+            row, check = _decide(d, by_key.get(d.key, []), parents.get(d.key, {}), ac, force, last.get(d.key, 0))
         except ReviewError as exc:
             if len(decisions) == 1:
                 raise
@@ -522,6 +533,7 @@ def review(cfg: PipelinesConfig, decisions: list[Decision], force: bool = False)
         print(f"   {d.key} v{row['parent_version']} by {who(row)}: checks {check.render()} -> {row['state']}")
         rows.append(row)
         last[d.key] = row["version"]
+        parents.setdefault(d.key, {})[row["version"]] = row["parent_version"]
         for t in by_key[d.key]:  # a later line of the same batch sees this decision
             if t["version"] == row["parent_version"]:
                 t.update(state=row["state"], decided_in=row["version"], reviewer=d.reviewer)

@@ -364,7 +364,9 @@ def test_review_transitions_checks_and_export(selected, data_root, first_export,
     with pytest.raises(an.ReviewError, match="'draft': cannot approve"):
         an.review(cfg, [an.Decision("c1_1", "approve", "rev")])
     an.review(cfg, [an.Decision("c1_1", "submit", "bob")])
-    an.review(cfg, [an.Decision("c1_1", "approve", "rev")])
+    an.review(cfg, [an.Decision("c1_1", "approve", "rev", version=2)])  # v2 = the submit row: it names text v1
+    with pytest.raises(an.ReviewError, match="v1 by bob is 'approved'"):
+        an.review(cfg, [an.Decision("c1_1", "reject", "rev", "no", version=2)])
 
     st = an.status(cfg)
     # texts: c0_0 has two (both submitted), c2_1 submitted, c2_0 and c1_1 approved, c0_1 rejected
