@@ -401,7 +401,7 @@ def main() -> int:
         print(f"load average (1 min) before the queries {load_before:.1f}, after {os.getloadavg()[0]:.1f}")
         t0 = time.perf_counter()
         res = run_query(con, queries["table1"])
-        add_mean_nouns(con, res, cfg)
+        add_mean_nouns(con, res, cfg, sources["captions"].columns)
         print(
             f"table1 with mean nouns (POS tagging a {cfg.stats.noun_sample}-caption sample per source): "
             f"{time.perf_counter() - t0:.2f} s"

@@ -111,6 +111,18 @@ def find_sources(cfg: PipelinesConfig) -> dict[str, Source]:
     return out
 
 
+def vlm_words_sql(columns: list[str], alias: str = "") -> str:
+    """A VLM caption's word count: the ``n_words`` the captioner stored, else recounted."""
+    a = f"{alias}." if alias else ""
+    return f"{a}n_words" if "n_words" in columns else words_sql(f"{a}caption")
+
+
+def vlm_has_words_sql(columns: list[str], alias: str = "") -> str:
+    """Which VLM caption rows a VLM source counts: with words, not failed generations."""
+    a = f"{alias}." if alias else ""
+    return f"coalesce({vlm_words_sql(columns, alias)}, 0) > 0 AND {a}finish_reason IS DISTINCT FROM 'error'"
+
+
 def source_label_sql(alias: str = "") -> str:
     """SQL of a VLM caption set's ``source`` label (needs ``prompt_version``)."""
     a = f"{alias}." if alias else ""
@@ -206,8 +218,8 @@ def build_views(
         )
         kw_parts = [f"SELECT 'alt_text' AS source, key{', ' + kw_alt if kw_alt else ''} FROM {alt_kw} WHERE kept"]
         if "captions" in have:
-            n = "c.n_words" if "n_words" in src["captions"].columns else words_sql("c.caption")
-            has_words = f"coalesce({n}, 0) > 0 AND c.finish_reason IS DISTINCT FROM 'error'"
+            n = vlm_words_sql(src["captions"].columns, "c")
+            has_words = vlm_has_words_sql(src["captions"].columns, "c")
             text_parts.append(
                 f"SELECT c.source, c.key, c.caption, {n} AS n_words, {size} "
                 f"FROM vlm_captions c LEFT JOIN scores s USING (key) WHERE {has_words}"
