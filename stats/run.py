@@ -217,7 +217,9 @@ def plot_funnel(res: Result, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [f"{r[0]}. {r[1]}" + (f" (of {r[3]})" if r[3] is not None and r[3] != r[0] - 1 else "") for r in res.rows]
+    names = [
+        f"{r[0]}. {r[1]}" + (f" (of step {r[3]})" if r[3] is not None and r[3] != r[0] - 1 else "") for r in res.rows
+    ]
     names = names[::-1]
     values = [r[2] for r in res.rows][::-1]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1))
