@@ -15,6 +15,7 @@ ARGS     = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 .PHONY: filter bench-filter
 .PHONY: caption bench-caption
 .PHONY: select-small annotations-export annotations-import annotations-status annotations-approved stats bench-stats
+.PHONY: setup-labelstudio labelstudio annotations-push annotations-pull
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -27,6 +28,7 @@ setup: ## create .venv and install everything (torch, ray, deepspeed, ...); no G
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install --quiet -e '.[all,dev]'
 	sh scripts/install_browser.sh  # Debian's chromium for the voting-app browser test (only when missing)
+	$(MAKE) setup-labelstudio
 	@$(PY) -c "import torch, ray, open_clip, img2dataset, transformers, diffusers, peft, deepspeed, duckdb; print('setup ok: torch', torch.__version__, '| ray', ray.__version__)"
 
 demo: ## run every stage on the bundled sample with tiny offline models (writes demo_out/)
@@ -70,8 +72,20 @@ bench-caption: ## CPU benchmark: batched vs one-image-at-a-time captioning with 
 select-small: ## choose ParaImage-Small candidates (aesthetic, resolution, CLIP-cluster diversity) into <data_root>/candidates
 	$(PD) select-small $(ARGS)
 
+setup-labelstudio: ## install Label Studio into a venv of its own (.venv-labelstudio/: its pins conflict with ours)
+	$(PD) annotations serve --install-only $(ARGS)
+
+labelstudio: ## run Label Studio offline on 127.0.0.1:8080, SQLite in <data_root>/labelstudio (installs it on first use)
+	$(PD) annotations serve $(ARGS)
+
 annotations-export: ## Label Studio tasks (image + VLM draft) and labeling config for the candidates
 	$(PD) annotations export $(ARGS)
+
+annotations-push: ## create/find the Label Studio project and import the candidates' tasks (images, VLM drafts)
+	$(PD) annotations push $(ARGS)
+
+annotations-pull: ## export the project through the API and import the annotations (EXPORT=JSON_MIN for that format)
+	$(PD) annotations pull $(if $(EXPORT),--export-type $(EXPORT)) $(ARGS)
 
 annotations-import: ## import annotations: make annotations-import FILE=export.json (Label Studio JSON, .csv or .jsonl)
 	@test -n "$(FILE)" || { echo "usage: make annotations-import FILE=path/to/label-studio-export.json"; exit 2; }

@@ -91,17 +91,18 @@ ANNOTATIONS = pa.schema(
         pa.field("key", pa.string(), nullable=False),
         pa.field("version", pa.int32(), nullable=False),  # 1, 2, ... per key; every change appends one
         pa.field("text", pa.string()),
-        pa.field("annotator", pa.string()),
+        pa.field("annotator", pa.string()),  # identity: "labelstudio:<user id>", or the name a CSV/JSONL gave
         pa.field("created_at", pa.timestamp("us", tz="UTC")),  # when the annotator wrote (or updated) it
         pa.field("source_file", pa.string()),  # file it was imported from
         pa.field("source_ref", pa.string()),  # line / task / annotation id in that file
-        pa.field("content_hash", pa.string(), nullable=False),  # sha256 of key + annotator + text
+        pa.field("content_hash", pa.string(), nullable=False),  # sha256 of key + annotator identity + text
         pa.field("state", pa.string(), nullable=False),  # one of ANNOTATION_STATES
         pa.field("parent_version", pa.int32()),  # the version a review row decides on
         pa.field("reviewer", pa.string()),
         pa.field("review_comment", pa.string()),
         pa.field("reviewed_at", pa.timestamp("us", tz="UTC")),
         pa.field("recorded_at", pa.timestamp("us", tz="UTC"), nullable=False),  # when this row was appended
+        pa.field("annotator_email", pa.string()),  # display only, never part of the identity or the hash
     ]
 )
 

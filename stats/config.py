@@ -29,6 +29,11 @@ class StatsConfig(StrictModel):
         description="Words whose share of captions the keyword query reports (reads the caption text).",
     )
     plots: bool = Field(True, description="Write PNG plots (needs matplotlib).")
+    derived: bool = Field(
+        True,
+        description="Read each shard's caption text once into <output>/derived (word counts, keyword flags); "
+        "false: the word and keyword views read the text on every query.",
+    )
 
     @field_validator("length_buckets")
     @classmethod

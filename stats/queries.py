@@ -33,24 +33,31 @@ def bucket_case(col: str, edges: list[int]) -> str:
 
 
 def _keyword_columns(keywords: list[str]) -> str:
+    from stats.derived import keyword_column
+
     cols = []
-    for w in keywords:
-        pattern = "(?i)\\b" + "".join(c if c.isalnum() else "\\" + c for c in w) + "\\b"
-        name = "".join(c if c.isalnum() else "_" for c in w)
-        cols.append(f"round(100 * avg(regexp_matches(caption, '{pattern}')::INT), 1) AS pct_{name}")
+    for w in sorted(set(keywords)):
+        c = keyword_column(w)
+        cols.append(f"round(100 * avg({c}::INT), 1) AS pct_{c[3:]}")
     return ", ".join(cols)
 
 
 def canned_queries(length_buckets: list[int], keywords: list[str], have: set[str]) -> list[Query]:
-    """Every canned query, in report order; ``have`` is the set of views that exist."""
+    """Every canned query, in report order; ``have`` is the set of views that exist.
+
+    Images are counted as distinct keys: a source can hold two rows for one image (two approved
+    annotators under ``train_rule: each``), and Table 1 says so in ``captions``.
+    """
     labels = bucket_labels(length_buckets)
     label_sql = "[" + ", ".join(f"'{x}'" for x in labels) + "]"
     return [
         Query(
             "table1",
-            "Table 1: images, mean short side and mean words per caption source",
-            "SELECT source, count(*) AS images, round(avg(short_side), 1) AS mean_short_side, "
-            "round(avg(n_words), 1) AS mean_words FROM caption_sources GROUP BY source ORDER BY source",
+            "Table 1: images, captions, mean short side (over images) and mean words (over captions) per source",
+            "WITH per_image AS (SELECT source, key, any_value(short_side) AS short_side, count(*) AS captions, "
+            "sum(n_words) AS words FROM caption_sources GROUP BY source, key) "
+            "SELECT source, count(*) AS images, sum(captions) AS captions, round(avg(short_side), 1) AS mean_short_side, "
+            "round(sum(words) / sum(captions), 1) AS mean_words FROM per_image GROUP BY source ORDER BY source",
             ("caption_sources",),
         ),
         Query(
@@ -63,7 +70,19 @@ def canned_queries(length_buckets: list[int], keywords: list[str], have: set[str
             "FROM b GROUP BY source, bucket ORDER BY source, bucket",
             ("caption_sources",),
         ),
-        Query("funnel", "Funnel: how many rows / keys reach each step", funnel_sql(have) or "", ()),
+        Query(
+            "prompt_versions",
+            "Prompt versions: each caption set (model x prompt text) is its own source",
+            "SELECT source, prompt_hash, first_used, captions FROM prompt_versions "
+            "ORDER BY model_id, model_revision, prompt_id, prompt_version",
+            ("prompt_versions",),
+        ),
+        Query(
+            "funnel",
+            "Funnel: images (distinct keys) at each step, each step a subset of the step it counts from",
+            funnel_sql(have) or "",
+            (),
+        ),
         Query(
             "download",
             "Download: rows by img2dataset status",
@@ -79,73 +98,125 @@ def canned_queries(length_buckets: list[int], keywords: list[str], have: set[str
         ),
         Query(
             "quality_flags",
-            "Caption quality flags and unfinished generations, by captioner",
-            "SELECT model_id, prompt_id, flag, count(*) AS n FROM ("
-            " SELECT model_id, prompt_id, unnest(flags) AS flag FROM captions"
-            " UNION ALL SELECT model_id, prompt_id, 'finish_reason=' || finish_reason FROM captions"
+            "Caption quality flags and unfinished generations, by source (caption set)",
+            "SELECT source, flag, count(*) AS n FROM ("
+            " SELECT source, unnest(flags) AS flag FROM vlm_captions"
+            " UNION ALL SELECT source, 'finish_reason=' || finish_reason FROM vlm_captions"
             " WHERE finish_reason IS NOT NULL AND finish_reason <> 'stop'"
-            " UNION ALL SELECT model_id, prompt_id, 'no words' FROM captions WHERE coalesce(n_words, 0) = 0"
-            ") GROUP BY ALL ORDER BY model_id, prompt_id, n DESC, flag",
-            ("captions",),
+            " UNION ALL SELECT source, 'no words' FROM vlm_captions WHERE coalesce(n_words, 0) = 0"
+            ") GROUP BY ALL ORDER BY source, n DESC, flag",
+            ("vlm_captions",),
         ),
         Query(
             "captioners",
-            "Captioners side by side",
-            "SELECT model_id, prompt_id, count(*) AS captions, count(DISTINCT key) AS keys, "
+            "Captioners side by side (one row per caption set)",
+            "SELECT source, count(*) AS captions, count(DISTINCT key) AS images, "
             "round(avg(n_words), 1) AS mean_words, round(avg(seconds), 3) AS mean_seconds, "
             "round(100 * avg((finish_reason = 'length')::INT), 1) AS pct_truncated "
-            "FROM captions GROUP BY ALL ORDER BY model_id, prompt_id",
-            ("captions",),
+            "FROM vlm_captions GROUP BY ALL ORDER BY source",
+            ("vlm_captions",),
         ),
         Query(
             "captioner_pairs",
-            "Captioner against captioner on the keys both captioned",
-            "WITH c AS (SELECT key, model_id || '/' || prompt_id AS source, n_words AS words FROM captions "
-            " QUALIFY row_number() OVER (PARTITION BY key, model_id, prompt_id ORDER BY created_at) = 1) "
-            "SELECT a.source AS source_a, b.source AS source_b, count(*) AS common_keys, "
+            "Caption set against caption set on the images both captioned",
+            "WITH c AS (SELECT key, source, n_words AS words FROM vlm_captions "
+            " WHERE finish_reason IS DISTINCT FROM 'error' "
+            " QUALIFY row_number() OVER (PARTITION BY key, source ORDER BY created_at DESC) = 1) "
+            "SELECT a.source AS source_a, b.source AS source_b, count(*) AS common_images, "
             "round(avg(a.words), 1) AS mean_words_a, round(avg(b.words), 1) AS mean_words_b, "
             "round(avg(abs(a.words - b.words)), 1) AS mean_abs_diff, "
             "round(100 * avg((a.words > b.words)::INT), 1) AS pct_a_longer "
             "FROM c a JOIN c b ON a.key = b.key AND a.source < b.source GROUP BY ALL ORDER BY source_a, source_b",
-            ("captions",),
+            ("vlm_captions",),
         ),
         Query(
             "keywords",
-            "Share of captions (%) that use each keyword (reads the caption text)",
+            "Share of captions (%) that use each keyword (the text is read once per shard: stats.derived)",
             f"SELECT source, count(*) AS captions, {_keyword_columns(keywords)} "
-            "FROM caption_sources GROUP BY source ORDER BY source",
-            ("caption_sources",),
+            "FROM caption_keywords GROUP BY source ORDER BY source"
+            if keywords
+            else "",
+            ("caption_keywords",),
         ),
         Query(
             "annotation_progress",
-            "Annotation progress: current state by annotator",
-            "SELECT coalesce(annotator, 'unknown') AS annotator, "
+            "Annotation progress: each annotator's latest text per image, by review state",
+            "SELECT coalesce(annotator, 'unknown') AS annotator, max(annotator_email) AS email, "
             "count(*) FILTER (WHERE state = 'draft') AS draft, count(*) FILTER (WHERE state = 'submitted') AS submitted, "
             "count(*) FILTER (WHERE state = 'approved') AS approved, count(*) FILTER (WHERE state = 'rejected') AS rejected, "
-            "count(*) AS keys FROM annotations_current GROUP BY ALL ORDER BY annotator",
+            "count(*) AS texts FROM annotations_current GROUP BY ALL ORDER BY annotator",
             ("annotations_current",),
         ),
     ]
 
 
+#: Steps of the funnel: (name, label, the table it needs, SQL of its keys, the step it counts from).
+#: Each step's population is its keys that are also in its parent step's population, so a step
+#: can never be larger than the one it comes from; keys of a table outside the parent's
+#: population are counted in ``outside`` (e.g. scores of images that are not downloaded here).
+FUNNEL_STEPS: tuple[tuple[str, str, str, str, str | None], ...] = (
+    ("urls", "URLs tried", "images", "SELECT DISTINCT key FROM images", None),
+    ("downloaded", "downloaded", "images", "SELECT DISTINCT key FROM images WHERE status = 'success'", "urls"),
+    ("scored", "scored by the filter", "scores", "SELECT DISTINCT key FROM scores", "downloaded"),
+    ("kept", "kept by the filter", "scores", "SELECT DISTINCT key FROM scores WHERE kept", "scored"),
+    (
+        "captioned",
+        "captioned (a VLM caption with words)",
+        "captions",
+        "SELECT DISTINCT key FROM captions WHERE coalesce(n_words, 0) > 0 AND finish_reason IS DISTINCT FROM 'error'",
+        "kept",
+    ),
+    ("candidates", "ParaImage-Small candidates", "candidates", "SELECT DISTINCT key FROM candidates", "kept"),
+    (
+        "annotated",
+        "annotated (any text)",
+        "annotations",
+        "SELECT DISTINCT key FROM annotations WHERE parent_version IS NULL",
+        "candidates",
+    ),
+    (
+        "approved",
+        "with an approved text",
+        "annotations",
+        "SELECT DISTINCT key FROM annotation_texts WHERE state = 'approved'",
+        "annotated",
+    ),
+)
+
+
 def funnel_sql(have: set[str]) -> str | None:
-    """One row per pipeline step, for the tables that exist."""
-    steps = {
-        "images": [
-            "SELECT 1 AS step, 'URLs tried (images rows)' AS stage, count(*) AS n FROM images",
-            "SELECT 2 AS step, 'downloaded (status success)' AS stage, count(*) FILTER (WHERE status = 'success') AS n FROM images",
-        ],
-        "scores": [
-            "SELECT 3 AS step, 'scored by the filter' AS stage, count(*) AS n FROM scores",
-            "SELECT 4 AS step, 'kept by the filter' AS stage, count(*) FILTER (WHERE kept) AS n FROM scores",
-        ],
-        "captions": ["SELECT 5 AS step, 'captioned (any VLM)' AS stage, count(DISTINCT key) AS n FROM captions"],
-        "candidates": ["SELECT 6 AS step, 'ParaImage-Small candidates' AS stage, count(*) AS n FROM candidates"],
-        "annotations": [
-            "SELECT 7 AS step, 'annotated (any version)' AS stage, count(DISTINCT key) AS n FROM annotations",
-            "SELECT 8 AS step, 'approved descriptions' AS stage, count(DISTINCT key) FILTER (WHERE state = 'approved') AS n "
-            "FROM annotations",
-        ],
-    }
-    parts = [q for table, qs in steps.items() if table in have for q in qs]
-    return "SELECT * FROM (" + " UNION ALL ".join(parts) + ") ORDER BY step" if parts else None
+    """One row per step whose table exists: ``step, stage, images, of_step, pct_of_parent, outside``.
+
+    A step whose parent's table is missing counts from the nearest earlier step that exists
+    (annotations count from the kept set when there are no candidates).
+    """
+    parent_of = {name: parent for name, _, _, _, parent in FUNNEL_STEPS}
+    present = [s for s in FUNNEL_STEPS if s[2] in have]
+    names = {s[0] for s in present}
+    if not present:
+        return None
+    ctes, rows = [], []
+    for i, (name, label, _, keys_sql, parent) in enumerate(present, start=1):
+        while parent is not None and parent not in names:
+            parent = parent_of[parent]
+        ctes.append(f"t_{name} AS ({keys_sql})")
+        if parent is None:
+            ctes.append(f"p_{name} AS (SELECT key FROM t_{name})")
+        else:
+            ctes.append(f"p_{name} AS (SELECT key FROM t_{name} SEMI JOIN p_{parent} USING (key))")
+        step_of = {n: j for j, (n, *_rest) in enumerate(present, start=1)}
+        rows.append(
+            f"SELECT {i} AS step, '{label}' AS stage, (SELECT count(*) FROM p_{name}) AS images, "
+            + (
+                f"{step_of[parent]} AS of_step, (SELECT count(*) FROM p_{parent}) AS parent_images, "
+                if parent
+                else "NULL::INT AS of_step, NULL::BIGINT AS parent_images, "
+            )
+            + f"(SELECT count(*) FROM t_{name}) - (SELECT count(*) FROM p_{name}) AS outside"
+        )
+    return (
+        f"WITH {', '.join(ctes)} SELECT step, stage, images, of_step, "
+        "round(100.0 * images / nullif(parent_images, 0), 1) AS pct_of_parent, outside FROM ("
+        + " UNION ALL ".join(rows)
+        + ") ORDER BY step"
+    )

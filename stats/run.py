@@ -7,6 +7,7 @@ Output folder (``stats.output``, default ``<data_root>/stats``)::
     report.md        every canned query as a Markdown table, with the plots
     stats.json       the same results as JSON
     *.png            caption-length histogram, funnel
+    derived/         text-derived columns per source shard (stats.derived): the text is read once
     _config.yaml, _summary.json
 """
 
@@ -23,6 +24,7 @@ from paradiffusion.config import ConfigError, PipelinesConfig
 from paradiffusion.log import get_logger
 from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, join
+from stats import derived as _derived
 from stats import nouns as _nouns
 from stats.queries import Query, bucket_labels, canned_queries
 from stats.views import build_views, find_sources, views_sql
@@ -71,31 +73,57 @@ def run_query(con, q: Query) -> Result:
     return Result(q.name, q.title, cols, rows, time.perf_counter() - t0)
 
 
-def _sample_captions(con, counts: dict[str, int], n: int, seed: int) -> list[tuple[str, str]]:
+def _sample_captions(
+    con, counts: dict[str, int], n: int, seed: int, caption_columns: list[str] | None = None
+) -> list[tuple[str, str]]:
     """Up to ``n`` captions per source: those with the smallest ``hash(key || seed)``.
 
     Deterministic for a seed. A window over every caption would sort the whole text column;
     instead a hash threshold keeps about ``2n`` rows per source and the ``n`` smallest of those
-    are taken here.
+    are taken here. Each source is read from its own table with the same row filter as
+    ``caption_sources``, the hash condition next to it: DuckDB evaluates it in the scan, so only
+    the sampled captions' text goes any further (through ``caption_sources`` every caption's
+    text would be carried through the joins first).
     """
+    from stats.views import vlm_has_words_sql
+
     top = 2**64 - 1
-    whens = []
+    h = f"hash(key || '{seed}')"
+    versions = {}
+    if any(s.startswith("vlm:") for s in counts):
+        cur = con.execute("SELECT source, model_id, model_revision, prompt_id, prompt_hash FROM prompt_versions")
+        versions = {r[0]: r[1:] for r in cur.fetchall()}
+    parts = []
     for source, count in counts.items():
         limit = top if count <= 2 * n else int(top * (2 * n / count))
-        whens.append(f"WHEN source = '{source.replace(chr(39), chr(39) * 2)}' THEN h <= {limit}")
-    if not whens:
+        lit = "'" + source.replace("'", "''") + "'"
+        if source == "alt_text":
+            parts.append(f"SELECT {lit} AS source, caption, {h} AS h FROM scores WHERE kept AND {h} <= {limit}")
+        elif source == "annotations_approved":
+            parts.append(f"SELECT {lit}, text, {h} FROM annotations_approved WHERE {h} <= {limit}")
+        elif source in versions:
+            model, rev, prompt, phash = (
+                "'" + str(v).replace("'", "''") + "'" if v is not None else None for v in versions[source]
+            )
+            cond = f"model_id = {model} AND prompt_id = {prompt} AND prompt_hash = {phash}"
+            cond += (
+                f" AND model_revision = {rev}"
+                if rev is not None and "model_revision" in (caption_columns or [])
+                else ""
+            )
+            cond += " AND model_revision IS NULL" if rev is None and "model_revision" in (caption_columns or []) else ""
+            has_words = vlm_has_words_sql(caption_columns or ["n_words"])
+            parts.append(f"SELECT {lit}, caption, {h} FROM captions WHERE {cond} AND {has_words} AND {h} <= {limit}")
+    if not parts:
         return []
-    rows = con.execute(
-        f"SELECT source, caption, h FROM (SELECT source, caption, hash(key || '{seed}') AS h FROM caption_sources) "
-        f"WHERE CASE {' '.join(whens)} ELSE false END"
-    ).fetchall()
+    rows = con.execute(" UNION ALL ".join(parts)).fetchall()
     by_source: dict[str, list[tuple[int, str]]] = {}
-    for source, caption, h in rows:
-        by_source.setdefault(source, []).append((h, caption or ""))
+    for source, caption, hv in rows:
+        by_source.setdefault(source, []).append((hv, caption or ""))
     return [(s, c) for s, got in by_source.items() for _, c in sorted(got)[:n]]
 
 
-def add_mean_nouns(con, res: Result, cfg: PipelinesConfig) -> None:
+def add_mean_nouns(con, res: Result, cfg: PipelinesConfig, caption_columns: list[str] | None = None) -> None:
     """Append Table 1's ``mean_nouns`` column, measured on a seeded sample per source."""
     counter = _nouns.noun_counter() if cfg.stats.nouns == "auto" else None
     if counter is None:
@@ -104,7 +132,7 @@ def add_mean_nouns(con, res: Result, cfg: PipelinesConfig) -> None:
         res.rows = [(*r, why) for r in res.rows]
         return
     n = cfg.stats.noun_sample
-    sample = _sample_captions(con, {r[0]: r[1] for r in res.rows}, n, cfg.project.seed)
+    sample = _sample_captions(con, {r[0]: r[2] for r in res.rows}, n, cfg.project.seed, caption_columns)
     sums: dict[str, list[int]] = {}
     for source, caption in progress(sample, total=len(sample), desc="nouns", unit="caption"):
         sums.setdefault(source, []).append(counter(caption or ""))
@@ -114,7 +142,7 @@ def add_mean_nouns(con, res: Result, cfg: PipelinesConfig) -> None:
         got = sums.get(r[0], [])
         out.append((*r, round(sum(got) / len(got), 1) if got else None))
     res.rows = out
-    sampled = [r[0] for r in res.rows if r[1] > n]
+    sampled = [r[0] for r in res.rows if r[2] > n]
     if sampled:
         sizes = ", ".join(f"{s}: {len(sums.get(s, []))}" for s in sampled)
         res.notes.append(f"mean_nouns on a seeded sample of captions ({sizes})")
@@ -189,13 +217,16 @@ def plot_funnel(res: Result, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r[1] for r in res.rows][::-1]
+    names = [
+        f"{r[0]}. {r[1]}" + (f" (of step {r[3]})" if r[3] is not None and r[3] != r[0] - 1 else "") for r in res.rows
+    ]
+    names = names[::-1]
     values = [r[2] for r in res.rows][::-1]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1))
     ax.barh(names, values, color="#4c72b0")
     for y, v in enumerate(values):
         ax.text(v, y, f" {v:,}", va="center", fontsize=8)
-    ax.set_xlabel("rows / keys")
+    ax.set_xlabel("images (distinct keys)")
     ax.set_title("Funnel")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -230,10 +261,21 @@ def run_stats(cfg: PipelinesConfig, only: list[str] | None = None, quiet: bool =
         },
     )
     summary = StageSummary("stats")
-    views = build_views(cfg, sources)
-    view_names = {n for n, _ in views}
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "views.sql", views_sql(views, missing).encode())
+    derived: dict[str, str] = {}
+    if sc.derived:
+        import duckdb
+
+        with duckdb.connect() as dcon:
+            tables = {n: join(cfg.project.data_root, n) for n in _derived.TEXT_TABLES if n in have}
+            state = _derived.refresh(dcon, out, tables, sc.keywords)
+        derived = state.folders
+        summary.extra["derived_shards_read"] = sum(state.computed.values())
+        summary.extra["derived_shards_reused"] = sum(state.reused.values())
+        summary.extra["derived_seconds"] = round(state.seconds, 2)
+    views = build_views(cfg, sources, derived)
+    view_names = {n for n, _ in views}
+    _write_atomic(out / "views.sql", views_sql(views, missing, derived).encode())
     if sc.write_duckdb:
         tmp = out / ".stats.duckdb.tmp"
         tmp.unlink(missing_ok=True)
@@ -257,7 +299,7 @@ def run_stats(cfg: PipelinesConfig, only: list[str] | None = None, quiet: bool =
             log.warning("%s failed: %s", q.name, exc)
             continue
         if q.name == "table1":
-            add_mean_nouns(con, res, cfg)
+            add_mean_nouns(con, res, cfg, sources["captions"].columns)
         results[q.name] = res
         summary.n_out += 1
         if not quiet:

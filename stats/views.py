@@ -1,16 +1,32 @@
 """DuckDB views over every Parquet table, read in place (no second copy).
 
 :func:`build_views` returns ``(name, sql)`` pairs for the tables that exist; :func:`views_sql`
-renders them as a ``views.sql`` that the duckdb CLI can ``.read``. Base views read the
-shard globs, so they see new shards without being regenerated; derived views add word counts,
-the selected caption per key (the captioning stage's ``caption.select`` rule) and every
-caption source in one shape.
+renders them as a ``views.sql`` that the duckdb CLI can ``.read``. Base views read the shard
+globs, so they see new shards without being regenerated. Derived views:
 
-Words: alt text and annotations are counted here as whitespace-separated tokens
-(:func:`words_sql`, the same count as Python's ``len(t.split())`` for ASCII whitespace). VLM
-captions use the ``n_words`` the captioner stored (``captioning.quality.words``: runs of letters
-and digits, so a lone "-" is not a word), so Table 1 and the histogram never read the long
-caption text; the ``caption_words`` view recounts them the whitespace way for ad-hoc checks.
+- ``prompt_versions``: one row per caption set, i.e. model (+ revision) x prompt *text*. A
+  prompt id whose text changed (a new ``prompt_hash``) is a new version, numbered by first use
+  (``prompt_version`` 1, 2, ...), and its captions are a source of their own, never mixed with
+  the old text's.
+- ``vlm_captions``: the captions with their ``source`` label,
+  ``vlm:<model>[@<revision>]/<prompt id>#v<version>``.
+- ``selected_captions``: the captioning stage's ``caption.select`` rule.
+- ``annotation_texts`` (each imported text with its review state), ``annotations_current``
+  (each annotator's latest text per key), ``annotations_approved`` (the stage-3 rule,
+  ``annotations.train_rule``): the SQL of :mod:`captioning.small.texts`.
+- ``caption_sources``: every caption source in one shape (``source``, ``key``, ``caption``,
+  ``n_words``, ``short_side``): the kept alt texts, each VLM source (captions with words), the
+  approved annotations (``short_side`` from ``scores``, null where an image has no score).
+  Statistics count *images* as distinct keys per source.
+- ``caption_words`` / ``caption_keywords``: per caption, the whitespace word count and the
+  keyword flags, from the ``derived`` cache (:mod:`stats.derived`: the text is read once per
+  shard) or, without it, from the text.
+
+Words: alt text and annotations are counted as whitespace-separated tokens (:func:`words_sql`, the
+same count as Python's ``len(t.split())`` for ASCII whitespace). VLM captions use the
+``n_words`` the captioner stored (``captioning.quality.words``: runs of letters and digits, so a
+lone "-" is not a word), so Table 1 and the histogram never read the long caption text;
+``caption_words`` has the whitespace count of every VLM caption for ad-hoc checks.
 """
 
 from __future__ import annotations
@@ -79,25 +95,58 @@ class Source:
 
 
 def find_sources(cfg: PipelinesConfig) -> dict[str, Source]:
-    """The base tables under ``data_root`` (and ``stats.images``), with their columns."""
+    """The base tables under ``data_root`` (and ``stats.images``), with their columns (the union
+    over the shards, so a column added later is seen)."""
     out = {}
     for name, (folder, pattern) in BASE_TABLES.items():
         url = cfg.stats.images if name == "images" and cfg.stats.images else join(cfg.project.data_root, folder)
         fs, path = fsspec.core.url_to_fs(url)
         files = sorted(fs.glob(join(path, pattern))) if fs.exists(path) else []
         cols: list[str] = []
-        if files:
-            cols = pq.read_schema(files[0], filesystem=fs).names
+        for f in files[:1] if name in ("images", "scores", "captions") else files:
+            cols += [c for c in pq.read_schema(f, filesystem=fs).names if c not in cols]
         if "://" not in url:
             url = os.path.abspath(url)  # views in a .duckdb file must not depend on the working folder
         out[name] = Source(name, join(url, pattern), bool(files), cols)
     return out
 
 
-def build_views(cfg: PipelinesConfig, sources: dict[str, Source] | None = None) -> list[tuple[str, str]]:
-    """``(view name, SELECT ...)`` for every view whose tables exist, in dependency order."""
+def vlm_words_sql(columns: list[str], alias: str = "") -> str:
+    """A VLM caption's word count: the ``n_words`` the captioner stored, else recounted."""
+    a = f"{alias}." if alias else ""
+    return f"{a}n_words" if "n_words" in columns else words_sql(f"{a}caption")
+
+
+def vlm_has_words_sql(columns: list[str], alias: str = "") -> str:
+    """Which VLM caption rows a VLM source counts: with words, not failed generations."""
+    a = f"{alias}." if alias else ""
+    return f"coalesce({vlm_words_sql(columns, alias)}, 0) > 0 AND {a}finish_reason IS DISTINCT FROM 'error'"
+
+
+def source_label_sql(alias: str = "") -> str:
+    """SQL of a VLM caption set's ``source`` label (needs ``prompt_version``)."""
+    a = f"{alias}." if alias else ""
+    return (
+        f"'vlm:' || {a}model_id || coalesce('@' || {a}model_revision, '') || '/' || {a}prompt_id "
+        f"|| '#v' || {a}prompt_version"
+    )
+
+
+def build_views(
+    cfg: PipelinesConfig, sources: dict[str, Source] | None = None, derived: dict[str, str] | None = None
+) -> list[tuple[str, str]]:
+    """``(view name, SELECT ...)`` for every view whose tables exist, in dependency order.
+
+    ``derived`` maps a table (``captions``, ``scores``) to its :mod:`stats.derived` cache folder;
+    without it the word and keyword views read the text.
+    """
+    from captioning.small.texts import approved_sql, texts_sql
+    from stats.derived import keyword_column, keyword_sql
+
     src = sources or find_sources(cfg)
+    derived = derived or {}
     have = {n for n, s in src.items() if s.exists}
+    keywords = sorted(set(cfg.stats.keywords))
     views: list[tuple[str, str]] = []
     for name in BASE_TABLES:
         if name not in have:
@@ -106,49 +155,115 @@ def build_views(cfg: PipelinesConfig, sources: dict[str, Source] | None = None) 
         exclude = f" EXCLUDE ({', '.join(drop)})" if drop else ""
         views.append((name, f"SELECT *{exclude} FROM read_parquet({_lit(src[name].glob)}, union_by_name = true)"))
     if "captions" in have:
-        views.append(("caption_words", f"SELECT *, {words_sql('caption')} AS words FROM captions"))
+        cols = src["captions"].columns
+        rev = "model_revision" if "model_revision" in cols else "NULL::VARCHAR"
+        # the label is built here, once per caption set, and joined to the rows (not concatenated per row)
+        views.append(
+            (
+                "prompt_versions",
+                f"SELECT {source_label_sql()} AS source, * FROM (SELECT model_id, model_revision, prompt_id, "
+                "prompt_hash, dense_rank() OVER (PARTITION BY model_id, coalesce(model_revision, ''), prompt_id "
+                "ORDER BY first_used, prompt_hash) AS prompt_version, first_used, captions FROM ("
+                f"SELECT model_id, {rev} AS model_revision, prompt_id, prompt_hash, min(created_at) AS first_used, "
+                "count(*) AS captions FROM captions GROUP BY ALL))",
+            )
+        )
+        crev = "c.model_revision" if "model_revision" in cols else "NULL"
+        views.append(
+            (
+                "vlm_captions",
+                "SELECT v.source, v.prompt_version, c.* FROM captions c JOIN prompt_versions v "
+                "ON c.model_id = v.model_id AND c.prompt_id = v.prompt_id AND c.prompt_hash = v.prompt_hash "
+                f"AND coalesce({crev}, '') = coalesce(v.model_revision, '')",
+            )
+        )
+        if "captions" in derived:
+            views.append(
+                (
+                    "caption_words",
+                    f"SELECT v.source, d.* FROM read_parquet({_lit(derived['captions'] + '/*.parquet')}, "
+                    "union_by_name = true) d JOIN prompt_versions v ON d.model_id = v.model_id AND "
+                    "d.prompt_id = v.prompt_id AND d.prompt_hash = v.prompt_hash "
+                    "AND coalesce(d.model_revision, '') = coalesce(v.model_revision, '')",
+                )
+            )
+        else:
+            views.append(("caption_words", f"SELECT *, {words_sql('caption')} AS words FROM vlm_captions"))
         views.append(("selected_captions", selected_sql(src["captions"].glob, cfg)))
     if "annotations" in have:
-        views.append(
-            (
-                "annotations_current",
-                "SELECT * FROM annotations QUALIFY row_number() OVER (PARTITION BY key ORDER BY version DESC) = 1",
-            )
+        cols = src["annotations"].columns
+        base = (
+            "annotations"
+            if "annotator_email" in cols
+            else "(SELECT *, NULL::VARCHAR AS annotator_email FROM annotations)"
         )
-        views.append(
-            (
-                "annotations_approved",
-                "SELECT * FROM annotations WHERE state = 'approved' "
-                "QUALIFY row_number() OVER (PARTITION BY key ORDER BY version DESC) = 1",
-            )
-        )
+        views.append(("annotation_texts", texts_sql(base)))
+        views.append(("annotations_current", "SELECT * FROM annotation_texts WHERE NOT superseded"))
+        views.append(("annotations_approved", approved_sql(base, cfg.annotations.train_rule)))
     if "scores" in have:
         size = "least(s.width, s.height) AS short_side"
-        parts = [
+        # the same populations in both views: what Table 1 counts is what the keyword shares are of
+        text_parts = [
             f"SELECT 'alt_text' AS source, s.key, s.caption, {words_sql('s.caption')} AS n_words, "
-            f"least(s.width, s.height) AS short_side FROM scores s WHERE s.kept"
+            f"{size} FROM scores s WHERE s.kept"
         ]
+        alt_kw = (
+            f"read_parquet({_lit(derived['scores'] + '/*.parquet')}, union_by_name = true)"
+            if "scores" in derived
+            else "scores"
+        )
+        kw_alt = ", ".join(
+            (keyword_column(w) if "scores" in derived else f"{keyword_sql('caption', w)} AS {keyword_column(w)}")
+            for w in keywords
+        )
+        kw_parts = [f"SELECT 'alt_text' AS source, key{', ' + kw_alt if kw_alt else ''} FROM {alt_kw} WHERE kept"]
         if "captions" in have:
-            n = "c.n_words" if "n_words" in src["captions"].columns else words_sql("c.caption")
-            parts.append(
-                f"SELECT 'vlm:' || c.model_id || '/' || c.prompt_id AS source, c.key, c.caption, {n} AS n_words, "
-                f"{size} FROM captions c JOIN scores s USING (key)"
+            n = vlm_words_sql(src["captions"].columns, "c")
+            has_words = vlm_has_words_sql(src["captions"].columns, "c")
+            text_parts.append(
+                f"SELECT c.source, c.key, c.caption, {n} AS n_words, {size} "
+                f"FROM vlm_captions c LEFT JOIN scores s USING (key) WHERE {has_words}"
             )
+            if "captions" in derived:
+                # the same rows as Table 1's VLM sources: with words (the captioner's count), not errors
+                kw_v = ", ".join(f"w.{keyword_column(w)}" for w in keywords)
+                w_n = "coalesce(w.n_words, 0)" if "n_words" in src["captions"].columns else "w.words"
+                kw_parts.append(
+                    f"SELECT w.source, w.key{', ' + kw_v if kw_v else ''} FROM caption_words w "
+                    f"WHERE {w_n} > 0 AND w.finish_reason IS DISTINCT FROM 'error'"
+                )
+            else:
+                kw_v = ", ".join(f"{keyword_sql('c.caption', w)} AS {keyword_column(w)}" for w in keywords)
+                kw_parts.append(
+                    f"SELECT c.source, c.key{', ' + kw_v if kw_v else ''} FROM vlm_captions c WHERE {has_words}"
+                )
         if "annotations" in have:
-            parts.append(
+            text_parts.append(
                 f"SELECT 'annotations_approved' AS source, a.key, a.text AS caption, {words_sql('a.text')} AS n_words, "
-                f"{size} FROM annotations_approved a JOIN scores s USING (key)"
+                f"{size} FROM annotations_approved a LEFT JOIN scores s USING (key)"
             )
-        views.append(("caption_sources", "\nUNION ALL\n".join(parts)))
+            kw_a = ", ".join(f"{keyword_sql('a.text', w)} AS {keyword_column(w)}" for w in keywords)
+            kw_parts.append(
+                f"SELECT 'annotations_approved' AS source, a.key{', ' + kw_a if kw_a else ''} "
+                "FROM annotations_approved a"
+            )
+        views.append(("caption_sources", "\nUNION ALL\n".join(text_parts)))
+        views.append(("caption_keywords", "\nUNION ALL\n".join(kw_parts)))
     return views
 
 
-def views_sql(views: list[tuple[str, str]], missing: list[str]) -> str:
+def views_sql(views: list[tuple[str, str]], missing: list[str], derived: dict[str, str] | None = None) -> str:
     """The ``views.sql`` text: ``duckdb -c ".read views.sql" -c "SELECT ..."``."""
     lines = [
         "-- DuckDB views over the ParaDiffusion tables, read in place. Written by `paradiffusion stats`.",
-        '-- Use: duckdb -c ".read views.sql" -c "SELECT source, count(*) FROM caption_sources GROUP BY 1"',
+        '-- Use: duckdb -c ".read views.sql" -c "SELECT source, count(DISTINCT key) FROM caption_sources GROUP BY 1"',
     ]
+    if derived:
+        lines.append(
+            "-- caption_words and caption_keywords read the derived cache ("
+            + ", ".join(derived.values())
+            + "): the text read once per shard; rerun `make stats` after new shards to refresh it."
+        )
     if missing:
         lines.append(f"-- Tables not found when this was written (no view): {', '.join(missing)}")
     for name, sql in views:

@@ -2,21 +2,28 @@
 
 Every change appends rows; nothing is edited in place. A row is one version of one key:
 
-- an **import** appends a version per new description (state ``submitted``, or ``draft``);
+- an **import** appends a version per new text (state ``submitted``, or ``draft``);
 - a **review** appends a version that copies the text it decides on, with the new state,
-  the reviewer, the comment and ``parent_version`` = the version decided on.
+  the reviewer, the comment and ``parent_version`` = the version of the text decided on.
 
-The key's current state is the state of its highest version. Allowed review transitions::
+A key can hold several texts: two annotators on one task, or one annotator's edit in Label
+Studio (a later text from the same annotator *supersedes* the earlier one). Each text has its own
+review state (:mod:`captioning.small.texts`). Allowed transitions of one text::
 
     draft ──submit──▶ submitted ──approve──▶ approved
                                  └─reject───▶ rejected
 
 ``approved`` and ``rejected`` are final for that text: a corrected description comes back as a
-new import (a new version, ``submitted`` again). Anything else raises :class:`ReviewError`.
+new import (a new version, ``submitted`` again). Any text that is not superseded can be
+reviewed; with several open texts on a key a decision names the version. Anything else raises
+:class:`ReviewError`.
 
-Each import and each review batch is one committed shard, so a failure half-way writes
-nothing. Every description has a content hash (key + annotator + text): importing the same
-file twice adds nothing the second time.
+**Who.** An annotator is one person: the Label Studio user id (``labelstudio:<id>``), with the
+email kept in ``annotator_email`` for display. The content hash is key + annotator identity +
+text, so importing the same annotations again, in either export shape (JSON with user ids or
+user dicts, or JSON-MIN), adds nothing.
+
+Each import and each review batch is one committed shard, so a failure half-way writes nothing.
 """
 
 from __future__ import annotations
@@ -35,15 +42,17 @@ from pathlib import Path
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from captioning.small import labelstudio as ls
 from captioning.small.config import AnnotationsConfig
+from captioning.small.texts import approved_sql, texts_sql
 from paradiffusion.config import PipelinesConfig
 from paradiffusion.deps import MissingDependency, require
 from paradiffusion.log import get_logger
 from paradiffusion.schemas import ANNOTATIONS, CANDIDATES, SCORES, SMALL_TRAIN
 from paradiffusion.stage import StageSummary, announce, progress
-from paradiffusion.storage import Table, join
+from paradiffusion.storage import Table, conform, join
 
 log = get_logger("captioning.small.annotations")
 
@@ -58,6 +67,10 @@ ACTIONS = ("submit", "approve", "reject")
 UNKNOWN_KEY = "unknown_key"
 ALREADY_IMPORTED = "already_imported"
 DUPLICATE_IN_FILE = "duplicate_in_file"
+UNKNOWN_ANNOTATOR = "unknown_annotator"
+
+#: identity -> email of every annotator seen, beside the annotations shards
+PEOPLE_FILE = "_people.json"
 
 
 class ReviewError(ValueError):
@@ -79,14 +92,22 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-def content_hash(key: str, annotator: str, text: str) -> str:
-    """Identity of one description: the same key, annotator and text is the same annotation."""
+def content_hash(key: str, annotator: str | None, text: str) -> str:
+    """Identity of one description: the same key, annotator identity and text is the same
+    annotation. The display form (email) is left out on purpose."""
     return hashlib.sha256(json.dumps([key, annotator, text]).encode()).hexdigest()
 
 
 def n_words(text: str | None) -> int:
     """Words = whitespace-separated tokens (the definition every statistic here uses)."""
     return len(text.split()) if text else 0
+
+
+def who(row: dict) -> str:
+    """How an annotator is shown: ``email (labelstudio:4)``, or the identity alone."""
+    a = row.get("annotator") or "unknown"
+    e = row.get("annotator_email")
+    return f"{e} ({a})" if e and e != a else a
 
 
 # --------------------------------------------------------------------------- locations
@@ -149,30 +170,69 @@ def check_text(text: str, ac: AnnotationsConfig) -> CheckResult:
 
 # --------------------------------------------------------------------------- the store
 class AnnotationStore:
-    """The ``annotations`` table: read its history and the current version of each key."""
+    """The ``annotations`` table: its history, the texts with their review states, identities."""
 
     def __init__(self, url: str):
         self.table = Table(url, ANNOTATIONS)
 
     def history(self, key: str | None = None) -> pa.Table:
-        t = self.table.read()
+        """Every row, sorted by key and version. Shards are read one by one and conformed to the
+        schema, so shards written before a column was added read with that column null."""
+        parts = [
+            conform(pq.read_table(self.table.shard_file(s), filesystem=self.table.fs), ANNOTATIONS)
+            for s in sorted(self.table.done_shards())
+        ]
+        t = pa.concat_tables(parts) if parts else ANNOTATIONS.empty_table()
         if key is not None and t.num_rows:
             t = t.filter(pc.equal(t["key"], key))
         return t.sort_by([("key", "ascending"), ("version", "ascending")]) if t.num_rows else t
 
-    def current(self) -> dict[str, dict]:
-        """key -> its highest version (as a dict)."""
-        out: dict[str, dict] = {}
-        for row in self.history().to_pylist():
-            out[row["key"]] = row  # sorted by version: the last one wins
+    def last_versions(self) -> dict[str, int]:
+        """key -> its highest version number."""
+        out: dict[str, int] = {}
+        for k, v in zip(*(self.history().select(["key", "version"]).to_pydict().values()), strict=True):
+            out[k] = max(out.get(k, 0), v)
         return out
 
     def hashes(self) -> dict[str, dict]:
-        """content hash -> the first row that carried it."""
+        """content hash (recomputed from key, identity and text) -> the first row that carried it."""
         out: dict[str, dict] = {}
         for row in self.history().to_pylist():
-            out.setdefault(row["content_hash"], row)
+            if row["parent_version"] is None:
+                out.setdefault(content_hash(row["key"], row["annotator"], row["text"] or ""), row)
         return out
+
+    def people(self) -> dict[str, str]:
+        """annotator identity -> email, for display: ``_people.json`` (every pair an import or a
+        pull has seen, even when it added no version) and the rows' own ``annotator_email``."""
+        out = dict(self.table.load_json(PEOPLE_FILE) or {})
+        for row in self.history().select(["annotator", "annotator_email"]).to_pylist():
+            if row["annotator_email"] and row["annotator"]:
+                out.setdefault(row["annotator"], row["annotator_email"])
+        return out
+
+    def remember(self, pairs: dict[str, str]) -> None:
+        """Add identity -> email pairs to ``_people.json`` (a later email for an identity wins)."""
+        known = dict(self.table.load_json(PEOPLE_FILE) or {})
+        new = {i: e for i, e in pairs.items() if i and e and known.get(i) != e}
+        if new:
+            self.table.fs.makedirs(self.table.path, exist_ok=True)
+            self.table.save_json(PEOPLE_FILE, {**known, **new})
+
+    def emails(self) -> dict[str, str]:
+        """email (lower case) -> Label Studio identity: resolves exports that name people by email."""
+        return {e.lower(): i for i, e in self.people().items() if i.startswith(ls.LS_USER)}
+
+    def texts(self, history: pa.Table | None = None) -> list[dict]:
+        """One dict per imported text with its current state and ``superseded``
+        (:func:`captioning.small.texts.texts_sql`), sorted by key and version; a text without an
+        email shows the one known for its annotator."""
+        hist = history if history is not None else self.history()
+        rows = _run_sql(texts_sql("history") + " ORDER BY key, version", hist)
+        people = self.people() if any(r["annotator_email"] is None for r in rows) else {}
+        for r in rows:
+            r["annotator_email"] = r["annotator_email"] or people.get(r["annotator"])
+        return rows
 
     def append(self, prefix: str, rows: list[dict], meta: dict) -> str | None:
         """Append ``rows`` as one committed shard; returns the shard name (None when no rows)."""
@@ -184,6 +244,19 @@ class AnnotationStore:
             r.setdefault("recorded_at", now)
         self.table.write_shard(shard, pa.Table.from_pylist(rows, schema=ANNOTATIONS), meta)
         return shard
+
+
+def _run_sql(sql: str, history: pa.Table) -> list[dict]:
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.register("history", history)
+        cur = con.execute(sql)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+    finally:
+        con.close()
 
 
 def known_keys(cfg: PipelinesConfig) -> tuple[set[str], str]:
@@ -205,13 +278,21 @@ class ImportResult:
     problems: list[ls.Problem]
     shard: str | None
 
+    @property
+    def not_annotated(self) -> list[ls.Problem]:
+        """Tasks of the file that nobody annotated (their positions are in ``ref``)."""
+        return [p for p in self.problems if p.reason == ls.NOT_ANNOTATED]
 
-def import_file(cfg: PipelinesConfig, path: str) -> ImportResult:
-    """Import one Label Studio export / CSV / JSONL as one committed shard.
 
-    Every record that is not imported is a :class:`labelstudio.Problem` with its line and
-    reason; a file that cannot be parsed as a whole raises :class:`ImportRefused` and writes
-    nothing.
+def import_file(cfg: PipelinesConfig, path: str, users: dict[str, str] | None = None) -> ImportResult:
+    """Import one Label Studio export (JSON or JSON-MIN) / CSV / JSONL as one committed shard.
+
+    ``users`` maps annotator identities (``labelstudio:<id>``) to emails, e.g. the server's
+    user list on a pull; with earlier imports it resolves exports that name people by email
+    only and fills ``annotator_email``. Every record that is not imported is a
+    :class:`labelstudio.Problem` with its line and reason (tasks nobody annotated are
+    ``not_annotated``); a file that cannot be parsed as a whole raises :class:`ImportRefused`
+    and writes nothing.
     """
     ac = cfg.annotations
     store = AnnotationStore(annotations_url(cfg))
@@ -232,8 +313,20 @@ def import_file(cfg: PipelinesConfig, path: str) -> ImportResult:
         raise ImportRefused(f"{path}: nothing imported: " + "; ".join(str(p) for p in fatal))
     keys, keys_from = known_keys(cfg)
     seen_db = store.hashes()
+    by_email = store.emails()
+    display = {ident: email for email, ident in by_email.items()}
+    for ident, email in (users or {}).items():
+        if email:
+            display[ident] = email
+            by_email[email.lower()] = ident
+    learned = {ident: email for ident, email in (users or {}).items() if email}
+    for e in entries:
+        if e.annotator and e.annotator.startswith(ls.LS_USER) and e.annotator_email:
+            learned[e.annotator] = e.annotator_email
+            by_email[e.annotator_email.lower()] = e.annotator
+            display[e.annotator] = e.annotator_email
     seen_file: dict[str, ls.Entry] = {}
-    versions = Counter({k: r["version"] for k, r in store.current().items()})
+    versions = Counter(store.last_versions())
     rows: list[dict] = []
     summary.n_in = len(entries) + len(problems)
     source = os.path.basename(path) if "://" not in path else path
@@ -243,7 +336,23 @@ def import_file(cfg: PipelinesConfig, path: str) -> ImportResult:
         if e.key not in keys:
             problems.append(ls.Problem(e.ref, e.line, UNKNOWN_KEY, f"{e.key!r} is not in the {keys_from}"))
             continue
-        h = content_hash(e.key, e.annotator, e.text)
+        ident, email = e.annotator, e.annotator_email
+        if ident is None or (ident and "@" in ident and ident.lower() in by_email):
+            email = email or ident
+            ident = by_email.get((email or "").lower())
+            if ident is None:
+                problems.append(
+                    ls.Problem(
+                        e.ref,
+                        e.line,
+                        UNKNOWN_ANNOTATOR,
+                        f"{email!r} has no Label Studio user id here yet: pull from the server "
+                        "(`paradiffusion annotations pull`) or import a JSON export first",
+                    )
+                )
+                continue
+        email = email or display.get(ident)
+        h = content_hash(e.key, ident, e.text)
         if h in seen_file:
             problems.append(ls.Problem(e.ref, e.line, DUPLICATE_IN_FILE, f"same text as {seen_file[h].ref}"))
             continue
@@ -262,7 +371,8 @@ def import_file(cfg: PipelinesConfig, path: str) -> ImportResult:
                 "key": e.key,
                 "version": versions[e.key],
                 "text": e.text,
-                "annotator": e.annotator,
+                "annotator": ident,
+                "annotator_email": email,
                 "created_at": e.created_at,
                 "source_file": source,
                 "source_ref": e.ref,
@@ -273,13 +383,23 @@ def import_file(cfg: PipelinesConfig, path: str) -> ImportResult:
     problems.sort(key=lambda p: p.line)
     for p in problems:
         summary.reject(p.reason)
-        log.warning("%s: %s", source, p)
+        if p.reason != ls.NOT_ANNOTATED:
+            log.warning("%s: %s", source, p)
+    not_annotated = [p for p in problems if p.reason == ls.NOT_ANNOTATED]
     file_hash = hashlib.sha256(raw).hexdigest()
     shard = store.append("import", rows, {"source_file": source, "sha256": file_hash, "problems": len(problems)})
+    store.remember(learned)
     summary.n_out = len(rows)
     summary.extra["shard"] = shard or "none (nothing new)"
     summary.extra["annotators"] = len({r["annotator"] for r in rows})
-    summary.extra["problems"] = [str(p) for p in problems]
+    # tasks nobody annotated: counted under rejected; where they are, printed (first 10) and in full
+    where = [f"{p.ref} ({p.detail.split(':')[0]})" for p in not_annotated]
+    if where:
+        summary.extra["not_annotated_tasks"] = "; ".join(where[:10]) + (
+            f"; ... {len(where) - 10} more" if len(where) > 10 else ""
+        )
+    summary.extra["not_annotated_positions"] = [p.ref for p in not_annotated]
+    summary.extra["problems"] = [str(p) for p in problems if p.reason != ls.NOT_ANNOTATED]
     summary.finish()
     store.table.save_config(cfg, "annotations", ac)
     store.table.save_json("_summary.json", summary.to_dict())
@@ -300,25 +420,57 @@ class Decision:
     ref: str = "command line"
 
 
-def _decide(d: Decision, cur: dict | None, ac: AnnotationsConfig, force: bool) -> tuple[dict, CheckResult]:
+def _target(d: Decision, texts: list[dict], parents: dict[int, int]) -> dict:
+    """The text a decision is about: the one named by ``d.version`` (a text's version, or a
+    review row's version, meaning the text it decided on; ``parents`` maps those), else the
+    key's only open text."""
+    if not texts:
+        raise ReviewError(f"{d.ref}: key {d.key!r} has no annotation to review", "no_annotation")
+    if d.version is not None:
+        wanted = parents.get(d.version, d.version)
+        for t in texts:
+            if t["version"] == wanted:
+                return t
+        listing = ", ".join(f"v{t['version']} by {who(t)} ({t['state']})" for t in texts)
+        raise ReviewError(
+            f"{d.ref}: key {d.key!r} has no text version {d.version}; its texts: {listing}", "unknown_version"
+        )
+    live = [t for t in texts if not t["superseded"]]
+    able = [t for t in live if d.action in TRANSITIONS[t["state"]]]
+    if len(able) == 1:
+        return able[0]
+    if len(able) > 1:
+        listing = ", ".join(f"v{t['version']} by {who(t)}" for t in able)
+        raise ReviewError(
+            f"{d.ref}: key {d.key!r} has {len(able)} texts that can be {d.action}d: {listing}; "
+            "say which with --version (a `version` column in a batch file)",
+            "ambiguous_version",
+        )
+    return live[-1]  # nothing can take this action: the transition check below says why
+
+
+def _decide(
+    d: Decision, texts: list[dict], parents: dict[int, int], ac: AnnotationsConfig, force: bool, last: int
+) -> tuple[dict, CheckResult]:
+    """The review row for decision ``d`` on the key's ``texts``; ``parents`` maps the key's review
+    versions to the text they decided on; ``last`` is the key's highest version."""
     if d.action not in ACTIONS:
         raise ReviewError(f"{d.ref}: unknown action {d.action!r}; use one of {', '.join(ACTIONS)}", "unknown_action")
-    if cur is None:
-        raise ReviewError(f"{d.ref}: key {d.key!r} has no annotation to review", "no_annotation")
     if not d.reviewer:
         raise ReviewError(f"{d.ref}: a review needs a reviewer", "missing_reviewer")
-    text_version = cur["parent_version"] or cur["version"]
-    if d.version is not None and d.version not in (cur["version"], text_version):
+    cur = _target(d, texts, parents)
+    if cur["superseded"]:
+        newer = max(t["version"] for t in texts if t["annotator"] == cur["annotator"])
         raise ReviewError(
-            f"{d.ref}: key {d.key!r} version {d.version} is not the current one "
-            f"(current: v{cur['version']}, {cur['state']}); review the current version",
-            "stale_version",
+            f"{d.ref}: key {d.key!r} v{cur['version']} was replaced by v{newer} from the same annotator "
+            f"({who(cur)}); review v{newer}",
+            "superseded",
         )
     allowed = TRANSITIONS[cur["state"]]
     if d.action not in allowed:
         can = ", ".join(allowed) or "nothing (final state)"
         raise ReviewError(
-            f"{d.ref}: key {d.key!r} v{cur['version']} is {cur['state']!r}: cannot {d.action} it "
+            f"{d.ref}: key {d.key!r} v{cur['version']} by {who(cur)} is {cur['state']!r}: cannot {d.action} it "
             f"(allowed from {cur['state']!r}: {can})",
             "transition_not_allowed",
         )
@@ -327,14 +479,19 @@ def _decide(d: Decision, cur: dict | None, ac: AnnotationsConfig, force: bool) -
     check = check_text(cur["text"] or "", ac)
     if d.action == "approve" and not check.ok and not force:
         raise ReviewError(
-            f"{d.ref}: key {d.key!r} fails the guidelines ({check.render()}); fix it or use --force", "guideline_failed"
+            f"{d.ref}: key {d.key!r} v{cur['version']} fails the guidelines ({check.render()}); fix it or use --force",
+            "guideline_failed",
         )
     now = _now()
     row = {
-        **{k: cur[k] for k in ("key", "text", "annotator", "created_at", "source_file", "source_ref", "content_hash")},
-        "version": cur["version"] + 1,
+        **{
+            k: cur[k]
+            for k in ("key", "text", "annotator", "annotator_email", "created_at", "source_file", "source_ref")
+        },
+        "content_hash": cur["content_hash"],
+        "version": last + 1,
         "state": allowed[d.action],
-        "parent_version": text_version,
+        "parent_version": cur["version"],
         "reviewer": d.reviewer,
         "review_comment": d.comment or None,
         "reviewed_at": now,
@@ -350,13 +507,22 @@ def review(cfg: PipelinesConfig, decisions: list[Decision], force: bool = False)
     """
     ac = cfg.annotations
     store = AnnotationStore(annotations_url(cfg))
-    current = store.current()
+    history = store.history()
+    by_key: dict[str, list[dict]] = {}
+    for t in store.texts(history):
+        by_key.setdefault(t["key"], []).append(t)
+    parents: dict[str, dict[int, int]] = {}
+    last: dict[str, int] = {}
+    for k, v, pv in zip(*history.select(["key", "version", "parent_version"]).to_pydict().values(), strict=True):
+        last[k] = max(last.get(k, 0), v)
+        if pv is not None:
+            parents.setdefault(k, {})[v] = pv
     summary = StageSummary("annotations review")
     summary.n_in = len(decisions)
     rows, refused = [], []
     for d in decisions:
         try:
-            row, check = _decide(d, current.get(d.key), ac, force)
+            row, check = _decide(d, by_key.get(d.key, []), parents.get(d.key, {}), ac, force, last.get(d.key, 0))
         except ReviewError as exc:
             if len(decisions) == 1:
                 raise
@@ -364,9 +530,13 @@ def review(cfg: PipelinesConfig, decisions: list[Decision], force: bool = False)
             summary.reject(exc.reason)
             log.warning("%s", exc)
             continue
-        print(f"   {d.key} v{row['parent_version']} by {row['annotator']}: checks {check.render()} -> {row['state']}")
+        print(f"   {d.key} v{row['parent_version']} by {who(row)}: checks {check.render()} -> {row['state']}")
         rows.append(row)
-        current[d.key] = row  # a later line of the same batch sees this decision
+        last[d.key] = row["version"]
+        parents.setdefault(d.key, {})[row["version"]] = row["parent_version"]
+        for t in by_key[d.key]:  # a later line of the same batch sees this decision
+            if t["version"] == row["parent_version"]:
+                t.update(state=row["state"], decided_in=row["version"], reviewer=d.reviewer)
     shard = store.append("review", rows, {"decisions": len(rows), "refused": len(refused)})
     store.table.save_config(cfg, "annotations", ac)
     summary.n_out = len(rows)
@@ -423,27 +593,37 @@ def read_decisions(path: str, default_reviewer: str | None = None) -> tuple[list
 
 
 # --------------------------------------------------------------------------- status
+KEY_STATES = ("approved", "submitted", "draft", "rejected")  # a key's state: the first any of its texts has
+
+
 def status(cfg: PipelinesConfig) -> dict:
-    """Progress: current state of each key, by state and by annotator, plus guideline failures."""
+    """Progress: texts (each annotator's latest per key) by state and by annotator, keys by their
+    best state, keys not started, and pending texts failing the guidelines."""
     store = AnnotationStore(annotations_url(cfg))
-    current = store.current()
+    texts = [t for t in store.texts() if not t["superseded"]]
+    annotated = {t["key"] for t in texts}
     try:
         keys, keys_from = known_keys(cfg)
     except FileNotFoundError:
-        keys, keys_from = set(current), "annotations"
-    by_state = Counter(r["state"] for r in current.values())
+        keys, keys_from = set(annotated), "annotations"
+    by_state = Counter(t["state"] for t in texts)
+    states_of: dict[str, set[str]] = {}
     by_annotator: dict[str, Counter] = {}
     failing = 0
-    for r in current.values():
-        by_annotator.setdefault(r["annotator"] or "unknown", Counter())[r["state"]] += 1
-        if r["state"] in ("draft", "submitted") and not check_text(r["text"] or "", cfg.annotations).ok:
+    for t in texts:
+        states_of.setdefault(t["key"], set()).add(t["state"])
+        by_annotator.setdefault(who(t), Counter())[t["state"]] += 1
+        if t["state"] in ("draft", "submitted") and not check_text(t["text"] or "", cfg.annotations).ok:
             failing += 1
+    keys_by_state = Counter(next(s for s in KEY_STATES if s in states) for states in states_of.values())
     return {
         "keys_to_annotate": len(keys),
         "keys_from": keys_from,
-        "not_started": len(keys - set(current)),
+        "not_started": len(keys - annotated),
         "versions": store.history().num_rows,
+        "texts": len(texts),
         "by_state": {s: by_state.get(s, 0) for s in TRANSITIONS},
+        "keys_by_state": {s: keys_by_state.get(s, 0) for s in KEY_STATES},
         "by_annotator": {a: {s: c.get(s, 0) for s in TRANSITIONS} for a, c in sorted(by_annotator.items())},
         "pending_failing_guidelines": failing,
     }
@@ -453,9 +633,12 @@ def render_status(st: dict) -> str:
     states = list(TRANSITIONS)
     lines = [
         f"== annotations status ({st['keys_to_annotate']} keys in the {st['keys_from']}, "
-        f"{st['versions']} versions recorded)",
-        f"   not started: {st['not_started']}   " + "   ".join(f"{s}: {st['by_state'][s]}" for s in states),
-        f"   pending descriptions failing the guidelines: {st['pending_failing_guidelines']}",
+        f"{st['texts']} current texts, {st['versions']} versions recorded)",
+        f"   keys: not started: {st['not_started']}   "
+        + "   ".join(f"{s}: {st['keys_by_state'][s]}" for s in KEY_STATES)
+        + "   (a key counts under the best state of its texts)",
+        "   texts: " + "   ".join(f"{s}: {st['by_state'][s]}" for s in states),
+        f"   pending texts failing the guidelines: {st['pending_failing_guidelines']}",
     ]
     if st["by_annotator"]:
         width = max(12, *(len(a) for a in st["by_annotator"]))
@@ -553,34 +736,46 @@ def _ext(data: bytes) -> str:
 
 
 def export_approved(cfg: PipelinesConfig) -> StageSummary:
-    """Write the stage-3 training table: the latest approved version of each key."""
+    """Write the stage-3 training table from the approved texts, by ``annotations.train_rule``
+    (:func:`captioning.small.texts.approved_sql`: ``latest`` = one row per key, ``each`` = one
+    row per approved annotator)."""
+    ac = cfg.annotations
     store = AnnotationStore(annotations_url(cfg))
     out = Table(train_url(cfg), SMALL_TRAIN)
-    announce("annotations export-approved", {"annotations": store.table.url, "output": out.url})
+    announce(
+        "annotations export-approved",
+        {"annotations": store.table.url, "output": out.url, "rule": ac.train_rule},
+    )
     summary = StageSummary("annotations export-approved")
-    approved: dict[str, dict] = {}
-    current = store.current()
-    for row in store.history().to_pylist():
-        if row["state"] == "approved":
-            approved[row["key"]] = row
-    summary.n_in = len(current)
-    for key, row in current.items():
-        if key not in approved:
-            summary.reject(f"not_approved ({row['state']})")
+    history = store.history()
+    approved = _run_sql(approved_sql("history", ac.train_rule) + " ORDER BY key, version", history)
+    texts = [t for t in store.texts(history) if not t["superseded"]]
+    # the unit of the rule: a key (latest) or a key's annotator (each)
+    unit = (lambda r: r["key"]) if ac.train_rule == "latest" else (lambda r: (r["key"], r["annotator"]))
+    have = {unit(a) for a in approved}
+    states: dict = {}
+    for t in texts:
+        states.setdefault(unit(t), set()).add(t["state"])
+    summary.n_in = len(states)
+    for u, st in sorted(states.items(), key=lambda x: str(x[0])):
+        if u not in have:
+            summary.reject(f"not_approved ({'/'.join(sorted(st))})")
     rows = [
         {
-            "key": k,
-            "caption": r["text"],
-            "annotator": r["annotator"],
-            "version": r["parent_version"] or r["version"],
-            "reviewer": r["reviewer"],
-            "n_words": n_words(r["text"]),
+            "key": a["key"],
+            "caption": a["text"],
+            "annotator": a["annotator"],
+            "version": a["version"],
+            "reviewer": a["reviewer"],
+            "n_words": n_words(a["text"]),
         }
-        for k, r in sorted(approved.items())
+        for a in approved
     ]
     out.write_shard("00000", pa.Table.from_pylist(rows, schema=SMALL_TRAIN) if rows else SMALL_TRAIN.empty_table())
-    out.save_config(cfg, "annotations export-approved", cfg.annotations)
+    out.save_config(cfg, "annotations export-approved", ac)
     summary.n_out = len(rows)
+    summary.extra["keys"] = len({a["key"] for a in approved})
+    summary.extra["rule"] = ac.train_rule
     if rows:
         summary.extra["mean_words"] = round(sum(r["n_words"] for r in rows) / len(rows), 1)
     summary.finish()

@@ -11,7 +11,17 @@ import sys
 from paradiffusion.cli import Command
 from paradiffusion.config import PipelinesConfig
 
-ANNOTATION_ACTIONS = ("export", "import", "review", "status", "history", "export-approved")
+ANNOTATION_ACTIONS = (
+    "export",
+    "push",
+    "pull",
+    "import",
+    "review",
+    "status",
+    "history",
+    "export-approved",
+    "serve",
+)
 
 
 def _select(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
@@ -29,10 +39,21 @@ SELECT_SMALL = Command(
 
 def _annotations(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     from captioning.small import annotations as an
+    from captioning.small.lsclient import LabelStudioError
+    from captioning.small.lsserver import ServerError
 
     try:
         if args.action == "export":
             an.export_tasks(cfg)
+        elif args.action in ("push", "pull", "serve"):
+            from captioning.small import sync
+
+            if args.action == "push":
+                sync.push(cfg)
+            elif args.action == "pull":
+                sync.pull(cfg, args.export_type)
+            else:
+                return sync.serve(cfg, install_only=args.install_only)
         elif args.action == "import":
             if not args.file:
                 print(
@@ -48,27 +69,38 @@ def _annotations(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
             st = an.status(cfg)
             print(an.render_status(st))
         elif args.action == "history":
-            if not args.key:
-                print("error: annotations history needs --key", file=sys.stderr)
-                return 2
-            rows = an.AnnotationStore(an.annotations_url(cfg)).history(args.key).to_pylist()
-            if not rows:
-                print(f"error: key {args.key!r} has no annotation", file=sys.stderr)
-                return 1
-            for r in rows:
-                reviewed = f" reviewed by {r['reviewer']}: {r['review_comment'] or ''}" if r["reviewer"] else ""
-                print(
-                    f"v{r['version']} {r['state']:<9} by {r['annotator']} ({r['source_file']} {r['source_ref']}){reviewed}"
-                )
-                print(f"    {r['text']}")
-            print(
-                f"guideline checks of the current text: {an.check_text(rows[-1]['text'] or '', cfg.annotations).render()}"
-            )
+            return _history(cfg, args)
         elif args.action == "export-approved":
             an.export_approved(cfg)
-    except (an.ImportRefused, an.ReviewError) as exc:
+    except (an.ImportRefused, an.ReviewError, LabelStudioError, ServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _history(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+    from captioning.small import annotations as an
+
+    if not args.key:
+        print("error: annotations history needs --key", file=sys.stderr)
+        return 2
+    store = an.AnnotationStore(an.annotations_url(cfg))
+    rows = store.history(args.key).to_pylist()
+    if not rows:
+        print(f"error: key {args.key!r} has no annotation", file=sys.stderr)
+        return 1
+    for r in rows:
+        if r["parent_version"] is None:
+            print(f"v{r['version']} {r['state']:<9} text by {an.who(r)} ({r['source_file']} {r['source_ref']})")
+            print(f"    {r['text']}")
+        else:
+            comment = f": {r['review_comment']}" if r["review_comment"] else ""
+            print(f"v{r['version']} {r['state']:<9} decides v{r['parent_version']}, by {r['reviewer']}{comment}")
+    print("texts now:")
+    for t in store.texts(store.history(args.key)):
+        mark = f"superseded by a later text of {an.who(t)}" if t["superseded"] else t["state"]
+        check = an.check_text(t["text"] or "", cfg.annotations).render()
+        print(f"    v{t['version']} by {an.who(t)}: {mark}; guideline checks: {check}")
     return 0
 
 
@@ -99,12 +131,14 @@ def _annotation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", nargs="*", help="import: Label Studio JSON export(s), .csv or .jsonl (key,text,annotator)")
     p.add_argument("--key", help="review/history: the image key")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--approve", action="store_true", help="review: approve the current version")
+    g.add_argument("--approve", action="store_true", help="review: approve a text")
     g.add_argument("--reject", action="store_true", help="review: reject it (needs --comment)")
     g.add_argument("--submit", action="store_true", help="review: move a draft to submitted")
     p.add_argument("--reviewer", help="review: who decides")
     p.add_argument("--comment", help="review: why (required to reject)")
-    p.add_argument("--version", type=int, help="review: the version decided on (default: the current one)")
+    p.add_argument(
+        "--version", type=int, help="review: the text version decided on (needed when a key has several open texts)"
+    )
     p.add_argument(
         "--file",
         dest="decisions",
@@ -112,10 +146,15 @@ def _annotation_args(p: argparse.ArgumentParser) -> None:
         help="review: a batch of decisions, CSV/JSONL with key,decision,reviewer,comment[,version]",
     )
     p.add_argument("--force", action="store_true", help="review: approve even when the guideline checks fail")
+    p.add_argument(
+        "--export-type", choices=("JSON", "JSON_MIN"), help="pull: export format (default annotations.label_studio)"
+    )
+    p.add_argument("--install-only", action="store_true", help="serve: install Label Studio into its venv and exit")
 
 
 ANNOTATIONS = Command(
-    help="Label Studio round trip and review: export | import FILE | review | status | history | export-approved",
+    help="Label Studio round trip and review: serve | export | push | pull | import FILE | review | status | "
+    "history | export-approved",
     run=_annotations,
     add_arguments=_annotation_args,
 )

@@ -30,6 +30,44 @@ class SelectSmallConfig(StrictModel):
     kmeans_iters: int = Field(50, ge=1, le=1000)
 
 
+class LabelStudioConfig(StrictModel):
+    """The Label Studio server the annotations go through (``push`` / ``pull``), and the local
+    one that ``make labelstudio`` (``paradiffusion annotations serve``) runs."""
+
+    url: str | None = Field(None, description="Server URL; null: the local server, http://127.0.0.1:<port>.")
+    token_env: str = Field(
+        "LABEL_STUDIO_API_KEY",
+        min_length=1,
+        description="Environment variable holding the API token (a personal access token, or a legacy token).",
+    )
+    token_file: str | None = Field(
+        None, description="File holding the token when the variable is unset; null: <data_dir>/api_token."
+    )
+    project: str = Field("ParaImage-Small", min_length=1, description="Project title: found, or created by push.")
+    export_type: Literal["JSON", "JSON_MIN"] = Field("JSON", description="Export format a pull asks the server for.")
+    storage_path: str | None = Field(
+        None,
+        description="With image_source=files: the images folder as the server sees it (a Local Files storage); "
+        "null: <export_dir>/images.",
+    )
+    timeout_s: float = Field(120, gt=0, description="HTTP timeout of one API call, seconds.")
+    # the local server (make labelstudio, the tests)
+    venv: str = Field(
+        ".venv-labelstudio", description="Virtual environment of its own (its pins conflict with ours, e.g. pyarrow)."
+    )
+    version: str = Field("1.23.2", description="The label-studio release installed there (tested with 1.23.2).")
+    data_dir: str | None = Field(
+        None, description="Its SQLite database, media and secrets; null: <data_root>/labelstudio."
+    )
+    port: int = Field(8080, ge=1, le=65535)
+    admin_email: str = Field("admin@example.org", description="The account created on the first start.")
+    password_env: str = Field(
+        "LABEL_STUDIO_PASSWORD",
+        description="Variable with the admin password; unset: one is generated into <data_dir>/admin_password.",
+    )
+    start_timeout_s: float = Field(600, gt=0, description="How long to wait for /health after starting.")
+
+
 class AnnotationsConfig(StrictModel):
     """Annotation round trip (Label Studio) and review of hand-written descriptions."""
 
@@ -45,6 +83,12 @@ class AnnotationsConfig(StrictModel):
     )
     from_name: str = Field("caption", min_length=1, description="Name of the TextArea in the labeling config.")
     import_state: Literal["draft", "submitted"] = Field("submitted", description="State of imported annotations.")
+    train_rule: Literal["latest", "each"] = Field(
+        "latest",
+        description="Stage-3 table: latest = per key the approved text written last; each = every annotator's "
+        "approved text as its own row.",
+    )
+    label_studio: LabelStudioConfig = Field(default_factory=LabelStudioConfig)
     min_words: int = Field(50, ge=1, description="Guideline: fewest words in a description.")
     max_words: int = Field(200, ge=1, description="Guideline: most words in a description.")
     language: str | None = Field("en", description="Guideline: expected language (ISO 639-1); null = not checked.")

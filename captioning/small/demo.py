@@ -48,8 +48,8 @@ def step_annotations(ctx) -> None:
 
     keys = [t["data"]["key"] for t in tasks]
     # a rerun of the demo finds these already decided: only keys still submitted are reviewed
-    current = AnnotationStore(str(ctx.out / "data" / "annotations")).current()
-    pending = {k for k, r in current.items() if r["state"] == "submitted"}
+    texts = AnnotationStore(str(ctx.out / "data" / "annotations")).texts()
+    pending = {t["key"] for t in texts if t["state"] == "submitted" and not t["superseded"]}
     lines = ["key,decision,reviewer,comment"]
     for i in (0, 4, 5):  # see simulate.py: 1 cancelled, 2 empty, 3 vague
         if i < len(keys) and keys[i] in pending:

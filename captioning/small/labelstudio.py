@@ -7,11 +7,27 @@ Tasks (what ``annotations export`` writes, Label Studio's import format)::
                        "result": [{"from_name": "caption", "to_name": "image", "type": "textarea",
                                    "value": {"text": ["<VLM caption>"]}}]}]}, ...]
 
-An export (Label Studio's "JSON" export) is a list of tasks, each with ``id``, ``data`` and
-``annotations``; an annotation has ``id``, ``result`` (``[{"value": {"text": [...]}, "from_name":
-..., "type": "textarea"}]``), ``completed_by`` (a user id, or a dict with ``id`` and ``email``),
-``created_at``, ``updated_at``, ``was_cancelled``, ``lead_time``, ... Plain CSV and JSONL with
-``key``, ``text`` and ``annotator`` columns are read too.
+Two export shapes of Label Studio are read (both as written by Label Studio 1.23's API and UI):
+
+- **JSON**: a list of tasks, each with ``id``, ``data`` and ``annotations``; an annotation has
+  ``id``, ``result`` (``[{"value": {"text": [...]}, "from_name": ..., "type": "textarea"}]``),
+  ``completed_by`` (the user id, an integer; older exports and some tools write a dict with
+  ``id`` and ``email``), ``created_at``, ``updated_at``, ``was_cancelled``, ``lead_time``, ...
+  A task nobody annotated has ``"annotations": []``.
+- **JSON-MIN**: one flat record per annotation that was not cancelled: the task's ``data``
+  fields, ``id`` (the task), the TextArea's text under its ``from_name``, ``annotator`` (the
+  user id, or the email when the export had user dicts), ``annotation_id``, ``created_at``,
+  ``updated_at``, ``lead_time``. A task nobody annotated is one record with
+  ``"annotation_id": null``; a task whose annotations were all cancelled is left out.
+
+**Who wrote it.** An annotator is one person: the Label Studio user id, as
+``labelstudio:<id>`` (:func:`annotator_id`). The email is kept beside it for display only. An
+export that names a person by email alone (JSON-MIN of dict-shaped data) gives an
+:class:`Entry` with ``annotator=None`` and the email; the importer resolves it to the user id
+(from the server's user list on a pull, or from earlier imports) or reports it.
+
+Plain CSV and JSONL with ``key``, ``text`` and ``annotator`` columns are read too; there the
+annotator is the given name, used as is.
 
 Parsing never raises on bad content: every record becomes either an :class:`Entry` or a
 :class:`Problem` that names its line (and task / annotation id) and the reason.
@@ -31,6 +47,15 @@ MALFORMED = "malformed"
 MISSING_KEY = "missing_key"
 EMPTY = "empty_annotation"
 CANCELLED = "cancelled_annotation"
+NOT_ANNOTATED = "not_annotated"
+
+#: Prefix of an annotator identity that is a Label Studio user id.
+LS_USER = "labelstudio:"
+
+
+def annotator_id(user_id: object) -> str:
+    """The identity of a Label Studio user: ``labelstudio:<id>``."""
+    return f"{LS_USER}{int(user_id)}"
 
 
 @dataclass
@@ -39,10 +64,11 @@ class Entry:
 
     key: str
     text: str
-    annotator: str
+    annotator: str | None  # identity: "labelstudio:<id>" or a plain name; None = only an email is known
     created_at: _dt.datetime | None
     ref: str  # where in the file: "line 12, task 7, annotation 31"
     line: int
+    annotator_email: str | None = None  # for display; never part of the identity
 
 
 @dataclass
@@ -143,12 +169,26 @@ def _time(value: object) -> _dt.datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
 
 
-def _annotator(completed_by: object) -> str:
+def _annotator(completed_by: object) -> tuple[str | None, str | None]:
+    """``(identity, email)`` of an export's ``completed_by`` / ``annotator`` value.
+
+    A user id (int, or digits) or a dict with ``id`` gives ``labelstudio:<id>``; an email alone
+    (a dict without ``id``, or a string with ``@``) gives ``(None, email)`` for the importer to
+    resolve; anything else is ``("unknown", None)``.
+    """
     if isinstance(completed_by, dict):
-        return str(completed_by.get("email") or completed_by.get("username") or f"user:{completed_by.get('id')}")
-    if completed_by is None or completed_by == "":
-        return "unknown"
-    return f"user:{completed_by}"
+        email = completed_by.get("email") or None
+        uid = completed_by.get("id")
+        if isinstance(uid, int) or (isinstance(uid, str) and uid.isdigit()):
+            return annotator_id(uid), email
+        return (None, email) if email else ("unknown", None)
+    if isinstance(completed_by, bool) or completed_by is None or completed_by == "":
+        return "unknown", None
+    if isinstance(completed_by, int) or (isinstance(completed_by, str) and completed_by.strip().isdigit()):
+        return annotator_id(completed_by), None
+    if isinstance(completed_by, str) and "@" in completed_by:
+        return None, completed_by.strip()
+    return "unknown", None
 
 
 def _texts(result: object, from_name: str) -> list[str] | None:
@@ -168,45 +208,90 @@ def _texts(result: object, from_name: str) -> list[str] | None:
     return out
 
 
+def _body(texts: list[str]) -> str:
+    return "\n".join(t.strip() for t in texts if t.strip())
+
+
 def parse_label_studio(text: str, from_name: str = "caption") -> tuple[list[Entry], list[Problem]]:
-    """Entries and problems of a Label Studio JSON export (a list of tasks)."""
+    """Entries and problems of a Label Studio JSON or JSON-MIN export (the shape is detected)."""
     items, fatal = _split_json_list(text)
     entries: list[Entry] = []
     problems: list[Problem] = [fatal] if fatal else []
+    first = next((t for _, t in items if isinstance(t, dict)), None)
+    is_min = first is not None and "annotations" not in first and ("annotation_id" in first or "annotator" in first)
     for line, task in items:
         if not isinstance(task, dict):
             problems.append(Problem(f"line {line}", line, MALFORMED, "a task must be a JSON object"))
             continue
-        tid = task.get("id", "?")
-        tref = f"line {line}, task {tid}"
-        data = task.get("data")
-        key = data.get("key") if isinstance(data, dict) else None
-        if not key:
-            problems.append(Problem(tref, line, MISSING_KEY, "task data has no 'key' (was it exported by this tool?)"))
-            continue
-        anns = task.get("annotations", [])
-        if not isinstance(anns, list):
-            problems.append(Problem(tref, line, MALFORMED, "'annotations' must be a list"))
-            continue
-        for ann in anns:
-            if not isinstance(ann, dict):
-                problems.append(Problem(tref, line, MALFORMED, "an annotation must be a JSON object"))
-                continue
-            ref = f"{tref}, annotation {ann.get('id', '?')}"
-            if ann.get("was_cancelled"):
-                problems.append(Problem(ref, line, CANCELLED, "skipped by the annotator"))
-                continue
-            texts = _texts(ann.get("result"), from_name)
-            if texts is None:
-                problems.append(Problem(ref, line, MALFORMED, "'result' must be a list"))
-                continue
-            body = "\n".join(t.strip() for t in texts if t.strip())
-            if not body:
-                problems.append(Problem(ref, line, EMPTY, f"no text in a {from_name!r} TextArea"))
-                continue
-            when = _time(ann.get("updated_at")) or _time(ann.get("created_at"))
-            entries.append(Entry(str(key), body, _annotator(ann.get("completed_by")), when, ref, line))
+        got = _min_record(task, line, from_name) if is_min else _json_task(task, line, from_name)
+        for x in got:
+            (entries if isinstance(x, Entry) else problems).append(x)
     return entries, problems
+
+
+def _json_task(task: dict, line: int, from_name: str) -> list[Entry | Problem]:
+    tid = task.get("id", "?")
+    tref = f"line {line}, task {tid}"
+    data = task.get("data")
+    key = data.get("key") if isinstance(data, dict) else None
+    if not key:
+        return [Problem(tref, line, MISSING_KEY, "task data has no 'key' (was it exported by this tool?)")]
+    anns = task.get("annotations", task.get("completions", []))
+    if anns is None:
+        anns = []
+    if not isinstance(anns, list):
+        return [Problem(tref, line, MALFORMED, "'annotations' must be a list")]
+    if not anns:
+        return [Problem(tref, line, NOT_ANNOTATED, f"key {key!r}: nobody annotated this task")]
+    out: list[Entry | Problem] = []
+    for ann in anns:
+        if not isinstance(ann, dict):
+            out.append(Problem(tref, line, MALFORMED, "an annotation must be a JSON object"))
+            continue
+        ref = f"{tref}, annotation {ann.get('id', '?')}"
+        if ann.get("was_cancelled") or ann.get("skipped"):
+            out.append(Problem(ref, line, CANCELLED, "skipped by the annotator"))
+            continue
+        texts = _texts(ann.get("result"), from_name)
+        if texts is None:
+            out.append(Problem(ref, line, MALFORMED, "'result' must be a list"))
+            continue
+        body = _body(texts)
+        if not body:
+            out.append(Problem(ref, line, EMPTY, f"no text in a {from_name!r} TextArea"))
+            continue
+        who, email = _annotator(ann.get("completed_by"))
+        when = _time(ann.get("updated_at")) or _time(ann.get("created_at"))
+        out.append(Entry(str(key), body, who, when, ref, line, email))
+    return out
+
+
+def _min_record(rec: dict, line: int, from_name: str) -> list[Entry | Problem]:
+    tref = f"line {line}, task {rec.get('id', '?')}"
+    key = rec.get("key")
+    if not key:
+        return [Problem(tref, line, MISSING_KEY, "record has no 'key' (was it exported by this tool?)")]
+    aid = rec.get("annotation_id")
+    value = rec.get(from_name)
+    if aid is None and value is None:
+        return [Problem(tref, line, NOT_ANNOTATED, f"key {key!r}: nobody annotated this task")]
+    ref = f"{tref}, annotation {aid if aid is not None else '?'}"
+    if rec.get("was_cancelled"):
+        return [Problem(ref, line, CANCELLED, "skipped by the annotator")]
+    if isinstance(value, str):
+        texts = [value]
+    elif isinstance(value, list):
+        texts = [v for v in value if isinstance(v, str)]
+        # several TextArea regions are written as a list of {"text": [...]} dicts
+        texts += [t for v in value if isinstance(v, dict) for t in (v.get("text") or []) if isinstance(t, str)]
+    else:
+        texts = []
+    body = _body(texts)
+    if not body:
+        return [Problem(ref, line, EMPTY, f"no text under {from_name!r}")]
+    who, email = _annotator(rec.get("annotator"))
+    when = _time(rec.get("updated_at")) or _time(rec.get("created_at"))
+    return [Entry(str(key), body, who, when, ref, line, email)]
 
 
 def _plain_record(rec: dict, ref: str, line: int) -> Entry | Problem:

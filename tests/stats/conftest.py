@@ -60,7 +60,25 @@ def tables(tmp_path):
                 "image_embedding": [0.1, 0.2],
             }
         )
-    Table(str(root / "scores"), SCORES).write_shard("00000", pa.Table.from_pylist(scores, schema=SCORES))
+    # scored here but not downloaded into this images folder (e.g. scores of an earlier download):
+    # the funnel must not count them as a step after "downloaded"
+    for i in range(8):
+        scores.append(
+            {
+                "key": f"x{i:02d}",
+                "shard": "1",
+                "url": f"http://y/{i}.jpg",
+                "caption": text(rng, 5),
+                "width": 1000,
+                "height": 800 + i,
+                "kept": i % 2 == 0,
+                "aesthetic": 6.0,
+                "reject_reason": None if i % 2 == 0 else "language",
+                "image_embedding": [0.1, 0.2],
+            }
+        )
+    Table(str(root / "scores"), SCORES).write_shard("00000", pa.Table.from_pylist(scores[:38], schema=SCORES))
+    Table(str(root / "scores"), SCORES).write_shard("00001", pa.Table.from_pylist(scores[38:], schema=SCORES))
     t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     captions = []
     kept_keys = [s["key"] for s in scores if s["kept"]]
@@ -97,7 +115,30 @@ def tables(tmp_path):
                     "flags": [],
                 }
             )
-    Table(str(root / "captions"), CAPTIONS).write_shard("00000", pa.Table.from_pylist(captions, schema=CAPTIONS))
+    # the prompt text of p100 was edited: cogvlm captioned five keys again with the new text (a new
+    # prompt_hash, same prompt_id): a second version, never mixed with the first
+    for j, k in enumerate(kept_keys[:5]):
+        c = text(rng, 20 + j)
+        captions.append(
+            {
+                "key": k,
+                "caption": c,
+                "n_words": len(c.split()),
+                "model_id": "cogvlm",
+                "prompt_id": "p100",
+                "prompt_hash": "h2",
+                "finish_reason": "stop",
+                "seconds": 1.0,
+                "created_at": t0 + dt.timedelta(days=3, minutes=j),
+                "flags": [],
+            }
+        )
+    # a second row for one image in the same caption set (a run killed before its dedupe): one image
+    dup = dict(captions[0], caption=text(rng, 33), created_at=t0 + dt.timedelta(days=1))
+    dup["n_words"] = len(dup["caption"].split())
+    captions.append(dup)
+    Table(str(root / "captions"), CAPTIONS).write_shard("00000", pa.Table.from_pylist(captions[:30], schema=CAPTIONS))
+    Table(str(root / "captions"), CAPTIONS).write_shard("00001", pa.Table.from_pylist(captions[30:], schema=CAPTIONS))
     now = dt.datetime(2026, 2, 1, tzinfo=dt.timezone.utc)
     ann = []
     for j, k in enumerate(kept_keys[:6]):
@@ -121,4 +162,4 @@ def tables(tmp_path):
 @pytest.fixture
 def stats_cfg(tables):
     root, _ = tables
-    return load_config([], [f"project.data_root={root}", "stats.plots=true"])
+    return load_config([], [f"project.data_root={root}", "stats.plots=false"])

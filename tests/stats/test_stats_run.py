@@ -1,3 +1,5 @@
+import json
+
 import duckdb
 import pytest
 
@@ -12,14 +14,28 @@ def short(r):
     return min(r["width"], r["height"])
 
 
+def prompt_version_labels(captions):
+    """(model, prompt, hash) -> 'vlm:model/prompt#vN', N by first use of each prompt text."""
+    first = {}
+    for c in captions:
+        k = (c["model_id"], c["prompt_id"], c["prompt_hash"])
+        first[k] = min(first.get(k, c["created_at"]), c["created_at"])
+    out = {}
+    for m, pr, h in first:
+        same = sorted((t, hh) for (mm, pp, hh), t in first.items() if (mm, pp) == (m, pr))
+        out[(m, pr, h)] = f"vlm:{m}/{pr}#v{[hh for _, hh in same].index(h) + 1}"
+    return out
+
+
 def expected_sources(raw):
-    """source -> list of (key, caption, short side), computed without SQL."""
+    """source -> list of (key, caption, short side), one per caption, computed without SQL."""
     scores = {s["key"]: s for s in raw["scores"]}
     out = {"alt_text": [(s["key"], s["caption"], short(s)) for s in raw["scores"] if s["kept"]]}
+    labels = prompt_version_labels(raw["captions"])
     for c in raw["captions"]:
-        out.setdefault(f"vlm:{c['model_id']}/{c['prompt_id']}", []).append(
-            (c["key"], c["caption"], short(scores[c["key"]]))
-        )
+        if c["n_words"] > 0 and c["finish_reason"] != "error":
+            label = labels[(c["model_id"], c["prompt_id"], c["prompt_hash"])]
+            out.setdefault(label, []).append((c["key"], c["caption"], short(scores[c["key"]])))
     latest = {}
     for a in raw["annotations"]:
         if a["state"] == "approved" and a["version"] >= latest.get(a["key"], {"version": 0})["version"]:
@@ -33,18 +49,37 @@ def test_table1_histogram_and_funnel_match_independent_counts(stats_cfg, tables)
     res = run_stats(stats_cfg, quiet=True)
     exp = expected_sources(raw)
     t1 = {r[0]: r for r in res["table1"].rows}
-    assert set(t1) == set(exp)
+    assert res["table1"].columns[:5] == ["source", "images", "captions", "mean_short_side", "mean_words"]
+    # the edited prompt is a source of its own, not mixed into the first text's captions
+    assert (
+        set(t1)
+        == set(exp)
+        == {
+            "alt_text",
+            "vlm:cogvlm/p100#v1",
+            "vlm:cogvlm/p100#v2",
+            "vlm:llava/p100#v1",
+            "annotations_approved",
+        }
+    )
     for source, rows in exp.items():
+        images = {k: s for k, _, s in rows}
         n_words = [len(c.split()) for _, c, _ in rows]
-        assert t1[source][1] == len(rows)
-        assert t1[source][2] == pytest.approx(round(sum(s for *_, s in rows) / len(rows), 1))
-        assert t1[source][3] == pytest.approx(round(sum(n_words) / len(rows), 1))
+        assert t1[source][1] == len(images), source  # distinct images, not rows
+        assert t1[source][2] == len(rows)
+        assert t1[source][3] == pytest.approx(round(sum(images.values()) / len(images), 1))
+        assert t1[source][4] == pytest.approx(round(sum(n_words) / len(rows), 1))
+    assert t1["vlm:cogvlm/p100#v1"][2] == t1["vlm:cogvlm/p100#v1"][1] + 1  # the image with two rows
+    assert t1["vlm:cogvlm/p100#v2"][1] == 5
     # mean nouns: the offline tagger on every caption (the sample is larger than each source)
     count = nouns.noun_counter()
     assert res["table1"].columns[-1] == "mean_nouns"
     if count is not None:
         for source, rows in exp.items():
-            assert t1[source][4] == pytest.approx(round(sum(count(c) for _, c, _ in rows) / len(rows), 1))
+            assert t1[source][5] == pytest.approx(round(sum(count(c) for _, c, _ in rows) / len(rows), 1))
+
+    versions = {r[0]: r[1] for r in res["prompt_versions"].rows}
+    assert versions == {"vlm:cogvlm/p100#v1": "h", "vlm:cogvlm/p100#v2": "h2", "vlm:llava/p100#v1": "h"}
 
     edges = stats_cfg.stats.length_buckets
     labels = bucket_labels(edges)
@@ -57,36 +92,117 @@ def test_table1_histogram_and_funnel_match_independent_counts(stats_cfg, tables)
         got = {r[2]: r[3] for r in res["length_histogram"].rows if r[0] == source}
         assert got == want, source
 
-    funnel = {r[1]: r[2] for r in res["funnel"].rows}
-    assert funnel["URLs tried (images rows)"] == 40 and funnel["downloaded (status success)"] == 38
-    assert funnel["kept by the filter"] == sum(s["kept"] for s in raw["scores"])
-    assert funnel["captioned (any VLM)"] == len({c["key"] for c in raw["captions"]})
-    assert funnel["approved descriptions"] == 2 and funnel["annotated (any version)"] == 6
     rejects = {r[0]: r[1] for r in res["reject_reasons"].rows}
-    assert rejects == {"too_small": 4, "language": 4}
+    assert rejects == {"too_small": 4, "language": 8}
+
+
+def test_funnel_has_one_population_per_step_and_never_widens(stats_cfg, tables):
+    _, raw = tables
+    res = run_stats(stats_cfg, only=["funnel"], quiet=True)["funnel"]
+    assert res.columns == ["step", "stage", "images", "of_step", "pct_of_parent", "outside"]
+    rows = {r[1]: r for r in res.rows}
+    by_step = {r[0]: r for r in res.rows}
+    for _step, stage, n, parent, pct, _outside in res.rows:
+        if parent is not None:
+            assert n <= by_step[parent][2], stage
+            assert pct == pytest.approx(round(100 * n / by_step[parent][2], 1))
+    # independent sets
+    urls = {i["key"] for i in raw["images"]}
+    downloaded = {i["key"] for i in raw["images"] if i["status"] == "success"}
+    scored = {s["key"] for s in raw["scores"]}
+    kept = {s["key"] for s in raw["scores"] if s["kept"]}
+    captioned = {c["key"] for c in raw["captions"] if c["n_words"] > 0}
+    annotated = {a["key"] for a in raw["annotations"]}
+    approved = {a["key"] for a in raw["annotations"] if a["state"] == "approved"}
+    assert rows["URLs tried"][2] == len(urls) == 40
+    assert rows["downloaded"][2] == len(downloaded) == 38
+    # 46 keys were scored, 8 of them not downloaded here: counted as outside, not as a wider step
+    assert (rows["scored by the filter"][2], rows["scored by the filter"][5]) == (len(scored & downloaded), 8)
+    assert rows["kept by the filter"][2] == len(kept & scored & downloaded)
+    assert rows["captioned (a VLM caption with words)"][2] == len(captioned & kept & downloaded)
+    assert rows["captioned (a VLM caption with words)"][5] == len(captioned - (kept & downloaded))
+    # no candidates table here: the annotations count from the kept set
+    assert rows["annotated (any text)"][3] == rows["kept by the filter"][0]
+    assert rows["annotated (any text)"][2] == len(annotated & kept & downloaded)
+    assert rows["with an approved text"][2] == len(approved) == 2
 
 
 def test_comparison_flags_keywords_and_progress(stats_cfg, tables):
     _, raw = tables
     res = run_stats(stats_cfg, quiet=True)
-    cog = [c for c in raw["captions"] if c["model_id"] == "cogvlm"]
+    labels = prompt_version_labels(raw["captions"])
+    cog = [
+        c for c in raw["captions"] if labels[(c["model_id"], c["prompt_id"], c["prompt_hash"])] == "vlm:cogvlm/p100#v1"
+    ]
     llava = {c["key"]: c for c in raw["captions"] if c["model_id"] == "llava"}
-    (pair,) = res["captioner_pairs"].rows
-    common = [c for c in cog if c["key"] in llava]
-    assert pair[:3] == ("cogvlm/p100", "llava/p100", len(common))
+    pairs = {(r[0], r[1]): r for r in res["captioner_pairs"].rows}
+    pair = pairs[("vlm:cogvlm/p100#v1", "vlm:llava/p100#v1")]
+    latest = {}
+    for c in sorted(cog, key=lambda c: c["created_at"]):
+        latest[c["key"]] = c  # one row per image and source: the newest
+    common = [c for c in latest.values() if c["key"] in llava]
+    assert pair[2] == len(common)
     diff = sum(abs(len(c["caption"].split()) - len(llava[c["key"]]["caption"].split())) for c in common) / len(common)
     assert pair[5] == pytest.approx(round(diff, 1))
-    flags = {(r[0], r[2]): r[3] for r in res["quality_flags"].rows}
-    assert flags[("cogvlm", "repetition")] == sum(bool(c["flags"]) for c in cog)
-    assert flags[("cogvlm", "finish_reason=length")] == sum(c["finish_reason"] == "length" for c in cog)
-    assert flags[("cogvlm", "no words")] == sum(not c["caption"] for c in cog)
+    flags = {(r[0], r[1]): r[2] for r in res["quality_flags"].rows}
+    assert flags[("vlm:cogvlm/p100#v1", "repetition")] == sum(bool(c["flags"]) for c in cog)
+    assert flags[("vlm:cogvlm/p100#v1", "finish_reason=length")] == sum(c["finish_reason"] == "length" for c in cog)
+    assert flags[("vlm:cogvlm/p100#v1", "no words")] == sum(not c["caption"] for c in cog)
+    capt = {r[0]: r for r in res["captioners"].rows}
+    assert capt["vlm:cogvlm/p100#v1"][1:3] == (len(cog), len({c["key"] for c in cog}))
     kw = {r[0]: r for r in res["keywords"].rows}
     i = res["keywords"].columns.index("pct_left")
-    alt = [s["caption"] for s in raw["scores"] if s["kept"]]
-    assert kw["alt_text"][i] == pytest.approx(round(100 * sum("left" in c.split() for c in alt) / len(alt), 1))
-    prog = {r[0]: r[1:] for r in res["annotation_progress"].rows}
+    exp = expected_sources(raw)
+    for source, rows in exp.items():
+        assert kw[source][1] == len(rows), source  # the same captions as Table 1
+        share = 100 * sum("left" in c.split() for _, c, _ in rows) / len(rows)
+        assert kw[source][i] == pytest.approx(round(share, 1)), source
+    prog = {r[0]: r[2:] for r in res["annotation_progress"].rows}
     # bob: keys 0, 2, 4 -> approved, rejected, submitted; ann: 1, 3, 5 -> approved, submitted, submitted
     assert prog == {"ann": (0, 2, 1, 0, 3), "bob": (0, 1, 1, 1, 3)}
+
+
+def test_derived_cache_gives_the_same_answers_and_is_reused(stats_cfg, tables):
+    root, raw = tables
+    stats_cfg.stats.plots = stats_cfg.stats.write_duckdb = False
+    with_cache = run_stats(stats_cfg, quiet=True)
+    summary = json.loads((root / "stats" / "_summary.json").read_text())
+    assert summary["derived_shards_read"] == 4 and summary["derived_shards_reused"] == 0  # 2 captions + 2 scores
+    assert sorted(p.name for p in (root / "stats" / "derived" / "captions").iterdir()) == [
+        "00000.json",
+        "00000.parquet",
+        "00001.json",
+        "00001.parquet",
+    ]
+    again = run_stats(stats_cfg, quiet=True)
+    summary = json.loads((root / "stats" / "_summary.json").read_text())
+    assert summary["derived_shards_read"] == 0 and summary["derived_shards_reused"] == 4
+    stats_cfg.stats.derived = False
+    without = run_stats(stats_cfg, quiet=True)
+    for name in ("table1", "keywords", "funnel", "length_histogram", "captioner_pairs"):
+        assert with_cache[name].rows == without[name].rows == again[name].rows, name
+    con = duckdb.connect()
+    con.execute((root / "stats" / "views.sql").read_text())  # the text-reading views of the run without cache
+    live = dict(con.execute("SELECT source, sum(words) FROM caption_words GROUP BY 1").fetchall())
+    want = {}
+    labels = prompt_version_labels(raw["captions"])
+    for c in raw["captions"]:
+        k = labels[(c["model_id"], c["prompt_id"], c["prompt_hash"])]
+        want[k] = want.get(k, 0) + len(c["caption"].split())
+    assert live == want
+    # a rewritten shard (new commit marker) and a new keyword: that shard / every shard is read again
+    stats_cfg.stats.derived = True
+    from paradiffusion.schemas import CAPTIONS
+    from paradiffusion.storage import Table
+
+    t = Table(str(root / "captions"), CAPTIONS)
+    t.write_shard("00001", t.read().slice(30))
+    run_stats(stats_cfg, only=["keywords"], quiet=True)
+    assert json.loads((root / "stats" / "_summary.json").read_text())["derived_shards_read"] == 1
+    stats_cfg.stats.keywords = ["left", "dog"]
+    res = run_stats(stats_cfg, only=["keywords"], quiet=True)["keywords"]
+    assert json.loads((root / "stats" / "_summary.json").read_text())["derived_shards_read"] == 4
+    assert res.columns == ["source", "captions", "pct_dog", "pct_left"]
 
 
 def test_views_sql_and_duckdb_file_hold_only_views(stats_cfg, tables):
@@ -101,17 +217,18 @@ def test_views_sql_and_duckdb_file_hold_only_views(stats_cfg, tables):
     db = duckdb.connect(str(out / "stats.duckdb"), read_only=True)
     kinds = {r[0] for r in db.execute("SELECT table_type FROM information_schema.tables").fetchall()}
     assert kinds == {"VIEW"}
-    assert db.execute("SELECT count(*) FROM annotations_current").fetchone()[0] == 6
+    assert db.execute("SELECT count(*) FROM annotations_current").fetchall() == [(6,)]
     assert (out / "stats.duckdb").stat().st_size < 2_000_000
 
 
 def test_report_and_plots(stats_cfg, tables, capsys):
     root, _ = tables
+    stats_cfg.stats.plots = True
     run_stats(stats_cfg)
     printed = capsys.readouterr().out
     assert "Table 1" in printed and "alt_text" in printed
     md = (root / "stats" / "report.md").read_text()
-    assert "![length_histogram.png](length_histogram.png)" in md and "| source | images |" in md
+    assert "![length_histogram.png](length_histogram.png)" in md and "| source | images | captions |" in md
     png = (root / "stats" / "length_histogram.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert (root / "stats" / "funnel.png").exists()

@@ -1,6 +1,8 @@
 import json
 import xml.etree.ElementTree as ET
 
+import pytest
+
 from captioning.small import labelstudio as ls
 
 # A Label Studio JSON export as the tool writes it (trimmed to the fields it always has).
@@ -21,6 +23,7 @@ EXPORT = """[
     "predictions": [], "drafts": [], "meta": {}, "created_at": "2026-01-01T00:00:00Z"
   },
   {"id": 8, "data": {"image": "http://x/b.jpg"}, "annotations": []},
+  {"id": 10, "data": {"key": "d"}, "annotations": []},
   {"id": 9, "data": {"key": "c"}, "annotations": [{"id": 40, "completed_by": 5, "result": [
       {"value": {"text": [""]}, "from_name": "caption", "type": "textarea"}], "was_cancelled": false}]}
 ]
@@ -31,14 +34,20 @@ def test_parse_real_shaped_export():
     entries, problems = ls.parse_label_studio(EXPORT)
     assert len(entries) == 1
     e = entries[0]
-    assert (e.key, e.annotator, e.text) == ("a", "ann@example.com", "First line.\nSecond line.")
+    assert (e.key, e.annotator, e.annotator_email, e.text) == (
+        "a",
+        "labelstudio:1",
+        "ann@example.com",
+        "First line.\nSecond line.",
+    )
     assert e.created_at.isoformat() == "2026-01-02T11:30:00+00:00"  # updated_at wins: the latest edit
     assert e.ref == "line 2, task 7, annotation 31" and e.line == 2
     got = {(p.ref, p.reason) for p in problems}
     assert got == {
         ("line 2, task 7, annotation 32", ls.CANCELLED),
         ("line 17, task 8", ls.MISSING_KEY),
-        ("line 18, task 9, annotation 40", ls.EMPTY),
+        ("line 18, task 10", ls.NOT_ANNOTATED),
+        ("line 19, task 9, annotation 40", ls.EMPTY),
     }
     assert not any(p.fatal for p in problems)
 
@@ -53,7 +62,10 @@ def test_malformed_json_names_the_line_and_is_fatal():
 
 
 def test_completed_by_int_and_plain_formats():
-    assert ls._annotator(5) == "user:5" and ls._annotator({"id": 3}) == "user:3"
+    assert ls._annotator(5) == ("labelstudio:5", None) and ls._annotator({"id": 3}) == ("labelstudio:3", None)
+    assert ls._annotator("12") == ("labelstudio:12", None)
+    assert ls._annotator({"email": "a@b.org"}) == (None, "a@b.org") and ls._annotator("a@b.org") == (None, "a@b.org")
+    assert ls._annotator(None) == ("unknown", None)
     entries, problems = ls.parse_jsonl('{"key": "a", "text": "t", "annotator": "x"}\n{oops\n\n[1]\n')
     assert [e.key for e in entries] == ["a"]
     assert [(p.line, p.reason) for p in problems] == [(2, ls.MALFORMED), (4, ls.MALFORMED)]
@@ -76,3 +88,67 @@ def test_task_and_labeling_config_match():
     assert "50-200 words" in root.find("Header").get("value")
     assert "predictions" not in ls.make_task("k2", "u", None, None)
     json.dumps(task)  # serialisable
+
+
+# What Label Studio 1.23.2 writes for exportType=JSON_MIN (trimmed from a real export): one record per
+# annotation that was not cancelled; a task nobody annotated is a record with annotation_id null.
+EXPORT_MIN = """[
+{
+  "image": "/data/local-files/?d=images/k0.jpg",
+  "key": "k0",
+  "draft": "draft 0",
+  "id": 1,
+  "caption": "cat on k0",
+  "annotator": 4,
+  "annotation_id": 2,
+  "created_at": "2026-11-29T04:22:33.106957Z",
+  "updated_at": "2026-11-29T04:22:33.107001Z",
+  "lead_time": null
+},
+{
+  "key": "k1",
+  "id": 2,
+  "caption": ["two", "regions"],
+  "annotator": "bob@example.org",
+  "annotation_id": 3,
+  "created_at": "2026-11-29T04:22:33.314778Z",
+  "updated_at": "2026-11-29T04:22:34.061505Z"
+},
+{
+  "key": "k3",
+  "id": 4,
+  "annotator": null,
+  "annotation_id": null,
+  "created_at": null
+}
+]"""
+
+
+def test_parse_json_min():
+    entries, problems = ls.parse_label_studio(EXPORT_MIN)
+    assert [(e.key, e.annotator, e.annotator_email, e.text, e.line) for e in entries] == [
+        ("k0", "labelstudio:4", None, "cat on k0", 2),
+        ("k1", None, "bob@example.org", "two\nregions", 14),
+    ]
+    assert entries[0].ref == "line 2, task 1, annotation 2"
+    assert entries[1].created_at.isoformat() == "2026-11-29T04:22:34.061505+00:00"
+    assert [(p.ref, p.reason) for p in problems] == [("line 23, task 4", ls.NOT_ANNOTATED)]
+    assert "'k3'" in problems[0].detail
+
+
+def test_token_comes_from_the_variable_or_the_file(tmp_path, monkeypatch):
+    from captioning.small import sync
+    from captioning.small.lsclient import LabelStudioError, is_jwt
+    from paradiffusion.config import load_config
+
+    cfg = load_config([], [f"project.data_root={tmp_path}"])
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    with pytest.raises(LabelStudioError, match="set LABEL_STUDIO_API_KEY") as exc:
+        sync.resolve_token(cfg)
+    assert str(tmp_path / "labelstudio" / "api_token") in str(exc.value)
+    (tmp_path / "labelstudio").mkdir()
+    (tmp_path / "labelstudio" / "api_token").write_text("a.b.c\n")
+    assert sync.resolve_token(cfg) == "a.b.c" and is_jwt("a.b.c")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    assert not is_jwt(sync.resolve_token(cfg))  # a legacy token: sent as "Token ..."
+    assert sync.server_url(cfg) == "http://127.0.0.1:8080"
