@@ -45,8 +45,9 @@ FIXTURE = REPO / "tests" / "training" / "fixtures" / "release_parity"
 TOLERANCE = 1e-4
 
 #: Prompts of the comparison: a short one, a paragraph longer than 256 tokens (cut, as the
-#: release cuts it), one starting with spaces (tokenizers differ there), and one with
-#: characters outside the tiny vocabulary (byte fallback).
+#: release cuts it), and one that starts with spaces (transformers 5 tokenizes that
+#: differently unless told otherwise) and has characters outside the tiny vocabulary
+#: (byte fallback).
 PROMPTS = [
     "A red fox sitting in fresh snow at dawn.",
     " ".join(
@@ -57,8 +58,7 @@ PROMPTS = [
         ]
         * 6
     ),
-    "   Two cats on a windowsill, one ginger and one black.",
-    "Ünïcode café ☃ near 東京 tower",
+    "   Two cats on a windowsill near Tōkyō tower, one ginger and one black ☃.",
 ]
 DEFAULTS = {"seed": 45, "steps": 100, "guidance": 7.5, "width": 64, "height": 40}
 
@@ -288,6 +288,20 @@ def checkpoint_digest(root: str | Path) -> str:
     return h.hexdigest()
 
 
+def compact(arrays: dict, n: int) -> dict:
+    """Keep one copy of the unconditional ("") rows of ``input_ids`` / ``embeds`` (the first
+    ``n`` rows are all the same): the fixture stays a few hundred KB."""
+    import numpy as np
+
+    out = dict(arrays)
+    for key in ("input_ids", "embeds"):
+        a = np.asarray(arrays[key])
+        if not all(np.array_equal(a[0], a[i]) for i in range(1, n)):
+            raise ValueError(f"{key}: the unconditional rows differ from each other")
+        out[key] = np.concatenate([a[:1], a[n:]])
+    return out
+
+
 def fixture_settings() -> dict:
     return {"prompts": PROMPTS, **DEFAULTS}
 
@@ -313,8 +327,7 @@ def record_fixture(release_dir: str, release_python: str, out: Path = FIXTURE) -
             "ours_at_recording": diff,
         }
     out.parent.mkdir(parents=True, exist_ok=True)
-    arrays = rel["arrays"]
-    np.savez_compressed(out.with_suffix(".npz"), **arrays)
+    np.savez_compressed(out.with_suffix(".npz"), **compact(rel["arrays"], len(settings["prompts"])))
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
