@@ -21,8 +21,8 @@ from paradiffusion.config import StrictModel
 # linear projections) with cross_attention_dim 4096 = Llama-2-7B's hidden size, because
 # the release's pipeline feeds the Llama states to the UNet as they are. The released
 # unet/config.json could not be read when this was written (see docs/release_parity.md;
-# `scripts/release_parity.py unet-config <release>/unet/config.json` compares it). About
-# 2.7 B parameters. For the projection variant set text_projection: linear and e.g.
+# `scripts/release_parity.py unet-config <release>/unet/config.json` compares it). 2.90 B
+# parameters (2.56 B at cross-attention 2048). For the projection variant set text_projection: linear and e.g.
 # cross_attention_dim: 2048 (the previous default).
 DEFAULT_UNET: dict = {
     "sample_size": 128,

@@ -29,7 +29,13 @@ import time
 from pathlib import Path
 
 from paradiffusion.log import get_logger
-from training.modeling import LORA_DIR, PROJECTION_DIR, ParaDiffusionModel, save_projection
+from training.modeling import (
+    LORA_DIR,
+    PROJECTION_DIR,
+    ParaDiffusionModel,
+    make_lora_config_portable,
+    save_projection,
+)
 
 log = get_logger("training.export")
 
@@ -71,6 +77,10 @@ def export_model(
         model.llm.save_pretrained(str(tmp / LORA_DIR))
     elif lora_from is not None:
         shutil.copytree(lora_from, tmp / LORA_DIR)
+    if (tmp / LORA_DIR).is_dir():
+        kept = make_lora_config_portable(tmp / LORA_DIR)
+        if kept:
+            log.warning("the LoRA uses %s: the release's code (peft 0.7) cannot load this export", ", ".join(kept))
     DDPMScheduler.from_config(scheduler_config).save_pretrained(str(tmp / "scheduler"))
     info = {
         "llm": llm,

@@ -135,6 +135,39 @@ def merge_lora(llm, lora_dir: str):
     return PeftModel.from_pretrained(llm, lora_dir).merge_and_unload()
 
 
+#: The LoraConfig fields of peft 0.7 (the release's): it builds ``LoraConfig(**adapter_config.json)``
+#: and fails on any other key.
+PEFT_07_LORA_FIELDS = frozenset(
+    "alpha_pattern auto_mapping base_model_name_or_path bias fan_in_fan_out inference_mode init_lora_weights "
+    "layers_pattern layers_to_transform loftq_config lora_alpha lora_dropout megatron_config megatron_core "
+    "modules_to_save peft_type r rank_pattern revision target_modules task_type".split()
+)
+
+
+def make_lora_config_portable(lora_dir: str | os.PathLike) -> list[str]:
+    """Drop from ``adapter_config.json`` the keys peft 0.7 does not know whose value is today's default.
+
+    Such a key changes nothing when it is absent (today's peft fills in the default), and
+    without it the release's code (peft 0.7.1) can load the adapter. A key with another
+    value is kept (it matters) and returned, so the caller can say the release cannot
+    read this adapter.
+    """
+    from peft import LoraConfig
+
+    f = Path(lora_dir) / "adapter_config.json"
+    doc = json.loads(f.read_text())
+    defaults = LoraConfig().to_dict()
+    empty = (None, {}, [])
+    kept = []
+    for key in [k for k in doc if k not in PEFT_07_LORA_FIELDS]:
+        if key == "peft_version" or doc[key] == defaults.get(key) or (doc[key] in empty and defaults.get(key) in empty):
+            del doc[key]
+        else:
+            kept.append(key)
+    f.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    return kept
+
+
 def save_projection(proj: nn.Linear, folder: str | os.PathLike, state: dict | None = None) -> None:
     """``folder/config.json`` (in/out features) and ``folder/model.safetensors``."""
     from safetensors.torch import save_file

@@ -82,7 +82,9 @@ def test_the_comparison_tells_the_release_settings_apart(harness, tiny_release, 
     s = recorded["meta"]["settings"]
     pipe = ParaDiffusionPipeline.from_pretrained(tiny_release, torch_dtype=torch.float32, device="cpu")
     release_sched = pipe.scheduler
-    plain = DPMSolverMultistepScheduler.from_config(DPMSolverMultistepScheduler.load_config(tiny_release, "scheduler"))
+    plain = DPMSolverMultistepScheduler.from_config(
+        DPMSolverMultistepScheduler.load_config(tiny_release, subfolder="scheduler")
+    )
     plain.set_timesteps(s["steps"])
     assert not np.array_equal(plain.timesteps.numpy(), recorded["arrays"]["timesteps"])  # steps_offset 0 vs 1
 
