@@ -177,3 +177,20 @@ def test_eval_and_generate_sample_every_layout(exports, tiny_release, tmp_path):
     (png,) = generate(cfg, ["a red fox"])
     params = json.loads(Image.open(png).text["parameters"])
     assert (params["max_length"], params["conditioning"], params["width"], params["height"]) == (256, "release", 24, 16)
+
+
+def test_lora_config_stays_readable_by_the_releases_peft(tiny_models, tmp_path):
+    """peft 0.7 builds LoraConfig(**adapter_config.json): only its keys may stay, unless one matters."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from training.modeling import PEFT_07_LORA_FIELDS, add_lora, make_lora_config_portable
+
+    add_lora(load_llm(tiny_models["llm"]), 4, 8, 0.0, ["q_proj", "v_proj"]).save_pretrained(str(tmp_path / "a"))
+    assert make_lora_config_portable(tmp_path / "a") == []
+    doc = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert set(doc) <= PEFT_07_LORA_FIELDS and (doc["r"], doc["lora_alpha"]) == (4, 8)
+    loaded = PeftModel.from_pretrained(load_llm(tiny_models["llm"]), str(tmp_path / "a"))
+    assert loaded.peft_config["default"].r == 4 and not loaded.peft_config["default"].use_rslora
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_rslora=True)
+    get_peft_model(load_llm(tiny_models["llm"]), cfg).save_pretrained(str(tmp_path / "b"))
+    assert make_lora_config_portable(tmp_path / "b") == ["use_rslora"]  # it changes the scaling: kept, reported
