@@ -1,22 +1,27 @@
-"""GPU benchmark: one training step of stage 1 and stage 2 at 1024 px, our trainer beside a plain loop.
+"""GPU benchmark: one training step of stage 1 and stage 2 at the release's sizes, our trainer beside a plain loop.
 
-Builds the real sizes with random weights (no download): the Llama-2-7B config as text
-encoder and the UNet config shipped as default (``training.config.DEFAULT_UNET``: SD-style,
-SDXL-sized, cross-attention 2048), bf16. Two paths, in the same process on the same GPU:
+The release's model with random weights (no download): the Llama-2-7B config as text
+encoder feeding its 4096-d states straight into the UNet of ``training.config.DEFAULT_UNET``
+(SD-style, SDXL-base layout, cross-attention 4096, no projection), bf16, images of 1024 wide
+x 640 high (latents 128 x 80), batch 8, captions padded to the stage's max_length (256 in
+stage 1, 512 in stage 2: release conditioning pads every caption to it). Two paths, in the
+same process on the same GPU:
 
-- ``plain``: the eager loop of the shared baseline (bf16 parameters, torch AdamW, UNet
-  gradient checkpointing; latents given, no VAE);
+- ``plain``: the eager loop of ../shared/bench/gpu_baseline.py (bf16 parameters, torch
+  AdamW, UNet gradient checkpointing; latents given, no VAE) at these sizes;
 - ``ours``: :class:`training.trainer.Trainer`'s ``train_step`` / ``forward_backward_step``
   on the DeepSpeed engine built from pipelines.yaml settings (ZeRO-2, bf16, clipping),
   fed precomputed latents (the ``latents`` batch key, as with cached latents).
 
 Model FLOPs (MFU numerator) exclude activation recompute: FlopCounterMode counts one
-forward of the LLM and of the UNet (+ projection) per sample, F_llm and F_unet; a
-training step is 3 x F_unet (forward + backward) plus F_llm in stage 1 (LLM forward only)
-or 3 x F_llm in stage 2 (gradients flow through the LLM to its LoRA; the same counting as
-../shared/bench). Peak: 989 TFLOP/s dense bf16 (H100/H200 SXM).
+forward of the LLM and of the UNet per sample, F_llm and F_unet; a training step is
+3 x F_unet (forward + backward) plus F_llm in stage 1 (LLM forward only) or 3 x F_llm in
+stage 2 (gradients flow through the LLM to its LoRA; the same counting as
+../shared/bench). Peak: 989 TFLOP/s dense bf16 (H100/H200 SXM). Peak memory is
+``torch.cuda.max_memory_allocated`` over the timed steps.
 
-Usage: python bench/train_gpu.py [--tiny] [--stages 1,2] [--batch 8] [--steps 5]
+Usage: python bench/train_gpu.py [--tiny] [--stages 1,2] [--batch 8] [--steps 5] [--size 1024x640]
+       [--tokens 256,512]
 ``--tiny`` runs the same code on CPU with the tiny models (a check, not a figure).
 Writes ``$OUT/train_gpu.json`` (or bench_out/) and prints one JSON line per result.
 """
@@ -46,6 +51,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--paths", default="plain,ours")
+    ap.add_argument("--size", default="1024x640", help="image width x height (the release samples 1024x640)")
+    ap.add_argument("--tokens", default="256,512", help="caption tokens in stage 1,2 (the stages' max_length)")
     return ap.parse_args()
 
 
@@ -68,12 +75,13 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def sizes() -> dict:
-    from paradiffusion.testing.tiny_diffusion import TINY_LLM, TINY_UNET
+def sizes(stage: int) -> dict:
+    from paradiffusion.testing.tiny_diffusion import TINY_LLM, TINY_RELEASE_UNET
     from training.config import DEFAULT_UNET
 
     if A.tiny:
-        return {"llm": dict(TINY_LLM, vocab_size=512), "unet": dict(TINY_UNET), "latent": 8, "tokens": 32, "batch": 2}
+        return {"llm": dict(TINY_LLM, vocab_size=512), "unet": dict(TINY_RELEASE_UNET), "latent": (8, 12), "tokens": 32,
+                "batch": 2}  # fmt: skip
     llm = {
         "hidden_size": 4096,
         "intermediate_size": 11008,
@@ -83,36 +91,39 @@ def sizes() -> dict:
         "vocab_size": 32000,
         "max_position_embeddings": 4096,
     }
-    return {"llm": llm, "unet": dict(DEFAULT_UNET), "latent": 128, "tokens": 256, "batch": A.batch}
+    width, height = (int(v) for v in A.size.split("x"))
+    tokens = [int(t) for t in A.tokens.split(",")][stage - 1]
+    return {"llm": llm, "unet": dict(DEFAULT_UNET), "latent": (height // 8, width // 8), "tokens": tokens,
+            "batch": A.batch}  # fmt: skip
 
 
 def build(stage: int):
-    """Random-weight LLM (+LoRA in stage 2), projection, UNet on the device."""
+    """Random-weight LLM (+LoRA in stage 2) and the release's UNet (no projection) on the device."""
     from diffusers import UNet2DConditionModel
     from transformers import LlamaConfig, LlamaModel
 
-    from training.modeling import ParaDiffusionModel, add_lora
+    from training.modeling import ParaDiffusionModel, add_lora, check_text_path
 
-    sz = sizes()
+    sz = sizes(stage)
     torch.manual_seed(0)
     with torch.device(DEV):
         llm = LlamaModel(LlamaConfig(**sz["llm"])).to(DT)
         unet = UNet2DConditionModel(**sz["unet"]).to(DT)
-        proj = torch.nn.Linear(sz["llm"]["hidden_size"], sz["unet"]["cross_attention_dim"]).to(DT)
+    check_text_path(sz["llm"]["hidden_size"], unet, None)
     llm.requires_grad_(False)
     if stage == 2:
         llm = add_lora(llm, 64, 64, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
         llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     unet.enable_gradient_checkpointing()
-    return ParaDiffusionModel(llm, proj, unet), sz
+    return ParaDiffusionModel(llm, None, unet, conditioning="release"), sz
 
 
 def model_flops(model, sz) -> tuple[float, float]:
-    """(F_llm, F_unet+projection) of one forward per sample, no recompute."""
-    b, n, lat = 1, sz["tokens"], sz["latent"]
+    """(F_llm, F_unet) of one forward per sample, no recompute."""
+    b, n, (lh, lw) = 1, sz["tokens"], sz["latent"]
     ids = torch.randint(3, sz["llm"]["vocab_size"] - 1, (b, n), device=DEV)
     mask = torch.ones_like(ids)
-    x = torch.randn(b, 4, lat, lat, device=DEV, dtype=DT)
+    x = torch.randn(b, 4, lh, lw, device=DEV, dtype=DT)
     t = torch.tensor([500], device=DEV)
     with torch.no_grad():
         with FlopCounterMode(display=False) as fc:
@@ -127,7 +138,7 @@ def model_flops(model, sz) -> tuple[float, float]:
 def batch_tensors(sz):
     b = sz["batch"]
     ids = torch.randint(3, sz["llm"]["vocab_size"] - 1, (b, sz["tokens"]), device=DEV)
-    lat = torch.randn(b, 4, sz["latent"], sz["latent"], device=DEV, dtype=torch.float32)
+    lat = torch.randn(b, 4, *sz["latent"], device=DEV, dtype=torch.float32)
     return ids, lat
 
 
@@ -186,13 +197,14 @@ def ours_step_fn(model, sz, stage):
     cfg = PipelinesConfig.model_validate(
         {
             "train": {
+                "model": {"unet_config": sz["unet"], "text_projection": "none", "conditioning": "release"},
                 f"stage{stage}": {
                     "micro_batch_size": sz["batch"],
                     "max_length": sz["tokens"],
                     "min_snr_gamma": 5.0,
                     "caption_dropout": 0.1,
                     "ema": {"enabled": False},
-                }
+                },
             }
         }
     )
@@ -229,6 +241,9 @@ def measure(name: str, stage: int, path: str) -> None:
         samples_per_s=round(sps, 2),
         s_per_step=round(dt, 3),
         batch=sz["batch"],
+        image_wxh=f"{sz['latent'][1] * 8}x{sz['latent'][0] * 8}",
+        tokens=sz["tokens"],
+        unet_params_M=round(sum(p.numel() for p in model.unet.parameters()) / 1e6),
         model_gflop_per_sample=round(per_sample / 1e9, 3),
         mfu=round(per_sample * sps / PEAK, 3),
         peak_mem_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 1) if DEV.type == "cuda" else None,

@@ -68,13 +68,13 @@ def build_tiny_sd(out_dir: str | os.PathLike, seed: int = 0) -> str:
 
 def build_tiny_paradiffusion(out_dir: str | os.PathLike, seed: int = 0) -> str:
     """An *untrained* tiny ParaDiffusion export (``training.export`` layout: unet/,
-    text_projection/, scheduler/, paradiffusion.json naming the tiny LLM and VAE), so
-    ``kind: paradiffusion`` runs through ``ParaDiffusionPipeline`` without a training run."""
+    scheduler/, paradiffusion.json naming the tiny LLM and VAE; the release's shape, no
+    projection), so ``kind: paradiffusion`` runs through ``ParaDiffusionPipeline`` without a
+    training run."""
     import torch
     from diffusers import UNet2DConditionModel
-    from torch import nn
 
-    from paradiffusion.testing.tiny_diffusion import TINY_LLM, TINY_SCHEDULER, TINY_UNET, build_tiny_diffusion
+    from paradiffusion.testing.tiny_diffusion import TINY_SCHEDULER, build_tiny_diffusion
     from training.export import export_model
     from training.modeling import ParaDiffusionModel, load_llm
 
@@ -84,11 +84,7 @@ def build_tiny_paradiffusion(out_dir: str | os.PathLike, seed: int = 0) -> str:
         return str(export)
     parts = build_tiny_diffusion(out / "parts", seed=seed)
     torch.manual_seed(seed)
-    model = ParaDiffusionModel(
-        load_llm(parts["llm"]),
-        nn.Linear(TINY_LLM["hidden_size"], TINY_UNET["cross_attention_dim"]),
-        UNet2DConditionModel.from_pretrained(parts["unet"]),
-    )
+    model = ParaDiffusionModel(load_llm(parts["llm"]), None, UNet2DConditionModel.from_pretrained(parts["unet"]))
     export_model(model, export, llm=parts["llm"], vae=parts["vae"], scheduler_config=TINY_SCHEDULER, max_length=64)
     return str(export)
 

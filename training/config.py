@@ -16,8 +16,14 @@ from pydantic import Field, model_validator
 
 from paradiffusion.config import StrictModel
 
-# An SD-style UNet (no SDXL added conditioning), SDXL-sized: the default when no
-# pretrained UNet folder is named. 2.6 B parameters, cross-attention 2048.
+# The release's UNet: SD-style (no SDXL added time ids or pooled text), the layout of
+# SDXL-base's UNet (320/640/1280 channels, transformer depth 1/2/10, head dims 5/10/20,
+# linear projections) with cross_attention_dim 4096 = Llama-2-7B's hidden size, because
+# the release's pipeline feeds the Llama states to the UNet as they are. The released
+# unet/config.json could not be read when this was written (see docs/release_parity.md;
+# `scripts/release_parity.py unet-config <release>/unet/config.json` compares it). 2.90 B
+# parameters (2.56 B at cross-attention 2048). For the projection variant set text_projection: linear and e.g.
+# cross_attention_dim: 2048 (the previous default).
 DEFAULT_UNET: dict = {
     "sample_size": 128,
     "in_channels": 4,
@@ -28,13 +34,13 @@ DEFAULT_UNET: dict = {
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "transformer_layers_per_block": [1, 2, 10],
     "attention_head_dim": [5, 10, 20],
-    "cross_attention_dim": 2048,
+    "cross_attention_dim": 4096,
     "use_linear_projection": True,
 }
 
 
 class ModelConfig(StrictModel):
-    """Where each part of the model comes from (Hugging Face id or local path)."""
+    """Where each part of the model comes from (Hugging Face id or local path) and how they connect."""
 
     llm: str = Field("meta-llama/Llama-2-7b-hf", description="LlamaModel + tokenizer: HF id or local folder.")
     llm_revision: str | None = None
@@ -43,6 +49,16 @@ class ModelConfig(StrictModel):
     unet_config: dict = Field(
         default_factory=lambda: dict(DEFAULT_UNET),
         description="UNet2DConditionModel kwargs when `unet` is null (random init).",
+    )
+    text_projection: Literal["none", "linear"] = Field(
+        "none",
+        description="none: the UNet reads the LLM states directly (the release; cross_attention_dim = LLM width); "
+        "linear: a trainable Linear(LLM width -> cross_attention_dim) in between",
+    )
+    conditioning: Literal["release", "masked"] = Field(
+        "release",
+        description="release: captions EOS-padded to the stage's max_length, no mask for the UNet (what the official "
+        "weights were trained with); masked: padded to the longest caption, mask passed to the UNet",
     )
     vae: str = Field("madebyollin/sdxl-vae-fp16-fix", description="AutoencoderKL: HF id or local folder.")
     scheduler: str | None = Field(None, description="Folder with a DDPM scheduler config; null: the SD schedule.")
@@ -180,7 +196,11 @@ class StageConfig(StrictModel):
     )
     train_lora: bool = Field(False, description="LoRA on the LLM (stage 2)")
     max_length: int = Field(
-        256, ge=8, le=4096, description="LLM tokens per caption (paper: 256 stage 1, 512 stages 2-3)"
+        256,
+        ge=8,
+        le=4096,
+        description="LLM tokens per caption (paper: 256 stage 1, 512 stages 2-3; the release samples with 256). "
+        "With release conditioning every caption is padded to it; the export records it",
     )
     max_steps: int = Field(10000, ge=1)
     micro_batch_size: int = Field(8, ge=1, description="per GPU")
@@ -250,13 +270,25 @@ class GenerateConfig(StrictModel):
     llm: str | None = Field(None, description="override the LLM id/path the export names")
     vae: str | None = Field(None, description="override the VAE id/path the export names")
     output: str | None = Field(None, description="folder for PNGs; null: <data_root>/generated")
-    height: int = Field(1024, ge=8)
-    width: int = Field(640, ge=8)
+    width: int = Field(1024, ge=8, description="the release samples 1024 wide x 640 high")
+    height: int = Field(640, ge=8)
     num_inference_steps: int = Field(100, ge=1)
     guidance_scale: float = Field(7.5, ge=1.0)
     negative_prompt: str = ""
     seed: int = Field(0, ge=0)
+    max_length: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        description="tokens per prompt; null: the export's (paradiffusion.json), 256 for the release",
+    )
+    conditioning: Literal["release", "masked"] | None = Field(
+        None, description="null: as the model was trained (paradiffusion.json; release for the official weights)"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bf16 on GPU, fp32 on CPU"
+        "auto", description="UNet and VAE; auto: bf16 on GPU, fp32 on CPU"
+    )
+    llm_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="the text encoder's dtype (the release keeps it in fp32; bf16 halves its memory)"
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")

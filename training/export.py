@@ -4,10 +4,17 @@
 
     <export>/
       unet/                 UNet2DConditionModel (diffusers save_pretrained)
-      text_projection/      the Linear(LLM width -> cross-attention width): config.json + model.safetensors
       text_encoder_lora/    the LLM's LoRA (peft adapter), from stage 2 on
       scheduler/            the training noise schedule (DDPM config; the pipeline samples with DPM-Solver)
-      paradiffusion.json    where the LLM and VAE come from (HF id or path), max tokens, stage, step
+      text_projection/      only for ``text_projection: linear``: the Linear(LLM width -> cross-attention
+                            width), config.json + model.safetensors
+      paradiffusion.json    where the LLM and VAE come from (HF id or path) and how to condition on text:
+                            max_length, conditioning, text_projection; stage, step
+
+Without ``text_projection/`` (the default model) the folder is what the release's own
+code loads: its ``StableDiffusionLlamaPipeline`` with ``LlamaModel`` from the named LLM,
+the LoRA from ``text_encoder_lora/`` and ``tokenizer.model_max_length`` = ``max_length``
+(``scripts/release_parity.py`` does exactly that).
 
 The LLM and the VAE are not copied (13 GB and unchanged): they are named by id or path,
 like the release names ``Llama-2-7b-hf/`` and ``sdxl-vae-fp16-fix/``. The folder is
@@ -24,11 +31,20 @@ from pathlib import Path
 import torch
 
 from paradiffusion.log import get_logger
-from training.modeling import LORA_DIR, PROJECTION_DIR, ParaDiffusionModel, save_projection
+from training.modeling import (
+    LORA_DIR,
+    PROJECTION_DIR,
+    ParaDiffusionModel,
+    make_lora_config_portable,
+    save_projection,
+)
 
 log = get_logger("training.export")
 
 EXPORT_INFO = "paradiffusion.json"
+#: 2: paradiffusion.json has ``conditioning`` and ``text_projection`` (an export without them
+#: was trained with masked conditioning and a projection).
+EXPORT_FORMAT = 2
 
 
 def export_model(
@@ -62,10 +78,11 @@ def export_model(
     tmp.mkdir(parents=True)
     if weights is None:
         model.unet.save_pretrained(str(tmp / "unet"))
-        save_projection(model.projection, tmp / PROJECTION_DIR)
     else:
         _with_weights(model.unet, _part(weights, "unet.", model.unet)).save_pretrained(str(tmp / "unet"))
-        save_projection(model.projection, tmp / PROJECTION_DIR, state=_part(weights, "projection.", model.projection))
+    if model.has_projection:
+        state = None if weights is None else _part(weights, "projection.", model.projection)
+        save_projection(model.projection, tmp / PROJECTION_DIR, state=state)
     if hasattr(model.llm, "peft_config"):
         lora = (
             None if weights is None else {k.removeprefix("llm."): v for k, v in weights.items() if k.startswith("llm.")}
@@ -73,12 +90,19 @@ def export_model(
         model.llm.save_pretrained(str(tmp / LORA_DIR), state_dict=lora)
     elif lora_from is not None:
         shutil.copytree(lora_from, tmp / LORA_DIR)
+    if (tmp / LORA_DIR).is_dir():
+        kept = make_lora_config_portable(tmp / LORA_DIR)
+        if kept:
+            log.warning("the LoRA uses %s: the release's code (peft 0.7) cannot load this export", ", ".join(kept))
     DDPMScheduler.from_config(scheduler_config).save_pretrained(str(tmp / "scheduler"))
     info = {
         "llm": llm,
         "llm_revision": llm_revision,
         "vae": vae,
         "max_length": max_length,
+        "conditioning": model.conditioning,
+        "text_projection": "linear" if model.has_projection else "none",
+        "format": EXPORT_FORMAT,
         "stage": stage,
         "step": step,
         "ema_weights": ema,

@@ -36,13 +36,16 @@ def generate(cfg: PipelinesConfig, prompts: list[str]) -> list[Path]:
     device, dtype = default_device_dtype(gc.device, gc.dtype)
     settings = {
         "model": model,
-        "height": gc.height,
         "width": gc.width,
+        "height": gc.height,
         "num_inference_steps": gc.num_inference_steps,
         "guidance_scale": gc.guidance_scale,
         "negative_prompt": gc.negative_prompt,
         "seed": gc.seed,
         "dtype": str(dtype).removeprefix("torch."),
+        "llm_dtype": gc.llm_dtype,
+        "max_length": gc.max_length,
+        "conditioning": gc.conditioning,
         "scheduler": "DPMSolverMultistepScheduler",
     }
     announce(
@@ -70,7 +73,18 @@ def generate(cfg: PipelinesConfig, prompts: list[str]) -> list[Path]:
             todo.append((i, p, f))
     written = []
     if todo:
-        pipe = ParaDiffusionPipeline.from_pretrained(model, llm=gc.llm, vae=gc.vae, torch_dtype=dtype, device=device)
+        pipe = ParaDiffusionPipeline.from_pretrained(
+            model,
+            llm=gc.llm,
+            vae=gc.vae,
+            torch_dtype=dtype,
+            device=device,
+            max_length=gc.max_length,
+            conditioning=gc.conditioning,
+            llm_dtype=gc.llm_dtype,
+        )
+        # what the model folder said (paradiffusion.json, or the release's settings): in the PNGs
+        settings.update(max_length=pipe.max_length, conditioning=pipe.conditioning)
         for i, p, f in progress(todo, total=len(todo), desc="generate", unit="img"):
             g = torch.Generator().manual_seed(gc.seed + i)
             img = pipe(

@@ -1,15 +1,22 @@
-"""The ParaDiffusion model: Llama text encoder (+LoRA), a linear projection, an SD-style UNet.
+"""The ParaDiffusion model: Llama text encoder (+LoRA) -> (optional projection) -> SD-style UNet.
 
 :class:`ParaDiffusionModel` holds every part that a stage can train (the LLM with its
-LoRA, the projection, the UNet) in ONE ``nn.Module``, so DeepSpeed (ZeRO-3 included)
-partitions and checkpoints one model. The VAE is frozen in every stage and lives
-outside it. Facts from the paper kept here:
+LoRA, the projection when there is one, the UNet) in ONE ``nn.Module``, so DeepSpeed
+(ZeRO-3 included) partitions and checkpoints one model. The VAE is frozen in every stage
+and lives outside it. What the official release does (``pipeline_stable_diffusion_llama.py``
+and ``demo.py`` of github.com/weijiawu/ParaDiffusion) and is the default here:
 
-- the text feature is ``LlamaModel(...).last_hidden_state`` computed with the attention
-  mask; the pad token is EOS; captions are cut at ``max_length`` tokens (256 in stage 1,
-  512 in stages 2-3);
-- a trainable ``Linear(llm_hidden -> unet cross_attention_dim)`` maps it into the UNet's
-  cross-attention (4096 -> the UNet's width for Llama-2-7B);
+- the text feature is ``LlamaModel(ids, attention_mask).last_hidden_state``, the LLM in
+  fp32; the pad token is EOS;
+- **release conditioning**: every caption is padded with EOS to ``max_length`` tokens
+  (the release's tokenizer has ``model_max_length`` 256 and pads to it: "" becomes
+  ``<s>`` + 255 ``</s>``) and the UNet gets no attention mask, so it attends to the
+  padding too. ``masked`` conditioning pads to the longest caption of the batch and
+  passes the mask to the UNet's cross-attention (an option; not what the release does);
+- **no projection**: the UNet's ``cross_attention_dim`` is the LLM's hidden size (4096 for
+  Llama-2-7B) and it reads the states as they are. ``text_projection: linear`` puts a
+  trainable ``Linear(LLM width -> cross_attention_dim)`` in between (the variant the paper's
+  text may be read as; the release's code has none);
 - the UNet is a diffusers ``UNet2DConditionModel`` without SDXL's added conditioning.
 """
 
@@ -28,16 +35,53 @@ log = get_logger("training.model")
 
 PROJECTION_DIR = "text_projection"
 LORA_DIR = "text_encoder_lora"
+#: How captions become the UNet's cross-attention input (see the module docstring).
+CONDITIONING_TYPES = ("release", "masked")
+#: Between the LLM and the UNet: nothing (the release) or a trainable Linear.
+TEXT_PROJECTION_TYPES = ("none", "linear")
+#: Tokens per caption in the release's pipeline (its tokenizer's ``model_max_length``).
+RELEASE_MAX_LENGTH = 256
 
 
 def load_tokenizer(path: str, revision: str | None = None):
-    """The LLM's tokenizer with pad = EOS (Llama-2 has no pad token) and right padding."""
+    """The LLM's tokenizer with pad = EOS (Llama-2 has no pad token) and right padding.
+
+    transformers 5 rebuilds a Llama tokenizer's pre-tokenization (a ``Metaspace`` that
+    prepends "▁" only when the text does not start with a space) instead of using the
+    ``tokenizer.json`` of the folder, whose normaliser always prepends "▁" as SentencePiece
+    and transformers 4.x (the release's 4.30) do: a prompt starting with a space then gets
+    other token ids. When the folder's ``tokenizer.json`` says otherwise, its normaliser and
+    pre-tokeniser are put back, so ids are the ones Llama-2 and the release use.
+    """
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, revision=revision)
+    _use_file_pretokenization(tok, path, revision)
     tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def _use_file_pretokenization(tok, path: str, revision: str | None) -> None:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: nothing rebuilt
+        return
+    local = Path(path) / "tokenizer.json"
+    if local.is_file():
+        file = str(local)
+    else:
+        from transformers.utils import cached_file
+
+        file = cached_file(path, "tokenizer.json", revision=revision, _raise_exceptions_for_missing_entries=False)
+    if not file:
+        return
+    from tokenizers import Tokenizer
+
+    own = Tokenizer.from_file(file)
+    if (str(own.normalizer), str(own.pre_tokenizer)) != (str(backend.normalizer), str(backend.pre_tokenizer)):
+        log.debug("tokenizer %s: using tokenizer.json's normalizer/pre-tokenizer (%s)", path, own.normalizer)
+        backend.normalizer = own.normalizer
+        backend.pre_tokenizer = own.pre_tokenizer
 
 
 def load_llm(path: str, revision: str | None = None, dtype: torch.dtype = torch.float32):
@@ -91,6 +135,39 @@ def merge_lora(llm, lora_dir: str):
     return PeftModel.from_pretrained(llm, lora_dir).merge_and_unload()
 
 
+#: The LoraConfig fields of peft 0.7 (the release's): it builds ``LoraConfig(**adapter_config.json)``
+#: and fails on any other key.
+PEFT_07_LORA_FIELDS = frozenset(
+    "alpha_pattern auto_mapping base_model_name_or_path bias fan_in_fan_out inference_mode init_lora_weights "
+    "layers_pattern layers_to_transform loftq_config lora_alpha lora_dropout megatron_config megatron_core "
+    "modules_to_save peft_type r rank_pattern revision target_modules task_type".split()
+)
+
+
+def make_lora_config_portable(lora_dir: str | os.PathLike) -> list[str]:
+    """Drop from ``adapter_config.json`` the keys peft 0.7 does not know whose value is today's default.
+
+    Such a key changes nothing when it is absent (today's peft fills in the default), and
+    without it the release's code (peft 0.7.1) can load the adapter. A key with another
+    value is kept (it matters) and returned, so the caller can say the release cannot
+    read this adapter.
+    """
+    from peft import LoraConfig
+
+    f = Path(lora_dir) / "adapter_config.json"
+    doc = json.loads(f.read_text())
+    defaults = LoraConfig().to_dict()
+    empty = (None, {}, [])
+    kept = []
+    for key in [k for k in doc if k not in PEFT_07_LORA_FIELDS]:
+        if key == "peft_version" or doc[key] == defaults.get(key) or (doc[key] in empty and defaults.get(key) in empty):
+            del doc[key]
+        else:
+            kept.append(key)
+    f.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    return kept
+
+
 def save_projection(proj: nn.Linear, folder: str | os.PathLike, state: dict | None = None) -> None:
     """``folder/config.json`` (in/out features) and ``folder/model.safetensors``."""
     from safetensors.torch import save_file
@@ -114,32 +191,53 @@ def load_projection(folder: str | os.PathLike) -> nn.Linear:
     return proj
 
 
-class ParaDiffusionModel(nn.Module):
-    """Text encoder (LLM, maybe with LoRA) + projection + UNet: everything DeepSpeed wraps.
+def text_width(unet) -> int:
+    """The width of the text states the UNet reads: ``encoder_hid_dim`` when it projects them
+    itself, else its ``cross_attention_dim``."""
+    return int(unet.config.get("encoder_hid_dim") or unet.config.cross_attention_dim)
 
-    ``forward`` takes token ids and noisy latents and returns the UNet's prediction.
-    When no LLM parameter is trainable (stages 1 and 3) the LLM runs under
-    ``torch.no_grad`` so it keeps no activations.
+
+class ParaDiffusionModel(nn.Module):
+    """Text encoder (LLM, maybe with LoRA) + projection (or none) + UNet: everything DeepSpeed wraps.
+
+    ``forward`` takes token ids, their attention mask and noisy latents and returns the
+    UNet's prediction. The LLM always gets the mask (as in the release); the UNet gets it
+    only with ``conditioning="masked"``. ``projection`` None means the release's shape: the
+    LLM states go to the UNet as they are (held as an ``nn.Identity``, so code that walks
+    ``model.projection.parameters()`` finds none). When no LLM parameter is trainable
+    (stages 1 and 3) the LLM runs under ``torch.no_grad`` so it keeps no activations.
     """
 
-    def __init__(self, llm: nn.Module, projection: nn.Linear, unet: nn.Module):
+    def __init__(self, llm: nn.Module, projection: nn.Module | None, unet: nn.Module, conditioning: str = "release"):
         super().__init__()
+        if conditioning not in CONDITIONING_TYPES:
+            raise ValueError(f"conditioning {conditioning!r}: one of {', '.join(CONDITIONING_TYPES)}")
         self.llm = llm
-        self.projection = projection
+        self.projection = projection if projection is not None else nn.Identity()
         self.unet = unet
+        self.conditioning = conditioning
+
+    @property
+    def has_projection(self) -> bool:
+        return isinstance(self.projection, nn.Linear)
 
     @property
     def llm_trainable(self) -> bool:
         return any(p.requires_grad for p in self.llm.parameters())
 
+    def unet_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The cross-attention mask the UNet gets: none with release conditioning."""
+        return attention_mask if self.conditioning == "masked" else None
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``projection(LlamaModel(ids, mask).last_hidden_state)``: the UNet's cross-attention input."""
+        """``projection(LlamaModel(ids, mask).last_hidden_state)`` in the UNet's dtype: its cross-attention input."""
         if self.llm_trainable:
             hidden = self.llm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         else:
             with torch.no_grad():
                 hidden = self.llm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.projection(hidden.to(self.projection.weight.dtype))
+        dtype = self.projection.weight.dtype if self.has_projection else self.unet.dtype
+        return self.projection(hidden.to(dtype))
 
     def forward(
         self,
@@ -153,7 +251,7 @@ class ParaDiffusionModel(nn.Module):
             noisy_latents.to(cond.dtype),
             timesteps,
             encoder_hidden_states=cond,
-            encoder_attention_mask=attention_mask,
+            encoder_attention_mask=self.unet_mask(attention_mask),
         ).sample
 
 
@@ -161,13 +259,30 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def check_text_path(hidden: int, unet, projection: nn.Module | None, where: str = "train.model") -> None:
+    """Raise a ValueError naming the settings when the LLM states do not fit the UNet."""
+    width = text_width(unet)
+    if projection is None:
+        if hidden != width:
+            raise ValueError(
+                f"{where}.text_projection: none (the release's model) needs the UNet's cross_attention_dim "
+                f"({width}) to equal the LLM's hidden size ({hidden}); set {where}.unet_config.cross_attention_dim: "
+                f"{hidden}, or text_projection: linear to put a Linear({hidden} -> {width}) in between"
+            )
+    elif (projection.in_features, projection.out_features) != (hidden, width):
+        raise ValueError(
+            f"projection {projection.in_features}->{projection.out_features} does not fit LLM width {hidden} "
+            f"-> UNet cross-attention {width}"
+        )
+
+
 def build_model(train_cfg, stage_cfg, dtype: torch.dtype = torch.float32) -> tuple[ParaDiffusionModel, object]:
     """Build the stage's model and tokenizer from the config; sets what is trainable.
 
     ``stage_cfg.init_from`` (the previous stage's export folder) provides the UNet, the
-    projection and, when present, the stage-2 LoRA: stage 2 continues training it
-    only when the folder has none (fresh LoRA otherwise); stage 3 merges it and keeps
-    the LLM frozen.
+    projection when it has one and, when present, the stage-2 LoRA: stage 2 continues
+    training it only when the folder has none (fresh LoRA otherwise); stage 3 merges it
+    and keeps the LLM frozen. ``train.model.text_projection`` must agree with the folder.
     """
     mcfg = train_cfg.model
     init = Path(stage_cfg.init_from) if stage_cfg.init_from else None
@@ -204,28 +319,58 @@ def build_model(train_cfg, stage_cfg, dtype: torch.dtype = torch.float32) -> tup
     if mcfg.unet_gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     hidden = llm.config.hidden_size
-    width = unet.config.cross_attention_dim
-    if init is not None and (init / PROJECTION_DIR).is_dir():
-        projection = load_projection(init / PROJECTION_DIR)
-    else:
-        projection = nn.Linear(hidden, width)
-    if (projection.in_features, projection.out_features) != (hidden, width):
-        raise ValueError(
-            f"projection {projection.in_features}->{projection.out_features} does not fit LLM width {hidden} "
-            f"-> UNet cross-attention {width}"
-        )
+    projection: nn.Linear | None = None
+    if init is not None:
+        has = (init / PROJECTION_DIR).is_dir()
+        if has != (mcfg.text_projection == "linear"):
+            raise ValueError(
+                f"train.model.text_projection: {mcfg.text_projection}, but {init} was trained "
+                f"{'with' if has else 'without'} one ({PROJECTION_DIR}/ {'present' if has else 'absent'}); "
+                f"set text_projection: {'linear' if has else 'none'}"
+            )
+        if has:
+            projection = load_projection(init / PROJECTION_DIR)
+        info = init / "paradiffusion.json"
+        before = json.loads(info.read_text()).get("conditioning", "masked") if info.is_file() else None
+        if before is not None and before != mcfg.conditioning:
+            log.warning(
+                "%s was trained with %s conditioning; this stage uses %s (train.model.conditioning)",
+                init,
+                before,
+                mcfg.conditioning,
+            )
+    elif mcfg.text_projection == "linear":
+        projection = nn.Linear(hidden, text_width(unet))
+    check_text_path(hidden, unet, projection)
     unet.requires_grad_(True)
-    projection.requires_grad_(True)
+    if projection is not None:
+        projection.requires_grad_(True)
     if dtype != torch.float32:  # DeepSpeed casts again for bf16; this only saves host memory early
-        projection, unet = projection.to(dtype), unet.to(dtype)
-    model = ParaDiffusionModel(llm, projection, unet)
+        unet = unet.to(dtype)
+        projection = projection.to(dtype) if projection is not None else None
+    model = ParaDiffusionModel(llm, projection, unet, conditioning=mcfg.conditioning)
     n_train = sum(p.numel() for p in trainable_parameters(model))
     n_all = sum(p.numel() for p in model.parameters())
-    log.info("model: %.1f M parameters, %.1f M trainable", n_all / 1e6, n_train / 1e6)
+    log.info(
+        "model: %.1f M parameters, %.1f M trainable; %s conditioning, %s",
+        n_all / 1e6,
+        n_train / 1e6,
+        mcfg.conditioning,
+        "Linear projection" if projection is not None else "no projection (the release's shape)",
+    )
     return model, tokenizer
 
 
-def tokenize(tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask, padded with EOS to the longest caption (at most ``max_length``)."""
-    enc = tokenizer(captions, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+def tokenize(
+    tokenizer, captions: list[str], max_length: int, conditioning: str = "release"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ``captions``, cut at ``max_length`` tokens.
+
+    ``release``: padded with EOS to exactly ``max_length`` (the release's
+    ``padding="max_length"``); ``masked``: padded to the longest caption of the batch.
+    """
+    if conditioning not in CONDITIONING_TYPES:
+        raise ValueError(f"conditioning {conditioning!r}: one of {', '.join(CONDITIONING_TYPES)}")
+    padding = "max_length" if conditioning == "release" else "longest"
+    enc = tokenizer(captions, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]

@@ -383,7 +383,7 @@ class Trainer:
         b = latents.shape[0]
         drop = torch.rand(b, generator=generator, device=self.device) < sc.caption_dropout
         captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist(), strict=True)]
-        ids, mask = tokenize(self.tokenizer, captions, sc.max_length)
+        ids, mask = tokenize(self.tokenizer, captions, sc.max_length, self.tcfg.model.conditioning)
         noise = torch.randn(latents.shape, generator=generator, device=self.device)
         if sc.noise_offset:
             noise = noise + sc.noise_offset * torch.randn(
@@ -558,9 +558,7 @@ class Trainer:
 
     def validate(self) -> None:
         """Images for the fixed validation prompts, to TensorBoard (rank 0; all ranks run for ZeRO-3)."""
-        from diffusers import DPMSolverMultistepScheduler
-
-        from training.pipeline import ParaDiffusionPipeline
+        from training.pipeline import ParaDiffusionPipeline, release_scheduler
 
         lc = self.scfg.logging
         pipe = ParaDiffusionPipeline(
@@ -569,8 +567,9 @@ class Trainer:
             projection=self.model.projection,
             unet=self.model.unet,
             vae=self.vae,
-            scheduler=DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config),
+            scheduler=release_scheduler(dict(self.noise_scheduler.config)),
             max_length=self.scfg.max_length,
+            conditioning=self.tcfg.model.conditioning,
             device=self.device,
             dtype=self.dtype,
         )

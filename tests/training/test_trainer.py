@@ -92,10 +92,13 @@ def test_stages_write_summary_config_checkpoints_and_exports(chain):
             "step-00000004",
         ]
         exp = out / "export"
-        assert (exp / "unet" / "config.json").is_file() and (exp / "text_projection" / "model.safetensors").is_file()
+        assert (exp / "unet" / "config.json").is_file() and not (
+            exp / "text_projection"
+        ).exists()  # the release's shape
         assert (exp / "text_encoder_lora").is_dir() == (stage >= 2)  # stage 3 carries the stage-2 LoRA
         info = json.loads((exp / "paradiffusion.json").read_text())
         assert info["stage"] == stage and info["max_length"] == (256 if stage == 1 else 32)
+        assert info["conditioning"] == "release" and info["text_projection"] == "none"
         assert any((out / "tensorboard").iterdir())
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -137,9 +140,10 @@ def test_official_layout_loads(chain, tiny_models, tmp_path):
     rel = tmp_path / "release"
     shutil.copytree(tiny_models["llm"], rel / "Llama-2-7b-hf")
     shutil.copytree(tiny_models["vae"], rel / "sdxl-vae-fp16-fix")
-    for d in ("unet", "text_encoder_lora", "scheduler", "text_projection"):
+    for d in ("unet", "text_encoder_lora", "scheduler"):
         shutil.copytree(exp / d, rel / d)
     pipe = ParaDiffusionPipeline.from_pretrained(str(rel), device="cpu", torch_dtype=torch.float32)
+    assert (pipe.max_length, pipe.conditioning) == (256, "release")  # no paradiffusion.json: the release's settings
     assert pipe("x", height=8, width=8, num_inference_steps=2)[0].size == (8, 8)
 
 
