@@ -601,7 +601,7 @@ class Trainer:
                 {
                     "images": self.paths["images"],
                     "captions": f"{sc.data.caption_source} {self.paths['captions'] or ''}",
-                    "init from": self.paths["init_from"] or "(fresh UNet and projection)",
+                    "init from": self.paths["init_from"] or "(fresh UNet" + (" and projection)" if self.model.has_projection else ")"),
                     "LLM": f"{self.tcfg.model.llm} ({'LoRA trained' if sc.train_lora else 'frozen'}), {sc.max_length} tokens",
                     "ranks": f"{self.world_size} ({self.device.type}, {'bf16' if self.dtype == torch.bfloat16 else 'fp32'}, "
                     f"ZeRO-{self.tcfg.deepspeed.zero_stage})",

@@ -93,7 +93,9 @@ def _export_weights(out) -> dict[str, torch.Tensor]:
 
     exp = out / "export"
     w = {f"unet.{k}": v for k, v in load_file(str(exp / "unet" / "diffusion_pytorch_model.safetensors")).items()}
-    w.update({f"projection.{k}": v for k, v in load_file(str(exp / "text_projection" / "model.safetensors")).items()})
+    if (exp / "text_projection").is_dir():  # only the `text_projection: linear` variant has one
+        proj = load_file(str(exp / "text_projection" / "model.safetensors"))
+        w.update({f"projection.{k}": v for k, v in proj.items()})
     for k, v in load_file(str(exp / "text_encoder_lora" / "adapter_model.safetensors")).items():
         w[
             "llm."
