@@ -68,6 +68,7 @@ COMMANDS: dict[str, str] = {
     "annotations": "captioning.small.cli:ANNOTATIONS",
     "stats": "stats.cli:STATS",
     "cache-latents": "training.cli:CACHE_LATENTS",
+    "cache-text": "training.cli:CACHE_TEXT",
     "train": "training.cli:TRAIN",
     "generate": "training.cli:GENERATE",
     "eval-generate": "eval.cli:EVAL_GENERATE",

@@ -141,6 +141,7 @@ STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("stats", step_stats),
     ("train-stage1", _training_step("step_train_stage1")),  # tiny LLM + UNet + VAE on the kept images
     ("train-stage2", _training_step("step_train_stage2")),
+    ("cache-text", _training_step("step_cache_text_stage3")),  # stage 3's text states, once: no LLM in stage 3
     ("train-stage3", _training_step("step_train_stage3")),
     ("generate", _training_step("step_generate")),
     ("eval-generate", _eval_step("step_eval_generate")),  # eval: tiny models, a few prompts

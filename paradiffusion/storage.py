@@ -113,10 +113,14 @@ class Table:
         self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         self.fs.mv(tmp, final)
 
-    def write_shard(self, shard: str, table: pa.Table, meta: dict[str, Any] | None = None) -> dict:
+    def write_shard(
+        self, shard: str, table: pa.Table, meta: dict[str, Any] | None = None, row_group_size: int | None = None
+    ) -> dict:
         """Write one shard atomically and commit it; returns the marker written.
 
         Rewriting a shard that is already done replaces it (same name, no duplicate).
+        ``row_group_size``: rows per Parquet row group (pyarrow's default when None), for
+        tables whose readers fetch single rows (large binary values).
         """
         if not _SHARD_RE.match(shard):
             raise ValueError(f"shard name {shard!r} must match {_SHARD_RE.pattern}")
@@ -126,7 +130,7 @@ class Table:
         if self.is_done(shard):  # un-commit first, so a crash mid-rewrite never reads half
             self.fs.rm(self.marker_file(shard))
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
         data = buf.getvalue()
         self._atomic_write_bytes(self.shard_file(shard), data)
         marker = {

@@ -104,6 +104,18 @@ def run_cache_latents(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_cache_text(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+    from training.text_cache import cache_text
+
+    cache_text(cfg, args.stage, batch_size=args.batch_size)
+    return 0
+
+
+def _cache_text_args(p: argparse.ArgumentParser) -> None:
+    _train_args(p)
+    p.add_argument("--batch-size", type=int, default=16, help="captions per LLM forward (default 16)")
+
+
 # --------------------------------------------------------------------------- models each command loads
 def _vae_ref(cfg: PipelinesConfig) -> list:
     from paradiffusion.hub import model_ref
@@ -111,21 +123,29 @@ def _vae_ref(cfg: PipelinesConfig) -> list:
     return [model_ref("train.model.vae", cfg.train.model.vae, layout=("diffusers",))]
 
 
-def train_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> list:
-    """The LLM (+ tokenizer), the VAE, and the UNet / scheduler when named (all three stages share them)."""
+def _llm_ref(cfg: PipelinesConfig):
     from paradiffusion.hub import model_ref
 
     mc = cfg.train.model
-    refs = [
-        model_ref(
-            "train.model.llm",
-            mc.llm,
-            revision=mc.llm_revision,
-            revision_setting="train.model.llm_revision",
-            layout=("transformers", "tokenizer"),
-        ),
-        *_vae_ref(cfg),
-    ]
+    return model_ref(
+        "train.model.llm",
+        mc.llm,
+        revision=mc.llm_revision,
+        revision_setting="train.model.llm_revision",
+        layout=("transformers", "tokenizer"),
+    )
+
+
+def train_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> list:
+    """The LLM (+ tokenizer), the VAE, and the UNet / scheduler when named (all three stages share them).
+
+    A stage that trains on a text cache (``data.text_cache``, LLM frozen) does not load the LLM."""
+    from paradiffusion.hub import model_ref
+
+    mc = cfg.train.model
+    stage = getattr(args, "stage", None)
+    cached = stage is not None and cfg.train.stage(stage).data.text_cache and not cfg.train.stage(stage).train_lora
+    refs = [*([] if cached else [_llm_ref(cfg)]), *_vae_ref(cfg)]
     if mc.unet:
         refs.append(model_ref("train.model.unet", mc.unet, subfolder=mc.unet_subfolder, layout=("diffusers",)))
     if mc.scheduler:
@@ -196,6 +216,13 @@ CACHE_LATENTS = Command(
     run=run_cache_latents,
     add_arguments=_train_args,
     models=lambda cfg, args: _vae_ref(cfg),
+)
+CACHE_TEXT = Command(
+    help="the frozen LLM's states of a stage's captions, once (then set train.stageN.data.text_cache: the stage "
+    "trains without loading the LLM); stages 1 and 3",
+    run=run_cache_text,
+    add_arguments=_cache_text_args,
+    models=lambda cfg, args: [_llm_ref(cfg)],
 )
 TRAIN = Command(
     help="train the ParaDiffusion model: --stage 1, 2 or 3 (DeepSpeed)",

@@ -38,6 +38,12 @@ DEFAULT_UNET: dict = {
     "use_linear_projection": True,
 }
 
+#: Keys that moved out of ``train.model`` into every stage block.
+MOVED_MODEL_KEYS = {
+    "unet_gradient_checkpointing": "gradient_checkpointing.unet",
+    "llm_gradient_checkpointing": "gradient_checkpointing.llm",
+}
+
 
 class ModelConfig(StrictModel):
     """Where each part of the model comes from (Hugging Face id or local path) and how they connect."""
@@ -63,8 +69,19 @@ class ModelConfig(StrictModel):
     vae: str = Field("madebyollin/sdxl-vae-fp16-fix", description="AutoencoderKL: HF id or local folder.")
     scheduler: str | None = Field(None, description="Folder with a DDPM scheduler config; null: the SD schedule.")
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    unet_gradient_checkpointing: bool = True
-    llm_gradient_checkpointing: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        """The gradient-checkpointing switches moved to each stage; an old config says where."""
+        if isinstance(data, dict):
+            for old, new in MOVED_MODEL_KEYS.items():
+                if old in data:
+                    raise ValueError(
+                        f"train.model.{old} moved to each stage: set train.stage1/2/3.{new} (default true) and "
+                        f"remove train.model.{old}"
+                    )
+        return data
 
 
 class LoraConfig(StrictModel):
@@ -101,8 +118,17 @@ class DataConfig(StrictModel):
     latents: str | None = Field(
         None, description="cached VAE latents (make cache-latents); when set, trains on them instead of decoding images"
     )
-    num_workers: int = Field(4, ge=0, description="decode threads per rank (PIL releases the GIL); 0: in the loop")
-    prefetch: int = Field(2, ge=0, description="batches decoded ahead of the one training")
+    text_cache: str | None = Field(
+        None,
+        description="cached LLM states of the stage's captions (make cache-text); when set, stages with a frozen LLM "
+        "(1, 3) train on them and do not load the LLM",
+    )
+    num_workers: int = Field(
+        4, ge=0, description="loader processes per rank (read, decode, crop; text states); 0: all in the training loop"
+    )
+    prefetch: int = Field(
+        2, ge=1, description="batches each loader process prepares ahead (DataLoader prefetch_factor)"
+    )
 
 
 class OptimConfig(StrictModel):
@@ -187,6 +213,32 @@ class EmaConfig(StrictModel):
     export: bool = Field(True, description="export the EMA weights (else the raw fp32 master weights)")
 
 
+class GradientCheckpointingConfig(StrictModel):
+    """Recompute activations in the backward pass instead of keeping them: less memory, about a third more compute."""
+
+    unet: bool = Field(True, description="the UNet's blocks (diffusers enable_gradient_checkpointing)")
+    llm: bool = Field(True, description="the LLM's layers, when it trains (stage 2's LoRA)")
+
+
+class CompileConfig(StrictModel):
+    """``torch.compile`` of the UNet and the LLM (``nn.Module.compile``: parameter names, checkpoints and exports
+    unchanged). The first steps of each new bucket shape compile; later ones reuse the graphs."""
+
+    unet: bool = Field(False, description="compile the UNet's forward (and so its backward)")
+    llm: bool = Field(
+        False,
+        description="compile the LLM's forward when it is loaded: stage 2 (with its LoRA, trained) or a frozen "
+        "stage without a text cache",
+    )
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode"
+    )
+    backend: str = Field("inductor", description="torch.compile backend (inductor; aot_eager or eager to debug)")
+    dynamic: bool | None = Field(
+        None, description="torch.compile dynamic: null lets torch mark shapes dynamic once a second bucket shape shows"
+    )
+
+
 class StageConfig(StrictModel):
     """One training stage."""
 
@@ -208,6 +260,8 @@ class StageConfig(StrictModel):
     caption_dropout: float = Field(0.1, ge=0, le=1, description="probability a caption becomes '' (for CFG)")
     min_snr_gamma: float | None = Field(5.0, gt=0, description="min-SNR loss weighting; null: plain MSE")
     noise_offset: float = Field(0.0, ge=0)
+    gradient_checkpointing: GradientCheckpointingConfig = Field(default_factory=GradientCheckpointingConfig)
+    compile: CompileConfig = Field(default_factory=CompileConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     ema: EmaConfig = Field(default_factory=EmaConfig)
@@ -257,6 +311,13 @@ class TrainConfig(StrictModel):
     def _check(self) -> TrainConfig:
         if self.stage3.train_lora:
             raise ValueError("train.stage3.train_lora: stage 3 keeps the LLM frozen (stage-2 LoRA merged); set false")
+        for n in (1, 2, 3):
+            sc = self.stage(n)
+            if sc.train_lora and sc.data.text_cache:
+                raise ValueError(
+                    f"train.stage{n}.data.text_cache: this stage trains the LLM's LoRA, so its text states change "
+                    "every step and cannot be cached; set it to null"
+                )
         return self
 
     def stage(self, n: int) -> StageConfig:

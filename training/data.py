@@ -10,25 +10,35 @@ How a rank gets its batches, one epoch at a time:
    so every rank has the same batches per epoch and none oversamples; shuffle with
    ``(seed, epoch, rank)``; cut windows of ``shuffle_buffer`` rows into same-bucket
    batches. The plan is a pure function of the data, the seed and the epoch.
-2. *Load*: decode, resize to cover the bucket, crop (centre or random), maybe flip.
-   Augmentation randomness is seeded by ``(seed, epoch, row)``. An image that does
-   not decode is skipped and counted; the batch is then one smaller.
+2. *Read* (a background thread of the training process): the image bytes of a batch's
+   rows, from the row groups of each shard that hold this rank's rows (img2dataset
+   writes one every 100 images), each read once; or the cached latents.
+3. *Load* (``num_workers`` loader processes, a torch ``DataLoader``): decode, resize to
+   cover the bucket, crop (centre or random), maybe flip; pick the caption of a key that
+   has several (seeded by ``(seed, epoch, key)``); with a text cache, read the caption's
+   LLM states. Augmentation randomness is seeded by ``(seed, epoch, row)``. An image that
+   does not decode is skipped and counted; the batch is then one smaller. Batches come
+   back in plan order, in pinned memory on a GPU machine, ``prefetch`` per process ahead.
 
-The position is ``(epoch, batch index)``: :meth:`BucketedImageData.state_dict` and
-:meth:`load_state_dict` make a resumed run yield exactly the batches the
-uninterrupted run would have. Hand-written instead of a ``torch`` ``DataLoader``
-with a sampler because bucketing, rank splitting and an exact mid-epoch position
-need to agree with each other; decoding is the only heavy part and runs here.
+The training thread only takes finished batches. The position is ``(epoch, batch
+index)`` of the last batch handed out: :meth:`BucketedImageData.state_dict` and
+:meth:`load_state_dict` make a resumed run yield exactly the batches the uninterrupted
+run would have, whatever ``num_workers`` is. Bucketing, rank splitting and an exact
+mid-epoch position are planned here rather than by a ``DataLoader`` sampler because they
+must agree with each other; the ``DataLoader`` only runs the loading, in that order.
 """
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import io
 import math
+import multiprocessing
+import queue
 import threading
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
@@ -43,6 +53,9 @@ from paradiffusion.log import get_logger
 from paradiffusion.storage import Table
 
 log = get_logger("training.data")
+
+#: A fourth seed word, so caption choice draws from another stream than augmentation.
+_CAPTION_STREAM = 7
 
 
 def make_buckets(resolution: int, step: int, max_ratio: float) -> list[tuple[int, int]]:
@@ -66,13 +79,16 @@ def nearest_bucket(buckets: list[tuple[int, int]], width: int, height: int) -> i
 
 def load_caption_map(
     source: str, captions_url: str | None, model_id: str | None = None, prompt_id: str | None = None
-) -> dict[str, str] | None:
-    """``key -> caption`` for the ``captions`` and ``table`` sources (None for alt text).
+) -> dict[str, list[str]] | None:
+    """``key -> captions`` for the ``captions`` and ``table`` sources (None for alt text).
 
     ``captions``: the captions table (schemas.CAPTIONS); rows of ``model_id`` /
     ``prompt_id`` when set, one per key: the earliest ``created_at``. ``table``: any
     Parquet table (a Table folder with commit markers, a folder of Parquet files or
-    one file) with ``key`` and ``caption`` columns, e.g. the approved ParaImage-Small.
+    one file) with ``key`` and ``caption`` columns, e.g. the approved ParaImage-Small;
+    every distinct non-empty caption of a key is kept (``annotations.train_rule: each``
+    writes one row per approved text), sorted, and training picks one per epoch
+    (:func:`choose_caption`).
     """
     if source == "alt_text":
         return None
@@ -95,10 +111,16 @@ def load_caption_map(
             t = t.filter(pc.equal(t["prompt_id"], prompt_id))
         if "created_at" in t.column_names:
             t = t.sort_by([("key", "ascending"), ("created_at", "ascending")])
-    out: dict[str, str] = {}
+    every = source == "table"
+    found: dict[str, set[str] | str] = {}
     for k, c in zip(t["key"].to_pylist(), t["caption"].to_pylist(), strict=True):
-        if k is not None and k not in out and c is not None and c.strip():
-            out[k] = c
+        if k is None or c is None or not c.strip():
+            continue
+        if every:
+            found.setdefault(k, set()).add(c)
+        elif k not in found:
+            found[k] = c
+    out = {k: sorted(v) if every else [v] for k, v in found.items()}
     if not out:
         log.warning("%s: no usable captions (model_id=%s, prompt_id=%s)", captions_url, model_id, prompt_id)
     return out
@@ -117,19 +139,41 @@ def _read_any_table(url: str) -> pa.Table:
     return pq.read_table(path, filesystem=fs)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Row:
     shard: int  # index into the shard list
     row: int  # row in that shard
     key: str
-    caption: str
+    captions: tuple[str, ...]  # one, or several (a key with several approved texts)
     bucket: int
+
+    @property
+    def caption(self) -> str:
+        return self.captions[0]
+
+
+def _key_word(key: str) -> int:
+    """A stable 64-bit number for a key (Python's ``hash`` differs between processes)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+
+
+def choose_caption(row: Row, seed: int, epoch: int) -> str:
+    """The caption ``row`` trains with in ``epoch``: its only one, or one of several drawn
+    from ``(seed, epoch, key)``, so each epoch may show another and a resumed run the same."""
+    if len(row.captions) == 1:
+        return row.captions[0]
+    rng = np.random.default_rng([seed, epoch, _key_word(row.key), _CAPTION_STREAM])
+    return row.captions[int(rng.integers(len(row.captions)))]
 
 
 class BucketedImageData:
-    """Batches of ``{"pixel_values", "captions", "keys"}`` for one rank, forever (epoch after epoch).
+    """Batches of ``{"pixel_values" | "latent_moments", "captions", "keys"}`` (+ ``"text_states"``,
+    ``"text_lengths"`` with a text cache) for one rank, forever (epoch after epoch).
 
     ``pixel_values`` is a uint8 ``(B, 3, H, W)`` tensor; :func:`to_model_range` maps it to [-1, 1].
+    ``text_states`` ``(B, L, hidden)`` are the cached LLM states of the chosen captions
+    (L = max_length with release conditioning, else the batch's longest, zero-padded) and
+    ``text_lengths`` their token counts.
     """
 
     def __init__(
@@ -154,14 +198,17 @@ class BucketedImageData:
         num_workers: int = 4,
         prefetch: int = 2,
         latents_url: str | None = None,
+        text_cache=None,
+        pin_memory: bool = False,
     ):
         self.batch_size = batch_size
         self.buckets = make_buckets(resolution, bucket_step, max_aspect_ratio)
         self.random_crop, self.random_flip = random_crop, random_flip
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.rank, self.world_size = rank, world_size
-        self.num_workers, self.prefetch = num_workers, prefetch
-        self._lock = threading.Lock()
+        self.num_workers, self.prefetch = num_workers, max(1, prefetch)
+        self.text_cache = text_cache  # training.text_cache.TextCache or None
+        self.pin_memory = pin_memory
         self.counts: Counter = Counter()  # rows skipped by reason (planning: first epoch only) + decode errors
         self.epoch, self.batch_index = 0, 0
         self.shards = [url for _, url in image_shards(images_url)]
@@ -179,14 +226,22 @@ class BucketedImageData:
                 raise FileNotFoundError(f"no cached latents in {latents_url}; run `make cache-latents` first")
             cols = (lt["key"].to_pylist(), lt["shape"].to_pylist(), lt["moments"].to_pylist())
             self.latents = {k: (shape, m) for k, shape, m in zip(*cols, strict=True)}
+        self._row_groups: dict[int, np.ndarray] = {}  # shard -> first row of each row group (+ the end)
         self.rows = self._index(captions, kept)
         if not self.rows:
             raise ValueError(f"no trainable rows in {images_url} for this rank; skipped: {dict(self.counts)}")
         self._plans: dict[int, list[list[Row]]] = {}
-        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+        self._groups_of_rank: dict[int, list[int]] | None = None
+        self._cache: OrderedDict[int, tuple[pa.Table, dict[int, int]]] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        """What a loader process needs (pickled only where processes are spawned, not forked)."""
+        state = dict(self.__dict__)
+        state["_cache"], state["_plans"] = OrderedDict(), {}
+        return state
 
     # ------------------------------------------------------------------ planning
-    def _index(self, captions: dict[str, str] | None, kept: set[str] | None) -> list[Row]:
+    def _index(self, captions: dict[str, list[str]] | None, kept: set[str] | None) -> list[Row]:
         """This rank's rows. Every rank reads the metadata columns of every shard (not the
         images) and takes the same share of each bucket: ``usable_b // world_size`` rows of
         bucket b, a contiguous run in (shard, row) order (so a rank reads few shards' images).
@@ -199,7 +254,11 @@ class BucketedImageData:
         n_seen = 0
         for si, url in enumerate(self.shards):
             fs, path = fsspec.core.url_to_fs(url)
-            fs_schema = pq.read_schema(path, filesystem=fs)
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                fs_schema = pf.schema_arrow
+                sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+            self._row_groups[si] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
             cols = [c for c in ("key", "caption", "width", "height", "status") if c in fs_schema.names]
             meta = read_image_shard(url, cols + (["image"] if not {"width", "height"} <= set(cols) else []))
             d = meta.to_pydict()
@@ -207,14 +266,18 @@ class BucketedImageData:
             for i, key in enumerate(d["key"]):
                 counts = n_seen % self.world_size == self.rank  # this rank counts this row's fate
                 n_seen += 1
-                reason, cap = None, None
+                reason, caps = None, None
                 if "status" in d and d["status"][i] not in (None, "success"):
                     reason = "not downloaded"
                 elif kept is not None and key not in kept:
                     reason = "not kept"
                 else:
-                    cap = (d.get("caption") or none)[i] if captions is None else captions.get(key)
-                    if cap is None or not str(cap).strip():
+                    if captions is None:
+                        alt = (d.get("caption") or none)[i]
+                        caps = (str(alt),) if alt is not None and str(alt).strip() else None
+                    else:
+                        caps = tuple(captions.get(key) or ()) or None
+                    if caps is None:
                         reason = "missing caption"
                 if reason is None:
                     w, h = d.get("width", none)[i], d.get("height", none)[i]
@@ -229,7 +292,7 @@ class BucketedImageData:
                     if reason is not None:
                         self.counts[f"skipped: {reason}"] += 1
                 if reason is None:
-                    usable.append(Row(si, i, key, str(cap), nearest_bucket(self.buckets, int(w), int(h))))
+                    usable.append(Row(si, i, key, caps, nearest_bucket(self.buckets, int(w), int(h))))
         by_bucket: dict[int, list[Row]] = {}
         for r in usable:
             by_bucket.setdefault(r.bucket, []).append(r)
@@ -265,9 +328,13 @@ class BucketedImageData:
                 if len(pending[r.bucket]) == self.batch_size:
                     batches.append(pending.pop(r.bucket))
         batches.extend(pending[b] for b in sorted(pending))  # the epoch's partial batches, not dropped
-        self._plans = {e: b for e, b in self._plans.items() if e >= epoch - 1}  # prefetch may look one epoch ahead
+        self._plans = {e: b for e, b in self._plans.items() if e >= epoch - 1}  # the reader may look one epoch ahead
         self._plans[epoch] = batches
         return batches
+
+    def captions_in_use(self) -> set[str]:
+        """Every caption this rank can train with (all captions of a key that has several)."""
+        return {c for r in self.rows for c in r.captions}
 
     # ------------------------------------------------------------------ position
     def state_dict(self) -> dict:
@@ -290,31 +357,65 @@ class BucketedImageData:
             )
         self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
 
-    # ------------------------------------------------------------------ loading
-    def _shard_table(self, si: int) -> pa.Table:
+    # ------------------------------------------------------------------ reading (one thread of the training process)
+    def _shard_table(self, si: int) -> tuple[pa.Table, dict[int, int]]:
+        """This rank's rows of shard ``si``: the row groups that hold them (not the whole shard),
+        and ``row -> position`` in that table. The last two shards read are kept."""
         if si not in self._cache:
-            self._cache[si] = read_image_shard(self.shards[si], ["key", "image"])
+            bounds = self._row_groups[si]
+            if self._groups_of_rank is None:  # once: the row groups holding this rank's rows, per shard
+                groups: dict[int, set[int]] = {}
+                for r in self.rows:
+                    groups.setdefault(r.shard, set()).add(
+                        int(np.searchsorted(self._row_groups[r.shard], r.row, "right")) - 1
+                    )
+                self._groups_of_rank = {s: sorted(g) for s, g in groups.items()}
+            mine = self._groups_of_rank.get(si, [])
+            table = read_image_shard(self.shards[si], ["key", "image"], row_groups=mine)
+            where, pos = {}, 0
+            for g in mine:
+                for row in range(int(bounds[g]), int(bounds[g + 1])):
+                    where[row] = pos
+                    pos += 1
+            self._cache[si] = (table, where)
             while len(self._cache) > 2:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(si)
         return self._cache[si]
 
-    def load(self, r: Row, epoch: int) -> torch.Tensor | None:
-        """The row's image as a (3, H, W) uint8 tensor at its bucket size; None if it does not decode."""
-        return self._decode(r, self._bytes(r), epoch)
-
     def _bytes(self, r: Row) -> bytes | None:
         if self.latents is not None:
-            return None
-        return self._shard_table(r.shard)["image"][r.row].as_py()
+            return self.latents[r.key][1]
+        table, where = self._shard_table(r.shard)
+        return table["image"][where[r.row]].as_py()
 
-    def _cached(self, r: Row) -> torch.Tensor:
-        shape, data = self.latents[r.key]
+    def _payloads(self, epoch: int, index: int) -> Iterator[tuple]:
+        """``(epoch, batch index, rows, raw bytes)`` from a position on, forever: the plan and the reads."""
+        ep, idx = epoch, index
+        while True:
+            batches = self.plan(ep)
+            if idx >= len(batches):
+                ep, idx = ep + 1, 0
+                continue
+            rows = batches[idx]
+            yield ep, idx, rows, [self._bytes(r) for r in rows]
+            idx += 1
+
+    # ------------------------------------------------------------------ loading (loader processes)
+    def load(self, r: Row, epoch: int) -> torch.Tensor | None:
+        """The row's image as a (3, H, W) uint8 tensor at its bucket size; None if it does not decode."""
+        x = self._decode(r, self._bytes(r), epoch)
+        if x is None:
+            self.counts["skipped: decode error"] += 1
+        return x
+
+    def _cached(self, r: Row, data: bytes) -> torch.Tensor:
+        shape = self.latents[r.key][0]
         return torch.frombuffer(bytearray(data), dtype=torch.float16).reshape(shape).float()
 
     def _decode(self, r: Row, data: bytes | None, epoch: int) -> torch.Tensor | None:
-        """Decode, resize to cover the bucket, crop, flip. Pure (runs in worker threads: PIL
-        releases the GIL while it decodes and resizes, so threads use several cores)."""
+        """Decode, resize to cover the bucket, crop, flip. Pure: the same bytes, row and epoch
+        give the same pixels in any process."""
         from PIL import Image
 
         bw, bh = self.buckets[r.bucket]
@@ -327,8 +428,6 @@ class BucketedImageData:
                 img.draft("RGB", (math.ceil(img.size[0] * need), math.ceil(img.size[1] * need)))
             img = _to_rgb(img)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a counted skip
-            with self._lock:
-                self.counts["skipped: decode error"] += 1
             log.debug("%s: %s", r.key, exc)
             return None
         rng = np.random.default_rng([self.seed, epoch, r.shard, r.row])
@@ -345,57 +444,113 @@ class BucketedImageData:
         # uint8 (a quarter of float32's bytes to copy and to ship): the trainer scales to [-1, 1] on its device
         return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
+    def load_batch(self, payload: tuple) -> dict:
+        """One batch from ``(epoch, index, rows, bytes)``: decoded images (or cached latents), the
+        captions chosen for the epoch and, with a text cache, their LLM states. Pure (runs in a
+        loader process); ``position`` and ``decode_errors`` go back to the training process."""
+        ep, idx, rows, blobs = payload
+        if self.latents is not None:
+            loaded = [(r, self._cached(r, b)) for r, b in zip(rows, blobs, strict=True)]
+        else:
+            loaded = [(r, self._decode(r, b, ep)) for r, b in zip(rows, blobs, strict=True)]
+        ok = [(r, x) for r, x in loaded if x is not None]
+        batch = {"position": (ep, idx), "decode_errors": len(loaded) - len(ok), "keys": [r.key for r, _ in ok]}
+        if not ok:
+            return batch
+        batch["captions"] = [choose_caption(r, self.seed, ep) for r, _ in ok]
+        batch["latent_moments" if self.latents is not None else "pixel_values"] = torch.stack([x for _, x in ok])
+        if self.text_cache is not None:
+            batch["text_states"], batch["text_lengths"] = self.text_cache.batch(batch["captions"])
+        return batch
+
     def __iter__(self) -> Iterator[dict]:
-        """Batches from the current position on. ``num_workers`` threads decode the next
-        ``prefetch`` batches while the current one trains; the position advances only when a
-        batch is handed out, so :meth:`state_dict` never counts a prefetched batch."""
-        pool = ThreadPoolExecutor(self.num_workers) if self.num_workers > 0 else None
-        pending: deque = deque()
-        cursor = (self.epoch, self.batch_index)
+        """Batches from the current position on. With ``num_workers`` > 0 a reader thread reads
+        the bytes and loader processes decode ``prefetch`` batches each ahead of the training
+        step; with 0 all of it runs here, in the loop. The position advances only when a batch
+        is handed out, so :meth:`state_dict` never counts a prefetched batch."""
+        start = (self.epoch, self.batch_index)
+        if self.num_workers == 0:
+            source: Iterator[dict] = (self.load_batch(p) for p in self._payloads(*start))
+        else:
+            methods = multiprocessing.get_all_start_methods()
+            loader = torch.utils.data.DataLoader(
+                _Batches(self),
+                sampler=_ReadAhead(self, start, depth=self.num_workers * self.prefetch + 2),
+                batch_size=None,
+                collate_fn=_as_is,
+                num_workers=self.num_workers,
+                prefetch_factor=self.prefetch,
+                pin_memory=self.pin_memory,
+                multiprocessing_context="fork" if "fork" in methods else None,
+            )
+            # Forked loader processes share this process's memory (the rows, the plan) until written;
+            # freezing the collector keeps it from touching (and so copying) every object in them.
+            gc.freeze()
+            try:
+                source = iter(loader)
+            finally:
+                gc.unfreeze()
+        for batch in source:
+            ep, idx = batch.pop("position")
+            self.epoch, self.batch_index = ep, idx + 1
+            self.counts["skipped: decode error"] += batch.pop("decode_errors")
+            if not batch["keys"]:
+                continue
+            if self.num_workers == 0 and self.pin_memory:
+                batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            yield batch
+
+
+class _Batches(torch.utils.data.Dataset):
+    """The ``DataLoader``'s dataset: its 'index' is a payload from :class:`_ReadAhead`."""
+
+    def __init__(self, data: BucketedImageData):
+        self.data = data
+
+    def __getitem__(self, payload: tuple) -> dict:
+        return self.data.load_batch(payload)
+
+
+class _ReadAhead(torch.utils.data.Sampler):
+    """The ``DataLoader``'s sampler: payloads (position, rows, bytes) in plan order, read by a
+    background thread ``depth`` batches ahead, so no shard read happens on the training thread.
+    The thread starts on the first request, after the loader processes have forked."""
+
+    def __init__(self, data: BucketedImageData, start: tuple[int, int], depth: int):
+        self.data, self.start, self.depth = data, start, depth
+
+    def __iter__(self) -> Iterator[tuple]:
+        q: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def read() -> None:
+            try:
+                for payload in self.data._payloads(*self.start):
+                    while not stop.is_set():
+                        try:
+                            q.put(payload, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread, raised there
+                q.put(exc)
+
+        thread = threading.Thread(target=read, name="train-data-reader", daemon=True)
+        thread.start()
         try:
             while True:
-                while len(pending) < self.prefetch + 1:
-                    ep, idx = cursor
-                    batches = self.plan(ep)
-                    if idx >= len(batches):
-                        cursor = (ep + 1, 0)
-                        continue
-                    rows = batches[idx]
-                    blobs = [self._bytes(r) for r in rows]  # shard reads stay in this thread
-                    if self.latents is not None:
-                        work = [_Done(self._cached(r)) for r in rows]
-                    elif pool is None:
-                        work = [_Done(self._decode(r, b, ep)) for r, b in zip(rows, blobs, strict=True)]
-                    else:
-                        work = [pool.submit(self._decode, r, b, ep) for r, b in zip(rows, blobs, strict=True)]
-                    pending.append((ep, idx, rows, work))
-                    cursor = (ep, idx + 1)
-                ep, idx, rows, work = pending.popleft()
-                self.epoch, self.batch_index = ep, idx + 1
-                loaded = [(r, f.result()) for r, f in zip(rows, work, strict=True)]
-                loaded = [(r, x) for r, x in loaded if x is not None]
-                if not loaded:
-                    continue
-                yield {
-                    "latent_moments" if self.latents is not None else "pixel_values": torch.stack(
-                        [x for _, x in loaded]
-                    ),
-                    "captions": [r.caption for r, _ in loaded],
-                    "keys": [r.key for r, _ in loaded],
-                }
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+            stop.set()
 
 
-class _Done:
-    """A finished 'future' for the no-thread path."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
+def _as_is(batch):
+    return batch
 
 
 def to_model_range(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -46,14 +46,28 @@ def step_train_stage2(ctx) -> None:
     ctx.cli("train", "--stage", "2", extra_sets=sets)
 
 
-def step_train_stage3(ctx) -> None:
-    """Stage 3: LLM frozen with the stage-2 LoRA merged; UNet on the approved ParaImage-Small descriptions."""
+def _stage3_sets(ctx) -> list[str]:
     sets = _model_sets(ctx)
     if not _has_table(ctx.out / "data" / "small_train"):
         log.warning(
             "no approved ParaImage-Small table under %s: stage 3 trains on the alt text instead", ctx.out / "data"
         )
         sets.append("train.stage3.data.caption_source=alt_text")
+    return sets
+
+
+def step_cache_text_stage3(ctx) -> None:
+    """The stage-3 LLM (stage-2 LoRA merged) run once over the approved texts: `cache-text --stage 3`."""
+    ctx.cli("cache-text", "--stage", "3", extra_sets=_stage3_sets(ctx))
+
+
+def step_train_stage3(ctx) -> None:
+    """Stage 3: LLM frozen with the stage-2 LoRA merged; UNet on the approved ParaImage-Small descriptions,
+    from the text cache when the cache-text step made one (the LLM is then not loaded)."""
+    sets = _stage3_sets(ctx)
+    cache = ctx.out / "data" / "text_cache" / "stage3"
+    if _has_table(cache):
+        sets.append(f"train.stage3.data.text_cache={cache}")
     ctx.cli("train", "--stage", "3", extra_sets=sets)
 
 

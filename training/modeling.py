@@ -200,15 +200,20 @@ def text_width(unet) -> int:
 class ParaDiffusionModel(nn.Module):
     """Text encoder (LLM, maybe with LoRA) + projection (or none) + UNet: everything DeepSpeed wraps.
 
-    ``forward`` takes token ids, their attention mask and noisy latents and returns the
-    UNet's prediction. The LLM always gets the mask (as in the release); the UNet gets it
-    only with ``conditioning="masked"``. ``projection`` None means the release's shape: the
-    LLM states go to the UNet as they are (held as an ``nn.Identity``, so code that walks
-    ``model.projection.parameters()`` finds none). When no LLM parameter is trainable
-    (stages 1 and 3) the LLM runs under ``torch.no_grad`` so it keeps no activations.
+    ``forward`` takes noisy latents, timesteps and either token ids with their attention
+    mask (the LLM runs) or the LLM's states already computed (``encoder_hidden_states``,
+    from the text cache: then ``llm`` may be None, the LLM is not loaded at all) and
+    returns the UNet's prediction. The LLM always gets the mask (as in the release); the
+    UNet gets it only with ``conditioning="masked"``. ``projection`` None means the
+    release's shape: the LLM states go to the UNet as they are (held as an ``nn.Identity``,
+    so code that walks ``model.projection.parameters()`` finds none). When no LLM
+    parameter is trainable (stages 1 and 3) the LLM runs under ``torch.no_grad`` so it
+    keeps no activations.
     """
 
-    def __init__(self, llm: nn.Module, projection: nn.Module | None, unet: nn.Module, conditioning: str = "release"):
+    def __init__(
+        self, llm: nn.Module | None, projection: nn.Module | None, unet: nn.Module, conditioning: str = "release"
+    ):
         super().__init__()
         if conditioning not in CONDITIONING_TYPES:
             raise ValueError(f"conditioning {conditioning!r}: one of {', '.join(CONDITIONING_TYPES)}")
@@ -223,30 +228,42 @@ class ParaDiffusionModel(nn.Module):
 
     @property
     def llm_trainable(self) -> bool:
-        return any(p.requires_grad for p in self.llm.parameters())
+        return self.llm is not None and any(p.requires_grad for p in self.llm.parameters())
 
-    def unet_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    def unet_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The cross-attention mask the UNet gets: none with release conditioning."""
         return attention_mask if self.conditioning == "masked" else None
 
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LLM's states -> the UNet's cross-attention input, in the UNet's (or projection's) dtype."""
+        dtype = self.projection.weight.dtype if self.has_projection else self.unet.dtype
+        return self.projection(hidden.to(dtype))
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``projection(LlamaModel(ids, mask).last_hidden_state)`` in the UNet's dtype: its cross-attention input."""
+        if self.llm is None:
+            raise RuntimeError(
+                "this model was built without its LLM (a text cache feeds it): pass encoder_hidden_states"
+            )
         if self.llm_trainable:
             hidden = self.llm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         else:
             with torch.no_grad():
                 hidden = self.llm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        dtype = self.projection.weight.dtype if self.has_projection else self.unet.dtype
-        return self.projection(hidden.to(dtype))
+        return self.project(hidden)
 
     def forward(
         self,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        cond = self.encode_text(input_ids, attention_mask)
+        if encoder_hidden_states is not None:  # the LLM's states, cached: only the projection (if any) runs here
+            cond = self.project(encoder_hidden_states)
+        else:
+            cond = self.encode_text(input_ids, attention_mask)
         return self.unet(
             noisy_latents.to(cond.dtype),
             timesteps,
@@ -276,13 +293,20 @@ def check_text_path(hidden: int, unet, projection: nn.Module | None, where: str 
         )
 
 
-def build_model(train_cfg, stage_cfg, dtype: torch.dtype = torch.float32) -> tuple[ParaDiffusionModel, object]:
+def build_model(
+    train_cfg, stage_cfg, dtype: torch.dtype = torch.float32, text_hidden_size: int | None = None
+) -> tuple[ParaDiffusionModel, object]:
     """Build the stage's model and tokenizer from the config; sets what is trainable.
 
     ``stage_cfg.init_from`` (the previous stage's export folder) provides the UNet, the
     projection when it has one and, when present, the stage-2 LoRA: stage 2 continues
     training it only when the folder has none (fresh LoRA otherwise); stage 3 merges it
     and keeps the LLM frozen. ``train.model.text_projection`` must agree with the folder.
+
+    ``text_hidden_size`` set: a text cache gives the LLM's states, so neither the LLM nor
+    its tokenizer is loaded (the model's ``llm`` and the returned tokenizer are None);
+    the LLM's width comes from the cache. Gradient checkpointing and ``torch.compile``
+    follow the stage's ``gradient_checkpointing`` and ``compile`` blocks.
     """
     mcfg = train_cfg.model
     init = Path(stage_cfg.init_from) if stage_cfg.init_from else None
@@ -290,35 +314,36 @@ def build_model(train_cfg, stage_cfg, dtype: torch.dtype = torch.float32) -> tup
         raise FileNotFoundError(
             f"init_from {init}: not an export folder (no unet/); point it at the previous stage's <output>/export"
         )
-    tokenizer = load_tokenizer(mcfg.llm, mcfg.llm_revision)
-    llm = load_llm(mcfg.llm, mcfg.llm_revision, dtype=dtype)
-    llm.requires_grad_(False)
+    gc, comp = stage_cfg.gradient_checkpointing, stage_cfg.compile
     lora_dir = init / LORA_DIR if init is not None and (init / LORA_DIR).is_dir() else None
-    if stage_cfg.train_lora:
-        if lora_dir is not None:
-            from peft import PeftModel
+    tokenizer = llm = None
+    if text_hidden_size is None:
+        tokenizer = load_tokenizer(mcfg.llm, mcfg.llm_revision)
+        llm = load_frozen_llm(mcfg.llm, mcfg.llm_revision, dtype, None if stage_cfg.train_lora else lora_dir)
+        if stage_cfg.train_lora:
+            if lora_dir is not None:
+                from peft import PeftModel
 
-            llm = PeftModel.from_pretrained(llm, str(lora_dir), is_trainable=True)
-        else:
-            lc = train_cfg.lora
-            llm = add_lora(llm, lc.rank, lc.alpha, lc.dropout, lc.target_modules)
-        if mcfg.llm_gradient_checkpointing:
-            if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.2 name
-                llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                llm = PeftModel.from_pretrained(llm, str(lora_dir), is_trainable=True)
             else:
-                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif lora_dir is not None:
-        llm = merge_lora(llm, str(lora_dir))
-        llm.requires_grad_(False)
-    llm.eval()  # no dropout in the encoder; LoRA dropout follows its own config
+                lc = train_cfg.lora
+                llm = add_lora(llm, lc.rank, lc.alpha, lc.dropout, lc.target_modules)
+            if gc.llm:
+                if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.2 name
+                    llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llm.eval()  # no dropout in the encoder; LoRA dropout follows its own config
+        hidden = llm.config.hidden_size
+    else:
+        hidden = int(text_hidden_size)
 
     if init is not None:
         unet = build_unet(str(init), subfolder="unet")
     else:
         unet = build_unet(mcfg.unet, mcfg.unet_subfolder, mcfg.unet_config)
-    if mcfg.unet_gradient_checkpointing:
+    if gc.unet:
         unet.enable_gradient_checkpointing()
-    hidden = llm.config.hidden_size
     projection: nn.Linear | None = None
     if init is not None:
         has = (init / PROJECTION_DIR).is_dir()
@@ -348,17 +373,48 @@ def build_model(train_cfg, stage_cfg, dtype: torch.dtype = torch.float32) -> tup
     if dtype != torch.float32:  # DeepSpeed casts again for bf16; this only saves host memory early
         unet = unet.to(dtype)
         projection = projection.to(dtype) if projection is not None else None
+    # nn.Module.compile compiles in place: parameter names (checkpoints, EMA, export) stay the same
+    compile_kwargs = {"mode": None if comp.mode == "default" else comp.mode, "backend": comp.backend,
+                      "dynamic": comp.dynamic}  # fmt: skip
+    if comp.unet:
+        unet.compile(**compile_kwargs)
+    if comp.llm and llm is not None:
+        llm.compile(**compile_kwargs)
     model = ParaDiffusionModel(llm, projection, unet, conditioning=mcfg.conditioning)
     n_train = sum(p.numel() for p in trainable_parameters(model))
     n_all = sum(p.numel() for p in model.parameters())
     log.info(
-        "model: %.1f M parameters, %.1f M trainable; %s conditioning, %s",
+        "model: %.1f M parameters, %.1f M trainable; %s conditioning, %s%s",
         n_all / 1e6,
         n_train / 1e6,
         mcfg.conditioning,
         "Linear projection" if projection is not None else "no projection (the release's shape)",
+        "; LLM not loaded (text cache)" if llm is None else "",
     )
     return model, tokenizer
+
+
+def load_frozen_llm(path: str, revision: str | None, dtype: torch.dtype, lora_dir: str | Path | None = None):
+    """The frozen LLM as a stage (and the text cache) computes with it: loaded in ``dtype``,
+    with ``lora_dir``'s LoRA merged into its weights when given (stage 3), no gradients."""
+    llm = load_llm(path, revision, dtype=dtype)
+    llm.requires_grad_(False)
+    if lora_dir is not None:
+        llm = merge_lora(llm, str(lora_dir))
+        llm.requires_grad_(False)
+    return llm.eval()
+
+
+def weights_fingerprint(tensors) -> dict:
+    """Count, sum and sum of squares (float64) of some weights: a cheap identity of frozen weights."""
+    t = torch.zeros(2, dtype=torch.float64)
+    n = 0
+    for x in tensors:
+        x = x.detach()
+        n += x.numel()
+        t[0] += x.sum(dtype=torch.float64).cpu()
+        t[1] += torch.linalg.vector_norm(x, dtype=torch.float64).square().cpu()
+    return {"params": n, "sum": float(t[0]), "sum_sq": float(t[1])}
 
 
 def tokenize(

@@ -127,7 +127,10 @@ class ParaDiffusionPipeline:
         conditioning: str = "release",
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        text_states=None,
     ):
+        """``text_states``: instead of ``tokenizer`` + ``llm``, a function ``prompts -> (LLM states,
+        attention mask)`` (the trainer's text cache: validation images without the LLM)."""
         if conditioning not in CONDITIONING_TYPES:
             raise ValueError(f"conditioning {conditioning!r}: one of {', '.join(CONDITIONING_TYPES)}")
         if projection is not None and not isinstance(projection, torch.nn.Linear):
@@ -138,6 +141,7 @@ class ParaDiffusionPipeline:
         self.conditioning = conditioning
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
+        self.text_states = text_states
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -234,15 +238,19 @@ class ParaDiffusionPipeline:
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """``(states, unet_mask, input_ids)`` for ``prompts``.
+        """``(states, unet_mask, input_ids)`` for ``prompts`` (``input_ids`` None with ``text_states``).
 
         ``states``: LLM last_hidden_state (computed with the attention mask) through the
         projection, in the UNet's dtype; ``unet_mask``: the mask for the UNet's
         cross-attention, None with release conditioning.
         """
-        ids, mask = tokenize(self.tokenizer, prompts, self.max_length, self.conditioning)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = self.llm(input_ids=ids, attention_mask=mask).last_hidden_state
+        if self.text_states is not None:
+            hidden, mask = self.text_states(prompts)
+            hidden, mask, ids = hidden.to(self.device), mask.to(self.device), None
+        else:
+            ids, mask = tokenize(self.tokenizer, prompts, self.max_length, self.conditioning)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            hidden = self.llm(input_ids=ids, attention_mask=mask).last_hidden_state
         if self.projection is not None:
             hidden = self.projection(hidden.to(self.projection.weight.dtype))
         return hidden.to(self.dtype), (mask if self.conditioning == "masked" else None), ids

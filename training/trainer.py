@@ -152,6 +152,13 @@ def _lr_lambda(warmup: int, total: int, schedule: str):
     return f
 
 
+def caption_dropout(seed: int, rank: int, step: int, micro: int, n: int, p: float) -> np.ndarray:
+    """Which of a micro-batch's ``n`` captions become "" (a bool array), drawn on the host from
+    ``(seed, rank, step, micro)``: choosing the captions never waits for the device."""
+    rng = np.random.default_rng([seed, rank, step, micro, 1])
+    return rng.random(n) < p
+
+
 def _step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0]))
@@ -212,6 +219,7 @@ class Trainer:
         self.step = 0
         self.history: list[tuple[int, float]] = []  # (step, loss) of this process's run
         self.keys_seen: list[str] = []  # the first keys this rank trained on (for checks; capped)
+        self._samples = 0  # samples of all ranks trained in this run (summed when the device is read)
         self.summary = StageSummary(f"train-stage{stage}")
 
     # ------------------------------------------------------------------ setup
@@ -241,8 +249,19 @@ class Trainer:
         random.seed(seed)  # fresh weights (projection, LoRA) are initialised from the global RNGs
         np.random.seed(seed)
         torch.manual_seed(seed)
+        self.text_cache = None
+        if sc.data.text_cache:  # the frozen LLM's states, cached: the LLM is not loaded
+            from training.text_cache import TextCache, cache_key, check_cache
+
+            self.text_cache = TextCache(sc.data.text_cache)
+            check_cache(self.text_cache.settings, cache_key(self.cfg, stage, self.dtype), sc.data.text_cache, stage)
         stage_for_model = sc.model_copy(update={"init_from": self.paths["init_from"]})
-        model, self.tokenizer = build_model(self.tcfg, stage_for_model, dtype=self.dtype)
+        model, self.tokenizer = build_model(
+            self.tcfg,
+            stage_for_model,
+            dtype=self.dtype,
+            text_hidden_size=self.text_cache.hidden_size if self.text_cache is not None else None,
+        )
         self.vae = load_vae(mc.vae, dtype=self.dtype).to(self.device)
         if mc.scheduler:
             sched = DDPMScheduler.from_pretrained(mc.scheduler)
@@ -285,7 +304,20 @@ class Trainer:
             latents_url=sc.data.latents,
             num_workers=sc.data.num_workers,
             prefetch=sc.data.prefetch,
+            text_cache=self.text_cache,
+            pin_memory=on_gpu,
         )
+        if self.text_cache is not None:  # every caption this rank trains with, and "" for caption dropout
+            wanted = self.data.captions_in_use() | {""}
+            missing = self.text_cache.missing(wanted)
+            if missing:
+                raise ConfigError(
+                    f"train.stage{stage}.data.text_cache = {sc.data.text_cache}: {len(missing)} of the stage's "
+                    f"{len(wanted)} captions are not in it (captions changed since it was made?), e.g. "
+                    f"{missing[0][:80]!r}; run `make cache-text STAGE={stage}` again (it adds only the missing ones)"
+                )
+            states, n = self.text_cache.batch([""])
+            self.empty_text = (states[0].to(self.dtype), n[0])
         params = trainable_parameters(model)
         opt = torch.optim.AdamW(
             params, lr=sc.optim.lr, betas=sc.optim.betas, eps=sc.optim.eps, weight_decay=sc.optim.weight_decay
@@ -308,7 +340,10 @@ class Trainer:
                 power=sc.ema.power,
                 device=self.device if sc.ema.device == "accelerator" else torch.device("cpu"),
             )
-        self.frozen = self._frozen_fingerprint()
+        if self.text_cache is None:
+            self.frozen = self._frozen_fingerprint()
+        else:  # the LLM is not loaded: the cache recorded its fingerprint when it ran it
+            self.frozen = self.text_cache.settings["llm_fingerprint"]
         self.ckpt = CheckpointDir(join(self.paths["output"], "checkpoints"))
         self.writer = None
         if self.rank == 0:
@@ -360,44 +395,40 @@ class Trainer:
         """Batches for this rank, forever; resumes where :attr:`data`'s position says."""
         return iter(self.data)
 
-    def forward_backward_step(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        """Loss of one micro-batch (DDPM, epsilon or v target, optional min-SNR) and its backward."""
+    def forward_backward_step(self, batch: dict, generator: torch.Generator, dropped: np.ndarray) -> torch.Tensor:
+        """Loss of one micro-batch (DDPM, epsilon or v target, optional min-SNR) and its backward.
+
+        ``dropped`` (a host bool array) says which captions become "" (caption dropout). Nothing
+        here reads a value back from the device: the loss is returned as a device tensor."""
         from diffusers.training_utils import compute_snr
 
         from training.data import to_model_range
-        from training.modeling import tokenize
 
-        sc = self.scfg
+        sc, dev = self.scfg, self.device
         if "latents" in batch:  # precomputed (already scaled) VAE latents: no VAE in the step
-            latents = batch["latents"].to(self.device, torch.float32)
+            latents = batch["latents"].to(dev, torch.float32, non_blocking=True)
         elif "latent_moments" in batch:  # cached VAE posterior (mean, logvar): sample it, no VAE in the step
             from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-            dist = DiagonalGaussianDistribution(batch["latent_moments"].to(self.device, torch.float32))
+            dist = DiagonalGaussianDistribution(batch["latent_moments"].to(dev, torch.float32, non_blocking=True))
             latents = dist.sample(generator=generator) * self.vae.config.scaling_factor
         else:
-            pixels = to_model_range(batch["pixel_values"].to(self.device), self.dtype)
+            pixels = to_model_range(batch["pixel_values"].to(dev, non_blocking=True), self.dtype)
             with torch.no_grad():
                 latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
                 latents = latents.float() * self.vae.config.scaling_factor
         b = latents.shape[0]
-        drop = torch.rand(b, generator=generator, device=self.device) < sc.caption_dropout
-        captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist(), strict=True)]
-        ids, mask = tokenize(self.tokenizer, captions, sc.max_length, self.tcfg.model.conditioning)
-        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        noise = torch.randn(latents.shape, generator=generator, device=dev)
         if sc.noise_offset:
-            noise = noise + sc.noise_offset * torch.randn(
-                (b, latents.shape[1], 1, 1), generator=generator, device=self.device
-            )
-        t = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=self.device
-        )
+            noise = noise + sc.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator, device=dev)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         if self.noise_scheduler.config.prediction_type == "epsilon":
             target = noise
         else:
             target = self.noise_scheduler.get_velocity(latents, noise, t)
-        pred = self.engine(noisy.to(self.dtype), t, ids.to(self.device), mask.to(self.device))
+        text = self._text_inputs(batch, dropped)
+        pred = self.engine(noisy.to(self.dtype), t, **text)
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if sc.min_snr_gamma is not None:
             snr = compute_snr(self.noise_scheduler, t)
@@ -405,58 +436,121 @@ class Trainer:
             weight = weight / snr if self.noise_scheduler.config.prediction_type == "epsilon" else weight / (snr + 1)
             loss = loss * weight
         loss = loss.mean()
-        self._check_finite(loss, batch)
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
 
+    def _text_inputs(self, batch: dict, dropped: np.ndarray) -> dict:
+        """The model's text arguments: token ids + mask (the LLM runs), or cached states + mask."""
+        from training.modeling import tokenize
+
+        dev = self.device
+        if "text_states" in batch:
+            from training.text_cache import condition_from_cache
+
+            states, mask = condition_from_cache(
+                batch["text_states"].to(dev, non_blocking=True),
+                batch["text_lengths"],
+                dropped,
+                self.empty_text,
+                self.tcfg.model.conditioning,
+            )
+            return {"encoder_hidden_states": states, "attention_mask": mask.to(dev, non_blocking=True)}
+        captions = ["" if d else c for c, d in zip(batch["captions"], dropped.tolist(), strict=True)]
+        ids, mask = tokenize(self.tokenizer, captions, self.scfg.max_length, self.tcfg.model.conditioning)
+        return {"input_ids": ids.to(dev, non_blocking=True), "attention_mask": mask.to(dev, non_blocking=True)}
+
     def train_step(self, batches: Iterator[dict]) -> dict:
         """One optimiser step: ``gradient_accumulation`` micro-batches through forward/backward.
 
-        Returns the step's loss (mean over ranks), samples (summed over ranks; ``rank_samples``
-        this rank's), grad norm and the learning rate the step used."""
-        lr = float(self.engine.get_lr()[0])  # read before the step: the scheduler moves on in engine.step()
+        Returns device tensors, read nowhere here: ``loss`` (this rank's mean over the
+        micro-batches), ``nonfinite`` (true when a micro-batch's loss was NaN or infinite),
+        ``grad_norm`` (DeepSpeed's, or None); and host values: ``lr`` (the one the step used),
+        ``rank_samples``, ``keys``. :meth:`_flush` reads the device values every few steps."""
+        lr = float(self.engine.get_lr()[0])  # a host number: read before the step, the scheduler moves in step()
         losses, keys = [], []
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         for micro in range(self.scfg.gradient_accumulation):
             batch = next(batches)
             g = _step_generator(self.cfg.project.seed, self.rank, self.step, micro, self.device)
-            losses.append(self.forward_backward_step(batch, g))
+            dropped = caption_dropout(self.cfg.project.seed, self.rank, self.step, micro, len(batch["keys"]),
+                                      self.scfg.caption_dropout)  # fmt: skip
+            loss = self.forward_backward_step(batch, g, dropped)
+            nonfinite = nonfinite | ~torch.isfinite(loss)
+            losses.append(loss)
             keys += batch["keys"]
-        n = len(keys)
         if self.ema is not None:
             from training.ema import master_fragments
 
             self.ema.update(master_fragments(self.engine))
         norm = self.engine.get_global_grad_norm()
-        totals = torch.stack([torch.stack(losses).mean().float(), torch.tensor(float(n), device=self.device)])
-        if self.world_size > 1:  # the mean loss and the samples of all ranks, not rank 0's share
-            import deepspeed.comm as dist
-
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         return {
-            "loss": float(totals[0]) / self.world_size,
-            "samples": int(totals[1]),
-            "rank_samples": n,
-            "grad_norm": float(norm) if norm is not None else float("nan"),
+            "loss": torch.stack(losses).mean().float(),
+            "nonfinite": nonfinite,
+            "grad_norm": norm,
             "lr": lr,
+            "rank_samples": len(keys),
             "keys": keys,
         }
 
-    # ------------------------------------------------------------------ faults
-    def _check_finite(self, loss: torch.Tensor, batch: dict) -> None:
+    # ------------------------------------------------------------------ reading the device, every few steps
+    def _flush(self, pending: list[dict]) -> list[dict]:
+        """Read the steps in ``pending`` from the device at once (one all-reduce, one copy to the
+        host): append their losses to :attr:`history` and stop at the first non-finite one.
+        Returns the steps read (loss averaged and samples summed over ranks).
+
+        Every rank calls it at the same steps (it is a collective)."""
+        if not pending:
+            return []
         import deepspeed.comm as dist
 
-        ok = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0], device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item() < 1:
-            newest = self.ckpt.newest()
-            where = f"the last good checkpoint is {newest[1]}" if newest else "no checkpoint was written yet"
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {self.step + 1} (a rank saw a non-finite loss; this rank's keys: "
-                f"{batch['keys'][:4]}...). Nothing was saved from this step; {where}. Lower train.stage{self.stage}"
-                ".optim.lr, raise warmup_steps or check the data, then rerun to resume."
-            )
+        dev = self.device
+        summed = torch.stack(
+            [
+                torch.stack([p["loss"] for p in pending]).double(),
+                torch.stack([p["nonfinite"] for p in pending]).double(),
+                torch.tensor([float(p["rank_samples"]) for p in pending], dtype=torch.float64).to(dev),
+            ]
+        )
+        if self.world_size > 1:  # the mean loss, any rank's non-finite flag and the samples of all ranks
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        norms = [p["grad_norm"] for p in pending]
+        tensor_norms = [n for n in norms if isinstance(n, torch.Tensor)]
+        read = summed.cpu().tolist()
+        read_norms = (
+            iter(torch.stack([n.double().reshape(()) for n in tensor_norms]).cpu().tolist())
+            if tensor_norms
+            else iter(())
+        )
+        rows = []
+        for i, p in enumerate(pending):
+            n = norms[i]
+            norm = next(read_norms) if isinstance(n, torch.Tensor) else (float(n) if n is not None else float("nan"))
+            rows.append({"step": p["step"], "loss": read[0][i] / self.world_size, "nonfinite": read[1][i] > 0,
+                         "samples": int(read[2][i]), "grad_norm": norm, "lr": p["lr"], "keys": p["keys"][:4],
+                         "time": p["time"]})  # fmt: skip
+        for r in rows:
+            if r["nonfinite"]:
+                self._diverged(r, rows[-1]["step"])
+            self.history.append((r["step"], r["loss"]))
+            self._samples += r["samples"]
+        pending.clear()
+        return rows
+
+    def _diverged(self, bad: dict, last: int) -> None:
+        newest = self.ckpt.newest()
+        where = f"the last good checkpoint is {newest[1]}" if newest else "no checkpoint was written yet"
+        ran = (
+            f" (steps {bad['step']}-{last} ran before the check: the loss is read from the device every "
+            f"train.stage{self.stage}.logging.every_steps steps and before each checkpoint)"
+            if last > bad["step"]
+            else ""
+        )
+        raise TrainingDiverged(
+            f"loss is {bad['loss']} at step {bad['step']} (a rank saw a non-finite loss; this rank's keys: "
+            f"{bad['keys']}...). Nothing from step {bad['step']} on was saved{ran}; {where}. Lower "
+            f"train.stage{self.stage}.optim.lr, raise warmup_steps or check the data, then rerun to resume."
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -561,9 +655,31 @@ class Trainer:
         from training.pipeline import ParaDiffusionPipeline, release_scheduler
 
         lc = self.scfg.logging
+        text_states = None
+        if self.text_cache is not None:  # the LLM is not loaded: the prompts' states come from the cache
+            missing = self.text_cache.missing(lc.validation_prompts)
+            if missing:
+                log.warning(
+                    "validation images skipped: %d validation prompt(s) are not in the text cache (changed since "
+                    "`make cache-text STAGE=%d`?), e.g. %r",
+                    len(missing),
+                    self.stage,
+                    missing[0][:60],
+                )
+                return
+            cache, conditioning = self.text_cache, self.tcfg.model.conditioning
+
+            def text_states(prompts: list[str]):
+                from training.text_cache import condition_from_cache
+
+                states, lengths = cache.batch(prompts)
+                none = np.zeros(len(prompts), dtype=bool)
+                return condition_from_cache(states, lengths, none, (states[0], lengths[0]), conditioning)
+
         pipe = ParaDiffusionPipeline(
             tokenizer=self.tokenizer,
             llm=self.model.llm,
+            text_states=text_states,
             projection=self.model.projection,
             unet=self.model.unet,
             vae=self.vae,
@@ -601,8 +717,13 @@ class Trainer:
                 {
                     "images": self.paths["images"],
                     "captions": f"{sc.data.caption_source} {self.paths['captions'] or ''}",
-                    "init from": self.paths["init_from"] or "(fresh UNet" + (" and projection)" if self.model.has_projection else ")"),
-                    "LLM": f"{self.tcfg.model.llm} ({'LoRA trained' if sc.train_lora else 'frozen'}), {sc.max_length} tokens",
+                    "init from": self.paths["init_from"]
+                    or "(fresh UNet" + (" and projection)" if self.model.has_projection else ")"),
+                    "LLM": f"{self.tcfg.model.llm} ({'LoRA trained' if sc.train_lora else 'frozen'}), {sc.max_length} tokens"
+                    + (f"; not loaded: states from the text cache {sc.data.text_cache}" if self.text_cache else ""),
+                    "loader": f"{sc.data.num_workers} processes, {sc.data.prefetch} batches ahead each"
+                    if sc.data.num_workers
+                    else "in the training loop (data.num_workers: 0)",
                     "ranks": f"{self.world_size} ({self.device.type}, {'bf16' if self.dtype == torch.bfloat16 else 'fp32'}, "
                     f"ZeRO-{self.tcfg.deepspeed.zero_stage})",
                     "batch": f"{sc.micro_batch_size} x {sc.gradient_accumulation} accum x {self.world_size} ranks",
@@ -620,27 +741,34 @@ class Trainer:
             unit="step",
             disable=self.rank != 0,
         )
-        samples = rank_samples = 0  # all ranks' (summed each step), this rank's
-        t0 = time.time()
-        first = last = None
+        rank_samples = 0  # this rank's; self._samples: all ranks', summed when read
+        self._samples = 0
+        t0 = last_read = time.time()
+        lc, ck = sc.logging, sc.checkpoint
+        pending: list[dict] = []  # steps not read from the device yet
         for _ in bar:
-            t_step = time.time()
             m = self.train_step(batches)
             self.step += 1
-            samples += m["samples"]
-            rank_samples += m.get("rank_samples", m["samples"])
-            self.history.append((self.step, m["loss"]))
+            m.update(step=self.step, time=time.time())
+            rank_samples += m["rank_samples"]
             if len(self.keys_seen) < 1000:
-                self.keys_seen.extend(m.get("keys", []))
-            first = m["loss"] if first is None else first
-            last = m["loss"]
-            if self.rank == 0:
-                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
-            if self.step % sc.logging.every_steps == 0 or self.step == sc.max_steps:
-                self.log_metrics(m, m["samples"] / max(1e-9, time.time() - t_step))
-            if self.step % sc.checkpoint.every_steps == 0 or self.step == sc.max_steps:
+                self.keys_seen.extend(m["keys"])
+            pending.append(m)
+            log_now = self.step % lc.every_steps == 0 or self.step == sc.max_steps
+            save_now = self.step % ck.every_steps == 0 or self.step == sc.max_steps
+            validate_now = self.step % lc.validation_every_steps == 0
+            if log_now or save_now or validate_now:  # the device is read here only (and a NaN stops the run here)
+                rows = self._flush(pending)
+                rate = sum(r["samples"] for r in rows) / max(1e-9, rows[-1]["time"] - last_read)
+                last_read = rows[-1]["time"]
+                for r in rows:
+                    if r["step"] % lc.every_steps == 0 or r["step"] == sc.max_steps:
+                        self.log_metrics(r, rate)
+                if self.rank == 0:
+                    bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", lr=f"{rows[-1]['lr']:.2e}")
+            if save_now:
                 self.save_checkpoint()
-            if self.step % sc.logging.validation_every_steps == 0:
+            if validate_now:
                 self.validate()
         elapsed = time.time() - t0
         export_dir = self.export()
@@ -653,14 +781,14 @@ class Trainer:
             if reason.startswith("skipped: ") and n:
                 s.reject(reason.removeprefix("skipped: "), n)
         s.n_out = s.n_in - sum(s.rejected.values())  # rows training could use
-        trained = samples
+        trained = self._samples
         s.extra.update(
             {
                 "steps": self.step,
                 "steps_this_run": len(self.history),
                 "samples_trained_this_run": trained,
-                "first_loss": first,
-                "last_loss": last,
+                "first_loss": self.history[0][1] if self.history else None,
+                "last_loss": self.history[-1][1] if self.history else None,
                 "samples_per_s": round(trained / elapsed, 2) if elapsed > 0 and trained else None,
                 "export": str(export_dir),
                 "checkpoint": str(self.ckpt.newest()[1]) if self.ckpt.newest() else None,

@@ -33,6 +33,9 @@ def test_stage_defaults_survive_a_partial_stage_block(tmp_path):
         ("train.stage1.caption_dropout=1.5", "caption_dropout"),
         ("train.stage3.train_lora=true", "stage 3 keeps the LLM frozen"),
         ("train.stage1.lr=1", "unknown key"),
+        ("train.model.unet_gradient_checkpointing=false", "moved to each stage: set train.stage1/2/3.gradient_"),
+        ("train.stage1.data.prefetch=0", "prefetch"),
+        ("train.stage2.compile.mode=fast", "'default', 'reduce-overhead'"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, needle):

@@ -14,13 +14,21 @@ from train_fixtures import write_image_shards
 
 from paradiffusion.schemas import CAPTIONS
 from paradiffusion.storage import Table
-from training.data import BucketedImageData, load_caption_map, make_buckets, nearest_bucket, to_model_range
+from training.data import (
+    BucketedImageData,
+    Row,
+    choose_caption,
+    load_caption_map,
+    make_buckets,
+    nearest_bucket,
+    to_model_range,
+)
 
 SIZES = [(40, 40), (64, 32), (32, 64), (48, 40)]
 
 
 def _data(root, **kw):
-    args = {"batch_size": 2, "resolution": 16, "bucket_step": 4, "shuffle_buffer": 4, "seed": 3}
+    args = {"batch_size": 2, "resolution": 16, "bucket_step": 4, "shuffle_buffer": 4, "seed": 3, "num_workers": 0}
     args.update(kw)
     return BucketedImageData(str(root / "images"), **args)
 
@@ -57,13 +65,13 @@ def test_batches_are_bucketed_and_bad_rows_counted(tmp_path):
 
 def test_resume_mid_epoch_gives_the_same_batches(tmp_path):
     write_image_shards(tmp_path / "images", n_shards=2, per_shard=6, sizes=SIZES)
-    ref = [b for b in itertools.islice(iter(_data(tmp_path, random_crop=True)), 9)]
-    d = _data(tmp_path, random_crop=True)
+    ref = [b for b in itertools.islice(iter(_data(tmp_path, random_crop=True, num_workers=2)), 9)]
+    d = _data(tmp_path, random_crop=True, num_workers=2)
     it = iter(d)
     for _ in range(4):
         next(it)
     state = d.state_dict()
-    d2 = _data(tmp_path, random_crop=True)
+    d2 = _data(tmp_path, random_crop=True, num_workers=2)
     d2.load_state_dict(state)
     rest = list(itertools.islice(iter(d2), 5))
     for a, b in zip(ref[4:], rest, strict=True):
@@ -139,10 +147,10 @@ def test_caption_sources(tmp_path):
         del i
     Table(str(tmp_path / "captions"), CAPTIONS).write_shard("0", pa.Table.from_pylist(rows))
     m = load_caption_map("captions", str(tmp_path / "captions"), "vlm", "p1")
-    assert m == {k: f"early {k}" for k in keys[:3]}
-    assert load_caption_map("captions", str(tmp_path / "captions"))[keys[0]] == f"other {keys[0]}"  # earliest
+    assert m == {k: [f"early {k}"] for k in keys[:3]}
+    assert load_caption_map("captions", str(tmp_path / "captions"))[keys[0]] == [f"other {keys[0]}"]  # earliest
     pq.write_table(pa.table({"key": keys[:2], "caption": ["a", "b"], "extra": [1, 2]}), tmp_path / "small.parquet")
-    assert load_caption_map("table", str(tmp_path / "small.parquet")) == {keys[0]: "a", keys[1]: "b"}
+    assert load_caption_map("table", str(tmp_path / "small.parquet")) == {keys[0]: ["a"], keys[1]: ["b"]}
     d = _data(
         tmp_path,
         caption_source="captions",
@@ -155,3 +163,64 @@ def test_caption_sources(tmp_path):
     with pytest.raises(ValueError, match="caption"):
         pq.write_table(pa.table({"key": keys}), tmp_path / "bad.parquet")
         load_caption_map("table", str(tmp_path / "bad.parquet"))
+
+
+def _batches(d, n):
+    return [b for b in itertools.islice(iter(d), n)]
+
+
+def test_loader_processes_give_the_batches_of_the_loop_and_resume_exactly(tmp_path):
+    """Reading in a thread and decoding in 2 loader processes yields, batch for batch, what decoding in
+    the loop does (keys, crops, flips, captions, decode errors counted), also from a mid-epoch position."""
+    write_image_shards(tmp_path / "images", n_shards=2, per_shard=7, sizes=SIZES, corrupt=1, row_group_size=3)
+    kw = {"random_crop": True, "rank": 1, "world_size": 2}
+    inline = _data(tmp_path, num_workers=0, **kw)
+    ref = _batches(inline, 10)
+    workers = _data(tmp_path, num_workers=2, prefetch=2, **kw)
+    got = _batches(workers, 10)
+    assert [b["keys"] for b in got] == [b["keys"] for b in ref]
+    assert [b["captions"] for b in got] == [b["captions"] for b in ref]
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(ref, got, strict=True))
+    assert workers.state_dict() == inline.state_dict() and workers.counts == inline.counts
+    again = _data(tmp_path, num_workers=2, **kw)
+    mid = _data(tmp_path, num_workers=0, **kw)
+    it = iter(mid)
+    for _ in range(4):
+        next(it)
+    again.load_state_dict(mid.state_dict())
+    assert [b["keys"] for b in _batches(again, 6)] == [b["keys"] for b in ref[4:10]]
+
+
+def test_a_rank_reads_only_the_row_groups_of_its_rows(tmp_path):
+    """img2dataset writes a row group every 100 images: a rank reads the groups holding its rows,
+    and each row's bytes are that row's."""
+    write_image_shards(tmp_path / "images", n_shards=1, per_shard=12, row_group_size=2)
+    raw = pq.read_table(tmp_path / "images" / "00000.parquet", columns=["key", "jpg"]).to_pydict()
+    d = _data(tmp_path, rank=0, world_size=2, num_workers=0)
+    for r in d.rows:
+        assert d._bytes(r) == raw["jpg"][r.row] and raw["key"][r.row] == r.key
+    table, _ = d._shard_table(0)
+    assert table.num_rows < 12  # not the whole shard
+
+
+def test_a_key_with_several_captions_trains_with_one_per_epoch(tmp_path):
+    """annotations.train_rule: each gives a key several approved texts: every one is kept, each epoch
+    draws one per key from (seed, epoch, key): the same in every process, so a resume is exact."""
+    keys = write_image_shards(tmp_path / "images", n_shards=1, per_shard=4)
+    rows = [{"key": keys[0], "caption": c} for c in ("text b", "text a", "text c", "text a", "  ")]
+    rows.append({"key": keys[1], "caption": "only one"})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "small.parquet")
+    m = load_caption_map("table", str(tmp_path / "small.parquet"))
+    assert m == {keys[0]: ["text a", "text b", "text c"], keys[1]: ["only one"]}  # distinct, sorted, blanks out
+    row = Row(0, 0, keys[0], tuple(m[keys[0]]), 0)
+    picks = [choose_caption(row, 3, e) for e in range(30)]
+    assert set(picks) == set(m[keys[0]]) and picks == [choose_caption(row, 3, e) for e in range(30)]
+    assert picks != [choose_caption(row, 4, e) for e in range(30)]  # the seed matters
+    d = _data(tmp_path, caption_source="table", captions_url=str(tmp_path / "small.parquet"), batch_size=1,
+              num_workers=0)  # fmt: skip
+    assert d.captions_in_use() == {"text a", "text b", "text c", "only one"}
+    seen = {}
+    for b in _batches(d, 20):  # 10 epochs of 2 rows
+        seen.setdefault(b["keys"][0], []).append(b["captions"][0])
+    assert len(set(seen[keys[0]])) >= 2 and set(seen[keys[1]]) == {"only one"}
+    assert seen[keys[0]] == [choose_caption(row, 3, e) for e in range(10)]

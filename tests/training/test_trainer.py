@@ -174,7 +174,12 @@ def test_resume_is_exact(tiny_models, tmp_path, precision):
     write_image_shards(tmp_path / "images", n_shards=2, per_shard=5)
 
     def config(name):
-        cfg = tiny_config(tiny_models, tmp_path, max_steps=6, **{"data.random_crop": True, "optim.warmup_steps": 4})
+        cfg = tiny_config(
+            tiny_models,
+            tmp_path,
+            max_steps=6,
+            **{"data.random_crop": True, "optim.warmup_steps": 4, "data.num_workers": 2},
+        )
         cfg.train.stage1.output = str(tmp_path / name)
         cfg.train.deepspeed.precision = precision
         return cfg
@@ -209,9 +214,11 @@ def test_resume_is_exact(tiny_models, tmp_path, precision):
 
 
 class _NanAt(Trainer):
+    bad_step = 3
+
     def batch_generator(self):
         for batch in super().batch_generator():
-            if self.step + 1 == 3:
+            if self.step + 1 == self.bad_step:
                 batch = {**batch, "pixel_values": torch.full(batch["pixel_values"].shape, float("nan"))}
             yield batch
 
@@ -225,6 +232,108 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_models, tmp_path):
     ck = CheckpointDir(str(tmp_path / "train" / "stage1" / "checkpoints"))
     assert [s for s, _ in ck.committed()] == [2]
     assert not (tmp_path / "train" / "stage1" / "export").exists()
+
+
+@pytest.mark.parametrize(
+    "log_every, ckpt_every, bad, stops_at, committed",
+    [(5, 2, 3, 4, [2]), (3, 100, 2, 3, [])],
+    ids=["seen-before-the-next-checkpoint", "seen-at-the-log-interval"],
+)
+def test_nan_is_read_every_few_steps_and_never_saved(tiny_models, tmp_path, log_every, ckpt_every, bad, stops_at,
+                                                     committed):  # fmt: skip
+    """The loss is read from the device at log steps and before every checkpoint (no read per step):
+    a NaN at step ``bad`` stops the run at the next of those, and nothing from that step on is saved."""
+    write_image_shards(tmp_path / "images", n_shards=1, per_shard=6)
+    cfg = tiny_config(tiny_models, tmp_path, max_steps=6, **{"logging.every_steps": log_every,
+                                                             "checkpoint.every_steps": ckpt_every})  # fmt: skip
+    t = type("NanAt", (_NanAt,), {"bad_step": bad})(cfg, 1)
+    where = r"last good checkpoint is .*step-00000002" if committed else "no checkpoint was written yet"
+    with pytest.raises(TrainingDiverged, match=rf"loss is nan at step {bad} .*steps {bad}-{stops_at} ran .*{where}"):
+        t.train()
+    assert t.step == stops_at and [s for s, _ in t.history] == list(range(1, bad))
+    ck = CheckpointDir(str(tmp_path / "train" / "stage1" / "checkpoints"))
+    assert [s for s, _ in ck.committed()] == committed
+    assert not (tmp_path / "train" / "stage1" / "export").exists()
+    logged = _metrics(tmp_path / "train" / "stage1") if (tmp_path / "train/stage1/metrics.jsonl").exists() else []
+    assert all(r["step"] < bad for r in logged)
+
+
+@pytest.mark.parametrize("text", ["llm", "text_cache"])
+def test_no_device_value_is_read_during_a_step(tiny_models, tmp_path, monkeypatch, text):
+    """Per micro-batch the trainer's code reads nothing back from the device (on a GPU each read
+    waits for the queued work): no .item(), bool(), float(), .tolist(), .cpu(), .numpy() in
+    training/ while a step runs; losses, norms and flags are read every logging.every_steps."""
+    import sys
+    from pathlib import Path
+
+    import training
+
+    write_image_shards(tmp_path / "images", n_shards=1, per_shard=6)
+    cfg = tiny_config(tiny_models, tmp_path, max_steps=4, caption_dropout=0.5,
+                      **{"logging.every_steps": 4, "data.num_workers": 0})  # fmt: skip
+    if text == "text_cache":
+        from training.text_cache import cache_text
+
+        cfg.train.stage1.data.text_cache = str(tmp_path / "tc")
+        cache_text(cfg, 1)
+    pkg = str(Path(training.__file__).parent)
+    reads, in_step = [], [False]
+
+    def spy(name, orig):
+        def wrapped(self, *a, **kw):
+            caller = sys._getframe(1).f_code
+            if in_step[0] and caller.co_filename.startswith(pkg):
+                reads.append(f"{name} in {caller.co_name}")
+            return orig(self, *a, **kw)
+
+        return wrapped
+
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__format__",
+                 "__array__"):  # fmt: skip
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+
+    class Watched(Trainer):
+        def train_step(self, batches):
+            in_step[0] = True
+            try:
+                return super().train_step(batches)
+            finally:
+                in_step[0] = False
+
+    t = Watched(cfg, 1)
+    t.train()
+    assert t.step == 4 and len(t.history) == 4
+    assert reads == []
+
+
+@pytest.mark.slow  # torch.compile's graph capture of the tiny UNet: ~30 s on a busy 2-core machine
+def test_compile_and_gradient_checkpointing_per_stage(tiny_models, tmp_path):
+    """compile.unet compiles the UNet in place (parameter names, checkpoints and the export unchanged)
+    and trains with the eager losses; gradient checkpointing is a per-stage setting."""
+    from safetensors.torch import load_file
+
+    write_image_shards(tmp_path / "images", n_shards=1, per_shard=4)
+    runs = {}
+    for name in ("eager", "compiled"):
+        cfg = tiny_config(tiny_models, tmp_path, max_steps=2, **{"gradient_checkpointing.unet": False})
+        cfg.train.stage1.output = str(tmp_path / name)
+        if name == "compiled":  # aot_eager: torch.compile's graph capture without inductor's C++ build (CPU test)
+            cfg.train.stage1.compile.unet = True
+            cfg.train.stage1.compile.backend = "aot_eager"
+        t = Trainer(cfg, 1)
+        t.train()
+        runs[name] = t
+    eager, compiled = runs["eager"], runs["compiled"]
+    assert compiled.model.unet._compiled_call_impl is not None and eager.model.unet._compiled_call_impl is None
+    assert not compiled.model.unet.is_gradient_checkpointing
+    assert [x for _, x in compiled.history] == pytest.approx([x for _, x in eager.history], rel=1e-5)
+    a = load_file(str(tmp_path / "eager" / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "compiled" / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys()
+    cfg = tiny_config(tiny_models, tmp_path, max_steps=2)
+    from training.modeling import build_model
+
+    assert build_model(cfg.train, cfg.train.stage1)[0].unet.is_gradient_checkpointing  # the default: on
 
 
 def test_partial_checkpoint_is_ignored(tiny_models, tmp_path, monkeypatch):

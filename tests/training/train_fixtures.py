@@ -29,10 +29,12 @@ def write_image_shards(
     corrupt: int = 0,
     missing_caption: int = 0,
     sizes: list[tuple[int, int]] | None = None,
+    row_group_size: int | None = None,
 ) -> list[str]:
     """img2dataset-like parquet shards (key, caption, jpg, status, width, height + _stats.json); returns keys.
 
-    ``per_shard``: rows in every shard, or a list with each shard's rows."""
+    ``per_shard``: rows in every shard, or a list with each shard's rows. ``row_group_size``: rows
+    per Parquet row group (img2dataset writes 100; default: one group a shard)."""
 
     from paradiffusion.testing.sample import synthetic_image
 
@@ -68,7 +70,7 @@ def write_image_shards(
                 }
             )
             n += 1
-        pq.write_table(pa.Table.from_pylist(rows), folder / f"{s:05d}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"{s:05d}.parquet", row_group_size=row_group_size)
         (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": count}))
     return keys
 
@@ -79,7 +81,7 @@ def tiny_config(tiny_models: dict, root: Path, **stage_overrides) -> PipelinesCo
         "max_steps": 4,
         "micro_batch_size": 2,
         "caption_dropout": 0.2,
-        "data": {"resolution": 16, "bucket_step": 4, "shuffle_buffer": 8},
+        "data": {"resolution": 16, "bucket_step": 4, "shuffle_buffer": 8, "num_workers": 1},
         "optim": {"lr": 1e-3, "warmup_steps": 0},
         "checkpoint": {"every_steps": 2, "keep_last": 2},
         "logging": {
