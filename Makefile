@@ -130,10 +130,13 @@ bench-eval: ## benchmarks: streamed vs in-memory FID (time, peak memory); DPG-Be
 	$(PY) bench/fid_stream.py --images $(or $(N),1000)
 	$(PY) bench/dpg_judge.py
 
-.PHONY: train-stage1 train-stage2 train-stage3 generate bench-train cache-latents
+.PHONY: train-stage1 train-stage2 train-stage3 generate bench-train cache-latents cache-text
 STAGE ?= 1
 cache-latents: ## VAE latents of a stage's images, once: make cache-latents STAGE=3 (then SET="train.stage3.data.latents=...")
 	$(PD) cache-latents --stage $(STAGE) $(ARGS)
+
+cache-text: ## frozen-LLM states of a stage's captions, once: make cache-text STAGE=3 (then SET="train.stage3.data.text_cache=...")
+	$(PD) cache-text --stage $(STAGE) $(ARGS)
 
 train-stage1: ## train stage 1 (LLM frozen, alt text) with DeepSpeed; resumes from the newest checkpoint
 	$(PD) train --stage 1 $(ARGS)
@@ -147,5 +150,6 @@ train-stage3: ## train stage 3 (LLM frozen, ParaImage-Small) from the stage-2 ex
 generate: ## text to image: make generate PROMPT="a paragraph ..." (PNGs with prompt + settings in metadata)
 	$(PD) generate $(ARGS) --prompt "$(PROMPT)"
 
-bench-train: ## CPU benchmark: training data loader images/s into 512 px batches vs decode alone
+bench-train: ## CPU benchmarks: loader images/s (processes vs in the loop vs decode alone); steps/s with/without the text cache
 	$(PY) bench/train_loader.py
+	$(PY) bench/train_cpu.py

@@ -225,7 +225,7 @@ class TextCache:
                     where += [(fi, g, i) for i in range(len(hashes))]
         order = np.argsort(np.array(words, dtype=np.uint64), kind="stable")
         self._words = np.array(words, dtype=np.uint64)[order]
-        self._where = np.array(where, dtype=np.int64).reshape(-1, 3)[order]
+        self._where = np.array(where, dtype=np.int32).reshape(-1, 3)[order]
         self._pid: int | None = None
 
     def __len__(self) -> int:
