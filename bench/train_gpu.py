@@ -5,13 +5,23 @@ encoder feeding its 4096-d states straight into the UNet of ``training.config.DE
 (SD-style, SDXL-base layout, cross-attention 4096, no projection), bf16, images of 1024 wide
 x 640 high (latents 128 x 80), batch 8, captions padded to the stage's max_length (256 in
 stage 1, 512 in stage 2: release conditioning pads every caption to it). Two paths, in the
-same process on the same GPU:
+same process on the same GPU (``--paths``):
 
 - ``plain``: the eager loop of ../shared/bench/gpu_baseline.py (bf16 parameters, torch
   AdamW, UNet gradient checkpointing; latents given, no VAE) at these sizes;
 - ``ours``: :class:`training.trainer.Trainer`'s ``train_step`` / ``forward_backward_step``
-  on the DeepSpeed engine built from pipelines.yaml settings (ZeRO-2, bf16, clipping),
-  fed precomputed latents (the ``latents`` batch key, as with cached latents).
+  on the DeepSpeed engine built from pipelines.yaml settings (ZeRO-2, bf16, clipping,
+  fused AdamW), fed precomputed latents (the ``latents`` batch key, as with cached
+  latents), the LLM run every step, the defaults (UNet gradient checkpointing on);
+- ``ours_cache`` (stage 1; stage 3 is the same case): as ``ours`` with the text cache: the
+  batch carries the LLM's states (``text_states``), the LLM is not built at all;
+- ``ours_nogc``: as ``ours`` (or ``ours_cache`` in stage 1) with
+  ``gradient_checkpointing.unet: false`` (an H200 has the memory);
+- ``ours_compile``: as ``ours_nogc`` with ``compile.unet`` (and ``compile.llm`` in stage 2);
+- ``ours_compile_gc``: as ``ours_compile`` with UNet gradient checkpointing on.
+
+Each result also counts the host syncs of a timed step (``torch.cuda.set_sync_debug_mode``
+warnings: the trainer's own code makes none; what remains is DeepSpeed's and the libraries').
 
 Model FLOPs (MFU numerator) exclude activation recompute: FlopCounterMode counts one
 forward of the LLM and of the UNet per sample, F_llm and F_unet; a training step is
@@ -21,8 +31,9 @@ stage 2 (gradients flow through the LLM to its LoRA; the same counting as
 ``torch.cuda.max_memory_allocated`` over the timed steps.
 
 Usage: python bench/train_gpu.py [--tiny] [--stages 1,2] [--batch 8] [--steps 5] [--size 1024x640]
-       [--tokens 256,512]
-``--tiny`` runs the same code on CPU with the tiny models (a check, not a figure).
+       [--tokens 256,512] [--paths plain,ours,ours_cache,ours_nogc,ours_compile] [--compile-backend inductor]
+``--tiny`` runs the same code on CPU with the tiny models (a check, not a figure; compile with
+the ``aot_eager`` backend there).
 Writes ``$OUT/train_gpu.json`` (or bench_out/) and prints one JSON line per result.
 """
 
@@ -50,7 +61,12 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--paths", default="plain,ours")
+    ap.add_argument("--paths", default="plain,ours,ours_cache,ours_nogc,ours_compile")
+    ap.add_argument(
+        "--compile-backend", default=None, help="torch.compile backend (default inductor; --tiny aot_eager)"
+    )
+    ap.add_argument("--compile-mode", default="default")
+    ap.add_argument("--one", default=None, help="stage:path: measure only this, in this process (what main() runs)")
     ap.add_argument("--size", default="1024x640", help="image width x height (the release samples 1024x640)")
     ap.add_argument("--tokens", default="256,512", help="caption tokens in stage 1,2 (the stages' max_length)")
     return ap.parse_args()
@@ -97,8 +113,18 @@ def sizes(stage: int) -> dict:
             "batch": A.batch}  # fmt: skip
 
 
-def build(stage: int):
-    """Random-weight LLM (+LoRA in stage 2) and the release's UNet (no projection) on the device."""
+#: path -> (text cache, UNet gradient checkpointing, compile)
+PATHS = {
+    "ours": (False, True, False),
+    "ours_cache": (True, True, False),
+    "ours_nogc": (None, False, False),  # None: the cache in stage 1, the LLM in stage 2
+    "ours_compile": (None, False, True),
+    "ours_compile_gc": (None, True, True),
+}
+
+
+def build(stage: int, llm: bool = True, unet_gc: bool = True):
+    """Random-weight LLM (+LoRA in stage 2; none with a text cache) and the release's UNet (no projection)."""
     from diffusers import UNet2DConditionModel
     from transformers import LlamaConfig, LlamaModel
 
@@ -107,15 +133,17 @@ def build(stage: int):
     sz = sizes(stage)
     torch.manual_seed(0)
     with torch.device(DEV):
-        llm = LlamaModel(LlamaConfig(**sz["llm"])).to(DT)
+        text = LlamaModel(LlamaConfig(**sz["llm"])).to(DT) if llm else None
         unet = UNet2DConditionModel(**sz["unet"]).to(DT)
     check_text_path(sz["llm"]["hidden_size"], unet, None)
-    llm.requires_grad_(False)
-    if stage == 2:
-        llm = add_lora(llm, 64, 64, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
-        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    unet.enable_gradient_checkpointing()
-    return ParaDiffusionModel(llm, None, unet, conditioning="release"), sz
+    if text is not None:
+        text.requires_grad_(False)
+        if stage == 2:
+            text = add_lora(text, 64, 64, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
+            text.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if unet_gc:
+        unet.enable_gradient_checkpointing()
+    return ParaDiffusionModel(text, None, unet, conditioning="release"), sz
 
 
 def model_flops(model, sz) -> tuple[float, float]:
@@ -126,9 +154,12 @@ def model_flops(model, sz) -> tuple[float, float]:
     x = torch.randn(b, 4, lh, lw, device=DEV, dtype=DT)
     t = torch.tensor([500], device=DEV)
     with torch.no_grad():
-        with FlopCounterMode(display=False) as fc:
-            h = model.llm(input_ids=ids, attention_mask=mask).last_hidden_state
-        f_llm = fc.get_total_flops()
+        if model.llm is None:  # text cache: the LLM is not run; its states have the LLM's width
+            h, f_llm = torch.randn(b, n, sz["llm"]["hidden_size"], device=DEV, dtype=DT), 0
+        else:
+            with FlopCounterMode(display=False) as fc:
+                h = model.llm(input_ids=ids, attention_mask=mask).last_hidden_state
+            f_llm = fc.get_total_flops()
         with FlopCounterMode(display=False) as fc:
             model.unet(x, t, encoder_hidden_states=model.projection(h))
         f_unet = fc.get_total_flops()
@@ -162,13 +193,21 @@ def plain_step_fn(model, sz, stage):
     return step
 
 
-def ours_step_fn(model, sz, stage):
-    """Trainer.train_step on the DeepSpeed engine, with an in-memory model and latent batches."""
+def ours_step_fn(model, sz, stage, cache: bool, compile_unet: bool):
+    """Trainer.train_step on the DeepSpeed engine, with an in-memory model and latent (+ text state) batches."""
     import deepspeed
+    import numpy as np
     from diffusers import DDPMScheduler
 
     from paradiffusion.config import PipelinesConfig
     from training.trainer import Trainer, deepspeed_config, init_distributed
+
+    backend = A.compile_backend or ("aot_eager" if A.tiny else "inductor")
+    if compile_unet:  # what build_model does for train.stageN.compile (in place: names unchanged)
+        kw = {"mode": None if A.compile_mode == "default" else A.compile_mode, "backend": backend}
+        model.unet.compile(**kw)
+        if model.llm is not None and stage == 2:
+            model.llm.compile(**kw)
 
     class BenchTrainer(Trainer):
         def setup(self) -> None:  # the real setup minus loading from disk
@@ -183,6 +222,8 @@ def ours_step_fn(model, sz, stage):
                     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
             self.tokenizer = Tok()
+            self.text_cache = None
+            self.empty_text = (torch.randn(sz["tokens"], sz["llm"]["hidden_size"], dtype=DT), 1)
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-5, fused=DEV.type == "cuda")
             self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
@@ -211,7 +252,12 @@ def ours_step_fn(model, sz, stage):
     tr = BenchTrainer(cfg, stage)
     tr.setup()
     _, lat = batch_tensors(sz)
-    batches = iter(lambda: {"latents": lat, "captions": ["x"] * sz["batch"], "keys": ["k"] * sz["batch"]}, None)
+    batch = {"latents": lat, "captions": ["x"] * sz["batch"], "keys": ["k"] * sz["batch"]}
+    if cache:  # what the loader hands over from the text cache (pinned host memory, copied non_blocking)
+        states = torch.randn(sz["batch"], sz["tokens"], sz["llm"]["hidden_size"], dtype=DT)
+        batch.update(text_states=states.pin_memory() if DEV.type == "cuda" else states,
+                     text_lengths=list(np.random.default_rng(0).integers(5, sz["tokens"], sz["batch"])))  # fmt: skip
+    batches = iter(lambda: batch, None)
 
     def step():
         tr.train_step(batches)
@@ -220,14 +266,41 @@ def ours_step_fn(model, sz, stage):
     return step
 
 
+def host_syncs(step) -> int | None:
+    """Host syncs of one step (CUDA only): torch warns on each synchronizing call in debug mode."""
+    if DEV.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
 def measure(name: str, stage: int, path: str) -> None:
-    model, sz = build(stage)
+    if path == "plain":
+        cache, gc, comp = False, True, False
+    else:
+        cache, gc, comp = PATHS[path]
+        cache = (stage == 1) if cache is None else cache
+    if cache and stage == 2:
+        emit(name, skipped="stage 2 trains the LLM's LoRA: no text cache")
+        return
+    model, sz = build(stage, llm=not cache, unet_gc=gc)
     f_llm, f_unet = model_flops(model, sz)
-    per_sample = 3 * f_unet + (f_llm if stage == 1 else 3 * f_llm)
-    step = (plain_step_fn if path == "plain" else ours_step_fn)(model, sz, stage)
+    per_sample = 3 * f_unet + (f_llm if stage == 1 else 3 * f_llm)  # f_llm is 0 with the cache: not run
+    step = plain_step_fn(model, sz, stage) if path == "plain" else ours_step_fn(model, sz, stage, cache, comp)
+    t_warm = time.perf_counter()
     for _ in range(A.warmup):
         step()
     sync()
+    warm_s = time.perf_counter() - t_warm
+    syncs = host_syncs(step) if path != "plain" else None
     if DEV.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -243,6 +316,11 @@ def measure(name: str, stage: int, path: str) -> None:
         batch=sz["batch"],
         image_wxh=f"{sz['latent'][1] * 8}x{sz['latent'][0] * 8}",
         tokens=sz["tokens"],
+        text_cache=cache,
+        unet_gradient_checkpointing=gc,
+        compiled=comp,
+        warmup_s=round(warm_s, 1),
+        host_syncs_per_step=syncs,
         unet_params_M=round(sum(p.numel() for p in model.unet.parameters()) / 1e6),
         model_gflop_per_sample=round(per_sample / 1e9, 3),
         mfu=round(per_sample * sps / PEAK, 3),
@@ -254,14 +332,29 @@ def measure(name: str, stage: int, path: str) -> None:
 
 
 def main() -> None:
+    """Each (stage, path) in its own process: GPU memory is clean for each, and a failure (say, a
+    compile error) is reported without stopping the others."""
+    import subprocess
+
     if A.tiny:
         torch.set_num_threads(1)
+    if A.one:
+        stage, path = A.one.split(":")
+        try:
+            measure(f"stage{stage}_{path}", int(stage), path)
+        except Exception as exc:  # noqa: BLE001 - report and let the parent go on
+            emit(f"stage{stage}_{path}_error", error=repr(exc)[:800])
+        return
     for stage in [int(s) for s in A.stages.split(",")]:
         for path in A.paths.split(","):
-            try:
-                measure(f"stage{stage}_{path}", stage, path)
-            except Exception as exc:  # noqa: BLE001 - report and go on with the next part
-                emit(f"stage{stage}_{path}_error", error=repr(exc)[:800])
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--one", f"{stage}:{path}"]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            got = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+            if not got:
+                got = [{f"stage{stage}_{path}_error": {"rc": p.returncode, "stderr": p.stderr[-800:]}}]
+            for doc in got:
+                for name, kw in doc.items():
+                    emit(name, **kw)
     print(json.dumps(RESULTS))
 
 

@@ -102,7 +102,9 @@ def _model_folder(path: str, revision: str | None) -> Path | None:
     try:
         from transformers.utils import cached_file
 
-        f = cached_file(path, "config.json", revision=revision, _raise_exceptions_for_missing_entries=False)
+        f = cached_file(
+            path, "config.json", revision=revision, local_files_only=True, _raise_exceptions_for_missing_entries=False
+        )
     except Exception:  # noqa: BLE001 - not cached, offline: the caller says what it checks instead
         return None
     return Path(f).parent if f else None
