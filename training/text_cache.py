@@ -301,11 +301,11 @@ def condition_from_cache(
     states = states[:, :width]
     dev = states.device
     if drop.any():
-        e = torch.zeros(1, width, states.shape[2], dtype=states.dtype)
+        e = torch.zeros(1, width, states.shape[2], dtype=states.dtype, device=dev)
         k = min(width, empty[0].shape[0])
-        e[0, :k] = empty[0][:k]
+        e[0, :k] = empty[0][:k].to(dev, non_blocking=True)
         where = torch.from_numpy(drop.copy()).to(dev, non_blocking=True)[:, None, None]
-        states = torch.where(where, e.to(dev, non_blocking=True), states)
+        states = torch.where(where, e, states)
     mask = torch.from_numpy((np.arange(width)[None, :] < n[:, None]).astype(np.int64))
     return states, mask
 

@@ -317,7 +317,7 @@ class Trainer:
                     f"{missing[0][:80]!r}; run `make cache-text STAGE={stage}` again (it adds only the missing ones)"
                 )
             states, n = self.text_cache.batch([""])
-            self.empty_text = (states[0].to(self.dtype), n[0])
+            self.empty_text = (states[0].to(self.device, self.dtype), n[0])  # kept on the device
         params = trainable_parameters(model)
         opt = torch.optim.AdamW(
             params, lr=sc.optim.lr, betas=sc.optim.betas, eps=sc.optim.eps, weight_decay=sc.optim.weight_decay
