@@ -26,6 +26,7 @@ from paradiffusion.testing.tiny_clip import build_tiny_clip
 
 REPO = Path(__file__).resolve().parents[2]
 N_FAILED = 1  # failed downloads per shard
+SHARD_SIZE = 16
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,15 @@ def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("filter")
     records = build_sample(base / "sample")
     tiny = build_tiny_clip(base / "models")
-    write_image_shards(records, base / "sample", base / "data" / "images", shard_size=16, n_failed=N_FAILED)
-    return {"base": base, "records": records, "tiny": tiny}
+    write_image_shards(records, base / "sample", base / "data" / "images", shard_size=SHARD_SIZE, n_failed=N_FAILED)
+    n_shards = -(-len(records) // SHARD_SIZE)
+    return {
+        "base": base,
+        "records": records,
+        "tiny": tiny,
+        "n_in": len(records) + N_FAILED * n_shards,
+        "n_shards": n_shards,
+    }
 
 
 def _sets(root: Path, tiny: dict, *extra: str) -> list[str]:
@@ -67,12 +75,14 @@ def test_every_input_has_one_row_with_the_expected_reason(world):
     root = _copy_images(world, "run_reasons")
     summary = _run(root, world["tiny"])
     scores = Table(str(root / "scores")).read().to_pylist()
-    n_in = len(world["records"]) + N_FAILED * 3
+    n_in = world["n_in"]
     assert len(scores) == n_in == summary["in"]
     assert len({r["key"] for r in scores}) == n_in
     by_name = {r["url"].rsplit("/", 1)[-1]: r for r in scores if "/images/" in r["url"]}
     failed = [r for r in scores if "/missing/" in r["url"]]
-    assert len(failed) == 3 and all(r["reject_reason"] == "download_failed" and not r["kept"] for r in failed)
+    assert len(failed) == n_in - len(world["records"]) and all(
+        r["reject_reason"] == "download_failed" and not r["kept"] for r in failed
+    )
     for rec in world["records"]:
         row = by_name[rec.name]
         want = None if rec.expect == "ok" else rec.expect
@@ -127,19 +137,20 @@ def test_rerun_skips_finished_shards_and_new_shards_are_deduplicated_globally(wo
     held.mkdir()
     for f in images.glob("00002*"):
         shutil.move(str(f), held / f.name)
+    others = [f"{i:05d}" for i in range(world["n_shards"]) if i != 2]
     first = _run(root, world["tiny"])
-    assert first["shards_measured_this_run"] == 2 and first["rejected"].get("duplicate", 0) == 0
+    assert first["shards_measured_this_run"] == len(others) and first["rejected"].get("duplicate", 0) == 0
     again = _run(root, world["tiny"])
     assert again["shards_measured_this_run"] == 0 and again["shards_written_this_run"] == 0
-    assert again["skipped_already_done"] == 2
-    markers = {s: Table(str(root / "scores" / "_measure")).marker(s) for s in ("00000", "00001")}
+    assert again["skipped_already_done"] == len(others)
+    markers = {s: Table(str(root / "scores" / "_measure")).marker(s) for s in others}
     for f in held.iterdir():
         shutil.move(str(f), images / f.name)
     third = _run(root, world["tiny"])
     assert third["shards_measured_this_run"] == 1 and third["rejected"]["duplicate"] == 2
     work = Table(str(root / "scores" / "_measure"))
     assert {s: work.marker(s) for s in markers} == markers  # finished shards not redone
-    assert third["in"] == len(world["records"]) + 3 * N_FAILED
+    assert third["in"] == world["n_in"]
 
 
 def test_save_embeddings_and_near_duplicates(world):
