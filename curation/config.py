@@ -186,20 +186,22 @@ class NearDupConfig(StrictModel):
 
     search: Literal["auto", "exact", "ann"] = Field(
         "auto",
-        description="exact: every pair (blocked matrix products; fine to ~100 k rows) | ann: faiss IVF index, "
-        "range search | auto: exact up to exact_max_rows candidates, ann above",
+        description="exact: every pair (blocked matrix products; fine to ~100 k rows) | ann: faiss k-means cells, "
+        "pairs compared within cells | auto: exact up to exact_max_rows candidates, ann above",
     )
     exact_max_rows: int = Field(100_000, ge=1, description="auto picks exact up to this many candidate rows")
     nlist: int | None = Field(
-        None, ge=1, description="IVF cells; null: about 2 x sqrt(rows), a power of two (1 M rows: 2048)"
+        None, ge=1, description="k-means cells; null: about 2 x sqrt(rows), a power of two (1 M rows: 2048)"
     )
-    nprobe: int = Field(16, ge=1, description="cells searched per query: more finds more pairs, slower")
-    storage: Literal["fp32", "fp16", "sq8"] = Field(
+    cells_per_row: int = Field(
+        2, ge=1, description="each row is compared within its this many nearest cells: more finds more, costs ~n^2"
+    )
+    storage: Literal["fp32", "fp16"] = Field(
         "fp16",
-        description="vectors in the index: fp16 halves the memory (3.3 M x 768: 5 GB) and moves cosines by ~1e-3; "
-        "sq8 quarters it, coarser",
+        description="the embeddings held in memory for the search: fp16 halves it (3.3 M x 768: 4.7 GB) and moves "
+        "cosines by ~1e-3",
     )
-    train_per_cell: int = Field(32, ge=4, description="training vectors per cell for the IVF k-means")
+    train_per_cell: int = Field(40, ge=4, description="k-means training vectors per cell")
 
 
 class FilterConfig(StrictModel):

@@ -641,11 +641,19 @@ def near_duplicates(work: Table, sorted_keys: list[str], cfg: PipelinesConfig) -
         return near_duplicate_decisions(sorted_keys, pairs, t.near_dup_min), f"exact ({n:,} rows)"
     dim = next((vec.shape[1] for _, vec in chunks()), 1)
     pairs = ann_pairs(
-        chunks, n, dim, t.near_dup_min, nd.nlist, nd.nprobe, nd.storage, nd.train_per_cell, seed=cfg.project.seed + 1234
+        chunks,
+        n,
+        dim,
+        t.near_dup_min,
+        nd.nlist,
+        nd.cells_per_row,
+        nd.storage,
+        nd.train_per_cell,
+        seed=cfg.project.seed + 1234,
     )
     return (
         near_duplicate_decisions(sorted_keys, pairs, t.near_dup_min),
-        f"faiss IVF ({n:,} rows, nprobe {nd.nprobe}, {nd.storage})",
+        f"k-means cells ({n:,} rows, {nd.cells_per_row} cells a row, {nd.storage})",
     )
 
 

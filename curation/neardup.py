@@ -9,15 +9,16 @@ Two ways to find the pairs (cosine >= threshold):
 
 - :func:`exact_pairs`: every pair, in blocks of matrix products (N^2 / 2 dot products:
   fine to a few hundred thousand rows).
-- :func:`ann_pairs`: a faiss IVF index (inverted file: a k-means coarse quantizer
-  assigns each vector to one of ``nlist`` cells; a query scans its ``nprobe`` nearest
-  cells) and a range search at the threshold, streaming the vectors twice (add, then
-  query) so memory is the index's (``storage`` fp16: 2 bytes a dimension). Pairs whose
-  vectors fall in cells the query does not probe are missed (recall < 1; measured in
-  BENCHMARKS.md). This is the partition-then-compare idea of NeMo Curator's semantic
-  dedup (k-means clusters, pairwise within), with faiss doing the partition and search.
+- :func:`ann_pairs`: approximate. faiss k-means cuts the vectors into ``nlist`` cells,
+  each row joins its nearest ``cells_per_row`` cells, and rows are compared only with
+  the rows of their cells, by the same blocked matrix products: the partition-then-
+  compare scheme of NeMo Curator's semantic dedup (k-means clusters, pairwise within
+  each), with a row in more than one cell so that pairs near a cell boundary are still
+  found. Matrix products run at BLAS speed, faster per pair than scanning an inverted
+  list per query as a faiss IVF range search does (both are timed in
+  ``bench/neardup_ann.py``), and port to a GPU as they are.
 
-faiss's k-means is seeded and trained on a key-ordered sample, so the index, and the
+faiss's k-means is seeded and trained on a key-ordered sample, so the cells, and the
 decisions, repeat exactly for the same input and settings.
 """
 
@@ -105,53 +106,59 @@ def ann_pairs(
     dim: int,
     threshold: float,
     nlist: int | None = None,
-    nprobe: int = 16,
+    cells_per_row: int = 2,
     storage: str = "fp16",
     train_per_cell: int = 40,
     seed: int = 1234,
-    query_batch: int = 16384,
 ) -> Pairs:
-    """Pairs ``j < i`` with cosine >= threshold found by a faiss IVF range search.
+    """Pairs ``j < i`` with cosine >= threshold, compared within k-means cells.
 
-    ``chunks`` is read three times at most: to pick the training sample (every k-th row
-    in key order), to add the vectors, and to query them. Similarities come from the
-    index's ``storage`` (fp16 moves a cosine by about 1e-3).
+    faiss k-means (spherical, seeded, trained on every k-th row in key order) cuts the
+    vectors into ``nlist`` cells; each row joins its ``cells_per_row`` nearest cells, and
+    the rows of each cell are compared with each other by blocked matrix products
+    (:func:`exact_pairs`), so the work is about ``cells_per_row^2 x N^2 / nlist`` dot
+    products instead of ``N^2 / 2``. A pair is missed only when its two rows share none of
+    their nearest cells (rare for cosines near 1: measured in BENCHMARKS.md). The vectors
+    are held in memory as ``storage`` (fp16: 2 bytes a dimension; 1 M x 768 is 1.5 GB),
+    the similarities computed in fp32 from them (fp16 storage moves a cosine by ~1e-3).
     """
     from paradiffusion.deps import require
 
     faiss = require("faiss", "faiss-cpu", extra="curation")
     if n == 0:
         return Pairs.empty()
-    nlist = min(nlist or auto_nlist(n), max(1, n // max(1, train_per_cell)))
-    quantizer = faiss.IndexFlatIP(dim)
-    if storage == "fp32":
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    else:
-        qtype = {"fp16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}[storage]
-        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, qtype, faiss.METRIC_INNER_PRODUCT)
+    x = np.zeros((n, dim), dtype=np.float16 if storage == "fp16" else np.float32)
+    for pos, vec in chunks():
+        x[pos] = vec
+    nlist = max(1, min(nlist or auto_nlist(n), n // max(1, train_per_cell)))
+    s = max(1, min(cells_per_row, nlist))
+    if nlist == 1:
+        return exact_pairs(x.astype(np.float32), threshold)
     step = max(1, n // (nlist * train_per_cell))
-    sample = []
-    for pos, vec in chunks():
-        take = pos % step == 0
-        if take.any():
-            sample.append(vec[take])
-    train = np.ascontiguousarray(np.concatenate(sample), dtype=np.float32)
-    index.cp.seed = seed
-    index.cp.niter = 10
-    index.cp.max_points_per_centroid = max(train_per_cell, 1 + len(train) // nlist)  # use the whole sample
-    index.train(train)
-    del train, sample
-    for pos, vec in chunks():
-        index.add_with_ids(np.ascontiguousarray(vec, dtype=np.float32), pos.astype(np.int64))
-    index.nprobe = min(nprobe, nlist)
-    radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))  # faiss keeps sim > radius
+    train = np.ascontiguousarray(x[::step], dtype=np.float32)
+    km = faiss.Kmeans(
+        dim, nlist, niter=10, seed=seed, spherical=True, max_points_per_centroid=1 + len(train) // nlist, verbose=False
+    )
+    km.train(train)
+    del train
+    cells = np.empty((n, s), dtype=np.int64)
+    for c0 in range(0, n, 65536):
+        _, cells[c0 : c0 + 65536] = km.index.search(np.ascontiguousarray(x[c0 : c0 + 65536], dtype=np.float32), s)
+    flat = cells.ravel()
+    members = np.repeat(np.arange(n, dtype=np.int64), s)
+    order = np.argsort(flat, kind="stable")  # by cell; rows stay in key order inside a cell
+    flat, members = flat[order], members[order]
+    bounds = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1], True])
     parts = []
-    for pos, vec in chunks():
-        for q0 in range(0, len(pos), query_batch):
-            qpos = pos[q0 : q0 + query_batch]
-            lims, sims, ids = index.range_search(np.ascontiguousarray(vec[q0 : q0 + query_batch]), radius)
-            row = np.repeat(qpos.astype(np.int64), np.diff(lims).astype(np.int64))
-            keep = (ids < row) & (sims >= threshold)
-            if keep.any():
-                parts.append(Pairs(row[keep], ids[keep].astype(np.int64), sims[keep].astype(np.float32)))
-    return Pairs.concat(parts)
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        if b - a < 2:
+            continue
+        idx = members[a:b]
+        found = exact_pairs(x[idx].astype(np.float32), threshold)
+        if len(found.i):
+            parts.append(Pairs(idx[found.i], idx[found.j], found.sim))
+    pairs = Pairs.concat(parts)
+    if s > 1 and len(pairs.i):  # a pair sharing two cells is found twice
+        _, first = np.unique(pairs.i * n + pairs.j, return_index=True)
+        pairs = Pairs(pairs.i[first], pairs.j[first], pairs.sim[first])
+    return pairs

@@ -22,9 +22,14 @@ pickle, which imports this module there.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
-from img2dataset.resizer import Resizer
+# albumentations (imported by img2dataset's resizer) asks PyPI for a newer version on
+# import, and warns, unless told not to; a download worker has no business doing that.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from img2dataset.resizer import Resizer  # noqa: E402
 
 from curation.decode import probe
 
@@ -52,8 +57,10 @@ class GuardedResizer(Resizer):
 @contextlib.contextmanager
 def guarded_resizer() -> Iterator[None]:
     """Make ``img2dataset.download`` build a :class:`GuardedResizer` inside this block."""
-    import img2dataset.main as i2d_main
+    import importlib
 
+    # the package's `main` attribute is the CLI function, which hides the module of that name
+    i2d_main = importlib.import_module("img2dataset.main")
     original = i2d_main.Resizer
     i2d_main.Resizer = GuardedResizer
     try:

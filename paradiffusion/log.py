@@ -58,18 +58,22 @@ def third_party_output_to(log_path: str) -> Iterator[TextIO]:
         with contextlib.suppress(Exception):
             stream.flush()
     saved = os.dup(1), os.dup(2)
+    # the terminal: where sys.stderr wrote (it may be a wrapper, e.g. under pytest), else fd 2
     console = os.fdopen(os.dup(saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    # Python-level writes too, in case sys.stdout/sys.stderr are not fds 1 and 2
+    log_stream = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    old_std = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = log_stream
     old_stream = _HANDLER.setStream(console) if _HANDLER is not None else None
     try:
         yield console
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
+        sys.stdout, sys.stderr = old_std
+        log_stream.close()
         if _HANDLER is not None and old_stream is not None:
             _HANDLER.setStream(old_stream)
         os.dup2(saved[0], 1)
