@@ -301,3 +301,70 @@ def test_batch_to_table_reads_all_none_columns_that_ray_turned_into_nan():
     assert [r["reject_reason"] for r in rows] == [None, None] and all(r["kept"] for r in rows)
     assert rows[0]["width"] == 10 and rows[1]["width"] is None and rows[1]["aesthetic"] is None
     assert rows[0]["url"] is None and rows[1]["caption"] is None
+
+
+def _final_fingerprints(root: Path) -> set:
+    out = Table(str(root / "scores"))
+    return {m.get("config_fingerprint") for m in out.markers().values()}
+
+
+def test_changed_thresholds_are_redecided_and_provenance_stays_true(world):
+    import yaml
+
+    root = _copy_images(world, "run_provenance")
+    first = _run(root, world["tiny"])
+    scores = {r["key"]: r for r in Table(str(root / "scores")).read().to_pylist()}
+    kept = [r for r in scores.values() if r["kept"]]
+    c_min = float(np.median([r["clip_score"] for r in kept]))
+    work = Table(str(root / "scores" / "_measure"))
+    measured = {s: work.marker(s) for s in work.done_shards()}
+
+    # A model-score threshold: decided again from the stored scores, nothing measured again.
+    second = _run(root, world["tiny"], f"filter.thresholds.clip_score_min={c_min!r}")
+    assert second["shards_measured_this_run"] == 0 and second["shards_redecided_this_run"] == world["n_shards"]
+    assert {s: work.marker(s) for s in work.done_shards()} == measured
+    assert second["rejected"]["low_clip_score"] >= 1 and second["out"] < first["out"]
+    # A stricter size check: re-decided from the stored sizes (no model work), every final shard rewritten.
+    third = _run(
+        root, world["tiny"], f"filter.thresholds.clip_score_min={c_min!r}", "filter.thresholds.min_short_side=400"
+    )
+    assert third["shards_measured_this_run"] == 0 and third["shards_redecided_this_run"] == world["n_shards"]
+    fresh_root = _copy_images(world, "run_provenance_fresh")
+    fresh = _run(
+        fresh_root, world["tiny"], f"filter.thresholds.clip_score_min={c_min!r}", "filter.thresholds.min_short_side=400"
+    )
+    cols = ["key", "kept", "reject_reason", "duplicate_of"]
+    a = Table(str(root / "scores")).read(columns=cols).sort_by("key").to_pylist()
+    b = Table(str(fresh_root / "scores")).read(columns=cols).sort_by("key").to_pylist()
+    assert a == b and third["rejected"] == fresh["rejected"]  # the same as measuring from scratch
+    doc = yaml.safe_load((root / "scores" / "_config.yaml").read_text())
+    assert doc["config"]["filter"]["thresholds"]["min_short_side"] == 400
+    assert doc.get("shards_with_other_settings") is None
+    assert _final_fingerprints(root) == {doc["stage_fingerprint"]}  # every shard made by what it names
+    marker = Table(str(root / "scores")).marker("00000")
+    assert marker["settings"]["checks"]["min_short_side"] == 400
+
+    # Looser size checks need scores the rejected rows never got: refused, and nothing changes.
+    before = (root / "scores" / "_config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"min_short_side 400 -> 128.*never scored.*changed_settings=remeasure"):
+        run_filter(load_config([], _sets(root, world["tiny"], f"filter.thresholds.clip_score_min={c_min!r}")))
+    with pytest.raises(ConfigError, match=r"filter\.decode\.max_pixels 100000000 -> 1000000"):
+        run_filter(load_config([], _sets(root, world["tiny"], "filter.decode.max_pixels=1000000")))
+    assert (root / "scores" / "_config.yaml").read_text() == before
+    # ...unless asked to measure them again, which gives what a fresh run gives.
+    again = _run(root, world["tiny"], "filter.changed_settings=remeasure")
+    assert again["shards_measured_this_run"] == world["n_shards"]
+    assert again["rejected"] == first["rejected"] and again["out"] == first["out"]
+    doc = yaml.safe_load((root / "scores" / "_config.yaml").read_text())
+    assert _final_fingerprints(root) == {doc["stage_fingerprint"]}
+
+
+def test_near_duplicates_exact_and_approximate_search_agree(world):
+    root = _copy_images(world, "run_near_ann")
+    sets = ["filter.save_embeddings=true", "filter.thresholds.dedup=near", "filter.thresholds.near_dup_min=0.999"]
+    _run(root, world["tiny"], *sets, "filter.near_dup.search=exact")
+    exact = Table(str(root / "scores")).read(columns=["key", "reject_reason", "duplicate_of"]).sort_by("key")
+    summary = _run(root, world["tiny"], *sets, "filter.near_dup.search=ann", "filter.near_dup.nlist=2")
+    assert summary["shards_measured_this_run"] == 0 and "k-means cells" in summary["near_dup_search"]
+    ann = Table(str(root / "scores")).read(columns=["key", "reject_reason", "duplicate_of"]).sort_by("key")
+    assert ann.to_pylist() == exact.to_pylist()
