@@ -179,6 +179,12 @@ def test_config_errors_name_the_key(world, tmp_path):
         load_config([], ["filter.thresholds.max_aspect_ratio=0.5"])
     with pytest.raises(ConfigError, match=r"filter\.decode\.animated.*'reject', 'first_frame'"):
         load_config([], ["filter.decode.animated=sometimes"])
+    with pytest.raises(ConfigError, match=r"filter\.thresholds\.clip_score_min = 7.*<= 1.0.*a cosine"):
+        load_config([], ["filter.thresholds.clip_score_min=7"])
+    with pytest.raises(ConfigError, match=r"filter\.thresholds\.aesthetic_min = 11.*<= 10.0"):
+        load_config([], ["filter.thresholds.aesthetic_min=11"])
+    with pytest.raises(ConfigError, match=r"filter\.changed_settings.*'refuse', 'remeasure'"):
+        load_config([], ["filter.changed_settings=sometimes"])
     with pytest.raises(ConfigError, match=r"filter\.thresholds.*unknown key.*aesthetic_min"):
         load_config([], ["filter.thresholds.aesthetic_minimum=5"])
     with pytest.raises(ConfigError, match=r"filter\.models\.clip_model = 'ViT-Nope'"):
@@ -344,19 +350,24 @@ def test_changed_thresholds_are_redecided_and_provenance_stays_true(world):
     marker = Table(str(root / "scores")).marker("00000")
     assert marker["settings"]["checks"]["min_short_side"] == 400
 
-    # Looser size checks need scores the rejected rows never got: refused, and nothing changes.
+    # Checks looser than the ones the shards were measured with need scores the rows rejected
+    # then never got: refused, and nothing changes. So are other models or decode settings.
     before = (root / "scores" / "_config.yaml").read_text()
-    with pytest.raises(ConfigError, match=r"min_short_side 400 -> 128.*never scored.*changed_settings=remeasure"):
-        run_filter(load_config([], _sets(root, world["tiny"], f"filter.thresholds.clip_score_min={c_min!r}")))
+    with pytest.raises(ConfigError, match=r"min_short_side 128 -> 64.*never scored.*changed_settings=remeasure"):
+        run_filter(load_config([], _sets(root, world["tiny"], "filter.thresholds.min_short_side=64")))
     with pytest.raises(ConfigError, match=r"filter\.decode\.max_pixels 100000000 -> 1000000"):
         run_filter(load_config([], _sets(root, world["tiny"], "filter.decode.max_pixels=1000000")))
     assert (root / "scores" / "_config.yaml").read_text() == before
-    # ...unless asked to measure them again, which gives what a fresh run gives.
-    again = _run(root, world["tiny"], "filter.changed_settings=remeasure")
-    assert again["shards_measured_this_run"] == world["n_shards"]
-    assert again["rejected"] == first["rejected"] and again["out"] == first["out"]
+    # ...unless asked to measure them again.
+    again = _run(root, world["tiny"], "filter.thresholds.min_short_side=64", "filter.changed_settings=remeasure")
+    # only the shards holding rows that were rejected as too small before scoring are measured again
+    assert 1 <= again["shards_measured_this_run"] < world["n_shards"] and again["in"] == world["n_in"]
+    assert again["shards_measured_this_run"] + again["shards_redecided_this_run"] == world["n_shards"]
+    assert again["rejected"].get("too_small", 0) == 0  # the 96 px images now pass
     doc = yaml.safe_load((root / "scores" / "_config.yaml").read_text())
     assert _final_fingerprints(root) == {doc["stage_fingerprint"]}
+    final = Table(str(root / "scores")).markers().values()
+    assert {m["settings"]["checks"]["min_short_side"] for m in final} == {64}
 
 
 def test_near_duplicates_exact_and_approximate_search_agree(world):
