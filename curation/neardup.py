@@ -14,9 +14,8 @@ Two ways to find the pairs (cosine >= threshold):
   the rows of their cells, by the same blocked matrix products: the partition-then-
   compare scheme of NeMo Curator's semantic dedup (k-means clusters, pairwise within
   each), with a row in more than one cell so that pairs near a cell boundary are still
-  found. Matrix products run at BLAS speed, faster per pair than scanning an inverted
-  list per query as a faiss IVF range search does (both are timed in
-  ``bench/neardup_ann.py``), and port to a GPU as they are.
+  found. The comparisons are matrix products (BLAS speed on CPU, and they port to a GPU
+  as they are); ``bench/neardup_ann.py`` times a faiss IVF range search beside it.
 
 faiss's k-means is seeded and trained on a key-ordered sample, so the cells, and the
 decisions, repeat exactly for the same input and settings.
