@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import io
 import logging
 import os
 import sys
@@ -12,6 +13,37 @@ from collections.abc import Iterator
 from typing import TextIO
 
 _HANDLER: logging.StreamHandler | None = None
+
+
+class _Forward(io.TextIOBase):
+    """A stand-in for sys.stdout / sys.stderr that writes to a target which can be switched:
+    a library that keeps a reference to it (Ray's log handler does) writes to the real
+    stream again once the block that installed it has ended, never to a closed file."""
+
+    def __init__(self, target: TextIO):
+        self.target = target
+
+    def write(self, s: str) -> int:
+        return self.target.write(s)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def fileno(self) -> int:
+        return self.target.fileno()
+
+    def isatty(self) -> bool:
+        return self.target.isatty()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.target, "encoding", "utf-8")
+
+    def __getattr__(self, name: str):
+        return getattr(self.target, name)
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -67,15 +99,19 @@ def third_party_output_to(log_path: str) -> Iterator[TextIO]:
     # Python-level writes too, in case sys.stdout/sys.stderr are not fds 1 and 2
     log_stream = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
     old_std = sys.stdout, sys.stderr
-    sys.stdout = sys.stderr = log_stream
-    old_stream = _HANDLER.setStream(console) if _HANDLER is not None else None
+    forwards = _Forward(log_stream), _Forward(log_stream)
+    sys.stdout, sys.stderr = forwards
+    old_stream = _HANDLER.stream if _HANDLER is not None else None
+    if _HANDLER is not None:
+        _HANDLER.stream = console  # not setStream(): it flushes the old stream, which may be gone
     try:
         yield console
     finally:
         sys.stdout, sys.stderr = old_std
+        forwards[0].target, forwards[1].target = old_std  # for whoever kept a reference
         log_stream.close()
-        if _HANDLER is not None and old_stream is not None:
-            _HANDLER.setStream(old_stream)
+        if _HANDLER is not None:
+            _HANDLER.stream = old_stream
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         for f in saved:

@@ -33,3 +33,21 @@ def test_summary_names_what_it_skipped():
     assert "already done (skipped shards)  3" in s.render()
     assert s.to_dict()["skipped_unit"] == "shards"
     assert "already done (skipped)" in StageSummary("x", skipped_done=1).render()
+
+
+def test_a_stream_kept_by_a_library_writes_to_the_terminal_after_the_block(tmp_path, capfd):
+    import logging
+
+    log_path = str(tmp_path / "x.log")
+    with third_party_output_to(log_path):
+        handler = logging.StreamHandler(sys.stderr)  # as Ray's logger does when set up inside the block
+        lib = logging.getLogger("some.library")
+        lib.addHandler(handler)
+        lib.warning("inside")
+    try:
+        lib.warning("after")  # must not write to the closed log file
+    finally:
+        lib.removeHandler(handler)
+    err = capfd.readouterr().err
+    assert "after" in err and "inside" not in err
+    assert "inside" in open(log_path).read()
