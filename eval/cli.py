@@ -82,7 +82,7 @@ def _generate_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> l
 
 
 def _metrics_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> list:
-    """CLIP (and Long-CLIP), the aesthetic head, Inception weights for FID, the preference models."""
+    """CLIP (and Long-CLIP), the aesthetic head, Inception weights for FID, the DPG-Bench judge, the preference models."""
     from paradiffusion.hub import model_ref, open_clip_refs, unmanaged, weights_ref
 
     mc = cfg.eval.metrics
@@ -104,6 +104,13 @@ def _metrics_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> li
             refs.append(
                 weights_ref(key, value) if local else unmanaged(key, value, f"the {package} package fetches it")
             )
+    dc = mc.dpg
+    if dc.questions and dc.judge:  # DPG-Bench's VQA judge: an entry of caption.captioners
+        from captioning.cli import captioner_models
+
+        spec = cfg.caption.captioners.get(dc.judge)
+        if spec is not None:  # an unknown name is reported by the stage with the names it knows
+            refs += captioner_models(f"caption.captioners.{dc.judge}", spec)
     if pc.pickscore:
         refs.append(model_ref("eval.metrics.preference.pickscore", pc.pickscore, layout=("transformers",)))
         refs.append(

@@ -443,9 +443,18 @@ def test_stages_declare_the_models_their_config_names():
         ("eval.models.paradiffusion.path", "weijiawu/ParaDiffusion", "any"),
         ("eval.models.sdxl.path", "stabilityai/stable-diffusion-xl-base-1.0", "pipeline"),
     ]
+    # eval's DPG-Bench judge is a captioner entry: its weights are resolved like the caption stage's
+    judge = [(r.setting, r.source) for r in _declared([], "eval") if r.setting.startswith("caption.")]
+    assert judge == [("caption.captioners.qwen2_5_vl.model", "Qwen/Qwen2.5-VL-7B-Instruct")]
+    assert not any(r.setting.startswith("caption.") for r in _declared(["eval.metrics.dpg.questions=null"], "eval"))
+    # the default captioner (native CogVLM) names its weights and Vicuna's tokenizer
+    assert [(r.setting, r.source) for r in _declared([], "caption")] == [
+        ("caption.captioners.cogvlm.model", "THUDM/cogvlm-chat-hf"),
+        ("caption.captioners.cogvlm.tokenizer", "lmsys/vicuna-7b-v1.5"),
+    ]
     # remote code that is not pinned is refused before anything is downloaded
     with pytest.raises(ConfigError, match="pinned"):
-        _declared([], "caption")
+        _declared(["caption.captioner=cogvlm_remote"], "caption")
     qwen = _declared(["caption.captioner=qwen2_5_vl"], "caption")
     assert [(r.source, r.revision) for r in qwen] == [
         ("Qwen/Qwen2.5-VL-7B-Instruct", "cc594898137f460bfe9f0759e9844b3ce807cfb5")
