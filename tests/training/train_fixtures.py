@@ -29,10 +29,12 @@ def write_image_shards(
     corrupt: int = 0,
     missing_caption: int = 0,
     sizes: list[tuple[int, int]] | None = None,
+    null_sizes: bool = False,
 ) -> list[str]:
     """img2dataset-like parquet shards (key, caption, jpg, status, width, height + _stats.json); returns keys.
 
-    ``per_shard``: rows in every shard, or a list with each shard's rows."""
+    ``per_shard``: rows in every shard, or a list with each shard's rows. ``null_sizes``: width and
+    height null, as img2dataset writes them when it stores the bytes as downloaded."""
 
     from paradiffusion.testing.sample import synthetic_image
 
@@ -62,8 +64,8 @@ def write_image_shards(
                     "caption": caption,
                     "jpg": data,
                     "status": "success",
-                    "width": w,
-                    "height": h,
+                    "width": None if null_sizes else w,
+                    "height": None if null_sizes else h,
                     "url": f"http://x/{key}.jpg",
                 }
             )
