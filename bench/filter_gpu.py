@@ -107,8 +107,8 @@ def whole_stage(root: Path, images: Path, model: dict, a: argparse.Namespace) ->
     import ray
 
     from curation.filter import run_filter
-    from paradiffusion.config import load_config
     from paradiffusion.raycluster import init_ray
+    from pipelines.config import load_config
 
     data_root = root / "stage_run"
     shutil.rmtree(data_root, ignore_errors=True)
@@ -135,7 +135,7 @@ def whole_stage(root: Path, images: Path, model: dict, a: argparse.Namespace) ->
     ]
     cfg = load_config([], sets)
     t0 = time.perf_counter()
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, extra="curation")
     ray_start = time.perf_counter() - t0
     t0 = time.perf_counter()
     run_filter(cfg)

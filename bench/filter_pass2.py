@@ -42,7 +42,7 @@ IMAGE_SIZE = 224
 
 
 def _cfg(root: Path, mode: str):
-    from paradiffusion.config import load_config
+    from pipelines.config import load_config
 
     return load_config(
         [],

@@ -167,7 +167,7 @@ def ours_step_fn(model, sz, stage):
     import deepspeed
     from diffusers import DDPMScheduler
 
-    from paradiffusion.config import PipelinesConfig
+    from pipelines.config import PipelinesConfig
     from training.trainer import Trainer, deepspeed_config, init_distributed
 
     class BenchTrainer(Trainer):

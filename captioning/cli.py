@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from paradiffusion.cli import Command
-from paradiffusion.config import PipelinesConfig
+from paradiffusion.config import RootConfig
 
 
-def _run_caption(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def _run_caption(cfg: RootConfig, args: argparse.Namespace) -> int:
     from captioning.pipeline import run_caption
 
     summary = run_caption(cfg, recaption=args.recaption, limit=args.limit)
@@ -24,7 +24,7 @@ def _caption_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="caption at most N pending images this run")
 
 
-def _caption_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> list:
+def _caption_models(cfg: RootConfig, args: argparse.Namespace | None) -> list:
     """The selected captioner (``caption.captioner``) and, for CogVLM v1, its separate tokenizer.
 
     Remote code must be pinned before anything is downloaded, so that check comes first.

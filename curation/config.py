@@ -1,5 +1,5 @@
 """Config schemas of the curation stages: the ``download`` and ``filter`` sections of
-``pipelines.yaml``. Each class is one section; ``paradiffusion/config.py`` composes them.
+``pipelines.yaml``. Each class is one section; ``pipelines/config.py`` composes them.
 """
 
 from __future__ import annotations

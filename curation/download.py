@@ -37,7 +37,7 @@ import fsspec
 import yaml
 
 from curation.config import URL_LIST_FORMATS, DownloadConfig
-from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.log import get_logger, stage_log_path, third_party_output_to
 from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, join
@@ -367,7 +367,7 @@ def summarise(images_url: str, expected: dict[str, int], summary: StageSummary) 
 
 
 # --------------------------------------------------------------------------- run
-def images_folder(cfg: PipelinesConfig) -> str:
+def images_folder(cfg: RootConfig) -> str:
     """Where the download writes: ``download.output`` or ``<data_root>/images``."""
     return cfg.download.output or join(cfg.project.data_root, "images")
 
@@ -496,7 +496,7 @@ def _reject_policy(cfg: DownloadConfig) -> str:
     return ", ".join(["undecodable"] + rules) + "; animated images stored as downloaded"
 
 
-def run_download(cfg: PipelinesConfig) -> StageSummary:
+def run_download(cfg: RootConfig) -> StageSummary:
     """Download ``cfg.download.input`` into the images folder; returns the summary (also saved)."""
     dcfg: DownloadConfig = cfg.download
     output = images_folder(cfg)
@@ -571,7 +571,7 @@ def run_download(cfg: PipelinesConfig) -> StageSummary:
     return summary
 
 
-def _run_img2dataset(cfg: PipelinesConfig, url_list: UrlList, output: str, todo: set[str], log_path: str) -> str:
+def _run_img2dataset(cfg: RootConfig, url_list: UrlList, output: str, todo: set[str], log_path: str) -> str:
     """Run ``img2dataset.download`` on the shards still to do; returns where it ran.
 
     img2dataset's own output (its shard bar, stats lines, bandwidth hint, its workers'
@@ -593,7 +593,7 @@ def _run_img2dataset(cfg: PipelinesConfig, url_list: UrlList, output: str, todo:
         if cfg.download.distributor == "ray":
             from paradiffusion.raycluster import init_ray
 
-            where = init_ray(cfg.ray)
+            where = init_ray(cfg.ray, extra="curation")
         stop = threading.Event()
         watcher = threading.Thread(target=_watch, args=(output, todo, stop, console), daemon=True)
         watcher.start()

@@ -57,7 +57,7 @@ from curation.filters import (
     near_duplicate_decisions,
 )
 from curation.models import clip_tokenizer
-from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.images import image_column, image_shards
 from paradiffusion.log import get_logger, stage_log_path, third_party_output_to
 from paradiffusion.schemas import REJECT_DECODE, SCORES
@@ -88,13 +88,13 @@ class Paths:
         return join(self.scores, WORK_SUBDIR)
 
 
-def resolve_paths(cfg: PipelinesConfig) -> Paths:
+def resolve_paths(cfg: RootConfig) -> Paths:
     root = cfg.project.data_root
     f = cfg.filter
     return Paths(images=f.input or join(root, "images"), scores=f.output or join(root, "scores"))
 
 
-def validate(cfg: PipelinesConfig) -> None:
+def validate(cfg: RootConfig) -> None:
     """Checks that need more than the schema: models that exist, thresholds with a model."""
     from curation.models import is_known_clip
 
@@ -346,7 +346,7 @@ def _shard_rows(url: str) -> int:
 
 # --------------------------------------------------------------------------- pass 1 runners
 def measure_local(
-    pending: list[tuple[str, str]], work: Table, cfg: PipelinesConfig, image_size: int, meta: dict, console: Any
+    pending: list[tuple[str, str]], work: Table, cfg: RootConfig, image_size: int, meta: dict, console: Any
 ) -> str:
     """Pass 1 in this process, shard by shard."""
     f = cfg.filter
@@ -363,7 +363,7 @@ def measure_local(
 
 
 def measure_ray(
-    pending: list[tuple[str, str]], work: Table, cfg: PipelinesConfig, image_size: int, meta: dict, console: Any
+    pending: list[tuple[str, str]], work: Table, cfg: RootConfig, image_size: int, meta: dict, console: Any
 ) -> str:
     """Pass 1 as a Ray Data pipeline: CPU decode tasks -> model actor pool -> shard writer."""
     import ray
@@ -371,7 +371,7 @@ def measure_ray(
 
     from paradiffusion.raycluster import init_ray
 
-    where = init_ray(cfg.ray)
+    where = init_ray(cfg.ray, extra="curation")
     f = cfg.filter
     fcfg = f.model_dump(mode="json")
     keep_emb = f.save_embeddings or f.thresholds.dedup == "near"
@@ -547,7 +547,7 @@ class MeasurePlan:
     stale: dict[str, str]  # shard -> why its measurements cannot serve this run
 
 
-def plan_measured(work: Table, cfg: PipelinesConfig, image_size: int) -> MeasurePlan:
+def plan_measured(work: Table, cfg: RootConfig, image_size: int) -> MeasurePlan:
     """Compare every measured shard's recorded settings with this run's."""
     f = cfg.filter
     want_m, want_c = measure_settings(f, image_size), check_settings(f)
@@ -620,7 +620,7 @@ def _near_chunks(work: Table, sorted_keys: pa.Array):
     return chunks
 
 
-def near_duplicates(work: Table, sorted_keys: list[str], cfg: PipelinesConfig) -> tuple[dict, str]:
+def near_duplicates(work: Table, sorted_keys: list[str], cfg: RootConfig) -> tuple[dict, str]:
     """Near-duplicate decisions over the candidates' embeddings; also says which search ran."""
     from curation.neardup import ann_pairs, exact_pairs
 
@@ -660,7 +660,7 @@ def near_duplicates(work: Table, sorted_keys: list[str], cfg: PipelinesConfig) -
 def decide(
     work: Table,
     out: Table,
-    cfg: PipelinesConfig,
+    cfg: RootConfig,
     expected_rows: dict[str, int],
     run_id: str,
     image_size: int,
@@ -754,7 +754,7 @@ def funnel(out: Table, summary: StageSummary) -> None:
 
 
 # --------------------------------------------------------------------------- the stage
-def run_filter(cfg: PipelinesConfig, args: argparse.Namespace | None = None) -> int:
+def run_filter(cfg: RootConfig, args: argparse.Namespace | None = None) -> int:
     """The ``filter`` command: check settings on record, measure pending shards, decide, write the funnel."""
     from curation.models import clip_input_size
 

@@ -40,8 +40,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from pydantic import BaseModel
 
-from paradiffusion.config import PipelinesConfig, config_fingerprint, resolved_config_document
+from paradiffusion.config import config_fingerprint, resolved_config_document
 from paradiffusion.log import get_logger
 
 log = get_logger("storage")
@@ -193,8 +194,8 @@ class Table:
         return sum(int(self.marker(s)["rows"]) for s in self.done_shards())
 
     # -- run metadata
-    def save_config(self, cfg: PipelinesConfig, stage: str, section: Any = None) -> dict:
-        """Save the resolved config beside the output; returns the document written.
+    def save_config(self, cfg: BaseModel | dict, stage: str, section: Any = None) -> dict:
+        """Save the resolved config (the composed model, or its dict) beside the output; returns the document written.
 
         With ``section`` (the stage's settings that decide what its rows hold), its
         fingerprint is recorded in every marker written from now on, the document is also

@@ -24,11 +24,12 @@ from curation.download import (
     resolve_url_list,
     run_download,
 )
-from paradiffusion.cli import main
-from paradiffusion.config import ConfigError, load_config
+from paradiffusion.config import ConfigError
 from paradiffusion.images import image_shards
 from paradiffusion.testing.http import serve_folder
 from paradiffusion.testing.sample import build_sample, write_url_list
+from pipelines.cli import main
+from pipelines.config import load_config
 
 MIN_SIZE = 128
 MAX_ASPECT = 3.0

@@ -17,12 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.filter import run_filter
-from paradiffusion.config import ConfigError, load_config
+from paradiffusion.config import ConfigError
 from paradiffusion.images import iter_kept_images, kept_keys
 from paradiffusion.storage import Table
 from paradiffusion.testing.image_shards import write_image_shards
 from paradiffusion.testing.sample import build_sample
 from paradiffusion.testing.tiny_clip import build_tiny_clip
+from pipelines.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 N_FAILED = 1  # failed downloads per shard

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from paradiffusion import hub
-from paradiffusion.config import ConfigError, load_config
+from paradiffusion.config import ConfigError
 from paradiffusion.testing.fake_hub import FakeHub
 from paradiffusion.testing.tiny_clip import build_tiny_clip
+from pipelines.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -418,10 +419,11 @@ def test_open_clip_tags_become_the_hub_file_open_clip_reads():
 
 # --------------------------------------------------------------------------- what each stage declares
 def _declared(argv_sets: list[str], command: str) -> list[hub.ModelRef]:
-    from paradiffusion.cli import COMMANDS, _load_command
+    from paradiffusion.cli import load_command
+    from pipelines.cli import COMMANDS
 
     cfg = load_config([REPO / "pipelines.yaml"], argv_sets)
-    return _load_command(COMMANDS[command]).models(cfg, None)
+    return load_command(COMMANDS[command]).models(cfg, None)
 
 
 def test_stages_declare_the_models_their_config_names():
@@ -488,7 +490,7 @@ def test_a_ray_cluster_job_gets_the_model_cache_and_offline_mode(monkeypatch, tm
 
 
 def test_models_command_names_the_commands_that_declare_models(capsys):
-    from paradiffusion.cli import main
+    from pipelines.cli import main
 
     assert main(["models", "check", "--stages", "stats", "--config", os.devnull]) == 2
     err = capsys.readouterr().err

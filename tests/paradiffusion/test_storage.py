@@ -3,10 +3,10 @@ import json
 import pyarrow as pa
 import pytest
 
-from paradiffusion.config import load_config
 from paradiffusion.schemas import SCORES
 from paradiffusion.stage import StageSummary
 from paradiffusion.storage import Table, conform
+from pipelines.config import load_config
 
 
 def scores(keys, kept=True):

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from paradiffusion.config import PipelinesConfig
+from pipelines.config import PipelinesConfig
 
 CAPTIONS = [
     "A red square on a blue background.",
