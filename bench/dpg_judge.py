@@ -88,9 +88,9 @@ def main() -> None:
     from captioning.config import CaptionerSpec, GenerationSettings
     from eval.dpg_judge import judge_dpg
     from eval.metrics import _load_rgb
-    from paradiffusion.config import load_config
     from paradiffusion.stage import StageSummary
     from paradiffusion.storage import Table
+    from pipelines.config import load_config
 
     if args.device == "cpu":
         torch.set_num_threads(2)

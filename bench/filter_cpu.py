@@ -192,8 +192,8 @@ def _bare_shard(job: tuple[str, str, dict, int, int]) -> int:
 
 def bare_loop(images: Path, sets: list[str], procs: int) -> tuple[float, int]:
     from curation.models import clip_input_size
-    from paradiffusion.config import load_config
     from paradiffusion.images import image_shards
+    from pipelines.config import load_config
 
     cfg = load_config([], sets)
     fcfg = cfg.filter.model_dump(mode="json")
@@ -210,8 +210,8 @@ def pipeline(root: Path, images: Path, sets: list[str]) -> tuple[float, float, d
     import ray
 
     from curation.filter import run_filter
-    from paradiffusion.config import load_config
     from paradiffusion.raycluster import init_ray
+    from pipelines.config import load_config
 
     data_root = root / "pipeline_run"
     shutil.rmtree(data_root, ignore_errors=True)
@@ -219,7 +219,7 @@ def pipeline(root: Path, images: Path, sets: list[str]) -> tuple[float, float, d
     os.symlink(images, data_root / "images")
     cfg = load_config([], sets + [f"project.data_root={data_root}"])
     t0 = time.perf_counter()
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, extra="curation")
     ray_start = time.perf_counter() - t0
     t0 = time.perf_counter()
     run_filter(cfg)

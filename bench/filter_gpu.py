@@ -11,6 +11,11 @@ One prepared script for a GPU machine (one H100/H200-class GPU and its CPU cores
    (CLIP image + text towers + aesthetic MLP, fp16), per-shard writes and the global
    dedup pass included. Ray's own start-up is timed apart.
 3. **decode capacity**: one core's decode + resize + hashing rate, times the cores.
+4. **GPU decode** (the option for when CPU decode is the limit): the same JPEG bytes
+   decoded on the GPU with nvJPEG (``torchvision.io.decode_jpeg(..., device="cuda")``),
+   resized and centre-cropped on the GPU, then the CLIP image tower: images/s of
+   decode + model with no CPU decode at all (no text tower, aesthetic or hashing; the
+   stage itself decodes on CPU: this measures what moving decode to the GPU would give).
 
 Goal: the whole stage >= 3,000 images/s on one H100/H200 with 16 cores. Writes
 filter_gpu.json into $OUT (or --workdir). A CPU-only smoke run of the same code:
@@ -102,8 +107,8 @@ def whole_stage(root: Path, images: Path, model: dict, a: argparse.Namespace) ->
     import ray
 
     from curation.filter import run_filter
-    from paradiffusion.config import load_config
     from paradiffusion.raycluster import init_ray
+    from pipelines.config import load_config
 
     data_root = root / "stage_run"
     shutil.rmtree(data_root, ignore_errors=True)
@@ -130,7 +135,7 @@ def whole_stage(root: Path, images: Path, model: dict, a: argparse.Namespace) ->
     ]
     cfg = load_config([], sets)
     t0 = time.perf_counter()
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, extra="curation")
     ray_start = time.perf_counter() - t0
     t0 = time.perf_counter()
     run_filter(cfg)
@@ -171,6 +176,48 @@ def decode_capacity(images: Path, size: int, n: int, procs: int) -> dict:
     }
 
 
+def gpu_decode(images: Path, model: dict, device: str, batch: int, precision: str, n: int) -> dict:
+    """JPEG bytes -> nvJPEG decode on the device -> resize + crop -> CLIP image tower, timed."""
+    import pyarrow.parquet as pq
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as TF  # noqa: N812
+
+    from curation.models import load_clip
+
+    clip = load_clip(model["clip_model"], device=device, precision=precision)
+    size = clip.image_size
+    raw: list[bytes] = []
+    for f in sorted(images.glob("*.parquet")):
+        raw += pq.read_table(f, columns=["jpg"])["jpg"].to_pylist()
+        if len(raw) >= n:
+            break
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in raw[:n]]
+
+    def run(part: list) -> None:
+        imgs = decode_jpeg(part, mode=ImageReadMode.RGB, device=device)
+        crops = [TF.center_crop(TF.resize(im, size, antialias=True), [size, size]) for im in imgs]
+        clip.encode_images(torch.stack(crops).permute(0, 2, 3, 1))
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    run(data[:batch])  # warm-up (nvJPEG handles, kernels)
+    sync()
+    t0 = time.perf_counter()
+    for s in range(0, len(data), batch):
+        run(data[s : s + batch])
+    sync()
+    seconds = time.perf_counter() - t0
+    return {
+        "images_per_s": round(len(data) / seconds, 1),
+        "images": len(data),
+        "batch": batch,
+        "what": "JPEG bytes -> decode_jpeg on the device -> resize + centre crop -> CLIP image tower",
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny random CLIP instead of ViT-L/14 (smoke test)")
@@ -186,6 +233,7 @@ def main() -> None:
     p.add_argument("--precision", default=None, help="fp16 on GPU, fp32 on CPU by default")
     p.add_argument("--procs", type=int, default=os.cpu_count() or 2)
     p.add_argument("--workdir", default="/tmp/pd_bench_filter_gpu")
+    p.add_argument("--gpu-decode-n", type=int, default=8192, help="images for the GPU decode measurement")
     a = p.parse_args()
     a.precision = a.precision or ("fp16" if a.device.startswith("cuda") else "fp32")
     if a.tiny:
@@ -210,6 +258,7 @@ def main() -> None:
     result["bare_model"] = bare_model(None if a.tiny else "ViT-L-14", model, a.device, a.batch, a.iters, a.precision)
     result["whole_stage"] = whole_stage(root, images, model, a)
     result["decode"] = decode_capacity(images, model["image_size"], 200, a.procs)
+    result["gpu_decode"] = gpu_decode(images, model, a.device, a.batch, a.precision, min(a.n, a.gpu_decode_n))
     result["ratio_stage_to_bare_model"] = round(
         result["whole_stage"]["images_per_s"] / result["bare_model"]["images_per_s"], 3
     )

@@ -36,9 +36,9 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from paradiffusion.config import load_config  # noqa: E402
 from paradiffusion.schemas import CAPTIONS, SCORES  # noqa: E402
 from paradiffusion.storage import Table  # noqa: E402
+from pipelines.config import load_config  # noqa: E402
 
 WORDS = (
     "the a of and in on with is at to its left right side front behind near top bottom center background "

@@ -95,7 +95,7 @@ def write_images(folder: Path, n: int, big: bool) -> None:
 
 
 def config(models: dict, root: Path, images: Path, steps: int, tokens: int, workers: int, cache: str | None):
-    from paradiffusion.config import PipelinesConfig
+    from pipelines.config import PipelinesConfig
 
     stage = {
         "max_steps": steps, "micro_batch_size": 4, "max_length": tokens, "caption_dropout": 0.1,

@@ -199,7 +199,7 @@ def ours_step_fn(model, sz, stage, cache: bool, compile_unet: bool):
     import numpy as np
     from diffusers import DDPMScheduler
 
-    from paradiffusion.config import PipelinesConfig
+    from pipelines.config import PipelinesConfig
     from training.trainer import Trainer, deepspeed_config, init_distributed
 
     backend = A.compile_backend or ("aot_eager" if A.tiny else "inductor")

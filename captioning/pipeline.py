@@ -27,7 +27,7 @@ from captioning.config import CaptionConfig
 from captioning.prep import Chunk, caption_tag, decode_chunk, error_kind, plan_chunks, prompt_hash, tag_prefix
 from captioning.quality import caption_flags, words
 from captioning.store import dedupe, done_keys, read_state
-from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.log import get_logger
 from paradiffusion.schemas import CAPTIONS
 from paradiffusion.stage import StageSummary, announce, progress
@@ -100,7 +100,7 @@ def _batches(rows: list[dict], size: int) -> Iterator[dict]:
 
 
 # --------------------------------------------------------------------------- executors
-def run_local(chunks: list[Chunk], c: CaptionConfig, cfg: PipelinesConfig, info: dict) -> Iterator[dict]:
+def run_local(chunks: list[Chunk], c: CaptionConfig, cfg: RootConfig, info: dict) -> Iterator[dict]:
     """Decode and caption in this process, chunk by chunk (tests, benchmarks, no Ray)."""
     info["ran_on"] = "this process (executor: local)"
     worker = CaptionWorker(c.spec.model_dump(mode="json"), c.generation.model_dump(mode="json"), c.prompt_text)
@@ -120,11 +120,11 @@ def actor_pool_size(cluster_gpus: float, c: CaptionConfig) -> tuple[int, float]:
     return actors, num_gpus
 
 
-def run_ray(chunks: list[Chunk], c: CaptionConfig, cfg: PipelinesConfig, info: dict) -> Iterator[dict]:
+def run_ray(chunks: list[Chunk], c: CaptionConfig, cfg: RootConfig, info: dict) -> Iterator[dict]:
     """Ray Data: decode tasks on CPUs feed a pool of model actors; rows stream back to the driver."""
     from paradiffusion.raycluster import init_ray
 
-    where = init_ray(cfg.ray)  # says what to install when Ray is missing
+    where = init_ray(cfg.ray, extra="captioning")  # says what to install when Ray is missing
     import ray
 
     if where == "already initialised":
@@ -290,7 +290,7 @@ def _plan(
     return plan_chunks(tag, by_shard, shard_urls, c.image, c.chunk_rows, row_group_of)
 
 
-def run_caption(cfg: PipelinesConfig, recaption: bool = False, limit: int | None = None) -> StageSummary:
+def run_caption(cfg: RootConfig, recaption: bool = False, limit: int | None = None) -> StageSummary:
     """Caption the kept set with ``cfg.caption``'s captioner and prompt; returns the summary."""
     c: CaptionConfig | None = getattr(cfg, "caption", None)
     if c is None:

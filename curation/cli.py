@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 from paradiffusion.cli import Command
-from paradiffusion.config import PipelinesConfig
+from paradiffusion.config import RootConfig
 
 
 # --------------------------------------------------------------------------- download
-def _run_download(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def _run_download(cfg: RootConfig, args: argparse.Namespace) -> int:
     import sys
 
     from curation.download import REASON_SHARD_FAILED, run_download
@@ -28,13 +28,13 @@ DOWNLOAD = Command(
 
 
 # --------------------------------------------------------------------------- filter
-def _run_filter(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def _run_filter(cfg: RootConfig, args: argparse.Namespace) -> int:
     from curation.filter import run_filter
 
     return run_filter(cfg, args)
 
 
-def _filter_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> list:
+def _filter_models(cfg: RootConfig, args: argparse.Namespace | None) -> list:
     """The CLIP model (open_clip name + tag, hf-hub: id or folder) and the aesthetic head (path or URL)."""
     from paradiffusion.hub import open_clip_refs, weights_ref
 

@@ -1,5 +1,5 @@
 """Config schemas of the curation stages: the ``download`` and ``filter`` sections of
-``pipelines.yaml``. Each class is one section; ``paradiffusion/config.py`` composes them.
+``pipelines.yaml``. Each class is one section; ``pipelines/config.py`` composes them.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ class DownloadConfig(StrictModel):
     ``input``/``output`` (``url_list``/``output_folder``), ``url_col``/``caption_col``
     (auto-detected when null) and ``max_aspect_ratio``/``max_image_area`` (null means
     no limit). The defaults keep original images (ParaImage keeps large images: mean
-    short side 771 px in ParaImage-Big, 1,326 px in ParaImage-Small): no resize, and a
-    JPEG that arrives as JPEG is stored byte for byte.
+    short side 771 px in ParaImage-Big, 1,326 px in ParaImage-Small) as the bytes that
+    arrived: nothing is decoded at download, and the filter's decode judges every image
+    with its own reasons (``decode_error``, ``decompression_bomb``, ``animated``, ...).
     """
 
     input: str | None = Field(
@@ -47,12 +48,20 @@ class DownloadConfig(StrictModel):
     resize_only_if_bigger: bool = Field(True, description="never upscale")
     min_image_size: int = Field(0, ge=0, description="reject images whose short side is below this (0: off)")
     max_aspect_ratio: float | None = Field(None, ge=1.0, description="reject long/short above this; null: off")
-    max_image_area: float | None = Field(None, gt=0, description="reject width*height above this; null: off")
+    max_image_area: float | None = Field(
+        100_000_000,
+        gt=0,
+        description="when the download decodes (re-encoding or resizing): reject width*height above this, read from "
+        "the header before anything is decoded; null: OpenCV's own limit (2^30 pixels)",
+    )
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = Field(95, ge=0, le=100, description="jpg/webp quality 0-100; png compression 0-9")
     skip_reencode: bool = Field(True, description="store the downloaded bytes as they are when already encode_format")
     disable_all_reencoding: bool = Field(
-        False, description="store raw bytes without decoding (no size/aspect checks, no width/height)"
+        True,
+        description="true: store the bytes as downloaded, decode nothing (the filter judges them; no width/height "
+        "in the images table, min_image_size/max_aspect_ratio/resize unused). false: img2dataset decodes, checks "
+        "and re-encodes (animated images are then stored as downloaded, bombs refused from the header)",
     )
     compute_hash: Literal["md5", "sha256", "sha512"] | None = "sha256"
     extract_exif: bool = True
@@ -78,6 +87,18 @@ class DownloadConfig(StrictModel):
                 f"encode_quality={self.encode_quality} with encode_format='png': for png it is the "
                 "compression level, allowed 0-9"
             )
+        if self.disable_all_reencoding:
+            unused = [
+                f"{k}={getattr(self, k)!r}"
+                for k, off in (("resize_mode", "no"), ("min_image_size", 0), ("max_aspect_ratio", None))
+                if getattr(self, k) != off
+            ]
+            if unused:
+                raise ValueError(
+                    f"{', '.join(unused)} with disable_all_reencoding=true: nothing is decoded at download, so this "
+                    "would be ignored. Set download.disable_all_reencoding=false to resize or check at download, or "
+                    "leave the checks to `make filter` (filter.thresholds)"
+                )
         clash = {"key", "url", "caption", "status", "error_message", "width", "height"} & set(
             self.save_additional_columns
         )
@@ -144,16 +165,43 @@ class FilterThresholdsConfig(StrictModel):
         description="a language outside `languages` rejects only when identified with at least this "
         "probability (short alt texts are often identified wrongly with low confidence)",
     )
-    aesthetic_min: float | None = Field(5.0, description="LAION-Aesthetics V2 used 5, 6 and 6.5")
+    aesthetic_min: float | None = Field(
+        5.0, ge=0.0, le=10.0, description="LAION aesthetic scores run 1-10; LAION-Aesthetics V2 used 5, 6 and 6.5"
+    )
     clip_score_min: float | None = Field(
         0.2,
-        description="cosine(image, alt text). LAION-5B kept ViT-B/32 >= 0.28; ViT-L/14 scores run lower, "
-        "so calibrate on your data",
+        ge=-1.0,
+        le=1.0,
+        description="a cosine, -1 to 1: cosine(image, alt text). LAION-5B kept ViT-B/32 >= 0.28; ViT-L/14 scores "
+        "run lower, so calibrate on your data",
     )
     dedup: Literal["off", "exact", "near"] = Field(
         "exact", description="'exact': same bytes or same decoded pixels; 'near': also embedding cosine >= near_dup_min"
     )
     near_dup_min: float = Field(0.97, gt=0.0, le=1.0, description="cosine of image embeddings for 'near'")
+
+
+class NearDupConfig(StrictModel):
+    """``filter.near_dup``: how ``dedup: near`` searches the image embeddings."""
+
+    search: Literal["auto", "exact", "ann"] = Field(
+        "auto",
+        description="exact: every pair (blocked matrix products; fine to ~100 k rows) | ann: faiss k-means cells, "
+        "pairs compared within cells | auto: exact up to exact_max_rows candidates, ann above",
+    )
+    exact_max_rows: int = Field(100_000, ge=1, description="auto picks exact up to this many candidate rows")
+    nlist: int | None = Field(
+        None, ge=1, description="k-means cells; null: about 2 x sqrt(rows), a power of two (1 M rows: 2048)"
+    )
+    cells_per_row: int = Field(
+        2, ge=1, description="each row is compared within its this many nearest cells: more finds more, costs ~n^2"
+    )
+    storage: Literal["fp32", "fp16"] = Field(
+        "fp16",
+        description="the embeddings held in memory for the search: fp16 halves it (3.3 M x 768: 4.7 GB) and moves "
+        "cosines by ~1e-3",
+    )
+    train_per_cell: int = Field(40, ge=4, description="k-means training vectors per cell")
 
 
 class FilterConfig(StrictModel):
@@ -179,3 +227,10 @@ class FilterConfig(StrictModel):
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved by each model actor")
     torch_threads: int | None = Field(None, ge=1, description="torch threads in each CPU actor; null: cpus_per_actor")
     save_embeddings: bool = Field(False, description="store image/text embeddings in the scores table")
+    near_dup: NearDupConfig = Field(default_factory=NearDupConfig)
+    changed_settings: Literal["refuse", "remeasure"] = Field(
+        "refuse",
+        description="a rerun whose models, decode settings or loosened size/alt-text checks need measuring again "
+        "shards already measured: refuse (say which settings changed) or remeasure them. Changes that the stored "
+        "measurements can decide (model-score thresholds, stricter checks, dedup) are re-decided without asking",
+    )

@@ -37,8 +37,8 @@ import fsspec
 import yaml
 
 from curation.config import URL_LIST_FORMATS, DownloadConfig
-from paradiffusion.config import ConfigError, PipelinesConfig
-from paradiffusion.log import get_logger
+from paradiffusion.config import ConfigError, RootConfig
+from paradiffusion.log import get_logger, stage_log_path, third_party_output_to
 from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, join
 
@@ -71,7 +71,11 @@ FAILURE_REASONS: list[tuple[re.Pattern[str], str | None]] = [
 REASON_SHARD_FAILED = "shard_not_finished"  # rows of a shard without _stats.json after the run
 REASON_ROW_LOST = "row_missing_in_shard"  # counted by img2dataset but absent from its parquet
 
-_URL_OK = re.compile(r"^https?://[^/\s?#]+", re.I)
+# What urllib (img2dataset's HTTP client) does with a URL, after stripping whitespace:
+# http(s) with a host is fetched; ftp, file and data URLs are fetched by their own
+# handlers; anything else (empty, no scheme, no host, another scheme) fails at once.
+_URL_HTTP = re.compile(r"^\s*https?://[^/?#]+", re.I)
+_URL_OTHER_SCHEME = re.compile(r"^\s*(ftp://[^/?#]+|file:|data:)", re.I)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -83,6 +87,16 @@ def failure_reason(message: str | None) -> str:
         if m:
             return reason if reason is not None else f"http_{m.group(1)}"
     return "other"
+
+
+def failure_line(message: str | None) -> str:
+    """``reason: short detail`` on one line for an img2dataset error message (the raw text
+    may be an OpenCV assertion over several lines; it stays in the images table's
+    ``error_message`` and the summary's ``failure_detail``)."""
+    from curation.decode import one_line
+
+    text = one_line(message or "no message", 120)
+    return f"{failure_reason(message)}: {text}"
 
 
 # --------------------------------------------------------------------------- input
@@ -97,7 +111,8 @@ class UrlList:
     caption_col: str
     columns: list[str]
     rows_per_file: list[int] = field(default_factory=list)
-    invalid_urls: int = 0  # null, empty or not http(s)://host: img2dataset records them as failures
+    invalid_urls: int = 0  # null, empty, no scheme or no host: urllib refuses them (invalid_url failures)
+    other_scheme_urls: int = 0  # ftp://, file:, data: URLs: urllib fetches them as they are
 
     @property
     def n_rows(self) -> int:
@@ -269,10 +284,16 @@ def resolve_url_list(cfg: DownloadConfig, staging: str) -> UrlList:
             t = _read_table(f, fmt, [url_col])
         except Exception as exc:  # noqa: BLE001 - pyarrow raises many types; report which file
             raise ConfigError(f"{f}: cannot read it as {fmt} with a {url_col!r} column: {exc}") from exc
-        urls = t[url_col].cast("string")
-        ok = pc.match_substring_regex(pc.utf8_trim_whitespace(urls.fill_null("")), _URL_OK.pattern, ignore_case=True)
+        urls = t[url_col].cast("string").fill_null("")
+        http = int(pc.sum(pc.match_substring_regex(urls, _URL_HTTP.pattern, ignore_case=True)).as_py() or 0)
+        other = int(pc.sum(pc.match_substring_regex(urls, _URL_OTHER_SCHEME.pattern, ignore_case=True)).as_py() or 0)
         out.rows_per_file.append(t.num_rows)
-        out.invalid_urls += t.num_rows - int(pc.sum(ok).as_py() or 0)
+        out.invalid_urls += t.num_rows - http - other
+        out.other_scheme_urls += other
+    if out.n_rows == 0:
+        raise ConfigError(
+            f"download.input = {cfg.input!r}: the URL list has no rows ({len(files)} file(s) read); nothing to download"
+        )
     return out
 
 
@@ -346,13 +367,44 @@ def summarise(images_url: str, expected: dict[str, int], summary: StageSummary) 
 
 
 # --------------------------------------------------------------------------- run
-def images_folder(cfg: PipelinesConfig) -> str:
+def images_folder(cfg: RootConfig) -> str:
     """Where the download writes: ``download.output`` or ``<data_root>/images``."""
     return cfg.download.output or join(cfg.project.data_root, "images")
 
 
-def _check_layout(table: Table, cfg: DownloadConfig, have_shards: bool) -> None:
-    """A resumed run must cut the input into the same shards, or rows would duplicate."""
+#: Settings that decide what a finished shard's rows hold. Network settings (threads,
+#: timeout, retries, processes, distributor) decide how fast, not what, and may change.
+ROW_SETTINGS = (
+    "url_col",
+    "caption_col",
+    "save_additional_columns",
+    "resize_mode",
+    "image_size",
+    "resize_only_if_bigger",
+    "min_image_size",
+    "max_aspect_ratio",
+    "max_image_area",
+    "encode_format",
+    "encode_quality",
+    "skip_reencode",
+    "disable_all_reencoding",
+    "compute_hash",
+    "extract_exif",
+)
+
+
+def row_settings(cfg: DownloadConfig, url_list: UrlList | None = None) -> dict[str, Any]:
+    """The download settings that decide what its rows hold (the columns as resolved)."""
+    out = {k: getattr(cfg, k) for k in ROW_SETTINGS}
+    if url_list is not None:
+        out.update(url_col=url_list.url_col, caption_col=url_list.caption_col)
+    return out
+
+
+def _check_layout(table: Table, cfg: DownloadConfig, have_shards: bool, url_list: UrlList | None = None) -> None:
+    """A resumed run must cut the input into the same shards, or rows would duplicate, and
+    must make its rows the same way, or the folder would mix two kinds of rows under one
+    ``_config.yaml``."""
     doc = None
     cfg_file = join(table.path, "_config.yaml")
     if have_shards and table.fs.exists(cfg_file):
@@ -366,11 +418,23 @@ def _check_layout(table: Table, cfg: DownloadConfig, have_shards: bool) -> None:
                 f"this run has {getattr(cfg, key)!r}: resuming would mix shard layouts. "
                 "Use another download.output, or --set download.incremental_mode=overwrite to start over."
             )
+    recorded = (doc or {}).get("stage_settings")
+    if recorded is None:  # written before row settings were recorded: compare the section itself
+        recorded = {k: old[k] for k in ROW_SETTINGS if k in old and k not in ("url_col", "caption_col")}
+    now = row_settings(cfg, url_list)
+    changed = {k: (recorded[k], now[k]) for k in recorded if k in now and recorded[k] != now[k]}
+    if changed:
+        what = ", ".join(f"download.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ConfigError(
+            f"{table.url} holds finished shards made with other settings ({what}): this run would add rows made "
+            "another way. Rerun with the settings the folder was made with, use another download.output, or "
+            "--set download.incremental_mode=overwrite to download everything again."
+        )
 
 
-def _watch(images_url: str, todo: set[str], stop: threading.Event) -> None:
+def _watch(images_url: str, todo: set[str], stop: threading.Event, console: Any = None) -> None:
     """Advance a progress bar as img2dataset finishes shards (it writes _stats.json last)."""
-    bar = progress([], total=len(todo), desc="download", unit="shard")
+    bar = progress(None, total=len(todo), desc="download", unit="shard", file=console)
     seen: set[str] = set()
     while True:
         stopping = stop.wait(1.0)
@@ -399,7 +463,8 @@ def _img2dataset_kwargs(cfg: DownloadConfig, url_list: UrlList, output: str) -> 
         resize_only_if_bigger=cfg.resize_only_if_bigger,
         min_image_size=cfg.min_image_size,
         max_aspect_ratio=cfg.max_aspect_ratio if cfg.max_aspect_ratio is not None else float("inf"),
-        max_image_area=cfg.max_image_area if cfg.max_image_area is not None else float("inf"),
+        # null: OpenCV's own limit (it refuses more than 2^30 pixels), which the guard then applies first
+        max_image_area=cfg.max_image_area if cfg.max_image_area is not None else float(2**30),
         encode_format=cfg.encode_format,
         encode_quality=cfg.encode_quality,
         skip_reencode=cfg.skip_reencode,
@@ -422,18 +487,16 @@ def _img2dataset_kwargs(cfg: DownloadConfig, url_list: UrlList, output: str) -> 
 
 def _reject_policy(cfg: DownloadConfig) -> str:
     if cfg.disable_all_reencoding:
-        return "nothing (raw bytes stored without decoding)"
-    rules = []
+        return "nothing: bytes stored as downloaded, nothing decoded (`make filter` judges every image)"
+    rules = [f"area > {cfg.max_image_area or 2**30:,.0f} px (from the header, before decoding)"]
     if cfg.min_image_size:
         rules.append(f"short side < {cfg.min_image_size} px")
     if cfg.max_aspect_ratio is not None:
         rules.append(f"aspect ratio > {cfg.max_aspect_ratio:g}")
-    if cfg.max_image_area is not None:
-        rules.append(f"area > {cfg.max_image_area:g} px")
-    return ", ".join(["undecodable"] + rules)
+    return ", ".join(["undecodable"] + rules) + "; animated images stored as downloaded"
 
 
-def run_download(cfg: PipelinesConfig) -> StageSummary:
+def run_download(cfg: RootConfig) -> StageSummary:
     """Download ``cfg.download.input`` into the images folder; returns the summary (also saved)."""
     dcfg: DownloadConfig = cfg.download
     output = images_folder(cfg)
@@ -450,7 +513,8 @@ def run_download(cfg: PipelinesConfig) -> StageSummary:
                 table.fs.rm(item, recursive=True)
     expected = expected_shards(url_list.rows_per_file, dcfg.number_sample_per_shard)
     already = finished_shards(output) & set(expected)
-    _check_layout(table, dcfg, bool(finished_shards(output)))
+    _check_layout(table, dcfg, bool(finished_shards(output)), url_list)
+    log_path = stage_log_path(output, "download")
 
     announce(
         "download",
@@ -458,10 +522,16 @@ def run_download(cfg: PipelinesConfig) -> StageSummary:
             "input": f"{dcfg.input} ({len(url_list.files)} {url_list.input_format} file(s))",
             "columns": f"url={url_list.url_col!r} caption={url_list.caption_col!r}"
             + (f" + {dcfg.save_additional_columns}" if dcfg.save_additional_columns else ""),
-            "rows": f"{url_list.n_rows} ({url_list.invalid_urls} with an empty or invalid URL, counted as failures)",
+            "rows": f"{url_list.n_rows} ({url_list.invalid_urls} with an empty or invalid URL, counted as "
+            "`invalid_url` failures"
+            + (
+                f"; {url_list.other_scheme_urls} ftp/file/data URLs, fetched as they are)"
+                if url_list.other_scheme_urls
+                else ")"
+            ),
             "output": f"{output} (img2dataset parquet shards of {dcfg.number_sample_per_shard})",
             "shards": f"{len(expected)} ({len(already)} already complete, skipped)",
-            "resize": "keep originals"
+            "resize": ("keep originals" + (", stored as downloaded" if dcfg.disable_all_reencoding else ""))
             if dcfg.resize_mode == "no"
             else f"{dcfg.resize_mode} to {dcfg.image_size} px" + (" if bigger" if dcfg.resize_only_if_bigger else ""),
             "reject": _reject_policy(dcfg),
@@ -471,11 +541,15 @@ def run_download(cfg: PipelinesConfig) -> StageSummary:
                 else "Ray, a task a shard"
             )
             + f" x {dcfg.thread_count} threads, timeout {dcfg.timeout:g} s, retries {dcfg.retries}",
+            "log": f"{log_path} (img2dataset's and Ray's own output)",
         },
     )
     summary.n_in = url_list.n_rows
     summary.skipped_done = len(already)
-    summary.extra.update(output=output, input_invalid_urls=url_list.invalid_urls)
+    summary.skipped_unit = "shards"
+    summary.extra.update(
+        output=output, input_invalid_urls=url_list.invalid_urls, input_other_scheme_urls=url_list.other_scheme_urls
+    )
     table.fs.makedirs(table.path, exist_ok=True)
     table.clean_tmp()
     # img2dataset takes every *.json at the top of its output folder for a shard's stats
@@ -483,11 +557,11 @@ def run_download(cfg: PipelinesConfig) -> StageSummary:
     # runs. It is rebuilt from all the _stats.json files at the end, so nothing is lost.
     if table.fs.exists(join(table.path, "_summary.json")):
         table.fs.rm(join(table.path, "_summary.json"))
-    table.save_config(cfg, "download", dcfg)
+    table.save_config(cfg, "download", row_settings(dcfg, url_list))
 
     todo = set(expected) - already
     if todo:
-        summary.extra["ran_on"] = _run_img2dataset(cfg, url_list, output, todo)
+        summary.extra["ran_on"] = _run_img2dataset(cfg, url_list, output, todo, log_path)
     else:
         log.info("every shard is already complete; nothing to download")
     summarise(output, expected, summary)
@@ -497,8 +571,11 @@ def run_download(cfg: PipelinesConfig) -> StageSummary:
     return summary
 
 
-def _run_img2dataset(cfg: PipelinesConfig, url_list: UrlList, output: str, todo: set[str]) -> str:
-    """Run ``img2dataset.download`` on the shards still to do; returns where it ran."""
+def _run_img2dataset(cfg: RootConfig, url_list: UrlList, output: str, todo: set[str], log_path: str) -> str:
+    """Run ``img2dataset.download`` on the shards still to do; returns where it ran.
+
+    img2dataset's own output (its shard bar, stats lines, bandwidth hint, its workers'
+    tracebacks) and Ray's go to ``log_path``; the terminal shows our one bar."""
     from paradiffusion.deps import require
 
     # albumentations (imported by img2dataset's resizer) asks PyPI for a newer version
@@ -507,25 +584,29 @@ def _run_img2dataset(cfg: PipelinesConfig, url_list: UrlList, output: str, todo:
     require("img2dataset", extra="curation")
     from img2dataset import download
 
-    where = f"{cfg.download.processes_count} local process(es)"
-    if cfg.download.distributor == "ray":
-        from paradiffusion.raycluster import init_ray
+    from curation.resize_guard import guarded_resizer
 
-        where = init_ray(cfg.ray)
-    stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(output, todo, stop), daemon=True)
-    watcher.start()
+    where = f"{cfg.download.processes_count} local process(es)"
     old_sigint = signal.getsignal(signal.SIGINT)
     t0 = time.time()
-    try:
-        download(**_img2dataset_kwargs(cfg.download, url_list, output))
-    except SystemExit as exc:
-        # img2dataset's SIGINT handler cleans its _tmp folder and calls sys.exit(0):
-        # report it as the interruption it is (finished shards are kept).
-        raise KeyboardInterrupt from exc
-    finally:
-        signal.signal(signal.SIGINT, old_sigint)
-        stop.set()
-        watcher.join()
+    with third_party_output_to(log_path) as console:
+        if cfg.download.distributor == "ray":
+            from paradiffusion.raycluster import init_ray
+
+            where = init_ray(cfg.ray, extra="curation")
+        stop = threading.Event()
+        watcher = threading.Thread(target=_watch, args=(output, todo, stop, console), daemon=True)
+        watcher.start()
+        try:
+            with guarded_resizer():
+                download(**_img2dataset_kwargs(cfg.download, url_list, output))
+        except SystemExit as exc:
+            # img2dataset's SIGINT handler cleans its _tmp folder and calls sys.exit(0):
+            # report it as the interruption it is (finished shards are kept).
+            raise KeyboardInterrupt from exc
+        finally:
+            signal.signal(signal.SIGINT, old_sigint)
+            stop.set()
+            watcher.join()
     log.info("img2dataset finished in %.1f s on %s", time.time() - t0, where)
     return where

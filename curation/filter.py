@@ -45,19 +45,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.config import FilterConfig
-from curation.decode import decode_image, resize_center_crop
+from curation.decode import REJECT_ANIMATED, REJECT_BOMB, decode_image, one_line, resize_center_crop
 from curation.filters import (
     REJECT_DOWNLOAD,
+    DuplicateDecision,
     cheap_filters,
-    decide_duplicates,
+    exact_duplicates,
     first_rejection,
     identify_language,
     model_filters,
+    near_duplicate_decisions,
 )
 from curation.models import clip_tokenizer
-from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.images import image_column, image_shards
-from paradiffusion.log import get_logger
+from paradiffusion.log import get_logger, stage_log_path, third_party_output_to
 from paradiffusion.schemas import REJECT_DECODE, SCORES
 from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, join
@@ -86,13 +88,13 @@ class Paths:
         return join(self.scores, WORK_SUBDIR)
 
 
-def resolve_paths(cfg: PipelinesConfig) -> Paths:
+def resolve_paths(cfg: RootConfig) -> Paths:
     root = cfg.project.data_root
     f = cfg.filter
     return Paths(images=f.input or join(root, "images"), scores=f.output or join(root, "scores"))
 
 
-def validate(cfg: PipelinesConfig) -> None:
+def validate(cfg: RootConfig) -> None:
     """Checks that need more than the schema: models that exist, thresholds with a model."""
     from curation.models import is_known_clip
 
@@ -163,10 +165,14 @@ def preprocess_batch(batch: dict[str, np.ndarray], fcfg: dict, image_size: int) 
         needs_model = False
         data = batch["image"][i]
         if status != "success" or _missing(data):
+            from curation.download import failure_line
+
             row["reject_reason"] = REJECT_DOWNLOAD
             msg = batch["error_message"][i] if "error_message" in batch else None
-            msg = None if _missing(msg) else msg
-            row["reject_detail"] = str(msg or status or "no image bytes")[:300]
+            msg = None if _missing(msg) else str(msg)
+            # "http_404: HTTP Error 404: Not Found": the download's reason and one line of
+            # its message (the raw text stays in the images table's error_message)
+            row["reject_detail"] = failure_line(msg) if msg else f"{status or 'no image bytes'}"
         else:
             try:
                 dec = decode_image(bytes(data), max_pixels=d.max_pixels, animated=d.animated, draft_size=draft)
@@ -183,7 +189,7 @@ def preprocess_batch(batch: dict[str, np.ndarray], fcfg: dict, image_size: int) 
                         needs_model = True
             except Exception as exc:  # noqa: BLE001 - one odd image must not stop the shard
                 row["reject_reason"] = REJECT_DECODE
-                row["reject_detail"] = f"unexpected {type(exc).__name__}: {exc}"[:300]
+                row["reject_detail"] = one_line(f"unexpected {type(exc).__name__}: {exc}")
                 log.warning("key %s: %s", row["key"], row["reject_detail"])
         for k, v in row.items():
             out[k].append(v)
@@ -340,30 +346,32 @@ def _shard_rows(url: str) -> int:
 
 # --------------------------------------------------------------------------- pass 1 runners
 def measure_local(
-    pending: list[tuple[str, str]], work: Table, cfg: PipelinesConfig, image_size: int, run_id: str
+    pending: list[tuple[str, str]], work: Table, cfg: RootConfig, image_size: int, meta: dict, console: Any
 ) -> str:
     """Pass 1 in this process, shard by shard."""
     f = cfg.filter
     keep_emb = f.save_embeddings or f.thresholds.dedup == "near"
     scorer = Scorer(f.model_dump(mode="json"), keep_emb, f.torch_threads)
     total = sum(_shard_rows(u) for _, u in pending)
-    bar = progress(None, total=total, desc="filter: measure", unit="img")
+    bar = progress(None, total=total, desc="filter: measure", unit="img", file=console)
     for shard, url in pending:
         t = measure_table(shard, url, f.model_dump(mode="json"), image_size, scorer, f.decode_batch_size)
-        work.write_shard(shard, t, meta={"run_id": run_id, "input": url})
+        work.write_shard(shard, t, meta={**meta, "input": url})
         bar.update(t.num_rows)
     bar.close()
     return "plain loop in this process"
 
 
-def measure_ray(pending: list[tuple[str, str]], work: Table, cfg: PipelinesConfig, image_size: int, run_id: str) -> str:
+def measure_ray(
+    pending: list[tuple[str, str]], work: Table, cfg: RootConfig, image_size: int, meta: dict, console: Any
+) -> str:
     """Pass 1 as a Ray Data pipeline: CPU decode tasks -> model actor pool -> shard writer."""
     import ray
     import ray.data
 
     from paradiffusion.raycluster import init_ray
 
-    where = init_ray(cfg.ray)
+    where = init_ray(cfg.ray, extra="curation")
     f = cfg.filter
     fcfg = f.model_dump(mode="json")
     keep_emb = f.save_embeddings or f.thresholds.dedup == "near"
@@ -390,7 +398,7 @@ def measure_ray(pending: list[tuple[str, str]], work: Table, cfg: PipelinesConfi
         # ...but zero-CPU tasks are otherwise unbounded: Ray starts a worker process per
         # pending shard (28 for 32 shards on 2 cores in bench/filter_cpu.py), which costs
         # more than the reading. A couple of streaming readers keep the actors fed.
-        concurrency=min(f.read_concurrency, len(items)),
+        compute=ray.data.TaskPoolStrategy(size=min(f.read_concurrency, len(items))),
     )
     ds = ds.map_batches(
         preprocess_batch,
@@ -410,7 +418,7 @@ def measure_ray(pending: list[tuple[str, str]], work: Table, cfg: PipelinesConfi
     )
     buffers: dict[str, list[pa.Table]] = defaultdict(list)
     counts: Counter = Counter()
-    bar = progress(None, total=sum(expected.values()), desc="filter: measure", unit="img")
+    bar = progress(None, total=sum(expected.values()), desc="filter: measure", unit="img", file=console)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         t = batch_to_table(batch)
         for shard in set(t["shard"].to_pylist()):
@@ -418,7 +426,7 @@ def measure_ray(pending: list[tuple[str, str]], work: Table, cfg: PipelinesConfi
             buffers[shard].append(part)
             counts[shard] += part.num_rows
             if counts[shard] == expected[shard]:
-                work.write_shard(shard, pa.concat_tables(buffers.pop(shard)), meta={"run_id": run_id})
+                work.write_shard(shard, pa.concat_tables(buffers.pop(shard)), meta=meta)
         bar.update(t.num_rows)
     bar.close()
     missing = {s: (counts[s], n) for s, n in expected.items() if counts[s] != n}
@@ -430,75 +438,310 @@ def measure_ray(pending: list[tuple[str, str]], work: Table, cfg: PipelinesConfi
 RUNNERS = {"local": measure_local, "ray": measure_ray}
 
 
+# --------------------------------------------------------------------------- settings on record
+#: Reasons pass 1's decode gives; every other reason is re-decidable from the measurements.
+DECODE_REASONS = frozenset({REJECT_DOWNLOAD, REJECT_DECODE, REJECT_BOMB, REJECT_ANIMATED})
+#: What pass 2 reads of a measured shard to re-apply changed checks.
+_CHECK_COLUMNS = ["key", "reject_reason", "reject_detail", "width", "height", "caption", "language",
+                  "language_score", "aesthetic", "clip_score"]  # fmt: skip
+
+
+def measure_settings(f: FilterConfig, image_size: int) -> dict:
+    """What a measured row's numbers depend on: the models, the decode, the model input size."""
+    m = f.models
+    return {
+        "models": {
+            "clip_model": m.clip_model,
+            "clip_pretrained": m.clip_pretrained,
+            "aesthetic": m.aesthetic,
+            "precision": m.precision,
+        },
+        "decode": f.decode.model_dump(mode="json"),
+        "image_size": image_size,
+        "embeddings": f.save_embeddings or f.thresholds.dedup == "near",  # stored in the measured rows
+    }
+
+
+def check_settings(f: FilterConfig) -> dict:
+    """The per-image checks (size, alt text, language, model scores): ``filter.thresholds``
+    without the dedup keys."""
+    return f.thresholds.model_dump(mode="json", exclude={"dedup", "near_dup_min"})
+
+
+def decision_settings(f: FilterConfig, image_size: int) -> dict:
+    """Everything that decides a final ``scores`` row: recorded in each shard's marker and
+    fingerprinted in ``_config.yaml`` (so it never names settings that did not make the rows)."""
+    return {
+        "measure": measure_settings(f, image_size),
+        "checks": check_settings(f),
+        "dedup": {
+            "dedup": f.thresholds.dedup,
+            "near_dup_min": f.thresholds.near_dup_min,
+            **({"near_dup": f.near_dup.model_dump(mode="json")} if f.thresholds.dedup == "near" else {}),
+        },
+        "save_embeddings": f.save_embeddings,
+    }
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+_SETTING_NAMES = {"models": "filter.models", "decode": "filter.decode", "image_size": "CLIP input size"}
+
+
+def settings_diff(old: dict | None, new: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{setting: (old, new)}`` for what differs, with the config's key names."""
+    if old is None:
+        return {"settings": ("not recorded (measured by an older version)", "this run's")}
+    a, b = _flat(old), _flat(new)
+    out = {}
+    for k in sorted(set(a) | set(b)):
+        if a.get(k, "<unset>") != b.get(k, "<unset>"):
+            top, _, rest = k.partition(".")
+            name = prefix + k if prefix else _SETTING_NAMES.get(top, top) + (f".{rest}" if rest else "")
+            out[name] = (a.get(k, "<unset>"), b.get(k, "<unset>"))
+    return out
+
+
+def _describe(diff: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
+    items = [f"{k} {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:limit]]
+    return ", ".join(items) + (f" (+{len(diff) - limit} more)" if len(diff) > limit else "")
+
+
+def recheck(rows: pa.Table, checks: FilterConfig) -> tuple[list, list, int]:
+    """Re-apply this run's per-image checks to measured rows.
+
+    Returns the new reasons and details and how many rows would now pass the cheap
+    checks but were never scored by the models (they were rejected before the model
+    stage when measured): those rows need measuring again.
+    """
+    cheap, model = cheap_filters(checks.thresholds), model_filters(checks.thresholds)
+    d = rows.select(_CHECK_COLUMNS).to_pydict()
+    reasons, details = list(d["reject_reason"]), list(d["reject_detail"])
+    unscored = 0
+    for i in range(rows.num_rows):
+        if reasons[i] in DECODE_REASONS:
+            continue
+        row = {k: d[k][i] for k in _CHECK_COLUMNS}
+        rej = first_rejection(cheap, row)
+        if rej is None:
+            if row["clip_score"] is None:
+                unscored += 1
+                continue
+            rej = first_rejection(model, row)
+        reasons[i], details[i] = rej if rej is not None else (None, None)
+    return reasons, details, unscored
+
+
+@dataclass
+class MeasurePlan:
+    """Which measured shards this run can use as they are, re-decide, or must measure again."""
+
+    recheck: set[str]  # measured with other checks: re-decided from their measurements
+    stale: dict[str, str]  # shard -> why its measurements cannot serve this run
+
+
+def plan_measured(work: Table, cfg: RootConfig, image_size: int) -> MeasurePlan:
+    """Compare every measured shard's recorded settings with this run's."""
+    f = cfg.filter
+    want_m, want_c = measure_settings(f, image_size), check_settings(f)
+    plan = MeasurePlan(set(), {})
+    need_emb = want_m.pop("embeddings")
+    for shard, marker in work.markers().items():
+        rec = marker.get("settings")
+        old_m = dict(rec["measure"]) if rec else None
+        had_emb = old_m.pop("embeddings", True) if old_m else False
+        diff = settings_diff(old_m, want_m)
+        if diff:
+            plan.stale[shard] = _describe(diff)
+            continue
+        if need_emb and not had_emb:
+            plan.stale[shard] = "image embeddings were not stored (dedup: near and save_embeddings need them)"
+            continue
+        if rec.get("checks") == want_c:
+            continue
+        rows = pq.read_table(work.shard_file(shard), filesystem=work.fs, columns=_CHECK_COLUMNS)
+        _, _, unscored = recheck(rows, f)
+        if unscored:
+            diff = settings_diff(rec.get("checks"), want_c, prefix="filter.thresholds.")
+            plan.stale[shard] = f"{_describe(diff)}: {unscored} row(s) now pass the checks and were never scored"
+        else:
+            plan.recheck.add(shard)
+    return plan
+
+
+def _refuse(plan: MeasurePlan, n_measured: int, work: Table) -> ConfigError:
+    whys = Counter(plan.stale.values())
+    lines = "; ".join(f"{n} shard(s): {why}" for why, n in whys.most_common(3))
+    return ConfigError(
+        f"{len(plan.stale)} of the {n_measured} shards already measured in {work.url} were measured with other "
+        f"settings, which their stored measurements cannot decide ({lines}). Rerun with "
+        "--set filter.changed_settings=remeasure to measure them again (the model work is repeated), rerun with "
+        "the settings they were made with, or write to a new filter.output."
+    )
+
+
 # --------------------------------------------------------------------------- pass 2
 def _digest(items: list[tuple]) -> str:
-    return hashlib.sha256(json.dumps(sorted(items)).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(sorted(items), default=str).encode()).hexdigest()[:16]
 
 
-def decide(work: Table, out: Table, cfg: PipelinesConfig, expected_rows: dict[str, int], run_id: str) -> int:
-    """Pass 2: duplicates over every measured shard, then final shards; returns shards written."""
-    t = cfg.filter.thresholds
-    cols = ["key", "shard", "sha256", "pixel_hash", "kept"]
-    near = t.dedup == "near"
-    decisions = {}
-    if t.dedup != "off":
-        meas = work.read(columns=cols + (["image_embedding"] if near else []))
-        cand = meas.filter(pc.field("kept"))
-        emb = None
-        if near:
-            embs = cand["image_embedding"].to_pylist()
-            dim = next((len(e) for e in embs if e is not None), 1)
-            emb = np.array([e if e is not None else [np.nan] * dim for e in embs], dtype=np.float32)
-        decisions = decide_duplicates(
-            cand["key"].to_pylist(), cand["sha256"].to_pylist(), cand["pixel_hash"].to_pylist(), emb, t.near_dup_min
+@dataclass
+class _Measured:
+    """What pass 2 keeps of one measured shard while deciding."""
+
+    reasons: list | None  # re-decided reasons (None: the stored ones stand)
+    details: list | None
+
+
+def _near_chunks(work: Table, sorted_keys: pa.Array):
+    """Yield ``(positions, normalised embeddings)`` of the candidate rows, shard by shard."""
+
+    def chunks():
+        for shard in sorted(work.done_shards()):
+            t = pq.read_table(work.shard_file(shard), filesystem=work.fs, columns=["key", "image_embedding"])
+            pos = pc.index_in(t["key"], value_set=sorted_keys)
+            mask = pc.and_(pc.is_valid(pos), pc.is_valid(t["image_embedding"]))
+            if not pc.any(mask).as_py():
+                continue
+            t, pos = t.filter(mask), pos.filter(mask)
+            emb = t["image_embedding"].combine_chunks()
+            vec = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(emb), -1)
+            ok = np.isfinite(vec).all(axis=1)
+            vec = vec[ok] / np.maximum(np.linalg.norm(vec[ok], axis=1, keepdims=True), 1e-12)
+            yield pos.to_numpy(zero_copy_only=False)[ok].astype(np.int64), vec
+
+    return chunks
+
+
+def near_duplicates(work: Table, sorted_keys: list[str], cfg: RootConfig) -> tuple[dict, str]:
+    """Near-duplicate decisions over the candidates' embeddings; also says which search ran."""
+    from curation.neardup import ann_pairs, exact_pairs
+
+    t, nd = cfg.filter.thresholds, cfg.filter.near_dup
+    keys = pa.array(sorted_keys, pa.string())
+    chunks = _near_chunks(work, keys)
+    n = len(sorted_keys)
+    method = nd.search if nd.search != "auto" else ("exact" if n <= nd.exact_max_rows else "ann")
+    if method == "exact" or n == 0:
+        parts = list(chunks())
+        dim = parts[0][1].shape[1] if parts else 1
+        emb = np.full((n, dim), np.nan, np.float32)
+        for pos, vec in parts:
+            emb[pos] = vec
+        valid = np.flatnonzero(np.isfinite(emb).all(axis=1))
+        pairs = exact_pairs(emb[valid], t.near_dup_min)
+        pairs.i, pairs.j = valid[pairs.i], valid[pairs.j]
+        return near_duplicate_decisions(sorted_keys, pairs, t.near_dup_min), f"exact ({n:,} rows)"
+    dim = next((vec.shape[1] for _, vec in chunks()), 1)
+    pairs = ann_pairs(
+        chunks,
+        n,
+        dim,
+        t.near_dup_min,
+        nd.nlist,
+        nd.cells_per_row,
+        nd.storage,
+        nd.train_per_cell,
+        seed=cfg.project.seed + 1234,
+    )
+    return (
+        near_duplicate_decisions(sorted_keys, pairs, t.near_dup_min),
+        f"k-means cells ({n:,} rows, {nd.cells_per_row} cells a row, {nd.storage})",
+    )
+
+
+def decide(
+    work: Table,
+    out: Table,
+    cfg: RootConfig,
+    expected_rows: dict[str, int],
+    run_id: str,
+    image_size: int,
+    recheck_shards: set[str] | None = None,
+    console: Any = None,
+) -> tuple[int, dict]:
+    """Pass 2: re-apply changed checks, decide duplicates over every measured shard, write
+    the final shards whose decisions changed; returns (shards written, facts for the summary)."""
+    f = cfg.filter
+    t = f.thresholds
+    settings = decision_settings(f, image_size)
+    settings_fp = _digest([("settings", json.dumps(settings, sort_keys=True))])
+    redo = recheck_shards or set()
+    measured: dict[str, _Measured] = {}
+    cand_keys: list[str] = []
+    cand_sha: list[str | None] = []
+    cand_px: list[str | None] = []
+    key_shard: dict[str, str] = {}
+    for shard in sorted(work.done_shards()):
+        cols = (
+            _CHECK_COLUMNS + ["sha256", "pixel_hash"]
+            if shard in redo
+            else ["key", "reject_reason", "sha256", "pixel_hash"]
         )
+        rows = pq.read_table(work.shard_file(shard), filesystem=work.fs, columns=cols)
+        if shard in redo:
+            reasons, details, _ = recheck(rows, f)
+            measured[shard] = _Measured(reasons, details)
+        else:
+            reasons = rows["reject_reason"].to_pylist()
+        if t.dedup == "off":
+            continue
+        keep = [r is None for r in reasons]
+        if not any(keep):
+            continue
+        mask = pa.array(keep)
+        keys = rows["key"].filter(mask).to_pylist()
+        cand_keys += keys
+        cand_sha += rows["sha256"].filter(mask).to_pylist()
+        cand_px += rows["pixel_hash"].filter(mask).to_pylist()
+        key_shard.update(dict.fromkeys(keys, shard))
+    facts: dict = {}
+    decisions: dict[str, DuplicateDecision] = {}
+    if t.dedup != "off":
+        decisions = exact_duplicates(cand_keys, cand_sha, cand_px)
+        if t.dedup == "near":
+            remaining = sorted(k for k in cand_keys if k not in decisions)
+            near, facts["near_dup_search"] = near_duplicates(work, remaining, cfg)
+            decisions.update(near)
+    del cand_sha, cand_px
     per_shard: dict[str, list[tuple]] = defaultdict(list)
-    key_shard = {}
-    if decisions:
-        ks = work.read(columns=["key", "shard"])
-        key_shard = dict(zip(ks["key"].to_pylist(), ks["shard"].to_pylist(), strict=True))
     for key, d in decisions.items():
-        per_shard[key_shard[key]].append((key, d.reason, d.duplicate_of))
+        per_shard[key_shard[key]].append((key, d.reason, d.duplicate_of, d.detail))
     written = 0
-    for shard in progress(sorted(work.done_shards()), desc="filter: decide", unit="shard"):
-        wm = work.marker(shard)
+    markers = work.markers()
+    for shard in progress(sorted(markers), desc="filter: decide", unit="shard", file=console):
+        wm = markers[shard]
         digest = _digest(
-            per_shard.get(shard, [])
-            + [("measured", wm["written_at"], wm.get("run_id", ""))]
-            + [("save_embeddings", cfg.filter.save_embeddings)]
+            per_shard.get(shard, []) + [("measured", wm["written_at"], wm.get("run_id", "")), ("settings", settings_fp)]
         )
         if out.is_done(shard) and out.marker(shard).get("decision_digest") == digest:
             continue
-        rows = pq.read_table(work.shard_file(shard), filesystem=work.fs)
+        names = [n for n in SCORES.names if f.save_embeddings or n not in ("image_embedding", "text_embedding")]
+        rows = pq.read_table(work.shard_file(shard), filesystem=work.fs, columns=names)
         if shard in expected_rows and rows.num_rows != expected_rows[shard]:
             raise RuntimeError(f"shard {shard}: {rows.num_rows} measured rows for {expected_rows[shard]} input rows")
-        dups = {k: (r, of) for k, r, of in per_shard.get(shard, [])}
+        m = measured.get(shard)
+        reason = m.reasons if m else rows["reject_reason"].to_pylist()
+        detail = m.details if m else rows["reject_detail"].to_pylist()
+        dup_of = [None] * rows.num_rows
+        dups = {k: (r, of, det) for k, r, of, det in per_shard.get(shard, [])}
         if dups:
-            keys = rows["key"].to_pylist()
-            reason = rows["reject_reason"].to_pylist()
-            detail = rows["reject_detail"].to_pylist()
-            dup_of = rows["duplicate_of"].to_pylist()
-            for i, k in enumerate(keys):
+            for i, k in enumerate(rows["key"].to_pylist()):
                 if k in dups:
-                    d = decisions[k]
-                    reason[i], detail[i], dup_of[i] = d.reason, d.detail, d.duplicate_of
-            rows = rows.set_column(
-                rows.schema.get_field_index("reject_reason"), "reject_reason", pa.array(reason, pa.string())
-            )
-            rows = rows.set_column(
-                rows.schema.get_field_index("reject_detail"), "reject_detail", pa.array(detail, pa.string())
-            )
-            rows = rows.set_column(
-                rows.schema.get_field_index("duplicate_of"), "duplicate_of", pa.array(dup_of, pa.string())
-            )
-            rows = rows.set_column(rows.schema.get_field_index("kept"), "kept", pc.is_null(rows["reject_reason"]))
-        if not cfg.filter.save_embeddings:
-            for name in ("image_embedding", "text_embedding"):
-                i = rows.schema.get_field_index(name)
-                rows = rows.set_column(i, name, pa.nulls(rows.num_rows, SCORES.field(name).type))
-        out.write_shard(shard, rows, meta={"decision_digest": digest, "run_id": run_id})
+                    reason[i], dup_of[i], detail[i] = dups[k]
+        for name, values in (("reject_reason", reason), ("reject_detail", detail), ("duplicate_of", dup_of)):
+            rows = rows.set_column(rows.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        rows = rows.set_column(rows.schema.get_field_index("kept"), "kept", pc.is_null(rows["reject_reason"]))
+        out.write_shard(shard, rows, meta={"decision_digest": digest, "run_id": run_id, "settings": settings})
         written += 1
-    return written
+    return written, facts
 
 
 def funnel(out: Table, summary: StageSummary) -> None:
@@ -511,8 +754,8 @@ def funnel(out: Table, summary: StageSummary) -> None:
 
 
 # --------------------------------------------------------------------------- the stage
-def run_filter(cfg: PipelinesConfig, args: argparse.Namespace | None = None) -> int:
-    """The ``filter`` command: measure pending shards, decide, write the funnel."""
+def run_filter(cfg: RootConfig, args: argparse.Namespace | None = None) -> int:
+    """The ``filter`` command: check settings on record, measure pending shards, decide, write the funnel."""
     from curation.models import clip_input_size
 
     f = cfg.filter
@@ -529,15 +772,28 @@ def run_filter(cfg: PipelinesConfig, args: argparse.Namespace | None = None) -> 
     cleaned = out.clean_tmp() + work.clean_tmp()
     if cleaned:
         log.info("removed %d leftover file(s) of an interrupted run", cleaned)
-    done = work.done_shards()
-    pending = [(s, u) for s, u in shards if s not in done]
     image_size = clip_input_size(f.models.clip_model)
+    inputs = dict(shards)
+    plan = plan_measured(work, cfg, image_size)
+    if plan.stale and f.changed_settings == "refuse":
+        raise _refuse(plan, len(work.done_shards()), work)
+    done = work.done_shards() - set(plan.stale)
+    pending = [(s, u) for s, u in shards if s not in done]
+    lost = sorted(set(plan.stale) - set(inputs))
+    if lost:
+        raise ConfigError(
+            f"shards {lost[:5]} must be measured again but their input is gone from {paths.images}; "
+            "write to a new filter.output"
+        )
     is_local = f.models.clip_model.startswith(("hf-hub:", "local-dir:")) or os.path.isdir(f.models.clip_model)
     t = f.thresholds
+    log_path = stage_log_path(paths.scores, STAGE)
+    remeasure = f", {len(plan.stale)} of them again (changed settings)" if plan.stale else ""
     announce(
         STAGE,
         {
-            "input": f"{paths.images} ({len(shards)} shards, {len(pending)} to measure, {len(shards) - len(pending)} done)",
+            "input": f"{paths.images} ({len(shards)} shards: {len(pending)} to measure{remeasure}, "
+            f"{len(shards) - len(pending)} done)",
             "output": paths.scores,
             "runner": f.runner if f.runner == "local" else "Ray Data (decode tasks -> model actor pool)",
             "CLIP": f"{f.models.clip_model}{'' if is_local else f' ({f.models.clip_pretrained})'}, input {image_size}px",
@@ -547,28 +803,44 @@ def run_filter(cfg: PipelinesConfig, args: argparse.Namespace | None = None) -> 
                 f"{t.caption_min_chars} chars / {t.caption_min_words} words, language in {t.languages or 'any'}, "
                 f"aesthetic >= {t.aesthetic_min}, CLIP score >= {t.clip_score_min}, dedup {t.dedup}"
             ),
+            **(
+                {"re-decide": f"{len(plan.recheck)} measured shard(s) with this run's thresholds (no model work)"}
+                if plan.recheck
+                else {}
+            ),
+            "log": f"{log_path} (Ray's and other libraries' output)",
         },
     )
-    summary = StageSummary(STAGE)
+    summary = StageSummary(STAGE, skipped_unit="shards")
     summary.skipped_done = len(shards) - len(pending)
-    out.save_config(cfg, STAGE, f)
     run_id = uuid.uuid4().hex[:12]
+    meta = {
+        "run_id": run_id,
+        "settings": {"measure": measure_settings(f, image_size), "checks": check_settings(f)},
+    }
     t0 = time.time()
     where = "nothing to measure"
-    if pending:
-        where = RUNNERS[f.runner](pending, work, cfg, image_size, run_id)
-    measured_s = time.time() - t0
-    expected = {s: _shard_rows(u) for s, u in shards}
-    written = decide(work, out, cfg, expected, run_id)
+    with third_party_output_to(log_path) as console:
+        if pending:
+            where = RUNNERS[f.runner](pending, work, cfg, image_size, meta, console)
+        measured_s = time.time() - t0
+        expected = {s: _shard_rows(u) for s, u in shards}
+        settings = decision_settings(f, image_size)
+        out.save_config(cfg, STAGE, settings)  # names the shards this run has not rewritten yet
+        written, facts = decide(work, out, cfg, expected, run_id, image_size, plan.recheck, console)
+    out.save_config(cfg, STAGE, settings)  # every shard is now this run's
     funnel(out, summary)
     summary.extra.update(
         {
             "kept_fraction": round(summary.n_out / summary.n_in, 4) if summary.n_in else 0.0,
             "shards": len(shards),
             "shards_measured_this_run": len(pending),
+            "shards_redecided_this_run": len(plan.recheck),
             "shards_written_this_run": written,
             "measure_seconds": round(measured_s, 2),
             "ran_on": where,
+            **facts,
+            "log": log_path,
         }
     )
     summary.finish()

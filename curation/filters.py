@@ -212,25 +212,11 @@ class DuplicateDecision:
     detail: str
 
 
-def decide_duplicates(
-    keys: Sequence[str],
-    sha256: Sequence[str | None],
-    pixel_hashes: Sequence[str | None],
-    embeddings: np.ndarray | None = None,
-    near_min: float = 0.97,
-    block: int = 4096,
+def exact_duplicates(
+    keys: Sequence[str], sha256: Sequence[str | None], pixel_hashes: Sequence[str | None]
 ) -> dict[str, DuplicateDecision]:
-    """Which candidate rows are duplicates, and of which kept row.
-
-    The inputs are the rows that passed every other filter. Rows with the same bytes
-    (sha256) or the same decoded pixels (pixel hash) form a group (transitively); the
-    row with the lowest key is kept, so the result does not depend on shard order or
-    on how many workers ran. With ``embeddings`` (L2-normalised, one row per key, NaN
-    rows ignored), a remaining row whose cosine with an earlier (lower-key) kept row is
-    >= ``near_min`` is a near duplicate of it; this is an exact all-pairs search in
-    blocks, fine up to a few hundred thousand rows on one machine (beyond that an ANN
-    index such as FAISS is the tool).
-    """
+    """Rows with the same bytes (sha256) or the same decoded pixels (pixel hash) form a
+    group (transitively); every row but the lowest key of its group is a duplicate of it."""
     n = len(keys)
     parent = list(range(n))
 
@@ -263,25 +249,48 @@ def decide_duplicates(
             out[keys[i]] = DuplicateDecision(
                 REJECT_DUPLICATE, keys[keep], "same bytes" if same_bytes else "same decoded pixels"
             )
+    return out
+
+
+def near_duplicate_decisions(sorted_keys: Sequence[str], pairs, near_min: float) -> dict[str, DuplicateDecision]:
+    """:func:`curation.neardup.decide` on ``pairs`` (positions in ``sorted_keys``), as decisions by key."""
+    from curation.neardup import decide
+
+    return {
+        sorted_keys[i]: DuplicateDecision(
+            REJECT_NEAR_DUPLICATE, sorted_keys[j], f"embedding cosine {sim:.4f} >= {near_min:g}"
+        )
+        for i, (j, sim) in decide(len(sorted_keys), pairs).items()
+    }
+
+
+def decide_duplicates(
+    keys: Sequence[str],
+    sha256: Sequence[str | None],
+    pixel_hashes: Sequence[str | None],
+    embeddings: np.ndarray | None = None,
+    near_min: float = 0.97,
+    block: int = 2048,
+) -> dict[str, DuplicateDecision]:
+    """Which candidate rows are duplicates, and of which kept row (everything in memory).
+
+    The inputs are the rows that passed every other filter. Exact duplicates first
+    (:func:`exact_duplicates`: lowest key kept, so the result does not depend on shard
+    order or on how many workers ran). With ``embeddings`` (L2-normalised, one row per
+    key, NaN rows ignored), a remaining row whose cosine with an earlier (lower-key) kept
+    row is >= ``near_min`` is a near duplicate of the lowest such row: an exact all-pairs
+    search (:func:`curation.neardup.exact_pairs`). The filter's pass 2 streams the
+    embeddings instead and can search them approximately (``filter.near_dup``).
+    """
+    from curation.neardup import exact_pairs
+
+    out = exact_duplicates(keys, sha256, pixel_hashes)
     if embeddings is None:
         return out
-    order = sorted((i for i in range(n) if keys[i] not in out), key=lambda i: keys[i])
+    order = sorted((i for i in range(len(keys)) if keys[i] not in out), key=lambda i: keys[i])
     emb = np.asarray(embeddings, dtype=np.float32)[order]
     valid = np.isfinite(emb).all(axis=1)
-    kept_mask = valid.copy()  # rows still kept, in key order
-    for start in range(0, len(order), block):
-        stop = min(start + block, len(order))
-        sims = emb[start:stop] @ emb[:stop].T  # each row against itself and all earlier rows
-        for a in range(stop - start):
-            i = start + a
-            if not kept_mask[i]:
-                continue
-            row = sims[a, :i]
-            cand = np.nonzero((row >= near_min) & kept_mask[:i])[0]
-            if len(cand):
-                j = int(cand[0])
-                kept_mask[i] = False
-                out[keys[order[i]]] = DuplicateDecision(
-                    REJECT_NEAR_DUPLICATE, keys[order[j]], f"embedding cosine {row[j]:.4f} >= {near_min:g}"
-                )
+    sorted_keys = [keys[order[i]] for i in np.flatnonzero(valid)]
+    pairs = exact_pairs(emb[valid], near_min, block)
+    out.update(near_duplicate_decisions(sorted_keys, pairs, near_min))
     return out

@@ -14,7 +14,3 @@
 The top-level package is named ``eval``; it shadows the builtin only inside modules
 that import it.
 """
-
-# paradiffusion.config composes this package's config sections, and they import its
-# StrictModel: loading the core first makes `import eval.config` work on its own.
-import paradiffusion.config  # noqa: F401, E402

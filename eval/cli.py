@@ -6,10 +6,10 @@ import argparse
 import os
 
 from paradiffusion.cli import Command
-from paradiffusion.config import PipelinesConfig
+from paradiffusion.config import RootConfig
 
 
-def _generate(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def _generate(cfg: RootConfig, args: argparse.Namespace) -> int:
     from eval.generate import run_generate
 
     return run_generate(cfg, args)
@@ -21,13 +21,13 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     _add_arguments(p)
 
 
-def _metrics(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def _metrics(cfg: RootConfig, args: argparse.Namespace) -> int:
     from eval.metrics import run_metrics
 
     return run_metrics(cfg, args)
 
 
-def _vote(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def _vote(cfg: RootConfig, args: argparse.Namespace) -> int:
     from eval.vote.admin import run_vote
 
     return run_vote(cfg, args)
@@ -38,7 +38,7 @@ def _vote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help="override eval.vote.port")
 
 
-def _vote_admin(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def _vote_admin(cfg: RootConfig, args: argparse.Namespace) -> int:
     from eval.vote.admin import run_vote_admin
 
     return run_vote_admin(cfg, args)
@@ -56,14 +56,14 @@ def _vote_admin_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default=None, help="invite: print links with this base URL")
 
 
-def _report(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def _report(cfg: RootConfig, args: argparse.Namespace) -> int:
     from eval.report import run_report
 
     return run_report(cfg, args)
 
 
 # --------------------------------------------------------------------------- models each command loads
-def _generate_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> list:
+def _generate_models(cfg: RootConfig, args: argparse.Namespace | None) -> list:
     """Every model eval-generate runs: kind paradiffusion (export or release), kind diffusers (a pipeline)."""
     from paradiffusion.hub import ModelRef, looks_local
     from training.cli import paradiffusion_models
@@ -81,8 +81,8 @@ def _generate_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> l
     return refs
 
 
-def _metrics_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> list:
-    """CLIP (and Long-CLIP), the aesthetic head, Inception weights for FID, the preference models."""
+def _metrics_models(cfg: RootConfig, args: argparse.Namespace | None) -> list:
+    """CLIP (and Long-CLIP), the aesthetic head, Inception weights for FID, the DPG-Bench judge, the preference models."""
     from paradiffusion.hub import model_ref, open_clip_refs, unmanaged, weights_ref
 
     mc = cfg.eval.metrics
@@ -104,6 +104,13 @@ def _metrics_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> li
             refs.append(
                 weights_ref(key, value) if local else unmanaged(key, value, f"the {package} package fetches it")
             )
+    dc = mc.dpg
+    if dc.questions and dc.judge:  # DPG-Bench's VQA judge: an entry of caption.captioners
+        from captioning.cli import captioner_models
+
+        spec = cfg.caption.captioners.get(dc.judge)
+        if spec is not None:  # an unknown name is reported by the stage with the names it knows
+            refs += captioner_models(f"caption.captioners.{dc.judge}", spec)
     if pc.pickscore:
         refs.append(model_ref("eval.metrics.preference.pickscore", pc.pickscore, layout=("transformers",)))
         refs.append(

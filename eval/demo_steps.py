@@ -61,9 +61,8 @@ def step_eval_vote(ctx) -> None:
     from eval.vote.admin import app_for, open_store, sync_pairs
     from eval.vote.server import serve_in_thread
     from eval.vote.simulate import run_voters
-    from paradiffusion.config import load_config
 
-    cfg = load_config(ctx.config_files, ctx.overrides)
+    cfg = ctx.config()
     store = open_store(cfg)
     sync_pairs(cfg, store).print()
     store.set_meta(

@@ -35,7 +35,7 @@ from eval.dpg import (
 from eval.paths import dpg_answers_url
 from eval.schemas import DPG_ANSWERS
 from eval.stats import bootstrap_mean
-from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.log import get_logger
 from paradiffusion.stage import StageSummary, progress
 from paradiffusion.storage import Table, rows_to_table
@@ -52,7 +52,7 @@ NOTE = (
 )
 
 
-def dpg_prompt_sets(cfg: PipelinesConfig) -> list[str]:
+def dpg_prompt_sets(cfg: RootConfig) -> list[str]:
     """The prompt sets DPG-Bench scoring applies to."""
     d = cfg.eval.metrics.dpg
     if d.prompt_sets is not None:
@@ -60,7 +60,7 @@ def dpg_prompt_sets(cfg: PipelinesConfig) -> list[str]:
     return [name for name, ps in cfg.eval.prompt_sets.items() if ps.kind == "dpg_bench"]
 
 
-def load_judge(cfg: PipelinesConfig):
+def load_judge(cfg: RootConfig):
     """The judge named by ``eval.metrics.dpg.judge``, loaded through the captioner registry."""
     d = cfg.eval.metrics.dpg
     known = sorted(cfg.caption.captioners)
@@ -110,7 +110,7 @@ def _crops(rows: list[dict], sets: set[str], n: int) -> tuple[dict[str, int], Co
     return crop, fewer
 
 
-def judge_dpg(cfg: PipelinesConfig, images: Table, summary: StageSummary, judge=None) -> DpgRun | None:
+def judge_dpg(cfg: RootConfig, images: Table, summary: StageSummary, judge=None) -> DpgRun | None:
     """Judge every pending DPG-Bench image, then score all answers. None when there is
     nothing to score (no DPG-Bench images, or scoring not configured: the summary says)."""
     from eval.metrics import _open_image  # the same image reader as the other metrics

@@ -33,7 +33,7 @@ from eval.config import EvalConfig
 from eval.paths import images_url
 from eval.prompts import Prompt, load_from_config
 from eval.schemas import EVAL_IMAGES
-from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.log import get_logger
 from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, rows_to_table
@@ -122,7 +122,7 @@ def generate_unit(
     return rows
 
 
-def run_generate(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def run_generate(cfg: RootConfig, args: argparse.Namespace) -> int:
     """The `eval-generate` command."""
     from eval.models import load_model
 

@@ -48,7 +48,7 @@ from eval.dpg_judge import dpg_prompt_sets, judge_dpg
 from eval.paths import images_url, metrics_url
 from eval.schemas import EVAL_IMAGES, EVAL_METRICS
 from eval.stats import bootstrap_mean
-from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.log import get_logger
 from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, rows_to_table
@@ -451,7 +451,7 @@ def reference_stats(
     return stats, False
 
 
-def run_metrics(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def run_metrics(cfg: RootConfig, args: argparse.Namespace) -> int:
     """The `eval` command (metrics)."""
     from curation.models import load_aesthetic, load_clip
 
@@ -590,7 +590,7 @@ def run_metrics(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def compute_fid(cfg: PipelinesConfig, images: Table, clip, summary: StageSummary, cache: Table | None = None) -> dict:
+def compute_fid(cfg: RootConfig, images: Table, clip, summary: StageSummary, cache: Table | None = None) -> dict:
     """FID of every model x prompt set against the reference folder.
 
     Images are decoded and turned into features one batch (``eval.metrics.batch_size``)
@@ -649,5 +649,5 @@ def _shard_prompt_set(images: Table, shard: str) -> str | None:
     return ps
 
 
-def load_metrics_json(cfg: PipelinesConfig, name: str) -> dict | None:
+def load_metrics_json(cfg: RootConfig, name: str) -> dict | None:
     return Table(metrics_url(cfg)).load_json(name)

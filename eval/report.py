@@ -37,7 +37,7 @@ from eval.paths import images_url, metrics_url, report_folder, votes_folder
 from eval.schemas import EVAL_IMAGES
 from eval.stats import LOSS, TIE, WIN, VotingRate, voting_rate
 from eval.vote.db import QUESTIONS
-from paradiffusion.config import PipelinesConfig
+from paradiffusion.config import RootConfig
 from paradiffusion.stage import StageSummary, announce
 from paradiffusion.storage import Table
 
@@ -129,7 +129,7 @@ def voting_rates(rows: list[dict], n_boot: int, confidence: float, seed: int = 0
     return out
 
 
-def _votes_section(cfg: PipelinesConfig) -> tuple[str, int, int]:
+def _votes_section(cfg: RootConfig) -> tuple[str, int, int]:
     """The voting table; also the votes counted and the rows flagged for too few prompts."""
     from eval.vote.db import VoteStore
 
@@ -186,7 +186,7 @@ def _votes_section(cfg: PipelinesConfig) -> tuple[str, int, int]:
     return "".join(parts), len(rows), flagged
 
 
-def _metrics_section(cfg: PipelinesConfig) -> tuple[str, int]:
+def _metrics_section(cfg: RootConfig) -> tuple[str, int]:
     """The metrics table (and FID, DPG-Bench); also the rows flagged for too few prompts."""
     from eval.metrics import METRIC_COLUMNS
 
@@ -295,7 +295,7 @@ def _fmt_score(res: dict) -> str:
     return f"{res['score']:.2f} <span class=ci>[{res['ci_low']:.2f}, {res['ci_high']:.2f}] n={res['n_prompts']}</span>"
 
 
-def _grids_section(cfg: PipelinesConfig, out_dir: str) -> str:
+def _grids_section(cfg: RootConfig, out_dir: str) -> str:
     images = Table(images_url(cfg), schema=EVAL_IMAGES)
     if not images.done_shards():
         return "<p>No images yet (run <code>make eval-generate</code>).</p>"
@@ -330,7 +330,7 @@ def _grids_section(cfg: PipelinesConfig, out_dir: str) -> str:
     return "".join(parts)
 
 
-def build_report(cfg: PipelinesConfig) -> tuple[str, dict]:
+def build_report(cfg: RootConfig) -> tuple[str, dict]:
     """The HTML page and a few counts for the summary."""
     out_dir = os.path.abspath(report_folder(cfg)) if "://" not in report_folder(cfg) else report_folder(cfg)
     votes_html, n_votes, flagged_votes = _votes_section(cfg)
@@ -349,7 +349,7 @@ def build_report(cfg: PipelinesConfig) -> tuple[str, dict]:
     return page, {"votes": n_votes, "rows_under_min_prompts": flagged_votes + flagged_metrics}
 
 
-def run_report(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def run_report(cfg: RootConfig, args: argparse.Namespace) -> int:
     """The `eval-report` command."""
     out = Table(report_folder(cfg))
     announce(

@@ -1,9 +1,11 @@
-"""One CLI, a subcommand per stage: ``paradiffusion <stage> [--config F]... [--set k=v]...``.
+"""CLI machinery for ``paradiffusion <stage> [--config F]... [--set k=v]...``.
 
 Each stage declares its subcommands as :class:`Command` objects in a light module
 (``curation/cli.py``, ...) that imports nothing heavy at module level, so ``--help``
-stays fast. :data:`COMMANDS` maps a subcommand to ``"module:attribute"``; adding a
-stage means adding a line there, not another ``if``.
+stays fast. The registry that maps a subcommand to ``"module:attribute"`` and the
+``main`` that runs it live in the composition layer (``pipelines/cli.py``:
+``COMMANDS``); this module builds the parser from any such registry and runs a
+command with any config loader, so it names no stage.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from paradiffusion.config import ConfigError, PipelinesConfig, load_config
+from paradiffusion.config import ConfigError, RootConfig
 
 if TYPE_CHECKING:
     from paradiffusion.hub import ModelRef
@@ -28,18 +30,18 @@ class Command:
     ``run(cfg, args)`` returns the process exit code.
 
     ``models(cfg, args)`` lists the models the resolved config makes this command load
-    (:class:`paradiffusion.hub.ModelRef`); :func:`main` resolves them before ``run``, so a
+    (:class:`paradiffusion.hub.ModelRef`); :func:`run_command` resolves them before ``run``, so a
     model that cannot be had stops the run at once with one line. ``args`` is None when
     ``paradiffusion models fetch/check`` asks: then list every model the command could load.
     """
 
     help: str
-    run: Callable[[PipelinesConfig, argparse.Namespace], int]
+    run: Callable[[RootConfig, argparse.Namespace], int]
     add_arguments: Callable[[argparse.ArgumentParser], None] = field(default=lambda p: None)
-    models: Callable[[PipelinesConfig, argparse.Namespace | None], list[ModelRef]] | None = None
+    models: Callable[[RootConfig, argparse.Namespace | None], list[ModelRef]] | None = None
 
 
-def _show_config(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def _show_config(cfg: RootConfig, args: argparse.Namespace) -> int:
     import yaml
 
     section = cfg.model_dump(mode="json")
@@ -56,42 +58,22 @@ CONFIG = Command(
     add_arguments=lambda p: p.add_argument("section", nargs="?", help="only this section, e.g. filter"),
 )
 
-#: subcommand -> "module:attribute" of its Command. Kept sorted by pipeline order.
-COMMANDS: dict[str, str] = {
-    "config": "paradiffusion.cli:CONFIG",
-    "demo": "paradiffusion.demo:DEMO",
-    "models": "paradiffusion.hub_cli:MODELS",
-    "download": "curation.cli:DOWNLOAD",
-    "filter": "curation.cli:FILTER",
-    "caption": "captioning.cli:CAPTION",
-    "select-small": "captioning.small.cli:SELECT_SMALL",
-    "annotations": "captioning.small.cli:ANNOTATIONS",
-    "stats": "stats.cli:STATS",
-    "cache-latents": "training.cli:CACHE_LATENTS",
-    "cache-text": "training.cli:CACHE_TEXT",
-    "train": "training.cli:TRAIN",
-    "generate": "training.cli:GENERATE",
-    "eval-generate": "eval.cli:EVAL_GENERATE",
-    "eval": "eval.cli:EVAL_METRICS",
-    "vote": "eval.cli:VOTE",
-    "vote-admin": "eval.cli:VOTE_ADMIN",
-    "eval-report": "eval.cli:EVAL_REPORT",
-}
 
-
-def _load_command(target: str) -> Command:
+def load_command(target: str) -> Command:
+    """The :class:`Command` a registry entry ``"module:attribute"`` names (its module imported now)."""
     module, attr = target.split(":")
     return getattr(importlib.import_module(module), attr)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The ``paradiffusion`` parser: one subcommand per entry of ``commands`` (name -> "module:attribute")."""
     parser = argparse.ArgumentParser(
         prog="paradiffusion",
         description="ParaDiffusion toolkit: curate, caption, train and evaluate paragraph-to-image models.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, target in COMMANDS.items():
-        cmd = _load_command(target)
+    for name, target in commands.items():
+        cmd = load_command(target)
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         p.add_argument(
             "--config",
@@ -113,8 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def run_command(
+    commands: Mapping[str, str],
+    load_config: Callable[[list[str] | None, list[str]], RootConfig],
+    argv: list[str] | None = None,
+) -> int:
+    """Parse ``argv``, load the config with ``load_config(files, overrides)``, resolve the command's models, run it.
+
+    Returns the exit code: the command's, 2 for a config or model problem, 1 for a
+    missing file, 130 on Ctrl-C (each with one line on stderr, no traceback).
+    """
+    parser = build_parser(commands)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

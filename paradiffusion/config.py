@@ -1,10 +1,14 @@
-"""`pipelines.yaml`: loading, overrides and strict validation.
+"""Config machinery: strict models, YAML loading, ``--set`` overrides, error messages.
 
-The file has one section per stage. Each stage owns its section's schema (a pydantic
-model in its own package, e.g. ``curation/config.py``); this module composes them
-into :class:`PipelinesConfig`. Loading is strict: an unknown key, a wrong type or a
-value out of range raises :class:`ConfigError`, whose message names the key, the bad
-value and what is allowed.
+The file (`pipelines.yaml`) has one section per stage. Each stage owns its section's
+schema (a pydantic model in its own package, e.g. ``curation/config.py``, built on
+:class:`StrictModel`); the composition layer (``pipelines/config.py``) puts them together
+with the core sections defined here (:class:`ProjectConfig`, :class:`RayConfig`,
+:class:`ModelsConfig`). This module knows no stage: :func:`load_config_model` loads into
+whatever root model it is given, and stages type the composed config as
+:class:`RootConfig`. Loading is strict: an unknown key, a wrong type or a value out of
+range raises :class:`ConfigError`, whose message names the key, the bad value and what
+is allowed.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Protocol, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -94,29 +98,24 @@ class ModelsConfig(StrictModel):
         return v
 
 
-from captioning.config import CaptionConfig  # noqa: E402
-from captioning.small.config import AnnotationsConfig, SelectSmallConfig  # noqa: E402
-from curation.config import DownloadConfig, FilterConfig  # noqa: E402 - stage sections import StrictModel from above
-from eval.config import EvalConfig  # noqa: E402
-from stats.config import StatsConfig  # noqa: E402
-from training.config import GenerateConfig, TrainConfig  # noqa: E402
+class RootConfig(Protocol):
+    """The composed config as the core and the stages see it (``pipelines.config.PipelinesConfig`` is one).
+
+    The core sections are typed here; a stage reads its own section by name
+    (``cfg.filter``, ``cfg.caption``), which this protocol lets through as ``Any``, so no
+    stage's section type needs to be known below the composition layer.
+    """
+
+    project: ProjectConfig
+    ray: RayConfig
+    models: ModelsConfig
+
+    def model_dump(self, *, mode: str = "python", **kwargs: Any) -> dict[str, Any]: ...
+
+    def __getattr__(self, name: str) -> Any: ...
 
 
-class PipelinesConfig(StrictModel):
-    """The whole `pipelines.yaml`."""
-
-    project: ProjectConfig = Field(default_factory=ProjectConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    models: ModelsConfig = Field(default_factory=ModelsConfig)
-    download: DownloadConfig = Field(default_factory=DownloadConfig)
-    filter: FilterConfig = Field(default_factory=FilterConfig)
-    caption: CaptionConfig = Field(default_factory=CaptionConfig)
-    select_small: SelectSmallConfig = Field(default_factory=SelectSmallConfig)
-    annotations: AnnotationsConfig = Field(default_factory=AnnotationsConfig)
-    stats: StatsConfig = Field(default_factory=StatsConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+M = TypeVar("M", bound=BaseModel)
 
 
 # --------------------------------------------------------------------------- loading
@@ -231,14 +230,16 @@ def format_validation_error(exc: ValidationError, root: type[BaseModel], source:
     return "\n".join(lines)
 
 
-def load_config(
+def load_config_model(
+    root: type[M],
     paths: list[str | os.PathLike] | str | os.PathLike | None = None,
     overrides: list[str] | None = None,
-) -> PipelinesConfig:
-    """Load one or more YAML files (later ones override earlier ones), then ``--set`` overrides.
+) -> M:
+    """Load one or more YAML files (later ones override earlier ones), then ``--set`` overrides, into ``root``.
 
     ``paths`` None loads ``pipelines.yaml`` from the current folder when it exists and
-    the defaults otherwise.
+    the defaults otherwise. ``root`` is the composed model (``pipelines.config.load_config``
+    passes ``PipelinesConfig``).
     """
     if paths is None:
         paths = ["pipelines.yaml"] if Path("pipelines.yaml").exists() else []
@@ -261,9 +262,9 @@ def load_config(
     if overrides:
         source += " + --set " + " ".join(overrides)
     try:
-        return PipelinesConfig.model_validate(data)
+        return root.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, PipelinesConfig, source)) from None
+        raise ConfigError(format_validation_error(exc, root, source)) from None
 
 
 def config_fingerprint(section: BaseModel | dict) -> str:
@@ -271,8 +272,8 @@ def config_fingerprint(section: BaseModel | dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def resolved_config_document(cfg: PipelinesConfig, stage: str) -> dict:
-    """What is saved beside an output: the whole resolved config plus how it was run."""
+def resolved_config_document(cfg: BaseModel | dict, stage: str) -> dict:
+    """What is saved beside an output: the whole resolved config (a model or its dict) plus how it was run."""
     from paradiffusion import __version__
 
     return {
@@ -280,5 +281,5 @@ def resolved_config_document(cfg: PipelinesConfig, stage: str) -> dict:
         "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "paradiffusion_version": __version__,
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else copy.deepcopy(cfg),
     }

@@ -1,7 +1,7 @@
 """Models named in the config: declared by each stage, resolved before the stage starts.
 
 Each stage's light CLI module declares the models its resolved config names
-(``Command.models(cfg, args) -> list[ModelRef]``). :func:`paradiffusion.cli.main`
+(``Command.models(cfg, args) -> list[ModelRef]``). :func:`paradiffusion.cli.run_command`
 resolves them in the driver before anything else runs (no Ray, no DeepSpeed, no data):
 
 - a local folder or file must exist and hold a model (config + weights); what is
@@ -18,7 +18,7 @@ is ONE line: the setting, what was tried, and the fix. After a successful resolu
 run goes offline (``HF_HUB_OFFLINE=1``, inherited by Ray workers and DeepSpeed ranks), so
 every loader reads what was resolved and none waits on a network.
 
-``paradiffusion models fetch`` / ``check`` (:mod:`paradiffusion.hub_cli`) use the same
+``paradiffusion models fetch`` / ``check`` (:mod:`pipelines.hub_cli`) use the same
 declarations to fill a cache folder where there is network and to verify it where there
 is none. Nothing heavy is imported at module level (stage CLI modules import this).
 """

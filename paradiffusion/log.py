@@ -1,12 +1,49 @@
-"""One logger per package, with a clear prefix."""
+"""One logger per package, with a clear prefix; other libraries' output to a log file."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import io
 import logging
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from typing import TextIO
 
-_CONFIGURED = False
+_HANDLER: logging.StreamHandler | None = None
+
+
+class _Forward(io.TextIOBase):
+    """A stand-in for sys.stdout / sys.stderr that writes to a target which can be switched:
+    a library that keeps a reference to it (Ray's log handler does) writes to the real
+    stream again once the block that installed it has ended, never to a closed file."""
+
+    def __init__(self, target: TextIO):
+        self.target = target
+
+    def write(self, s: str) -> int:
+        return self.target.write(s)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def fileno(self) -> int:
+        return self.target.fileno()
+
+    def isatty(self) -> bool:
+        return self.target.isatty()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.target, "encoding", "utf-8")
+
+    def __getattr__(self, name: str):
+        return getattr(self.target, name)
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -15,13 +52,68 @@ def get_logger(name: str) -> logging.Logger:
     Messages read ``[curation.filter] message``; the level comes from
     ``PARADIFFUSION_LOG_LEVEL`` (default INFO).
     """
-    global _CONFIGURED
-    if not _CONFIGURED:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    global _HANDLER
+    if _HANDLER is None:
+        _HANDLER = logging.StreamHandler(sys.stderr)
+        _HANDLER.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
         root = logging.getLogger("pd")
-        root.addHandler(handler)
+        root.addHandler(_HANDLER)
         root.setLevel(os.environ.get("PARADIFFUSION_LOG_LEVEL", "INFO").upper())
         root.propagate = False
-        _CONFIGURED = True
     return logging.getLogger(f"pd.{name}")
+
+
+def stage_log_path(table_url: str, stage: str) -> str:
+    """Where a stage run's third-party output goes: ``<table>/_logs/<stage>-<UTC time>.log``
+    for a local table, a file in the temp folder for a remote one (it is written as it runs)."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    if "://" in table_url and not table_url.startswith("file://"):
+        folder = tempfile.mkdtemp(prefix=f"paradiffusion-{stage}-logs-")
+    else:
+        folder = os.path.join(table_url.removeprefix("file://"), "_logs")
+        os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{stage}-{stamp}.log")
+
+
+@contextlib.contextmanager
+def third_party_output_to(log_path: str) -> Iterator[TextIO]:
+    """Send what libraries print to ``log_path``; yield a stream to the real terminal.
+
+    Inside the block, file descriptors 1 and 2 point at the log file, so the output of
+    this process's threads, of C code and of any process started here (img2dataset's
+    workers and bars, Ray's start-up lines and forwarded worker logs, warnings) lands
+    there. This package's loggers, and the progress bar drawn on the yielded stream,
+    stay on the terminal. Restored on exit, also on an exception.
+    """
+    get_logger("log")  # make sure our handler exists before it is pointed at the console
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = os.dup(1), os.dup(2)
+    # the terminal: where sys.stderr wrote (it may be a wrapper, e.g. under pytest), else fd 2
+    console = os.fdopen(os.dup(saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # Python-level writes too, in case sys.stdout/sys.stderr are not fds 1 and 2
+    log_stream = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    old_std = sys.stdout, sys.stderr
+    forwards = _Forward(log_stream), _Forward(log_stream)
+    sys.stdout, sys.stderr = forwards
+    old_stream = _HANDLER.stream if _HANDLER is not None else None
+    if _HANDLER is not None:
+        _HANDLER.stream = console  # not setStream(): it flushes the old stream, which may be gone
+    try:
+        yield console
+    finally:
+        sys.stdout, sys.stderr = old_std
+        forwards[0].target, forwards[1].target = old_std  # for whoever kept a reference
+        log_stream.close()
+        if _HANDLER is not None:
+            _HANDLER.stream = old_stream
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in saved:
+            os.close(f)
+        console.close()

@@ -23,9 +23,13 @@ def resolve_address(cfg: RayConfig) -> str | None:
     return address
 
 
-def init_ray(cfg: RayConfig) -> str:
-    """Initialise Ray once per process; returns a description of where it runs."""
-    ray = require("ray", "ray[data]", extra="curation")
+def init_ray(cfg: RayConfig, extra: str | None = None) -> str:
+    """Initialise Ray once per process; returns a description of where it runs.
+
+    ``extra`` names the project extra that brings Ray for the caller (e.g. ``"curation"``):
+    the install hint when Ray is missing.
+    """
+    ray = require("ray", "ray[data]", extra=extra)
     if cfg.auth_mode:
         os.environ["RAY_AUTH_MODE"] = cfg.auth_mode
     address = resolve_address(cfg)

@@ -13,23 +13,38 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
 
 
-def progress(it: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it", **kw) -> Iterator[T]:
-    """A tqdm progress bar on stderr (updated at most once a second when not a terminal)."""
+def progress(
+    it: Iterable[T],
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    file: TextIO | None = None,
+    **kw,
+) -> Iterator[T]:
+    """A tqdm progress bar on stderr, or ``file`` (e.g. the terminal stream that
+    :func:`paradiffusion.log.third_party_output_to` yields). When ``file`` is not a
+    terminal (a pipe, a log) the bar is redrawn at most every 30 s, so the final state is
+    written once, by ``close()``, not twice."""
+    file = file or sys.stderr
+    try:
+        tty = file.isatty()
+    except (AttributeError, ValueError):
+        tty = False
     return tqdm(
         it,
         total=total,
         desc=desc,
         unit=unit,
         dynamic_ncols=True,
-        file=sys.stderr,
-        mininterval=0.2 if sys.stderr.isatty() else 5.0,
+        file=file,
+        mininterval=0.2 if tty else 30.0,
         **kw,
     )
 
@@ -52,6 +67,7 @@ class StageSummary:
     rejected: Counter = field(default_factory=Counter)
     flagged: Counter = field(default_factory=Counter)  # kept, but marked (e.g. caption quality flags)
     skipped_done: int = 0  # units (shards, keys) already finished by an earlier run
+    skipped_unit: str = ""  # what skipped_done counts ("shards", "keys"), shown beside it
     extra: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     seconds: float | None = None
@@ -82,6 +98,7 @@ class StageSummary:
             "rejected_total": sum(self.rejected.values()),
             "flagged": dict(self.flagged.most_common()),
             "skipped_already_done": self.skipped_done,
+            **({"skipped_unit": self.skipped_unit} if self.skipped_unit else {}),
             "seconds": round(self.seconds if self.seconds is not None else time.time() - self.started, 3),
             **self.extra,
         }
@@ -95,7 +112,8 @@ class StageSummary:
         for kind, n in self.flagged.most_common():
             rows.append((f"  flagged: {kind}", n))
         if self.skipped_done:
-            rows.append(("already done (skipped)", self.skipped_done))
+            unit = f" {self.skipped_unit}" if self.skipped_unit else ""
+            rows.append((f"already done (skipped{unit})", self.skipped_done))
         for k, v in self.extra.items():
             if not isinstance(v, (dict, list)):
                 rows.append((k, v))

@@ -4,8 +4,9 @@ A *table* is a folder (local path or any fsspec URL) of Parquet shards::
 
     <table>/
       part-<shard>.parquet     complete shards, one row per image (or per key x ...)
-      _done/<shard>.json       commit marker: row count, bytes, time; written last
-      _config.yaml             the resolved config that produced this table
+      _done/<shard>.json       commit marker: row count, bytes, time, config fingerprint; written last
+      _config.yaml             the resolved config of the last run, and which shards other settings made
+      _configs/<fp>.yaml       the resolved config of every run, by its stage settings' fingerprint
       _summary.json            the last run's summary (counts in/out/rejected, time)
       .tmp/                    shards being written; never read
 
@@ -18,6 +19,11 @@ the marker is still the commit point.
 
 A stage never edits another stage's files: it writes its own table, joined by ``key``.
 DuckDB reads the shards in place through :meth:`Table.glob`.
+
+Provenance: once :meth:`Table.save_config` has been called with the stage's settings,
+every marker records their fingerprint (``config_fingerprint``) and ``_configs/<fp>.yaml``
+holds them, so each shard's settings can be looked up. ``_config.yaml`` names the shards
+that other settings made (``shards_with_other_settings``) instead of claiming them.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from pydantic import BaseModel
 
-from paradiffusion.config import PipelinesConfig, config_fingerprint, resolved_config_document
+from paradiffusion.config import config_fingerprint, resolved_config_document
 from paradiffusion.log import get_logger
 
 log = get_logger("storage")
@@ -58,6 +65,7 @@ class Table:
         self.url = str(url).rstrip("/")
         self.fs, self.path = fsspec.core.url_to_fs(self.url)
         self.schema = schema
+        self.config_fingerprint: str | None = None  # recorded in every marker once save_config set it
 
     def __repr__(self) -> str:
         return f"Table({self.url!r})"
@@ -99,6 +107,15 @@ class Table:
         with self.fs.open(self.marker_file(shard), "r") as f:
             return json.load(f)
 
+    def markers(self) -> dict[str, dict]:
+        """Every committed shard's marker, read in one batch (``fs.cat``: concurrent on object stores)."""
+        shards = sorted(self.done_shards())
+        if not shards:
+            return {}
+        raw = self.fs.cat([self.marker_file(s) for s in shards])
+        by_path = {k.rstrip("/").rsplit("/", 1)[-1][: -len(".json")]: v for k, v in raw.items()}
+        return {s: json.loads(by_path[s]) for s in shards}
+
     def files(self) -> list[str]:
         """Complete shard files (with a marker), sorted by shard name, as full URLs."""
         proto = self.url.split("://", 1)[0] + "://" if "://" in self.url else ""
@@ -138,6 +155,7 @@ class Table:
             "rows": table.num_rows,
             "bytes": len(data),
             "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **({"config_fingerprint": self.config_fingerprint} if self.config_fingerprint else {}),
             **(meta or {}),
         }
         self._atomic_write_bytes(self.marker_file(shard), json.dumps(marker, default=str).encode())
@@ -180,28 +198,56 @@ class Table:
         return sum(int(self.marker(s)["rows"]) for s in self.done_shards())
 
     # -- run metadata
-    def save_config(self, cfg: PipelinesConfig, stage: str, section: Any = None) -> None:
-        """Save the resolved config beside the output. Warns when a resumed run's stage
-        section differs from the one that wrote the shards already there."""
+    def save_config(self, cfg: BaseModel | dict, stage: str, section: Any = None) -> dict:
+        """Save the resolved config (the composed model, or its dict) beside the output; returns the document written.
+
+        With ``section`` (the stage's settings that decide what its rows hold), its
+        fingerprint is recorded in every marker written from now on, the document is also
+        kept as ``_configs/<fingerprint>.yaml``, and committed shards whose marker carries
+        another fingerprint are listed under ``shards_with_other_settings`` (with a warning
+        on every run while there are any): ``_config.yaml`` never claims them. Shards
+        committed before fingerprints were recorded count as made by the settings the
+        previous ``_config.yaml`` named. Call it again after rewriting those shards.
+        """
         doc = resolved_config_document(cfg, stage)
-        if section is not None:
-            doc["stage_fingerprint"] = config_fingerprint(section)
         cfg_file = self._p("_config.yaml")
-        if section is not None and self.fs.exists(cfg_file) and self.done_shards():
+        if section is not None:
+            fp = config_fingerprint(section)
+            doc["stage_fingerprint"] = fp
+            doc["stage_settings"] = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
+            self.config_fingerprint = fp
+            other = self._shards_with_other_settings(fp, cfg_file)
+            if other:
+                doc["shards_with_other_settings"] = other
+                log.warning(
+                    "%s: %d of its shards were written with other %s settings than this run's (see "
+                    "shards_with_other_settings in _config.yaml and _configs/<fingerprint>.yaml)",
+                    self.url,
+                    sum(other.values()),
+                    stage,
+                )
+            self._atomic_write_bytes(self._p("_configs", f"{fp}.yaml"), yaml.safe_dump(doc, sort_keys=False).encode())
+        self._atomic_write_bytes(cfg_file, yaml.safe_dump(doc, sort_keys=False).encode())
+        return doc
+
+    def _shards_with_other_settings(self, fp: str, cfg_file: str) -> dict[str, int]:
+        markers = self.markers()
+        if not markers:
+            return {}
+        before = None  # what the previous _config.yaml claimed, for markers without a fingerprint
+        if any("config_fingerprint" not in m for m in markers.values()) and self.fs.exists(cfg_file):
             try:
                 with self.fs.open(cfg_file, "r") as f:
                     old = yaml.safe_load(f) or {}
-                if old.get("stage_fingerprint") not in (None, doc["stage_fingerprint"]):
-                    log.warning(
-                        "%s: the %s settings differ from the run that wrote the %d shards already here; "
-                        "finished shards are kept as they are (delete the folder to redo them)",
-                        self.url,
-                        stage,
-                        len(self.done_shards()),
-                    )
-            except Exception:  # noqa: BLE001 - a damaged old config only loses the warning
-                pass
-        self._atomic_write_bytes(cfg_file, yaml.safe_dump(doc, sort_keys=False).encode())
+                before = old.get("stage_fingerprint")
+            except Exception:  # noqa: BLE001 - a damaged old config: those shards count as unknown
+                before = None
+        counts: dict[str, int] = {}
+        for m in markers.values():
+            theirs = m.get("config_fingerprint", before) or "unknown"
+            if theirs != fp:
+                counts[theirs] = counts.get(theirs, 0) + 1
+        return counts
 
     def write_file(self, name: str, data: bytes) -> str:
         """Write a side file (e.g. an image the rows point at) atomically under the table

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from paradiffusion.cli import Command
-from paradiffusion.config import PipelinesConfig
+from paradiffusion.config import RootConfig
 
 
-def _run(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def _run(cfg: RootConfig, args: argparse.Namespace) -> int:
     from stats.run import run_stats
 
     run_stats(cfg, only=args.only.split(",") if args.only else None)

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.log import get_logger
 from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, join
@@ -44,7 +44,7 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
 
-def stats_dir(cfg: PipelinesConfig) -> str:
+def stats_dir(cfg: RootConfig) -> str:
     return cfg.stats.output or join(cfg.project.data_root, "stats")
 
 
@@ -123,7 +123,7 @@ def _sample_captions(
     return [(s, c) for s, got in by_source.items() for _, c in sorted(got)[:n]]
 
 
-def add_mean_nouns(con, res: Result, cfg: PipelinesConfig, caption_columns: list[str] | None = None) -> None:
+def add_mean_nouns(con, res: Result, cfg: RootConfig, caption_columns: list[str] | None = None) -> None:
     """Append Table 1's ``mean_nouns`` column, measured on a seeded sample per source."""
     counter = _nouns.noun_counter() if cfg.stats.nouns == "auto" else None
     if counter is None:
@@ -240,7 +240,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 # --------------------------------------------------------------------------- the stage
-def run_stats(cfg: PipelinesConfig, only: list[str] | None = None, quiet: bool = False) -> dict[str, Result]:
+def run_stats(cfg: RootConfig, only: list[str] | None = None, quiet: bool = False) -> dict[str, Result]:
     """Write views.sql (+ stats.duckdb), run the canned queries, print them and write the report."""
     sc = cfg.stats
     if "://" in stats_dir(cfg):

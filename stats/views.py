@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import fsspec
 import pyarrow.parquet as pq
 
-from paradiffusion.config import PipelinesConfig
+from paradiffusion.config import RootConfig
 from paradiffusion.images import IMAGE_COLUMNS
 from paradiffusion.storage import join
 
@@ -76,7 +76,7 @@ def _lit(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def selected_sql(captions_glob: str, cfg: PipelinesConfig) -> str:
+def selected_sql(captions_glob: str, cfg: RootConfig) -> str:
     """The selected caption per key: the captioning stage's rule (``caption.select``), so the
     view, the annotation drafts and the captioner agree."""
     from captioning.store import selected_captions_sql
@@ -94,7 +94,7 @@ class Source:
     columns: list[str]
 
 
-def find_sources(cfg: PipelinesConfig) -> dict[str, Source]:
+def find_sources(cfg: RootConfig) -> dict[str, Source]:
     """The base tables under ``data_root`` (and ``stats.images``), with their columns (the union
     over the shards, so a column added later is seen)."""
     out = {}
@@ -133,7 +133,7 @@ def source_label_sql(alias: str = "") -> str:
 
 
 def build_views(
-    cfg: PipelinesConfig, sources: dict[str, Source] | None = None, derived: dict[str, str] | None = None
+    cfg: RootConfig, sources: dict[str, Source] | None = None, derived: dict[str, str] | None = None
 ) -> list[tuple[str, str]]:
     """``(view name, SELECT ...)`` for every view whose tables exist, in dependency order.
 

@@ -14,10 +14,10 @@ import subprocess
 import sys
 
 from paradiffusion.cli import Command
-from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.config import ConfigError, RootConfig
 
 
-def launch_command(cfg: PipelinesConfig, argv: list[str]) -> list[str] | None:
+def launch_command(cfg: RootConfig, argv: list[str]) -> list[str] | None:
     """The ``deepspeed`` launcher command for this run, or None to run in this process."""
     lc = cfg.train.launch
     if "LOCAL_RANK" in os.environ or lc.launcher == "none":  # already a launched rank, or asked for one process
@@ -52,7 +52,7 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def run_train(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def run_train(cfg: RootConfig, args: argparse.Namespace) -> int:
     cmd = launch_command(cfg, _train_argv(args))
     if cmd is not None:
         print("$ " + " ".join(cmd), file=sys.stderr)
@@ -77,7 +77,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run_generate(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def run_generate(cfg: RootConfig, args: argparse.Namespace) -> int:
     from training.generate import generate
 
     prompts = [p for p in args.prompt or [] if p.strip()]  # `make generate` without PROMPT passes ""
@@ -97,14 +97,14 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-file", help="a text file, one prompt per line")
 
 
-def run_cache_latents(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def run_cache_latents(cfg: RootConfig, args: argparse.Namespace) -> int:
     from training.latents import cache_latents
 
     cache_latents(cfg, args.stage)
     return 0
 
 
-def run_cache_text(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def run_cache_text(cfg: RootConfig, args: argparse.Namespace) -> int:
     from training.text_cache import cache_text
 
     cache_text(cfg, args.stage, batch_size=args.batch_size)
@@ -117,13 +117,13 @@ def _cache_text_args(p: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------- models each command loads
-def _vae_ref(cfg: PipelinesConfig) -> list:
+def _vae_ref(cfg: RootConfig) -> list:
     from paradiffusion.hub import model_ref
 
     return [model_ref("train.model.vae", cfg.train.model.vae, layout=("diffusers",))]
 
 
-def _llm_ref(cfg: PipelinesConfig):
+def _llm_ref(cfg: RootConfig):
     from paradiffusion.hub import model_ref
 
     mc = cfg.train.model
@@ -136,7 +136,7 @@ def _llm_ref(cfg: PipelinesConfig):
     )
 
 
-def train_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> list:
+def train_models(cfg: RootConfig, args: argparse.Namespace | None) -> list:
     """The LLM (+ tokenizer), the VAE, and the UNet / scheduler when named (all three stages share them).
 
     A stage that trains on a text cache (``data.text_cache``, LLM frozen) does not load the LLM."""
@@ -200,7 +200,7 @@ def paradiffusion_models(
     return refs
 
 
-def _generate_models(cfg: PipelinesConfig, args: argparse.Namespace | None) -> list:
+def _generate_models(cfg: RootConfig, args: argparse.Namespace | None) -> list:
     from paradiffusion.storage import join
 
     gc = cfg.generate

@@ -262,6 +262,10 @@ class BucketedImageData:
             cols = [c for c in ("key", "caption", "width", "height", "status") if c in fs_schema.names]
             meta = read_image_shard(url, cols + (["image"] if not {"width", "height"} <= set(cols) else []))
             d = meta.to_pydict()
+            if "image" not in d and (None in d["width"] or None in d["height"]):
+                # img2dataset leaves the sizes null when it stores the bytes as downloaded (no re-encoding,
+                # the download default): read them from the image headers instead
+                d["image"] = read_image_shard(url, ["image"]).column("image").to_pylist()
             none = [None] * len(d["key"])
             for i, key in enumerate(d["key"]):
                 counts = n_seen % self.world_size == self.rank  # this rank counts this row's fate
@@ -563,7 +567,10 @@ def _size_of(data: bytes | None) -> tuple[int | None, int | None]:
 
     try:
         with Image.open(io.BytesIO(data or b"")) as img:
-            return img.size
+            w, h = img.size
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation with a quarter turn: as decoded
+                w, h = h, w
+            return w, h
     except Exception:  # noqa: BLE001
         return None, None
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from paradiffusion.config import PipelinesConfig
+from paradiffusion.config import RootConfig
 from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, join
 
@@ -19,7 +19,7 @@ def _slug(text: str, n: int = 40) -> str:
     return s or "prompt"
 
 
-def generate(cfg: PipelinesConfig, prompts: list[str]) -> list[Path]:
+def generate(cfg: RootConfig, prompts: list[str]) -> list[Path]:
     """Generate one PNG per prompt into ``generate.output``; returns the files written.
 
     A file is named ``<index>-<slug>-<hash>.png``; the hash covers the prompt and every

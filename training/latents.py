@@ -21,7 +21,7 @@ import math
 import pyarrow as pa
 import torch
 
-from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, join
 
@@ -42,7 +42,7 @@ _DATA_KEYS = {"resolution": "data.resolution", "bucket_step": "data.bucket_step"
               "max_aspect_ratio": "data.max_aspect_ratio"}  # fmt: skip
 
 
-def latents_path(cfg: PipelinesConfig, stage: int) -> str:
+def latents_path(cfg: RootConfig, stage: int) -> str:
     return cfg.train.stage(stage).data.latents or join(cfg.project.data_root, "latents", f"stage{stage}")
 
 
@@ -56,7 +56,7 @@ def vae_fingerprint(vae: torch.nn.Module) -> list[float]:
     return t.tolist()
 
 
-def latent_settings(cfg: PipelinesConfig, stage: int, vae: torch.nn.Module) -> dict:
+def latent_settings(cfg: RootConfig, stage: int, vae: torch.nn.Module) -> dict:
     """What cached latents depend on: the stage's bucket settings and the VAE."""
     d = cfg.train.stage(stage).data
     return {
@@ -92,7 +92,7 @@ def check_latents(url: str, want: dict, stage: int) -> None:
         )
 
 
-def cache_latents(cfg: PipelinesConfig, stage: int, batch_size: int = 16) -> StageSummary:
+def cache_latents(cfg: RootConfig, stage: int, batch_size: int = 16) -> StageSummary:
     """Encode every usable image of the stage (its caption source and kept set) into the latents table."""
     from training.data import BucketedImageData, to_model_range
     from training.modeling import load_vae

@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.log import get_logger
 from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, join
@@ -84,11 +84,11 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def text_cache_path(cfg: PipelinesConfig, stage: int) -> str:
+def text_cache_path(cfg: RootConfig, stage: int) -> str:
     return cfg.train.stage(stage).data.text_cache or join(cfg.project.data_root, "text_cache", f"stage{stage}")
 
 
-def training_dtype(cfg: PipelinesConfig, on_gpu: bool | None = None) -> torch.dtype:
+def training_dtype(cfg: RootConfig, on_gpu: bool | None = None) -> torch.dtype:
     """The dtype a stage trains in (and so runs its LLM in): ``train.deepspeed.precision``."""
     p = cfg.train.deepspeed.precision
     gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
@@ -148,7 +148,7 @@ def lora_digest(lora_dir: str | Path | None) -> str | None:
     return h.hexdigest()
 
 
-def stage_lora_dir(cfg: PipelinesConfig, stage: int) -> Path | None:
+def stage_lora_dir(cfg: RootConfig, stage: int) -> Path | None:
     """The LoRA a frozen stage merges into its LLM: ``<init_from>/text_encoder_lora`` (stage 3)."""
     from training.modeling import LORA_DIR
     from training.trainer import stage_paths
@@ -160,7 +160,7 @@ def stage_lora_dir(cfg: PipelinesConfig, stage: int) -> Path | None:
     return d if d.is_dir() else None
 
 
-def cache_key(cfg: PipelinesConfig, stage: int, dtype: torch.dtype) -> dict:
+def cache_key(cfg: RootConfig, stage: int, dtype: torch.dtype) -> dict:
     """What a stage's cached states depend on, found without loading the LLM."""
     mc, sc = cfg.train.model, cfg.train.stage(stage)
     lora = stage_lora_dir(cfg, stage)
@@ -311,7 +311,7 @@ def condition_from_cache(
 
 
 # ---------------------------------------------------------------------------- cache-text
-def cache_text(cfg: PipelinesConfig, stage: int, batch_size: int = 16) -> StageSummary:
+def cache_text(cfg: RootConfig, stage: int, batch_size: int = 16) -> StageSummary:
     """Compute the frozen LLM's states of every caption of the stage (and "" and the validation
     prompts) that the cache does not hold yet; one committed shard per images shard's new captions."""
     from training.data import BucketedImageData

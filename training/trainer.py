@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.log import get_logger
 from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, join
@@ -74,7 +74,7 @@ class TrainingDiverged(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- paths
-def stage_paths(cfg: PipelinesConfig, stage: int) -> dict[str, str | None]:
+def stage_paths(cfg: RootConfig, stage: int) -> dict[str, str | None]:
     """Resolved input/output paths of a stage (``null`` config paths derived from data_root)."""
     root = cfg.project.data_root
     sc = cfg.train.stage(stage)
@@ -209,7 +209,7 @@ class CheckpointDir:
 class Trainer:
     """One training stage (1, 2 or 3) from ``pipelines.yaml``'s ``train:`` section."""
 
-    def __init__(self, cfg: PipelinesConfig, stage: int):
+    def __init__(self, cfg: RootConfig, stage: int):
         if stage not in (1, 2, 3):
             raise ConfigError(f"--stage {stage}: one of 1, 2, 3")
         self.cfg, self.stage = cfg, stage

@@ -6,7 +6,3 @@ aesthetic score, resolution and k-means diversity), ``labelstudio`` (tasks, labe
 parsing of exports), ``annotations`` (the versioned store, review states, guideline checks,
 status and the approved export), ``cli`` (the commands).
 """
-
-# paradiffusion.config composes this package's config sections, and they import its
-# StrictModel: loading the core first makes importing a submodule work on its own.
-import paradiffusion.config  # noqa: F401, E402

@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from captioning.small import labelstudio as ls
 from captioning.small.config import AnnotationsConfig
 from captioning.small.texts import approved_sql, texts_sql
-from paradiffusion.config import PipelinesConfig
+from paradiffusion.config import RootConfig
 from paradiffusion.deps import MissingDependency, require
 from paradiffusion.log import get_logger
 from paradiffusion.schemas import ANNOTATIONS, CANDIDATES, SCORES, SMALL_TRAIN
@@ -111,19 +111,19 @@ def who(row: dict) -> str:
 
 
 # --------------------------------------------------------------------------- locations
-def annotations_url(cfg: PipelinesConfig) -> str:
+def annotations_url(cfg: RootConfig) -> str:
     return cfg.annotations.output or join(cfg.project.data_root, "annotations")
 
 
-def export_dir(cfg: PipelinesConfig) -> str:
+def export_dir(cfg: RootConfig) -> str:
     return cfg.annotations.export_dir or join(cfg.project.data_root, "annotation_tasks")
 
 
-def train_url(cfg: PipelinesConfig) -> str:
+def train_url(cfg: RootConfig) -> str:
     return cfg.annotations.train_output or join(cfg.project.data_root, "small_train")
 
 
-def _candidates_url(cfg: PipelinesConfig) -> str:
+def _candidates_url(cfg: RootConfig) -> str:
     from captioning.small.select import candidates_url
 
     return candidates_url(cfg)
@@ -259,7 +259,7 @@ def _run_sql(sql: str, history: pa.Table) -> list[dict]:
         con.close()
 
 
-def known_keys(cfg: PipelinesConfig) -> tuple[set[str], str]:
+def known_keys(cfg: RootConfig) -> tuple[set[str], str]:
     """Keys an annotation may name: the candidates, or (without candidates) the kept set."""
     cand = Table(_candidates_url(cfg), CANDIDATES)
     if cand.done_shards():
@@ -284,7 +284,7 @@ class ImportResult:
         return [p for p in self.problems if p.reason == ls.NOT_ANNOTATED]
 
 
-def import_file(cfg: PipelinesConfig, path: str, users: dict[str, str] | None = None) -> ImportResult:
+def import_file(cfg: RootConfig, path: str, users: dict[str, str] | None = None) -> ImportResult:
     """Import one Label Studio export (JSON or JSON-MIN) / CSV / JSONL as one committed shard.
 
     ``users`` maps annotator identities (``labelstudio:<id>``) to emails, e.g. the server's
@@ -499,7 +499,7 @@ def _decide(
     return row, check
 
 
-def review(cfg: PipelinesConfig, decisions: list[Decision], force: bool = False) -> tuple[StageSummary, list[str]]:
+def review(cfg: RootConfig, decisions: list[Decision], force: bool = False) -> tuple[StageSummary, list[str]]:
     """Apply review decisions; the allowed ones are appended as one shard.
 
     Returns the summary and the refused decisions' messages (each names its line and why).
@@ -596,7 +596,7 @@ def read_decisions(path: str, default_reviewer: str | None = None) -> tuple[list
 KEY_STATES = ("approved", "submitted", "draft", "rejected")  # a key's state: the first any of its texts has
 
 
-def status(cfg: PipelinesConfig) -> dict:
+def status(cfg: RootConfig) -> dict:
     """Progress: texts (each annotator's latest per key) by state and by annotator, keys by their
     best state, keys not started, and pending texts failing the guidelines."""
     store = AnnotationStore(annotations_url(cfg))
@@ -649,7 +649,7 @@ def render_status(st: dict) -> str:
 
 
 # --------------------------------------------------------------------------- export
-def draft_captions(cfg: PipelinesConfig, keys: list[str]) -> dict[str, tuple[str, str]]:
+def draft_captions(cfg: RootConfig, keys: list[str]) -> dict[str, tuple[str, str]]:
     """key -> (VLM draft caption, "model_id/prompt_id"): the selected caption (``caption.select``)."""
     from stats.views import selected_sql
 
@@ -673,7 +673,7 @@ def _write_local_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def export_tasks(cfg: PipelinesConfig) -> StageSummary:
+def export_tasks(cfg: RootConfig) -> StageSummary:
     """Write ``tasks.json`` (Label Studio import) and ``labeling_config.xml`` for the candidates."""
     ac = cfg.annotations
     out = Path(export_dir(cfg))
@@ -735,7 +735,7 @@ def _ext(data: bytes) -> str:
     return "bin"
 
 
-def export_approved(cfg: PipelinesConfig) -> StageSummary:
+def export_approved(cfg: RootConfig) -> StageSummary:
     """Write the stage-3 training table from the approved texts, by ``annotations.train_rule``
     (:func:`captioning.small.texts.approved_sql`: ``latest`` = one row per key, ``each`` = one
     row per approved annotator)."""

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from paradiffusion.cli import Command
-from paradiffusion.config import PipelinesConfig
+from paradiffusion.config import RootConfig
 
 ANNOTATION_ACTIONS = (
     "export",
@@ -24,7 +24,7 @@ ANNOTATION_ACTIONS = (
 )
 
 
-def _select(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def _select(cfg: RootConfig, args: argparse.Namespace) -> int:
     from captioning.small.select import run_select_small
 
     run_select_small(cfg)
@@ -37,7 +37,7 @@ SELECT_SMALL = Command(
 )
 
 
-def _annotations(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def _annotations(cfg: RootConfig, args: argparse.Namespace) -> int:
     from captioning.small import annotations as an
     from captioning.small.lsclient import LabelStudioError
     from captioning.small.lsserver import ServerError
@@ -78,7 +78,7 @@ def _annotations(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _history(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def _history(cfg: RootConfig, args: argparse.Namespace) -> int:
     from captioning.small import annotations as an
 
     if not args.key:
@@ -104,7 +104,7 @@ def _history(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _review(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def _review(cfg: RootConfig, args: argparse.Namespace) -> int:
     from captioning.small import annotations as an
 
     if args.decisions:

@@ -1,4 +1,4 @@
-"""The demo steps of ParaImage-Small and stats (registered in ``paradiffusion/demo.py``).
+"""The demo steps of ParaImage-Small and stats (registered in ``pipelines/demo.py``).
 
 The annotation step imports a *simulated* Label Studio export (see
 :mod:`captioning.small.simulate`): no person wrote those descriptions.

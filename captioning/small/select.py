@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from captioning.small.config import SelectSmallConfig
-from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.log import get_logger
 from paradiffusion.schemas import CANDIDATES, SCORES
 from paradiffusion.stage import StageSummary, announce, progress
@@ -29,7 +29,7 @@ log = get_logger("captioning.small.select")
 SCORE_COLUMNS = ["key", "url", "width", "height", "aesthetic", "clip_score", "kept", "image_embedding"]
 
 
-def candidates_url(cfg: PipelinesConfig) -> str:
+def candidates_url(cfg: RootConfig) -> str:
     return cfg.select_small.output or join(cfg.project.data_root, "candidates")
 
 
@@ -145,7 +145,7 @@ def choose(pool: pa.Table, sc: SelectSmallConfig, seed: int) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=CANDIDATES) if rows else CANDIDATES.empty_table()
 
 
-def run_select_small(cfg: PipelinesConfig) -> StageSummary:
+def run_select_small(cfg: RootConfig) -> StageSummary:
     """Select the candidates and write them as one committed shard (a rerun replaces it)."""
     sc = cfg.select_small
     scores_url = join(cfg.project.data_root, "scores")

@@ -28,7 +28,7 @@ from pathlib import Path
 from captioning.small import annotations as an
 from captioning.small import labelstudio as ls
 from captioning.small.lsclient import LabelStudioClient, LabelStudioError
-from paradiffusion.config import PipelinesConfig
+from paradiffusion.config import RootConfig
 from paradiffusion.log import get_logger
 from paradiffusion.stage import StageSummary, announce
 from paradiffusion.storage import join
@@ -38,16 +38,16 @@ log = get_logger("captioning.small.labelstudio")
 IMPORT_BATCH = 500
 
 
-def data_dir(cfg: PipelinesConfig) -> str:
+def data_dir(cfg: RootConfig) -> str:
     return cfg.annotations.label_studio.data_dir or join(cfg.project.data_root, "labelstudio")
 
 
-def server_url(cfg: PipelinesConfig) -> str:
+def server_url(cfg: RootConfig) -> str:
     lc = cfg.annotations.label_studio
     return (lc.url or f"http://127.0.0.1:{lc.port}").rstrip("/")
 
 
-def resolve_token(cfg: PipelinesConfig) -> str:
+def resolve_token(cfg: RootConfig) -> str:
     """The API token: ``$<token_env>``, else ``token_file``, else ``<data_dir>/api_token``
     (written by ``make labelstudio``)."""
     lc = cfg.annotations.label_studio
@@ -62,16 +62,16 @@ def resolve_token(cfg: PipelinesConfig) -> str:
     )
 
 
-def client(cfg: PipelinesConfig) -> LabelStudioClient:
+def client(cfg: RootConfig) -> LabelStudioClient:
     return LabelStudioClient(server_url(cfg), resolve_token(cfg), cfg.annotations.label_studio.timeout_s)
 
 
-def _storage_path(cfg: PipelinesConfig) -> str:
+def _storage_path(cfg: RootConfig) -> str:
     lc = cfg.annotations.label_studio
     return lc.storage_path or str(Path(an.export_dir(cfg), "images").absolute())
 
 
-def push(cfg: PipelinesConfig) -> StageSummary:
+def push(cfg: RootConfig) -> StageSummary:
     """Export the tasks and import the new ones into the Label Studio project (see the module doc)."""
     ac = cfg.annotations
     lc = ac.label_studio
@@ -120,7 +120,7 @@ def push(cfg: PipelinesConfig) -> StageSummary:
     return summary
 
 
-def pull(cfg: PipelinesConfig, export_type: str | None = None) -> an.ImportResult:
+def pull(cfg: RootConfig, export_type: str | None = None) -> an.ImportResult:
     """Export every task through the API and import the annotations (see the module doc)."""
     lc = cfg.annotations.label_studio
     kind = export_type or lc.export_type
@@ -143,7 +143,7 @@ def pull(cfg: PipelinesConfig, export_type: str | None = None) -> an.ImportResul
     return an.import_file(cfg, str(path), users=users)
 
 
-def serve(cfg: PipelinesConfig, install_only: bool = False) -> int:
+def serve(cfg: RootConfig, install_only: bool = False) -> int:
     """Install (first time) and run a local Label Studio until interrupted."""
     import signal
     import threading

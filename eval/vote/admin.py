@@ -11,7 +11,7 @@ from eval.paths import images_url, votes_folder
 from eval.schemas import EVAL_IMAGES
 from eval.vote.db import VoteStore
 from eval.vote.pairs import build_pairs, export_votes
-from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.stage import StageSummary, announce
 from paradiffusion.storage import Table
 
@@ -22,12 +22,12 @@ def _local(url: str, what: str) -> Path:
     return Path(url.removeprefix("file://"))
 
 
-def open_store(cfg: PipelinesConfig) -> VoteStore:
+def open_store(cfg: RootConfig) -> VoteStore:
     folder = _local(votes_folder(cfg), "eval.vote.folder")
     return VoteStore(folder / "votes.sqlite", quota=cfg.eval.vote.pairs_per_voter)
 
 
-def sync_pairs(cfg: PipelinesConfig, store: VoteStore) -> StageSummary:
+def sync_pairs(cfg: RootConfig, store: VoteStore) -> StageSummary:
     """Add the pairs the current eval_images table allows (existing pairs are kept)."""
     summary = StageSummary("vote-pairs")
     images = Table(images_url(cfg), schema=EVAL_IMAGES)
@@ -46,7 +46,7 @@ def sync_pairs(cfg: PipelinesConfig, store: VoteStore) -> StageSummary:
     return summary.finish()
 
 
-def app_for(cfg: PipelinesConfig, store: VoteStore):
+def app_for(cfg: RootConfig, store: VoteStore):
     """The voting app over ``store`` with the ``eval.vote`` display and limits."""
     from eval.vote.app import create_app
 
@@ -60,7 +60,7 @@ def app_for(cfg: PipelinesConfig, store: VoteStore):
     )
 
 
-def run_vote(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def run_vote(cfg: RootConfig, args: argparse.Namespace) -> int:
     from eval.vote.server import serve_forever
 
     store = open_store(cfg)
@@ -84,7 +84,7 @@ def run_vote(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def run_vote_admin(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
+def run_vote_admin(cfg: RootConfig, args: argparse.Namespace) -> int:
     store = open_store(cfg)
     base = args.base_url or f"http://{cfg.eval.vote.host}:{cfg.eval.vote.port}"
     if args.action == "pairs":

@@ -96,6 +96,32 @@ def _png_with_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def _gif_with_header_only(width: int, height: int) -> bytes:
+    """A GIF whose logical screen is ``width x height`` with one 1x1 frame: a bomb for a decoder
+    that allocates the whole screen."""
+    tiny = io.BytesIO()
+    Image.new("P", (1, 1)).save(tiny, "GIF")
+    data = bytearray(tiny.getvalue())
+    data[6:10] = struct.pack("<HH", width, height)
+    return bytes(data)
+
+
+def _jpeg_with_header_only(width: int, height: int) -> bytes:
+    """A small JPEG whose start-of-frame claims ``width x height`` (the data is for 8x8)."""
+    data = bytearray(_jpeg(Image.new("RGB", (8, 8), (200, 100, 50))))
+    i = 2
+    while data[i + 1] not in (0xC0, 0xC1, 0xC2):  # walk the segments to the start of frame
+        i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+    data[i + 5 : i + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _animated(frames: list[Image.Image], fmt: str) -> bytes:
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
 def _photo_path(name: str) -> Path:
     import skimage  # the dev extra brings it; the demo and tests use it
 
@@ -179,9 +205,9 @@ def build_sample(
         "stored 400x300, displays 300x400",
     )
     frames = [synthetic_image(rng, 320, 240) for _ in range(3)]
-    buf = io.BytesIO()
-    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    add("animated.gif", buf.getvalue(), ENGLISH[5], "special", "animated", "3-frame GIF")
+    add("animated.gif", _animated(frames, "GIF"), ENGLISH[5], "special", "animated", "3-frame GIF")
+    add("animated.webp", _animated(frames, "WEBP"), ENGLISH[0], "special", "animated", "3-frame animated WebP")
+    add("animated.png", _animated(frames, "PNG"), ENGLISH[1], "special", "animated", "3-frame APNG")
 
     if broken:
         good = _jpeg(synthetic_image(rng, 640, 480))
@@ -203,6 +229,22 @@ def build_sample(
             "broken",
             "decompression_bomb",
             "header claims 30000x30000",
+        )
+        add(
+            "bomb.gif",
+            _gif_with_header_only(30000, 30000),
+            ENGLISH[5],
+            "broken",
+            "decompression_bomb",
+            "GIF logical screen 30000x30000",
+        )
+        add(
+            "bomb.jpg",
+            _jpeg_with_header_only(30000, 30000),
+            ENGLISH[0],
+            "broken",
+            "decompression_bomb",
+            "JPEG start-of-frame claims 30000x30000",
         )
 
     with open(out / "sample.jsonl", "w") as f:

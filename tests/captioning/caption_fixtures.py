@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from paradiffusion.config import load_config
 from paradiffusion.schemas import SCORES
 from paradiffusion.storage import Table
+from pipelines.config import load_config
 
 #: name -> RGB: solid-colour fixture images (every key's colour is recorded, so a test can
 #: tell images apart).

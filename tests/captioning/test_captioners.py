@@ -9,8 +9,9 @@ from PIL import Image
 
 from captioning.captioners import CAPTIONERS, Captioner, CaptionResult, check_pinned, finish_of, load_captioner
 from captioning.config import CaptionerSpec, GenerationSettings
-from paradiffusion.config import ConfigError, load_config
+from paradiffusion.config import ConfigError
 from paradiffusion.deps import MissingDependency
+from pipelines.config import load_config
 
 
 def images(n=5):

@@ -190,7 +190,8 @@ def test_captioner_templates_change_the_prompt(tiny_cog):
 
 
 def test_unknown_template_is_a_config_error():
-    from paradiffusion.config import ConfigError, load_config
+    from paradiffusion.config import ConfigError
+    from pipelines.config import load_config
 
     with pytest.raises(ConfigError) as err:
         load_config([], ["caption.captioners.cogvlm.template_version=chatty"])

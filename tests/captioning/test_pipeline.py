@@ -235,7 +235,7 @@ def test_caption_on_a_two_node_cluster(ray_cluster, tmp_path, tiny_vlm):
 
 
 def test_remote_cogvlm_refuses_to_run_unpinned(tmp_path):
-    from paradiffusion.cli import main
+    from pipelines.cli import main
 
     rc = main(
         [

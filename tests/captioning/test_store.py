@@ -131,7 +131,7 @@ def test_resize_modes_and_bucket_sizes():
 
 def test_actor_pool_follows_gpus_and_actors_per_gpu():
     from captioning.pipeline import actor_pool_size
-    from paradiffusion.config import load_config
+    from pipelines.config import load_config
 
     pipelines = Path(__file__).resolve().parents[2] / "pipelines.yaml"
 

@@ -24,11 +24,12 @@ from curation.download import (
     resolve_url_list,
     run_download,
 )
-from paradiffusion.cli import main
-from paradiffusion.config import ConfigError, load_config
+from paradiffusion.config import ConfigError
 from paradiffusion.images import image_shards
 from paradiffusion.testing.http import serve_folder
 from paradiffusion.testing.sample import build_sample, write_url_list
+from pipelines.cli import main
+from pipelines.config import load_config
 
 MIN_SIZE = 128
 MAX_ASPECT = 3.0
@@ -72,10 +73,15 @@ def read_rows(images: Path) -> list[dict]:
 
 
 def expected_reason(rec, sample_dir: Path) -> str | None:
-    """What the download must say about one sample file (None: success)."""
+    """What a download that decodes (disable_all_reencoding=false) must say about one sample
+    file (None: success)."""
     path = sample_dir / "images" / rec.name
+    if rec.expect == "decompression_bomb":
+        return "area_too_large"  # refused from the header, before OpenCV decodes it
     if rec.kind == "broken":
         return "empty_response" if path.stat().st_size == 0 else "not_an_image"
+    if rec.expect == "animated":
+        return None  # stored as downloaded: the filter decides
     w, h = Image.open(path).size
     if min(w, h) < MIN_SIZE:
         return "too_small"
@@ -124,6 +130,69 @@ def test_config_errors_name_allowed_values():
         load_config([], ["download.distributor=spark"])
     with pytest.raises(ConfigError, match="reserves"):
         load_config([], ["download.save_additional_columns=[status]"])
+    # nothing is decoded by default, so a resize or a size check at download would be ignored: refused
+    with pytest.raises(ConfigError, match="resize_mode='keep_ratio'.*disable_all_reencoding=false"):
+        load_config([], ["download.resize_mode=keep_ratio"])
+    load_config([], ["download.resize_mode=keep_ratio", "download.disable_all_reencoding=false"])
+
+
+def test_the_guard_refuses_bombs_before_opencv_and_keeps_animations(tmp_path, monkeypatch):
+    import io
+
+    import cv2
+
+    from curation.resize_guard import GuardedResizer
+
+    records = build_sample(tmp_path)
+    data = {r.name: (tmp_path / "images" / r.name).read_bytes() for r in records}
+    resizer = GuardedResizer(1024, "no", True, disable_all_reencoding=False, max_image_area=100_000_000)
+
+    def no_decoding(*a, **k):
+        raise AssertionError("OpenCV was asked to decode a bomb")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
+    for name in ("bomb.png", "bomb.gif", "bomb.jpg"):
+        img, *_, err = resizer(io.BytesIO(data[name]))
+        assert (
+            img is None
+            and err.startswith("image area too large: 30000x30000")
+            and failure_reason(err) == ("area_too_large")
+        )
+    for name in ("animated.gif", "animated.webp", "animated.png"):
+        img, w, h, ow, oh, err = resizer(io.BytesIO(data[name]))
+        assert err is None and img == data[name] and (w, h) == (ow, oh) == (320, 240)
+    monkeypatch.undo()
+    img, w, h, *_, err = resizer(io.BytesIO(data["astronaut.jpg"]))  # everything else: img2dataset as usual
+    assert err is None and (w, h) == (512, 512)
+
+
+def test_url_counts_agree_with_what_urllib_does(tmp_path):
+    urls = ["http://h/a.jpg", " https://h/b.jpg ", "http://exa mple.com/c.jpg", "ftp://127.0.0.1/x.jpg",
+            "file:///etc/hostname", "", None, "not a url", "http:/h/one-slash.jpg", "mailto:x@y"]  # fmt: skip
+    pq.write_table(pa.table({"url": urls, "caption": ["c"] * len(urls)}), tmp_path / "urls.parquet")
+    ul = resolve_url_list(load_config([], [f"download.input={tmp_path / 'urls.parquet'}"]).download, str(tmp_path))
+    # empty, None, no scheme, no host, unknown scheme: refused at once (invalid_url); ftp/file: fetched
+    assert (ul.invalid_urls, ul.other_scheme_urls, ul.n_rows) == (5, 2, len(urls))
+    for u in ("", "not a url", "http:/h/one-slash.jpg", "mailto:x@y"):
+        assert failure_reason(_urllib_error(u)) == "invalid_url", u
+
+
+def _urllib_error(url: str) -> str:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url), timeout=1)
+    except Exception as exc:  # noqa: BLE001 - the message img2dataset records
+        return str(exc)
+    return "no error"
+
+
+def test_an_empty_url_list_is_an_error(tmp_path):
+    pq.write_table(
+        pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}), tmp_path / "e.parquet"
+    )
+    with pytest.raises(ConfigError, match="has no rows"):
+        run_download(cfg_for(tmp_path, tmp_path / "e.parquet"))
 
 
 def test_columns_detected_or_named_in_the_error(tmp_path):
@@ -207,6 +276,7 @@ def test_laion_parquet_every_url_has_a_row_reasons_and_resume(served, tmp_path):
     cfg = cfg_for(
         tmp_path,
         url_list,
+        "download.disable_all_reencoding=false",
         f"download.min_image_size={MIN_SIZE}",
         f"download.max_aspect_ratio={MAX_ASPECT}",
         "download.number_sample_per_shard=16",
@@ -229,12 +299,18 @@ def test_laion_parquet_every_url_has_a_row_reasons_and_resume(served, tmp_path):
     assert summary["in"] == summary["out"] + summary["rejected_total"]
     assert summary["input_invalid_urls"] == len(INVALID)
     assert "HTTP Error 404: Not Found" in summary["failure_detail"]["http_404"]
+    # a bomb is refused from its header, with its size; an animation is stored byte for byte
+    bombs = [r for r in rows if "bomb" in r["url"]]
+    assert bombs and all("30000x30000" in r["error_message"] for r in bombs)
+    for r in rows:
+        if "/animated." in r["url"]:
+            assert r["jpg"] == (root / "sample" / "images" / r["url"].rsplit("/", 1)[-1]).read_bytes()
     assert json.loads((images / "_summary.json").read_text())["out"] == summary["out"]
     assert "download" in (images / "_config.yaml").read_text()
 
     # resize_mode "no" keeps originals: the source size, and a JPEG byte for byte.
     for r in rows:
-        if r["status"] != "success":
+        if r["status"] != "success" or "/animated." in r["url"]:
             continue
         src = root / "sample" / "images" / r["url"].rsplit("/", 1)[-1]
         assert (r["width"], r["height"]) == (r["original_width"], r["original_height"]) == Image.open(src).size
@@ -273,7 +349,7 @@ def test_laion_parquet_every_url_has_a_row_reasons_and_resume(served, tmp_path):
         pytest.param("jsonl", "url", "TEXT", marks=pytest.mark.slow),
     ],
 )
-def test_text_formats_through_the_cli(served, tmp_path, fmt, url_col, caption_col, capsys):
+def test_text_formats_through_the_cli(served, tmp_path, fmt, url_col, caption_col, capfd):
     root, records, base = served
     photos = [r for r in records if r.kind == "photo"][:3]
     url_list = write_url_list(
@@ -296,7 +372,12 @@ def test_text_formats_through_the_cli(served, tmp_path, fmt, url_col, caption_co
     ):
         args += ["--set", s]
     assert main(args) == 0
-    assert "== download: summary" in capsys.readouterr().err
+    err = capfd.readouterr().err
+    assert "== download: summary" in err and "download: 100%" in err  # our one bar
+    # img2dataset's own lines (even from its worker processes) are in the log file, not on the console
+    assert "Starting the downloading" not in err
+    (log_file,) = (tmp_path / "data" / "images" / "_logs").glob("download-*.log")
+    assert "Starting the downloading" in log_file.read_text()
     summary = json.loads((tmp_path / "data" / "images" / "_summary.json").read_text())
     assert (summary["in"], summary["out"], summary["rejected"]) == (4, 3, {"http_404": 1})
     rows = read_rows(tmp_path / "data" / "images")
@@ -423,3 +504,57 @@ def test_ray_distributor_on_a_two_node_cluster(ray_cluster, served, tmp_path):
     assert f"Ray cluster at {ray_cluster.address} (2 node(s)" in summary["ran_on"]
     assert (summary["in"], summary["out"], summary["rejected"]) == (len(photos) + 1, len(photos), {"http_404": 1})
     assert len(read_rows(tmp_path / "data" / "images")) == len(photos) + 1
+
+
+def test_default_path_download_then_filter_gives_every_broken_kind_its_reason(served, tmp_path):
+    """The default config end to end: download stores the bytes, the filter's decode judges them."""
+    from curation.filter import run_filter
+    from paradiffusion.storage import Table
+    from paradiffusion.testing.tiny_clip import build_tiny_clip
+
+    root, records, base = served
+    url_list = write_url_list(
+        records, base, tmp_path / "urls.parquet", extra_urls={p: c for p, (c, _) in EXTRAS.items()}
+    )
+    run_download(cfg_for(tmp_path, url_list))  # only the input, output and a small worker pool are set
+    tiny = build_tiny_clip(tmp_path / "models")
+    cfg = load_config(
+        [],
+        [
+            f"project.data_root={tmp_path / 'data'}",
+            "filter.runner=local",  # the runner does not change a decision (test_filter_stage compares them)
+            f"filter.models.clip_model={tiny['clip_model']}",
+            f"filter.models.aesthetic={tiny['aesthetic']}",
+        ],
+    )
+    assert run_filter(cfg) == 0
+    rows = {r["url"]: r for r in Table(str(tmp_path / "data" / "scores")).read().to_pylist()}
+    assert len(rows) == len(records) + len(EXTRAS)
+    broken = {"decode_error", "decompression_bomb", "animated"}
+    kinds = {r.expect for r in records if r.expect in broken}
+    assert kinds == broken
+    for rec in records:
+        row = rows[f"{base}/images/{rec.name}"]
+        if rec.expect in broken:
+            assert row["reject_reason"] == rec.expect, (rec.name, row["reject_reason"], row["reject_detail"])
+            assert "\n" not in row["reject_detail"]
+        if rec.expect == "decompression_bomb":
+            assert "30000x30000" in row["reject_detail"] and (row["width"], row["height"]) == (30000, 30000)
+    for path, (_, reason) in EXTRAS.items():
+        row = rows[f"{base}/{path}"]
+        if reason == "not_an_image":  # an HTML answer is stored as it came; the decode says what it is
+            assert row["reject_reason"] == "decode_error" and "HTML" in row["reject_detail"]
+            continue
+        assert row["reject_reason"] == "download_failed" and row["reject_detail"].startswith(reason + ": ")
+        assert "\n" not in row["reject_detail"] and len(row["reject_detail"]) < 200
+
+
+def test_changed_row_settings_are_refused_on_a_finished_folder(served, tmp_path):
+    root, records, base = served
+    url_list = write_url_list(records[:2], base, tmp_path / "urls.parquet")
+    run_download(cfg_for(tmp_path, url_list))
+    before = (tmp_path / "data" / "images" / "_config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"download.disable_all_reencoding True -> False.*overwrite"):
+        run_download(cfg_for(tmp_path, url_list, "download.disable_all_reencoding=false"))
+    assert (tmp_path / "data" / "images" / "_config.yaml").read_text() == before  # still true of the rows
+    run_download(cfg_for(tmp_path, url_list, "download.thread_count=2"))  # how fast, not what: allowed

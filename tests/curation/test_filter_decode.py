@@ -80,3 +80,57 @@ def test_resize_center_crop_matches_open_clip_geometry():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 600, 3), dtype=np.uint8))
     arr = resize_center_crop(img, 64)
     assert arr.shape == (64, 64, 3) and arr.dtype == np.uint8
+
+
+def test_bomb_details_carry_the_size(sample):
+    for name in ("bomb.png", "bomb.gif", "bomb.jpg"):
+        d = decode_image(sample[name][1])
+        assert d.reason == REJECT_BOMB and "30000x30000" in d.detail and (d.width, d.height) == (30000, 30000)
+
+
+def test_header_size_agrees_with_pillow(sample):
+    from curation.decode import header_size
+
+    checked = set()
+    for name, (rec, data) in sample.items():
+        if rec.kind == "broken" or not data:
+            continue
+        assert header_size(data) == Image.open(io.BytesIO(data)).size, name
+        checked.add(Image.open(io.BytesIO(data)).format)
+    base = Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8))
+    for kw in ({"lossless": True}, {"quality": 80}):  # VP8L and VP8 WebP
+        buf = io.BytesIO()
+        base.save(buf, "WEBP", **kw)
+        assert header_size(buf.getvalue()) == (53, 37)
+    assert {"JPEG", "PNG", "GIF", "WEBP"} <= checked
+
+
+def _png(w, h):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 200, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_max_pixels_above_pillows_own_limit_is_honoured_under_threads(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Pillow's limit scaled down (errors above 2 x 1,000 pixels) so that images a test can
+    # afford are "bombs" to Pillow: max_pixels above it must still decide.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    small, big = _png(20, 20), _png(120, 100)  # 400 and 12,000 pixels
+    assert decode_image(big, max_pixels=20_000).reason is None
+    d = decode_image(big, max_pixels=5_000)
+    assert d.reason == REJECT_BOMB and "120x100" in d.detail
+    gif = io.BytesIO()
+    frames = [Image.new("RGB", (120, 100), (i * 40, 0, 0)) for i in range(3)]
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    jobs = [(big, 20_000, "reject"), (small, 5_000, "reject"), (gif.getvalue(), 20_000, "first_frame")] * 40
+
+    def run(job):
+        data, limit, animated = job
+        return decode_image(data, max_pixels=limit, animated=animated).reason
+
+    with ThreadPoolExecutor(8) as pool:
+        reasons = list(pool.map(run, jobs))
+    assert reasons == [None] * len(jobs)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # put back when the last decode ended

@@ -95,3 +95,47 @@ def test_near_duplicates_by_embedding():
     keys = ["a", "b", "c", "d", "e"]
     out = decide_duplicates(keys, list("vwxyz"), [None] * 5, emb, near_min=0.97, block=2)
     assert {k: (d.reason, d.duplicate_of) for k, d in out.items()} == {"d": (REJECT_NEAR_DUPLICATE, "a")}
+
+
+def _planted(n=3000, d=32, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(20, d))
+    x = centers[rng.integers(0, 20, n)] + 0.8 * rng.normal(size=(n, d))
+    dup = rng.choice(np.arange(1, n), 300, replace=False)
+    x[dup] = x[(rng.random(300) * dup).astype(int)] + 0.02 * rng.normal(size=(300, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_approximate_search_matches_exact_and_is_deterministic():
+    import faiss
+
+    from curation.neardup import ann_pairs, decide, exact_pairs
+
+    x = _planted()
+    n, d = x.shape
+
+    def chunks(order=None):
+        def gen():
+            idx = np.arange(n) if order is None else order
+            for s in range(0, n, 700):
+                part = idx[s : s + 700]
+                yield part, x[part]
+
+        return gen
+
+    exact = decide(n, exact_pairs(x, 0.97))
+    assert len(exact) >= 250  # the planted copies (a few fall under the threshold)
+    ann = decide(n, ann_pairs(chunks(), n, d, 0.97, nlist=16, storage="fp32"))
+    assert {i: j for i, (j, _) in ann.items()} == {i: j for i, (j, _) in exact.items()}
+    # the same pairs whatever order the rows arrive in, and with another thread count
+    shuffled = np.random.default_rng(1).permutation(n)
+    threads = faiss.omp_get_max_threads()
+    try:
+        faiss.omp_set_num_threads(1)
+        again = decide(n, ann_pairs(chunks(shuffled), n, d, 0.97, nlist=16, storage="fp32"))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    assert again == ann
+    # fp16 storage moves cosines by ~1e-3, decisions stay put away from the threshold
+    half = decide(n, ann_pairs(chunks(), n, d, 0.97, nlist=16, storage="fp16"))
+    assert len(set(half) ^ set(ann)) <= 3

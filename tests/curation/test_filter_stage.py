@@ -17,15 +17,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.filter import run_filter
-from paradiffusion.config import ConfigError, load_config
+from paradiffusion.config import ConfigError
 from paradiffusion.images import iter_kept_images, kept_keys
 from paradiffusion.storage import Table
 from paradiffusion.testing.image_shards import write_image_shards
 from paradiffusion.testing.sample import build_sample
 from paradiffusion.testing.tiny_clip import build_tiny_clip
+from pipelines.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 N_FAILED = 1  # failed downloads per shard
+SHARD_SIZE = 16
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,15 @@ def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("filter")
     records = build_sample(base / "sample")
     tiny = build_tiny_clip(base / "models")
-    write_image_shards(records, base / "sample", base / "data" / "images", shard_size=16, n_failed=N_FAILED)
-    return {"base": base, "records": records, "tiny": tiny}
+    write_image_shards(records, base / "sample", base / "data" / "images", shard_size=SHARD_SIZE, n_failed=N_FAILED)
+    n_shards = -(-len(records) // SHARD_SIZE)
+    return {
+        "base": base,
+        "records": records,
+        "tiny": tiny,
+        "n_in": len(records) + N_FAILED * n_shards,
+        "n_shards": n_shards,
+    }
 
 
 def _sets(root: Path, tiny: dict, *extra: str) -> list[str]:
@@ -67,12 +76,14 @@ def test_every_input_has_one_row_with_the_expected_reason(world):
     root = _copy_images(world, "run_reasons")
     summary = _run(root, world["tiny"])
     scores = Table(str(root / "scores")).read().to_pylist()
-    n_in = len(world["records"]) + N_FAILED * 3
+    n_in = world["n_in"]
     assert len(scores) == n_in == summary["in"]
     assert len({r["key"] for r in scores}) == n_in
     by_name = {r["url"].rsplit("/", 1)[-1]: r for r in scores if "/images/" in r["url"]}
     failed = [r for r in scores if "/missing/" in r["url"]]
-    assert len(failed) == 3 and all(r["reject_reason"] == "download_failed" and not r["kept"] for r in failed)
+    assert len(failed) == n_in - len(world["records"]) and all(
+        r["reject_reason"] == "download_failed" and not r["kept"] for r in failed
+    )
     for rec in world["records"]:
         row = by_name[rec.name]
         want = None if rec.expect == "ok" else rec.expect
@@ -127,19 +138,20 @@ def test_rerun_skips_finished_shards_and_new_shards_are_deduplicated_globally(wo
     held.mkdir()
     for f in images.glob("00002*"):
         shutil.move(str(f), held / f.name)
+    others = [f"{i:05d}" for i in range(world["n_shards"]) if i != 2]
     first = _run(root, world["tiny"])
-    assert first["shards_measured_this_run"] == 2 and first["rejected"].get("duplicate", 0) == 0
+    assert first["shards_measured_this_run"] == len(others) and first["rejected"].get("duplicate", 0) == 0
     again = _run(root, world["tiny"])
     assert again["shards_measured_this_run"] == 0 and again["shards_written_this_run"] == 0
-    assert again["skipped_already_done"] == 2
-    markers = {s: Table(str(root / "scores" / "_measure")).marker(s) for s in ("00000", "00001")}
+    assert again["skipped_already_done"] == len(others)
+    markers = {s: Table(str(root / "scores" / "_measure")).marker(s) for s in others}
     for f in held.iterdir():
         shutil.move(str(f), images / f.name)
     third = _run(root, world["tiny"])
     assert third["shards_measured_this_run"] == 1 and third["rejected"]["duplicate"] == 2
     work = Table(str(root / "scores" / "_measure"))
     assert {s: work.marker(s) for s in markers} == markers  # finished shards not redone
-    assert third["in"] == len(world["records"]) + 3 * N_FAILED
+    assert third["in"] == world["n_in"]
 
 
 def test_save_embeddings_and_near_duplicates(world):
@@ -168,6 +180,12 @@ def test_config_errors_name_the_key(world, tmp_path):
         load_config([], ["filter.thresholds.max_aspect_ratio=0.5"])
     with pytest.raises(ConfigError, match=r"filter\.decode\.animated.*'reject', 'first_frame'"):
         load_config([], ["filter.decode.animated=sometimes"])
+    with pytest.raises(ConfigError, match=r"filter\.thresholds\.clip_score_min = 7.*<= 1.0.*a cosine"):
+        load_config([], ["filter.thresholds.clip_score_min=7"])
+    with pytest.raises(ConfigError, match=r"filter\.thresholds\.aesthetic_min = 11.*<= 10.0"):
+        load_config([], ["filter.thresholds.aesthetic_min=11"])
+    with pytest.raises(ConfigError, match=r"filter\.changed_settings.*'refuse', 'remeasure'"):
+        load_config([], ["filter.changed_settings=sometimes"])
     with pytest.raises(ConfigError, match=r"filter\.thresholds.*unknown key.*aesthetic_min"):
         load_config([], ["filter.thresholds.aesthetic_minimum=5"])
     with pytest.raises(ConfigError, match=r"filter\.models\.clip_model = 'ViT-Nope'"):
@@ -290,3 +308,75 @@ def test_batch_to_table_reads_all_none_columns_that_ray_turned_into_nan():
     assert [r["reject_reason"] for r in rows] == [None, None] and all(r["kept"] for r in rows)
     assert rows[0]["width"] == 10 and rows[1]["width"] is None and rows[1]["aesthetic"] is None
     assert rows[0]["url"] is None and rows[1]["caption"] is None
+
+
+def _final_fingerprints(root: Path) -> set:
+    out = Table(str(root / "scores"))
+    return {m.get("config_fingerprint") for m in out.markers().values()}
+
+
+def test_changed_thresholds_are_redecided_and_provenance_stays_true(world):
+    import yaml
+
+    root = _copy_images(world, "run_provenance")
+    first = _run(root, world["tiny"])
+    scores = {r["key"]: r for r in Table(str(root / "scores")).read().to_pylist()}
+    kept = [r for r in scores.values() if r["kept"]]
+    c_min = float(np.median([r["clip_score"] for r in kept]))
+    work = Table(str(root / "scores" / "_measure"))
+    measured = {s: work.marker(s) for s in work.done_shards()}
+
+    # A model-score threshold: decided again from the stored scores, nothing measured again.
+    second = _run(root, world["tiny"], f"filter.thresholds.clip_score_min={c_min!r}")
+    assert second["shards_measured_this_run"] == 0 and second["shards_redecided_this_run"] == world["n_shards"]
+    assert {s: work.marker(s) for s in work.done_shards()} == measured
+    assert second["rejected"]["low_clip_score"] >= 1 and second["out"] < first["out"]
+    # A stricter size check: re-decided from the stored sizes (no model work), every final shard rewritten.
+    third = _run(
+        root, world["tiny"], f"filter.thresholds.clip_score_min={c_min!r}", "filter.thresholds.min_short_side=400"
+    )
+    assert third["shards_measured_this_run"] == 0 and third["shards_redecided_this_run"] == world["n_shards"]
+    fresh_root = _copy_images(world, "run_provenance_fresh")
+    fresh = _run(
+        fresh_root, world["tiny"], f"filter.thresholds.clip_score_min={c_min!r}", "filter.thresholds.min_short_side=400"
+    )
+    cols = ["key", "kept", "reject_reason", "duplicate_of"]
+    a = Table(str(root / "scores")).read(columns=cols).sort_by("key").to_pylist()
+    b = Table(str(fresh_root / "scores")).read(columns=cols).sort_by("key").to_pylist()
+    assert a == b and third["rejected"] == fresh["rejected"]  # the same as measuring from scratch
+    doc = yaml.safe_load((root / "scores" / "_config.yaml").read_text())
+    assert doc["config"]["filter"]["thresholds"]["min_short_side"] == 400
+    assert doc.get("shards_with_other_settings") is None
+    assert _final_fingerprints(root) == {doc["stage_fingerprint"]}  # every shard made by what it names
+    marker = Table(str(root / "scores")).marker("00000")
+    assert marker["settings"]["checks"]["min_short_side"] == 400
+
+    # Checks looser than the ones the shards were measured with need scores the rows rejected
+    # then never got: refused, and nothing changes. So are other models or decode settings.
+    before = (root / "scores" / "_config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"min_short_side 128 -> 64.*never scored.*changed_settings=remeasure"):
+        run_filter(load_config([], _sets(root, world["tiny"], "filter.thresholds.min_short_side=64")))
+    with pytest.raises(ConfigError, match=r"filter\.decode\.max_pixels 100000000 -> 1000000"):
+        run_filter(load_config([], _sets(root, world["tiny"], "filter.decode.max_pixels=1000000")))
+    assert (root / "scores" / "_config.yaml").read_text() == before
+    # ...unless asked to measure them again.
+    again = _run(root, world["tiny"], "filter.thresholds.min_short_side=64", "filter.changed_settings=remeasure")
+    # only the shards holding rows that were rejected as too small before scoring are measured again
+    assert 1 <= again["shards_measured_this_run"] < world["n_shards"] and again["in"] == world["n_in"]
+    assert again["shards_measured_this_run"] + again["shards_redecided_this_run"] == world["n_shards"]
+    assert again["rejected"].get("too_small", 0) == 0  # the 96 px images now pass
+    doc = yaml.safe_load((root / "scores" / "_config.yaml").read_text())
+    assert _final_fingerprints(root) == {doc["stage_fingerprint"]}
+    final = Table(str(root / "scores")).markers().values()
+    assert {m["settings"]["checks"]["min_short_side"] for m in final} == {64}
+
+
+def test_near_duplicates_exact_and_approximate_search_agree(world):
+    root = _copy_images(world, "run_near_ann")
+    sets = ["filter.save_embeddings=true", "filter.thresholds.dedup=near", "filter.thresholds.near_dup_min=0.999"]
+    _run(root, world["tiny"], *sets, "filter.near_dup.search=exact")
+    exact = Table(str(root / "scores")).read(columns=["key", "reject_reason", "duplicate_of"]).sort_by("key")
+    summary = _run(root, world["tiny"], *sets, "filter.near_dup.search=ann", "filter.near_dup.nlist=2")
+    assert summary["shards_measured_this_run"] == 0 and "k-means cells" in summary["near_dup_search"]
+    ann = Table(str(root / "scores")).read(columns=["key", "reject_reason", "duplicate_of"]).sort_by("key")
+    assert ann.to_pylist() == exact.to_pylist()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import yaml
 
-from paradiffusion.cli import main
-from paradiffusion.config import ConfigError, load_config
+from paradiffusion.config import ConfigError
+from pipelines.cli import main
+from pipelines.config import load_config
 
 
 def _cfg(tmp_path, eval_section: dict) -> str:

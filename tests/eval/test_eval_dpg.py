@@ -162,7 +162,7 @@ def _config(
     judge: str = "tiny",
     questions: Path = QUESTIONS,
 ):
-    from paradiffusion.config import load_config
+    from pipelines.config import load_config
 
     doc = {
         "project": {"data_root": str(tmp_path / "data")},

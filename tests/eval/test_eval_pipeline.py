@@ -16,10 +16,10 @@ from eval_prompt_files import SAMPLE_PROMPTS, trimmed_dpg_questions
 from PIL import Image
 
 from eval.testing import build_tiny_paradiffusion, build_tiny_pickscore, build_tiny_sd
-from paradiffusion.cli import main
-from paradiffusion.config import load_config
 from paradiffusion.storage import Table
 from paradiffusion.testing.tiny_clip import TINY_MODEL_CFG, build_tiny_clip
+from pipelines.cli import main
+from pipelines.config import load_config
 
 LONG_CFG = {**TINY_MODEL_CFG, "text_cfg": {**TINY_MODEL_CFG["text_cfg"], "context_length": 248}}
 

@@ -12,8 +12,8 @@ from eval.metrics import aggregate
 from eval.report import build_report, counted_votes
 from eval.vote.db import VoteStore
 from eval.vote.pairs import build_pairs
-from paradiffusion.config import load_config
 from paradiffusion.storage import Table
+from pipelines.config import load_config
 
 
 def _cfg(tmp_path, **vote):

@@ -24,7 +24,7 @@ from eval.vote.app import create_app
 from eval.vote.db import VoteStore
 from eval.vote.pairs import build_pairs
 from eval.vote.server import serve_in_thread
-from paradiffusion.config import load_config
+from pipelines.config import load_config
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARGS = [

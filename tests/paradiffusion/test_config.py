@@ -1,7 +1,8 @@
 import pytest
 
-from paradiffusion.cli import main
-from paradiffusion.config import ConfigError, apply_overrides, load_config
+from paradiffusion.config import ConfigError, apply_overrides
+from pipelines.cli import main
+from pipelines.config import load_config
 
 
 def write(tmp_path, text, name="p.yaml"):

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from paradiffusion import hub
-from paradiffusion.config import ConfigError, load_config
+from paradiffusion.config import ConfigError
 from paradiffusion.testing.fake_hub import FakeHub
 from paradiffusion.testing.tiny_clip import build_tiny_clip
+from pipelines.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -418,10 +419,11 @@ def test_open_clip_tags_become_the_hub_file_open_clip_reads():
 
 # --------------------------------------------------------------------------- what each stage declares
 def _declared(argv_sets: list[str], command: str) -> list[hub.ModelRef]:
-    from paradiffusion.cli import COMMANDS, _load_command
+    from paradiffusion.cli import load_command
+    from pipelines.cli import COMMANDS
 
     cfg = load_config([REPO / "pipelines.yaml"], argv_sets)
-    return _load_command(COMMANDS[command]).models(cfg, None)
+    return load_command(COMMANDS[command]).models(cfg, None)
 
 
 def test_stages_declare_the_models_their_config_names():
@@ -443,9 +445,18 @@ def test_stages_declare_the_models_their_config_names():
         ("eval.models.paradiffusion.path", "weijiawu/ParaDiffusion", "any"),
         ("eval.models.sdxl.path", "stabilityai/stable-diffusion-xl-base-1.0", "pipeline"),
     ]
+    # eval's DPG-Bench judge is a captioner entry: its weights are resolved like the caption stage's
+    judge = [(r.setting, r.source) for r in _declared([], "eval") if r.setting.startswith("caption.")]
+    assert judge == [("caption.captioners.qwen2_5_vl.model", "Qwen/Qwen2.5-VL-7B-Instruct")]
+    assert not any(r.setting.startswith("caption.") for r in _declared(["eval.metrics.dpg.questions=null"], "eval"))
+    # the default captioner (native CogVLM) names its weights and Vicuna's tokenizer
+    assert [(r.setting, r.source) for r in _declared([], "caption")] == [
+        ("caption.captioners.cogvlm.model", "THUDM/cogvlm-chat-hf"),
+        ("caption.captioners.cogvlm.tokenizer", "lmsys/vicuna-7b-v1.5"),
+    ]
     # remote code that is not pinned is refused before anything is downloaded
     with pytest.raises(ConfigError, match="pinned"):
-        _declared([], "caption")
+        _declared(["caption.captioner=cogvlm_remote"], "caption")
     qwen = _declared(["caption.captioner=qwen2_5_vl"], "caption")
     assert [(r.source, r.revision) for r in qwen] == [
         ("Qwen/Qwen2.5-VL-7B-Instruct", "cc594898137f460bfe9f0759e9844b3ce807cfb5")
@@ -479,7 +490,7 @@ def test_a_ray_cluster_job_gets_the_model_cache_and_offline_mode(monkeypatch, tm
 
 
 def test_models_command_names_the_commands_that_declare_models(capsys):
-    from paradiffusion.cli import main
+    from pipelines.cli import main
 
     assert main(["models", "check", "--stages", "stats", "--config", os.devnull]) == 2
     err = capsys.readouterr().err

@@ -3,10 +3,10 @@ import json
 import pyarrow as pa
 import pytest
 
-from paradiffusion.config import load_config
 from paradiffusion.schemas import SCORES
 from paradiffusion.stage import StageSummary
 from paradiffusion.storage import Table, conform
+from pipelines.config import load_config
 
 
 def scores(keys, kept=True):
@@ -83,3 +83,39 @@ def test_works_over_fsspec_memory_url():
     assert t.read().num_rows == 2
     (f,) = t.files()
     assert f.startswith("memory://") and f.endswith("pd-test/scores/part-00000.parquet")
+
+
+def test_config_names_the_shards_other_settings_made(tmp_path, caplog):
+    import yaml
+
+    cfg = load_config([], [f"project.data_root={tmp_path}"])
+    t = Table(str(tmp_path / "scores"), SCORES)
+    t.save_config(cfg, "filter", {"threshold": 1})
+    t.write_shard("00000", scores(["a"]))
+    t.write_shard("00001", scores(["b"]))
+    old_fp = t.marker("00000")["config_fingerprint"]
+    assert (tmp_path / "scores" / "_configs" / f"{old_fp}.yaml").is_file()
+
+    # A run with other settings: the document says which shards it did not make, every time.
+    for _ in range(2):
+        caplog.clear()
+        t2 = Table(str(tmp_path / "scores"), SCORES)
+        doc = t2.save_config(cfg, "filter", {"threshold": 2})
+        assert doc["shards_with_other_settings"] == {old_fp: 2}
+        assert "2 of its shards were written with other filter settings" in caplog.text
+    on_disk = yaml.safe_load((tmp_path / "scores" / "_config.yaml").read_text())
+    assert on_disk["shards_with_other_settings"] == {old_fp: 2} and on_disk["stage_settings"] == {"threshold": 2}
+    t2.write_shard("00000", scores(["a"]))  # rewritten under the new settings
+    assert t2.save_config(cfg, "filter", {"threshold": 2})["shards_with_other_settings"] == {old_fp: 1}
+    t2.write_shard("00001", scores(["b"]))
+    assert "shards_with_other_settings" not in t2.save_config(cfg, "filter", {"threshold": 2})
+    # Both configurations stay on record by fingerprint.
+    assert len(list((tmp_path / "scores" / "_configs").glob("*.yaml"))) == 2
+
+
+def test_shards_from_before_fingerprints_count_as_the_old_config(tmp_path):
+    cfg = load_config([], [f"project.data_root={tmp_path}"])
+    t = Table(str(tmp_path / "scores"), SCORES)
+    t.write_shard("00000", scores(["a"]))  # no save_config yet: a marker without a fingerprint
+    (tmp_path / "scores" / "_config.yaml").write_text("stage_fingerprint: old\n")
+    assert t.save_config(cfg, "filter", {"x": 1})["shards_with_other_settings"] == {"old": 1}

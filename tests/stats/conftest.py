@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from paradiffusion.config import load_config
 from paradiffusion.schemas import ANNOTATIONS, CAPTIONS, SCORES
 from paradiffusion.storage import Table
+from pipelines.config import load_config
 
 VOCAB = "red boat water left right tree sky dog person house road car light shadow window".split()
 

@@ -1,6 +1,7 @@
 import pytest
 
-from paradiffusion.config import ConfigError, load_config
+from paradiffusion.config import ConfigError
+from pipelines.config import load_config
 from stats.queries import bucket_case, bucket_labels
 
 

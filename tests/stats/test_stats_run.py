@@ -3,7 +3,7 @@ import json
 import duckdb
 import pytest
 
-from paradiffusion.config import load_config
+from pipelines.config import load_config
 from stats import nouns
 from stats.queries import bucket_labels
 from stats.run import run_stats

@@ -10,7 +10,8 @@ import pytest
 import torch
 from train_fixtures import tiny_config, write_image_shards
 
-from paradiffusion.config import ConfigError, load_config
+from paradiffusion.config import ConfigError
+from pipelines.config import load_config
 from training.modeling import ParaDiffusionModel, build_model, load_llm, load_tokenizer, tokenize
 from training.pipeline import ParaDiffusionPipeline, model_settings
 
@@ -159,7 +160,7 @@ def test_eval_and_generate_sample_every_layout(exports, tiny_release, tmp_path):
     """eval's paradiffusion loader and `paradiffusion generate` with both export variants and the release layout."""
     from eval.config import ModelConfig
     from eval.models import load_model
-    from paradiffusion.config import PipelinesConfig
+    from pipelines.config import PipelinesConfig
     from training.generate import generate
 
     for path in (exports["release"], exports["projection"], tiny_release):

@@ -65,7 +65,7 @@ def test_training_from_the_cache_gives_the_llms_losses(tiny_models, tmp_path, va
 
     import yaml
 
-    from paradiffusion.cli import main
+    from pipelines.cli import main
 
     f = tmp_path / "cfg.yaml"
     f.write_text(yaml.safe_dump(_with_cache(cfg, 1, tmp_path / "tc").model_dump(mode="json")))
@@ -189,7 +189,7 @@ def test_stage3_cache_merges_the_lora_resumes_and_stops_when_stale(tiny_models, 
 
 
 def test_stage2_cannot_use_a_text_cache_and_the_cli_does_not_fetch_the_llm(tiny_models, tmp_path):
-    from paradiffusion.config import load_config
+    from pipelines.config import load_config
     from training.cli import train_models
 
     f = tmp_path / "p.yaml"

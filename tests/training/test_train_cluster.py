@@ -16,17 +16,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_ranks_under_the_deepspeed_launcher(tiny_models, tmp_path, zero_stage):
+@pytest.mark.parametrize(("zero_stage", "projection"), [(2, "none"), (3, "linear")])
+def test_two_ranks_under_the_deepspeed_launcher(tiny_models, tmp_path, zero_stage, projection):
     """Two ranks, ZeRO-2 or ZeRO-3, bf16, shards of 7 and 4 rows: equal disjoint rows per rank, summaries that sum
     the ranks, an export equal to DeepSpeed's own fp32 reconstruction of the checkpoint, and
-    EMA pieces that tile every trained parameter exactly once."""
+    EMA pieces that tile every trained parameter exactly once. ZeRO-2 runs the release model (UNet on the LLM
+    states, no projection), ZeRO-3 the projection variant."""
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
     write_image_shards(tmp_path / "images", per_shard=[7, 4])
     cfg = tiny_config(tiny_models, tmp_path, max_steps=3, **{"ema.export": False})
+    if projection == "linear":
+        cfg.train.model.unet = tiny_models["unet_projection"]
+        cfg.train.model.text_projection = "linear"
     f = tmp_path / "cfg.yaml"
     f.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -58,8 +62,12 @@ def test_two_ranks_under_the_deepspeed_launcher(tiny_models, tmp_path, zero_stag
     # The export holds the fp32 master weights: what DeepSpeed's zero_to_fp32 rebuilds from the checkpoint.
     ref = get_fp32_state_dict_from_zero_checkpoint(str(ck), tag="state", exclude_frozen_parameters=True)
     unet = load_file(str(out / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert not (out / "export" / "text_projection").exists()  # the release's shape: no projection
     exported = {f"unet.{k}": v for k, v in unet.items()}
+    proj_file = out / "export" / "text_projection" / "model.safetensors"
+    assert proj_file.is_file() == (projection == "linear")
+    if projection == "linear":
+        exported.update({f"projection.{k}": v for k, v in load_file(str(proj_file)).items()})
+        assert any(k.startswith("projection.") for k in ref)
     assert set(exported) == {k for k in ref if not k.startswith("llm.")}
     assert all(torch.equal(exported[k], ref[k].float()) for k in exported)
     # Each rank's EMA pieces cover its part of the flat masters; together every element once.

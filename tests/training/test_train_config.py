@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from paradiffusion.config import ConfigError, load_config
+from paradiffusion.config import ConfigError
+from pipelines.config import load_config
 
 
 def _load(tmp_path, text: str, overrides: list[str] | None = None):

@@ -63,6 +63,15 @@ def test_batches_are_bucketed_and_bad_rows_counted(tmp_path):
     assert "000000001" not in seen and "000000002" not in seen  # no caption
 
 
+def test_sizes_come_from_the_image_when_the_table_has_none(tmp_path):
+    """The download default stores bytes as downloaded: img2dataset leaves width/height null."""
+    write_image_shards(tmp_path / "a" / "images", n_shards=1, per_shard=6, sizes=SIZES)
+    write_image_shards(tmp_path / "b" / "images", n_shards=1, per_shard=6, sizes=SIZES, null_sizes=True)
+    with_sizes, without = _data(tmp_path / "a"), _data(tmp_path / "b")
+    assert without.counts["usable"] == with_sizes.counts["usable"] == 6
+    assert [(r.key, r.bucket) for r in without.rows] == [(r.key, r.bucket) for r in with_sizes.rows]
+
+
 def test_resume_mid_epoch_gives_the_same_batches(tmp_path):
     write_image_shards(tmp_path / "images", n_shards=2, per_shard=6, sizes=SIZES)
     ref = [b for b in itertools.islice(iter(_data(tmp_path, random_crop=True, num_workers=2)), 9)]

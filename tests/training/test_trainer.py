@@ -371,7 +371,7 @@ def test_partial_checkpoint_is_ignored(tiny_models, tmp_path, monkeypatch):
 
 
 def test_cli_train_and_generate(tiny_models, tmp_path, capsys):
-    from paradiffusion.cli import main
+    from pipelines.cli import main
 
     write_image_shards(tmp_path / "images", n_shards=1, per_shard=4)
     cfg = tiny_config(tiny_models, tmp_path, max_steps=1)

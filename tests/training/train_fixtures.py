@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from paradiffusion.config import PipelinesConfig
+from pipelines.config import PipelinesConfig
 
 CAPTIONS = [
     "A red square on a blue background.",
@@ -30,11 +30,13 @@ def write_image_shards(
     missing_caption: int = 0,
     sizes: list[tuple[int, int]] | None = None,
     row_group_size: int | None = None,
+    null_sizes: bool = False,
 ) -> list[str]:
     """img2dataset-like parquet shards (key, caption, jpg, status, width, height + _stats.json); returns keys.
 
     ``per_shard``: rows in every shard, or a list with each shard's rows. ``row_group_size``: rows
-    per Parquet row group (img2dataset writes 100; default: one group a shard)."""
+    per Parquet row group (img2dataset writes 100; default: one group a shard). ``null_sizes``: width and
+    height null, as img2dataset writes them when it stores the bytes as downloaded."""
 
     from paradiffusion.testing.sample import synthetic_image
 
@@ -64,8 +66,8 @@ def write_image_shards(
                     "caption": caption,
                     "jpg": data,
                     "status": "success",
-                    "width": w,
-                    "height": h,
+                    "width": None if null_sizes else w,
+                    "height": None if null_sizes else h,
                     "url": f"http://x/{key}.jpg",
                 }
             )

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from paradiffusion.config import load_config
 from paradiffusion.schemas import CAPTIONS, SCORES
 from paradiffusion.storage import Table
+from pipelines.config import load_config
 
 CENTRES = np.eye(8, dtype=np.float32)[:3] * 10  # three well-separated directions
 

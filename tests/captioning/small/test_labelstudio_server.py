@@ -22,10 +22,10 @@ from captioning.small import annotations as an
 from captioning.small import lsserver
 from captioning.small.lsclient import LabelStudioClient
 from captioning.small.select import run_select_small
-from paradiffusion.cli import main
 from paradiffusion.schemas import SCORES, SMALL_TRAIN
 from paradiffusion.storage import Table
 from paradiffusion.testing.image_shards import write_image_shard
+from pipelines.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def project(cfg, data_root, tmp_path):
         f"annotations.label_studio.data_dir={tmp_path / 'labelstudio'}",
         "annotations.language=null",  # the texts below are word lists
     ]
-    from paradiffusion.config import load_config
+    from pipelines.config import load_config
 
     c = load_config([], sets)
     run_select_small(c)

@@ -5,9 +5,9 @@ import pytest
 
 from captioning.small import annotations as an
 from captioning.small.select import run_select_small
-from paradiffusion.cli import main
 from paradiffusion.schemas import SMALL_TRAIN
 from paradiffusion.storage import Table
+from pipelines.cli import main
 
 
 def words(n: int, word: str = "tree") -> str:

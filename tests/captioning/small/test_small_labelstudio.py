@@ -139,7 +139,7 @@ def test_parse_json_min():
 def test_token_comes_from_the_variable_or_the_file(tmp_path, monkeypatch):
     from captioning.small import sync
     from captioning.small.lsclient import LabelStudioError, is_jwt
-    from paradiffusion.config import load_config
+    from pipelines.config import load_config
 
     cfg = load_config([], [f"project.data_root={tmp_path}"])
     monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)

@@ -59,7 +59,7 @@ def test_select_without_scores_says_what_to_run(cfg, tmp_path):
 
 
 def test_cli_and_no_minimum_score(data_root):
-    from paradiffusion.cli import main
+    from pipelines.cli import main
 
     sets = [
         f"project.data_root={data_root}",
@@ -77,9 +77,10 @@ def test_cli_and_no_minimum_score(data_root):
 def test_kmeans_without_any_embedding_says_what_to_set(tmp_path):
     import pyarrow as pa
 
-    from paradiffusion.cli import main
-    from paradiffusion.config import ConfigError, load_config
+    from paradiffusion.config import ConfigError
     from paradiffusion.schemas import SCORES
+    from pipelines.cli import main
+    from pipelines.config import load_config
 
     root = tmp_path / "data"
     rows = [{"key": "a", "shard": "0", "width": 2000, "height": 2000, "aesthetic": 8.0, "kept": True}]

@@ -28,9 +28,10 @@ import zipfile
 from pathlib import Path
 
 from paradiffusion import hub
-from paradiffusion.cli import Command
-from paradiffusion.config import ConfigError, PipelinesConfig
+from paradiffusion.cli import Command, load_command
+from paradiffusion.config import ConfigError
 from paradiffusion.log import get_logger
+from pipelines.config import PipelinesConfig
 
 log = get_logger("models")
 
@@ -40,9 +41,9 @@ def declared_models(
     cfg: PipelinesConfig, stages: list[str] | None
 ) -> tuple[list[tuple[hub.ModelRef, list[str], list[str]]], list[str]]:
     """(model, settings, commands) for every distinct model the chosen commands declare; plus declaration errors."""
-    from paradiffusion.cli import COMMANDS, _load_command
+    from pipelines.cli import COMMANDS
 
-    with_models = {n: _load_command(t) for n, t in COMMANDS.items() if _load_command(t).models is not None}
+    with_models = {n: load_command(t) for n, t in COMMANDS.items() if load_command(t).models is not None}
     unknown = sorted(set(stages or []) - set(with_models))
     if unknown:
         raise ConfigError(

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from captioning.small.demo import step_annotations, step_select_small, step_stats
 from paradiffusion.cli import Command
-from paradiffusion.config import PipelinesConfig
 from paradiffusion.log import get_logger
+from pipelines.config import PipelinesConfig, load_config
 
 log = get_logger("demo")
 
@@ -37,7 +38,7 @@ class DemoContext:
 
     def cli(self, *argv: str, extra_sets: list[str] | None = None) -> None:
         """Run one stage through the real CLI; a non-zero exit stops the demo."""
-        from paradiffusion.cli import main
+        from pipelines.cli import main
 
         args = list(argv)
         for c in self.config_files:
@@ -48,6 +49,10 @@ class DemoContext:
         rc = main(args)
         if rc != 0:
             raise SystemExit(f"demo step `paradiffusion {argv[0]}` failed with exit code {rc}")
+
+    def config(self) -> PipelinesConfig:
+        """The config the CLI steps run with (the demo's files and --set lines), for steps that call a stage directly."""
+        return load_config(self.config_files, self.overrides)
 
 
 def step_sample(ctx: DemoContext) -> None:
@@ -101,9 +106,6 @@ def step_caption(ctx: DemoContext) -> None:
     # its captions sit beside the first captioner's in the same table
     cog = build_tiny_cogvlm(ctx.out / "models" / "tiny_cogvlm", "cogvlm")
     ctx.cli("caption", extra_sets=["caption.captioner=tiny_cogvlm", f"caption.captioners.tiny_cogvlm.model={cog}"])
-
-
-from captioning.small.demo import step_annotations, step_select_small, step_stats  # noqa: E402
 
 
 def _eval_step(name: str) -> Callable[[DemoContext], None]:
