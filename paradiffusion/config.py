@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 
 class StrictModel(BaseModel):
@@ -98,6 +98,42 @@ class ModelsConfig(StrictModel):
         return v
 
 
+class StorageConfig(StrictModel):
+    """How tables on object storage are reached (``project.data_root: s3://bucket/prefix``).
+
+    Every setting is optional: null means what the environment says, the usual AWS
+    variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
+    ``AWS_PROFILE``) or, with none of them, botocore's own chain (instance roles, config
+    files). What is resolved in the driver is handed to Ray workers, DataLoader processes
+    and img2dataset explicitly (:mod:`paradiffusion.storage`), so cluster nodes need no
+    copy of the driver's environment. Credentials are never written out: saved configs
+    show ``**********`` and logs and error messages have them replaced.
+    """
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph, R2, a local test server), e.g. http://127.0.0.1:9000"
+    )
+    region: str | None = Field(None, description="S3 region name, e.g. us-east-1")
+    profile: str | None = Field(None, description="a named profile of the AWS config files")
+    key: SecretStr | None = Field(None, description="access key id (prefer AWS_ACCESS_KEY_ID in the environment)")
+    secret: SecretStr | None = Field(
+        None, description="secret access key (prefer AWS_SECRET_ACCESS_KEY in the environment)"
+    )
+    token: SecretStr | None = Field(None, description="session token (prefer AWS_SESSION_TOKEN in the environment)")
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="extra fsspec storage options by protocol, e.g. {s3: {default_block_size: 8388608}, gcs: {...}}",
+    )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:9000")
+        return v
+
+
 class RootConfig(Protocol):
     """The composed config as the core and the stages see it (``pipelines.config.PipelinesConfig`` is one).
 
@@ -109,6 +145,7 @@ class RootConfig(Protocol):
     project: ProjectConfig
     ray: RayConfig
     models: ModelsConfig
+    storage: StorageConfig
 
     def model_dump(self, *, mode: str = "python", **kwargs: Any) -> dict[str, Any]: ...
 

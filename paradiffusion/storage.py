@@ -28,9 +28,11 @@ that other settings made (``shards_with_other_settings``) instead of claiming th
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import io
 import json
+import os
 import re
 import uuid
 from collections.abc import Iterable, Iterator
@@ -42,12 +44,113 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel
 
-from paradiffusion.config import config_fingerprint, resolved_config_document
-from paradiffusion.log import get_logger
+from paradiffusion.config import StorageConfig, config_fingerprint, resolved_config_document
+from paradiffusion.log import add_secret, get_logger
 
 log = get_logger("storage")
 
 _SHARD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
+
+
+# --------------------------------------------------------------------------- storage options
+# fsspec's own mechanism for default storage options: ``fsspec.config.conf[protocol]`` is
+# applied by every ``url_to_fs`` / ``fsspec.open`` / ``fsspec.filesystem`` in the process,
+# including the calls inside img2dataset, pyarrow's fsspec wrapper and Ray Data, so the
+# settings need not be threaded through every call. Child processes get them from the
+# ``FSSPEC_<PROTOCOL>`` environment variable (read when fsspec is imported); Ray workers,
+# which may run on other machines, get them as an argument (:func:`worker_storage_options`).
+_CONFIGURED: dict[str, dict[str, Any]] = {}
+_SECRET_KEYS = ("key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key")
+
+
+def resolve_storage_options(cfg: StorageConfig | None, environ: dict[str, str] | None = None) -> dict[str, dict]:
+    """fsspec storage options by protocol from the ``storage`` section, else the usual AWS variables.
+
+    Only settings that are given (in the section or the environment) are listed, so
+    botocore's own chain (instance roles, config files) still applies where none is.
+    ``use_listings_cache`` is off for S3: commit markers written by other processes (Ray
+    workers, other nodes, a rerun) must be seen, not an earlier listing.
+    """
+    cfg = cfg or StorageConfig()
+    env = os.environ if environ is None else environ
+
+    def secret(v) -> str | None:
+        return v.get_secret_value() if v is not None else None
+
+    s3: dict[str, Any] = {"use_listings_cache": False}
+    endpoint = cfg.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        s3["endpoint_url"] = endpoint
+    region = cfg.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        s3["client_kwargs"] = {"region_name": region}
+    profile = cfg.profile or env.get("AWS_PROFILE")
+    if profile:
+        s3["profile"] = profile
+    key = secret(cfg.key) or (None if cfg.profile else env.get("AWS_ACCESS_KEY_ID"))
+    sec = secret(cfg.secret) or (None if cfg.profile else env.get("AWS_SECRET_ACCESS_KEY"))
+    tok = secret(cfg.token) or (None if cfg.profile else env.get("AWS_SESSION_TOKEN"))
+    if key and sec:
+        s3["key"], s3["secret"] = key, sec
+        if tok:
+            s3["token"] = tok
+    out: dict[str, dict[str, Any]] = {"s3": s3}
+    for proto, opts in cfg.options.items():
+        base = out.setdefault(proto, {})
+        for k, v in opts.items():
+            if isinstance(v, dict) and isinstance(base.get(k), dict):
+                base[k] = {**base[k], **v}
+            else:
+                base[k] = v
+    return out
+
+
+def _register_secrets(opts: dict[str, Any]) -> None:
+    for k, v in opts.items():
+        if isinstance(v, dict):
+            _register_secrets(v)
+        elif k in _SECRET_KEYS and isinstance(v, str):
+            add_secret(v)
+
+
+def apply_storage_options(options: dict[str, dict[str, Any]]) -> None:
+    """Make ``options`` (protocol -> fsspec storage options) this process's defaults.
+
+    Also exported as ``FSSPEC_<PROTOCOL>`` so processes started from here (DataLoader
+    workers, img2dataset's, DeepSpeed ranks) use them, and their credentials are
+    registered with :func:`paradiffusion.log.redact`. A Ray task or actor calls it with
+    what :func:`worker_storage_options` gave the driver.
+    """
+    for proto, opts in options.items():
+        _register_secrets(opts)
+        previous = _CONFIGURED.get(proto, {})
+        conf = fsspec.config.conf.setdefault(proto, {})
+        for k in previous:  # drop what an earlier call set, keep what the user's fsspec config has
+            conf.pop(k, None)
+        conf.update(copy.deepcopy(opts))
+        _CONFIGURED[proto] = copy.deepcopy(opts)
+        os.environ[f"FSSPEC_{proto.upper()}"] = json.dumps(opts)
+    for secret_env in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        add_secret(os.environ.get(secret_env))
+
+
+def configure_storage(cfg: StorageConfig | None) -> dict[str, dict[str, Any]]:
+    """Resolve the ``storage`` section (and the AWS variables) and apply it to this process; returns the options."""
+    options = resolve_storage_options(cfg)
+    apply_storage_options(options)
+    return options
+
+
+def worker_storage_options() -> dict[str, dict[str, Any]]:
+    """The options this process applied, to hand to a Ray task or actor (which calls
+    :func:`apply_storage_options` with them): workers on other nodes do not share the
+    driver's environment. Holds credentials: pass it as an argument, never log it."""
+    return copy.deepcopy(_CONFIGURED)
+
+
+def storage_filesystem(url: str) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem (with this process's storage options) for a URL or local path."""
+    return fsspec.core.url_to_fs(url)[0]
 
 
 def join(root: str, *parts: str) -> str:
