@@ -245,6 +245,9 @@ def _describe_allowed(root: type[BaseModel], loc: tuple) -> str:
     return "; ".join(bits)
 
 
+_SECRET_FIELDS = {"key", "secret", "token", "password"}
+
+
 def format_validation_error(exc: ValidationError, root: type[BaseModel], source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for err in exc.errors():
@@ -252,6 +255,8 @@ def format_validation_error(exc: ValidationError, root: type[BaseModel], source:
         key = ".".join(str(p) for p in loc)
         value = err.get("input")
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        if any(str(p) in _SECRET_FIELDS for p in loc):
+            shown = "***"  # a credential is never echoed, not even a malformed one
         if len(shown) > 80:
             shown = shown[:77] + "..."
         if err["type"] == "extra_forbidden":

@@ -148,9 +148,82 @@ def worker_storage_options() -> dict[str, dict[str, Any]]:
     return copy.deepcopy(_CONFIGURED)
 
 
+def duckdb_connect(database: str = ":memory:"):
+    """A DuckDB connection that reads and writes URLs the way the rest of the run does.
+
+    The fsspec filesystem of each configured protocol (``s3`` always, others named in
+    ``storage.options``) is registered with the connection, so ``read_parquet('s3://...')``
+    and ``COPY ... TO 's3://...'`` go through s3fs with this run's endpoint and credentials.
+    Hand-wired rather than DuckDB's own ``httpfs`` extension: that one is downloaded at first
+    use (not possible offline) and reads only AWS-style settings of its own.
+    """
+    import duckdb
+
+    con = duckdb.connect(database)
+    for proto in sorted(_CONFIGURED):
+        if proto in ("file", "local", "memory"):
+            continue
+        try:
+            con.register_filesystem(fsspec.filesystem(proto))
+        except ImportError:  # a protocol in storage.options whose package is not installed
+            log.warning(
+                "storage.options names %r but its fsspec package is not installed: DuckDB cannot read it", proto
+            )
+    return con
+
+
 def storage_filesystem(url: str) -> fsspec.AbstractFileSystem:
     """The fsspec filesystem (with this process's storage options) for a URL or local path."""
     return fsspec.core.url_to_fs(url)[0]
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` names a remote store (``s3://``, ``gs://``, ...) rather than this machine's files."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def upload_folder(local: str | os.PathLike, url: str, last: str | None = None, skip: tuple[str, ...] = ()) -> int:
+    """Copy a local folder to ``url`` (object storage), ``last`` (a marker, relative path) after every
+    other file, so a reader that trusts the marker never sees a half-copied folder. Top-level
+    entries named in ``skip`` are left out. Returns the number of files copied."""
+    import pathlib
+
+    src = pathlib.Path(local)
+    fs, root = fsspec.core.url_to_fs(url)
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.relative_to(src).parts[0] not in skip)
+    marker = src / last if last else None
+    n = 0
+    for p in files:
+        if p != marker:
+            fs.put_file(str(p), join(root, p.relative_to(src).as_posix()))
+            n += 1
+    if marker is not None and marker.is_file():
+        fs.put_file(str(marker), join(root, last))
+        n += 1
+    return n
+
+
+def download_folder(url: str, local: str | os.PathLike, marker: str) -> bool:
+    """Copy a committed folder (one that holds ``marker``) from ``url`` to ``local``, replacing it
+    atomically (a temp folder renamed). Returns False when there is no committed folder at ``url``."""
+    import pathlib
+    import shutil
+
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.exists(join(root, marker)):
+        return False
+    dest = pathlib.Path(local)
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    for f in fs.find(root):
+        rel = f[len(root.rstrip("/")) + 1 :]
+        target = tmp / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f, str(target))
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)
+    return True
 
 
 def join(root: str, *parts: str) -> str:

@@ -245,6 +245,9 @@ class TextCache:
     def _group(self, fi: int, g: int) -> dict:
         if self._pid != os.getpid():  # a new (forked) process: its own file handles and cache
             self._pid, self._open, self._groups = os.getpid(), {}, OrderedDict()
+            # ...and its own filesystem object: an object store's client (s3fs) refuses to run after a
+            # fork; fsspec's instance cache gives a fresh one in a new process
+            self.fs = Table(self.url).fs
         if (fi, g) not in self._groups:
             if fi not in self._open:
                 self._open[fi] = pq.ParquetFile(self.fs.open(self.files[fi], "rb"))
