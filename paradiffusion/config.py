@@ -317,11 +317,12 @@ def config_fingerprint(section: BaseModel | dict) -> str:
 def resolved_config_document(cfg: BaseModel | dict, stage: str) -> dict:
     """What is saved beside an output: the whole resolved config (a model or its dict) plus how it was run."""
     from paradiffusion import __version__
+    from paradiffusion.log import redact_argv
 
     return {
         "stage": stage,
         "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "command": " ".join(redact_argv(sys.argv)),
         "paradiffusion_version": __version__,
         "config": cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else copy.deepcopy(cfg),
     }

@@ -7,6 +7,7 @@ import datetime as _dt
 import io
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -33,6 +34,19 @@ def redact(text: str) -> str:
         if s in text:
             text = text.replace(s, "***")
     return text
+
+
+_SECRET_SETTING = re.compile(r"^((?:[\w-]+\.)*(?:key|secret|token|password))=(.+)$", re.IGNORECASE)
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line with credentials hidden: the value of a ``--set`` of a secret setting
+    (``storage.secret=...``) and every registered secret."""
+    out = []
+    for a in argv:
+        m = _SECRET_SETTING.match(a)
+        out.append(f"{m.group(1)}=***" if m else redact(a))
+    return out
 
 
 class _Redact(logging.Filter):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from captioning.small.demo import step_annotations, step_select_small, step_stats
 from paradiffusion.cli import Command
-from paradiffusion.log import get_logger
+from paradiffusion.log import get_logger, redact_argv
 from pipelines.config import PipelinesConfig, load_config
 
 log = get_logger("demo")
@@ -48,7 +48,7 @@ class DemoContext:
             args += ["--config", c]
         for s in self.overrides + (extra_sets or []):
             args += ["--set", s]
-        print(f"\n$ paradiffusion {' '.join(args)}", file=sys.stderr)
+        print(f"\n$ paradiffusion {' '.join(redact_argv(args))}", file=sys.stderr)
         rc = main(args)
         if rc != 0:
             raise SystemExit(f"demo step `paradiffusion {argv[0]}` failed with exit code {rc}")

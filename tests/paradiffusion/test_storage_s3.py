@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import fsspec
 import pyarrow as pa
@@ -135,3 +136,41 @@ def test_saved_configs_never_hold_the_secret(s3_root):
     assert secret not in text and "AKIAPLANTED" not in text
     assert yaml.safe_load(text)["config"]["storage"]["secret"] == "**********"
     assert secret not in repr(cfg) and secret not in str(cfg.model_dump())
+
+
+@pytest.mark.slow
+def test_ray_workers_get_the_settings_without_the_driver_environment(s3_root):
+    """A Ray started without any AWS or FSSPEC variable: its workers still read the S3 table,
+    through the setup hook init_ray installs (as on a cluster whose nodes share nothing)."""
+    Table(f"{s3_root}/t", SCORES).write_shard("00000", scores(["a", "b", "c"]))
+    code = f"""
+import json, os, sys
+from paradiffusion.storage import apply_storage_options
+apply_storage_options(json.loads(sys.stdin.read()))
+for k in [k for k in os.environ if k.startswith(("AWS_", "FSSPEC_"))]:
+    del os.environ[k]
+import ray
+from paradiffusion.config import RayConfig
+from paradiffusion.raycluster import init_ray
+init_ray(RayConfig(address="local", num_cpus=1))
+
+@ray.remote
+def rows():
+    from paradiffusion.storage import Table
+    return Table({s3_root + "/t"!r}).read().num_rows
+
+print("rows", ray.get(rows.remote()))
+ray.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_"))}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="pd-ray-", dir="/tmp")  # short: Ray's socket paths
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(storage.worker_storage_options()),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "rows 3" in out.stdout
