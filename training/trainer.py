@@ -91,13 +91,51 @@ def stage_paths(cfg: RootConfig, stage: int) -> dict[str, str | None]:
     scores = sc.data.scores
     if scores is None and Table(join(root, "scores")).exists():
         scores = join(root, "scores")
+    # A URL output or init_from (object storage): the run works in a local staging folder, since
+    # DeepSpeed writes checkpoints and the loaders read exports from a file system; the trainer
+    # copies committed checkpoints and the export to the URL, and fetches a URL init_from first.
+    out_url = init_url = None
+    if is_url(out):
+        out_url, out = out, staging_folder(cfg, out)
+    if init and is_url(init):
+        init_url, init = init, staging_folder(cfg, init)
     return {
         "output": out,
+        "output_url": out_url,
         "images": sc.data.images or join(root, "images"),
         "captions": captions,
         "scores": scores,
         "init_from": init,
+        "init_from_url": init_url,
     }
+
+
+def fetch_init_from(paths: dict, stage: int) -> None:
+    """Fetch a URL ``init_from`` (the previous stage's export on object storage) into its local
+    staging folder: local rank 0 copies it (unless the same export is there already), the other
+    ranks of the node wait for it."""
+    url = paths.get("init_from_url")
+    if not url:
+        return
+    import fsspec
+
+    local = Path(paths["init_from"])
+    marker = local / "paradiffusion.json"
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        _wait_for(marker)
+        return
+    fs, root = fsspec.core.url_to_fs(url)
+    remote_marker = join(root, "paradiffusion.json")
+    if not fs.exists(remote_marker):
+        raise ConfigError(
+            f"train.stage{stage}.init_from = {url}: no committed export there (no paradiffusion.json); run "
+            f"`make train-stage{stage - 1}` first"
+        )
+    if marker.is_file() and marker.read_bytes() == fs.cat_file(remote_marker):
+        return  # fetched before
+    t0 = time.time()
+    download_folder(url, local, "paradiffusion.json")
+    log.info("fetched %s -> %s (%.1f s)", url, local, time.time() - t0)
 
 
 def staging_folder(cfg: RootConfig, url: str) -> str:
@@ -234,17 +272,7 @@ class Trainer:
         self.tcfg: TrainConfig = cfg.train
         self.scfg: StageConfig = cfg.train.stage(stage)
         self.paths = stage_paths(cfg, stage)
-        # A URL output (object storage): the run works in a local staging folder, since DeepSpeed
-        # writes its checkpoints to a file system, and each committed checkpoint, the export and the
-        # run's records are copied to the URL (markers last). A URL init_from is fetched first.
-        self.remote_output: str | None = None
-        self.remote_init: str | None = None
-        if is_url(self.paths["output"]):
-            self.remote_output = self.paths["output"]
-            self.paths["output"] = staging_folder(cfg, self.remote_output)
-        if self.paths["init_from"] and is_url(self.paths["init_from"]):
-            self.remote_init = self.paths["init_from"]
-            self.paths["init_from"] = staging_folder(cfg, self.remote_init)
+        self.remote_output: str | None = self.paths["output_url"]  # a URL run folder: staged, mirrored
         self.step = 0
         self.history: list[tuple[int, float]] = []  # (step, loss) of this process's run
         self.keys_seen: list[str] = []  # the first keys this rank trained on (for checks; capped)
@@ -260,17 +288,7 @@ class Trainer:
         from training.modeling import build_model, load_vae, trainable_parameters
 
         stage = self.stage
-        if self.remote_init is not None:  # the previous stage's export on object storage: fetched once per node
-            marker = Path(self.paths["init_from"], "paradiffusion.json")
-            if os.environ.get("LOCAL_RANK", "0") == "0":
-                if not download_folder(self.remote_init, self.paths["init_from"], "paradiffusion.json"):
-                    raise ConfigError(
-                        f"train.stage{stage}.init_from = {self.remote_init}: no committed export there (no "
-                        f"paradiffusion.json); run `make train-stage{stage - 1}` first"
-                    )
-                log.info("fetched the stage-%d export %s -> %s", stage - 1, self.remote_init, self.paths["init_from"])
-            else:
-                _wait_for(marker)
+        fetch_init_from(self.paths, stage)  # the previous stage's export, when it is on object storage
         if stage > 1 and self.paths["init_from"] and not Path(self.paths["init_from"], "unet").is_dir():
             raise ConfigError(
                 f"train.stage{stage}.init_from = {self.paths['init_from']}: no export there (no unet/); run "

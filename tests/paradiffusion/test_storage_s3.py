@@ -174,3 +174,24 @@ ray.shutdown()
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "rows 3" in out.stdout
+
+
+def test_folder_upload_puts_the_marker_last_and_download_needs_it(s3_root, tmp_path):
+    src = tmp_path / "export"
+    (src / "unet").mkdir(parents=True)
+    (src / "unet" / "weights.bin").write_bytes(b"w" * 1000)
+    (src / "paradiffusion.json").write_text('{"step": 3}')
+    fs = storage.storage_filesystem(s3_root)
+    # no marker there yet: nothing to fetch
+    assert not storage.download_folder(f"{s3_root}/run/export", tmp_path / "got", "paradiffusion.json")
+    order = []
+    put = fs.put_file
+    fs.put_file = lambda lpath, rpath, **kw: (order.append(rpath.rsplit("/", 1)[-1]), put(lpath, rpath, **kw))
+    try:
+        assert storage.upload_folder(src, f"{s3_root}/run/export", last="paradiffusion.json") == 2
+    finally:
+        del fs.put_file
+    assert order == ["weights.bin", "paradiffusion.json"]
+    assert storage.download_folder(f"{s3_root}/run/export", tmp_path / "got", "paradiffusion.json")
+    assert (tmp_path / "got" / "unet" / "weights.bin").read_bytes() == b"w" * 1000
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".got.tmp")]
