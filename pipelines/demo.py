@@ -159,11 +159,12 @@ STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
 def local_outputs_for_object_storage(out: Path) -> list[str]:
     """``--set`` lines for what stays on this machine when the data root is a URL: the training
     staging folder (the run folders themselves are on the URL, each committed checkpoint and the
-    export copied there), the stats report and plots, the voting database (SQLite), the HTML
-    report and the generated PNGs."""
+    export copied there), the stats report and plots, eval's images (the voting app serves them),
+    the voting database (SQLite), the HTML report and the generated PNGs."""
     return [
         f"train.staging_dir={out / 'train_staging'}",
         f"stats.output={out / 'stats'}",
+        f"eval.generate.output={out / 'eval' / 'images'}",  # the voting app serves these PNGs from disk
         f"eval.vote.folder={out / 'eval' / 'votes'}",
         f"eval.report.output={out / 'eval' / 'report'}",
         f"generate.output={out / 'generated'}",

@@ -56,8 +56,7 @@ def test_demo_on_s3_runs_every_stage_and_leaks_no_credential(tmp_path, s3_server
         assert fs.glob(f"{data}/images/*_stats.json")
         for table in ("scores", "captions", "candidates", "annotations", "small_train", "text_cache/stage3"):
             assert fs.ls(f"{data}/{table}/_done"), f"{table}: no committed shard on S3"
-        for table in ("eval/images", "eval/metrics"):
-            assert fs.exists(f"{data}/{table}/_summary.json"), table
+        assert fs.exists(f"{data}/eval/metrics/_summary.json")
         # training read images and captions from S3; each stage's run folder is mirrored there
         for n in (1, 2, 3):
             run = f"{data}/train/stage{n}"
@@ -65,6 +64,7 @@ def test_demo_on_s3_runs_every_stage_and_leaks_no_credential(tmp_path, s3_server
             assert any(fs.exists(f"{d}/COMMITTED") for d in fs.ls(f"{run}/checkpoints")), f"stage {n}"
         assert fs.exists(f"{data}/annotation_tasks/tasks.json")
         assert (out / "stats" / "report.md").is_file() and (out / "generated").is_dir()
+        assert (out / "eval" / "report" / "index.html").is_file()
 
         # no credential anywhere: the terminal, every local file (logs, configs, summaries, reports,
         # Ray's session logs), every object written to the bucket
