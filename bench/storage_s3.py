@@ -42,6 +42,20 @@ def _requests(srv, before) -> dict:
     return {k: now[k] - before.get(k, 0) for k in now if now[k] - before.get(k, 0)}
 
 
+def write_fixture(folder: Path, n: int, per_shard: int) -> None:
+    """The training-loader benchmark's shards (web-sized JPEGs), with the ``url`` column the filter reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from train_loader import write_shards
+
+    write_shards(folder, n, per_shard=per_shard)
+    for f in sorted(folder.glob("*.parquet")):
+        t = pq.read_table(f)
+        if "url" not in t.column_names:
+            t = t.append_column("url", pa.array([f"http://example.invalid/{k}.jpg" for k in t["key"].to_pylist()]))
+            pq.write_table(t, f)
+
+
 def contract(root: str, shards: int) -> tuple[float, float]:
     """Seconds to write then to read ``shards`` committed shards of 100 rows."""
     import pyarrow as pa
@@ -104,7 +118,6 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from train_loader import write_shards
 
     import curation.filter  # noqa: F401 - imported before any clock starts
     import training.data  # noqa: F401
@@ -116,7 +129,7 @@ def main() -> None:
     torch.set_num_threads(1)
     work = Path(a.workdir).resolve()
     local_images = work / "fixture" / "images"
-    write_shards(local_images, a.images, per_shard=a.per_shard)
+    write_fixture(local_images, a.images, a.per_shard)
     n_input_shards = len(list(local_images.glob("*_stats.json")))
     tiny = build_tiny_clip(work / "models")
     res: dict[str, list] = {k: [] for k in ("contract", "filter", "loader0", "loaderw")}

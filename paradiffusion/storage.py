@@ -14,8 +14,11 @@ Writing a shard: the Parquet file goes to ``.tmp/`` first, is moved to its final
 name when complete, and only then is the ``_done`` marker written. A reader (and a
 resuming writer) trusts only shards with a marker, so a killed run never leaves a
 shard that looks complete but is not, and rewriting a shard of the same name
-replaces it: a rerun duplicates nothing. On object stores, where a move is a copy,
-the marker is still the commit point.
+replaces it: a rerun duplicates nothing. On object stores (S3, GCS, Azure), where a move
+is a copy and a delete but one PUT is all-or-nothing, the shard is written under its final
+name directly; the marker, written after it, is the commit point either way. Leftovers of
+a killed run (``.tmp/`` files, shards without a marker) are ignored by readers and removed
+by :meth:`Table.clean_tmp`.
 
 A stage never edits another stage's files: it writes its own table, joined by ``key``.
 DuckDB reads the shards in place through :meth:`Table.glob`.
@@ -226,6 +229,10 @@ def download_folder(url: str, local: str | os.PathLike, marker: str) -> bool:
     return True
 
 
+#: fsspec protocols of object stores: a PUT is atomic, there is no rename (a move is copy + delete)
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"}
+
+
 def join(root: str, *parts: str) -> str:
     """Join path parts for local paths and URLs alike."""
     out = root.rstrip("/")
@@ -298,7 +305,19 @@ class Table:
         return [proto + self.shard_file(s) if proto else self.shard_file(s) for s in sorted(self.done_shards())]
 
     # -- writing
+    @property
+    def object_store(self) -> bool:
+        """Whether the table lives on an object store, where one PUT is all-or-nothing but a move is a copy."""
+        protos = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        return bool(set(protos) & OBJECT_STORES)
+
     def _atomic_write_bytes(self, final: str, data: bytes) -> None:
+        if self.object_store:
+            # An object appears whole or not at all (a multipart upload only on its completion), so
+            # the object is written under its final name: a temp object + copy + delete would cost
+            # three more requests and be no safer. The marker, written after it, still commits it.
+            self.fs.pipe_file(final, data)
+            return
         tmp = self._p(".tmp", f"{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}")
         self.fs.makedirs(self._p(".tmp"), exist_ok=True)
         with self.fs.open(tmp, "wb") as f:
@@ -319,7 +338,8 @@ class Table:
             raise ValueError(f"shard name {shard!r} must match {_SHARD_RE.pattern}")
         if self.schema is not None:
             table = conform(table, self.schema)
-        self.fs.makedirs(self.path, exist_ok=True)
+        if not self.object_store:  # object stores have no folders to make
+            self.fs.makedirs(self.path, exist_ok=True)
         if self.is_done(shard):  # un-commit first, so a crash mid-rewrite never reads half
             self.fs.rm(self.marker_file(shard))
         buf = io.BytesIO()
