@@ -53,7 +53,10 @@ def s3_root(s3_server, monkeypatch):
     url = s3_server.make_bucket(f"t-{uuid.uuid4().hex[:12]}")
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
+    from paradiffusion import log as pd_log
+
     saved = copy.deepcopy(fsspec.config.conf), copy.deepcopy(storage._CONFIGURED)
+    saved_secrets = set(pd_log._SECRETS)
     saved_env = {k: v for k, v in os.environ.items() if k.startswith("FSSPEC_")}
     storage.configure_storage(None)
     yield url
@@ -64,3 +67,5 @@ def s3_root(s3_server, monkeypatch):
     fsspec.config.conf.update(saved[0])
     storage._CONFIGURED.clear()
     storage._CONFIGURED.update(saved[1])
+    pd_log._SECRETS.clear()
+    pd_log._SECRETS.update(saved_secrets)

@@ -195,3 +195,52 @@ def test_folder_upload_puts_the_marker_last_and_download_needs_it(s3_root, tmp_p
     assert storage.download_folder(f"{s3_root}/run/export", tmp_path / "got", "paradiffusion.json")
     assert (tmp_path / "got" / "unet" / "weights.bin").read_bytes() == b"w" * 1000
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".got.tmp")]
+
+
+def _boom(cfg, args):
+    from paradiffusion.log import get_logger
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    get_logger("test").warning("connecting with secret %s", secret)
+    raise RuntimeError(f"the store refused secret {secret}")
+
+
+def _config_error(cfg, args):
+    from paradiffusion.config import ConfigError
+
+    raise ConfigError(f"storage.secret = {os.environ['AWS_SECRET_ACCESS_KEY']!r} is wrong")
+
+
+BOOM = None  # set below (a Command needs the functions defined first)
+
+
+def test_errors_and_log_lines_never_show_a_credential(monkeypatch, capfd, caplog):
+    from paradiffusion import log as pd_log
+    from paradiffusion.cli import Command, run_command
+
+    global BOOM, CONFIG_ERROR
+    BOOM = Command(help="fails", run=_boom)
+    CONFIG_ERROR = Command(help="fails", run=_config_error)
+    secret = "PLANTED-SECRET-9f8e7d"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPLANTED")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    saved = set(pd_log._SECRETS), {k: v for k, v in os.environ.items() if k.startswith("FSSPEC_")}
+    try:
+        cmds = {"boom": f"{__name__}:BOOM", "cfg": f"{__name__}:CONFIG_ERROR"}
+        assert run_command(cmds, load_config, ["boom", "--config", os.devnull]) == 1
+        assert run_command(cmds, load_config, ["cfg", "--config", os.devnull]) == 2
+        # a malformed credential in --set: the validation error does not echo it either
+        bad = ["boom", "--config", os.devnull, "--set", f"storage.secret=[{secret}]"]
+        assert run_command(cmds, load_config, bad) == 2
+        err = capfd.readouterr().err
+        assert "the store refused secret ***" in err and "connecting with secret ***" in caplog.text
+        assert "storage.secret = '***' is wrong" in err and "storage.secret = ***" in err
+        assert secret not in err and secret not in caplog.text
+    finally:
+        pd_log._SECRETS.clear()
+        pd_log._SECRETS.update(saved[0])
+        for k in [k for k in os.environ if k.startswith("FSSPEC_")]:
+            del os.environ[k]
+        os.environ.update(saved[1])
+        fsspec.config.conf.pop("s3", None)
+        storage._CONFIGURED.clear()
