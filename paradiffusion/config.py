@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, field_validator
 
 
 class StrictModel(BaseModel):
@@ -98,6 +98,32 @@ class ModelsConfig(StrictModel):
         return v
 
 
+#: option names whose values are credentials (in ``storage.options``): never written out, hidden in logs
+SECRET_OPTION_KEYS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "client_secret",
+        "account_key",
+        "sas_token",
+        "credentials",
+        "connection_string",
+    }
+)
+
+
+def mask_secret_options(value: Any) -> Any:
+    """``value`` (nested dicts of storage options) with every credential replaced by ``**********``."""
+    if isinstance(value, dict):
+        return {k: "**********" if k in SECRET_OPTION_KEYS else mask_secret_options(v) for k, v in value.items()}
+    return value
+
+
 class StorageConfig(StrictModel):
     """How tables on object storage are reached (``project.data_root: s3://bucket/prefix``).
 
@@ -125,6 +151,10 @@ class StorageConfig(StrictModel):
         default_factory=dict,
         description="extra fsspec storage options by protocol, e.g. {s3: {default_block_size: 8388608}, gcs: {...}}",
     )
+
+    @field_serializer("options")
+    def _masked_options(self, v: dict) -> dict:
+        return mask_secret_options(v)  # saved configs and `paradiffusion config` never show them
 
     @field_validator("endpoint_url")
     @classmethod

@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel
 
-from paradiffusion.config import StorageConfig, config_fingerprint, resolved_config_document
+from paradiffusion.config import SECRET_OPTION_KEYS, StorageConfig, config_fingerprint, resolved_config_document
 from paradiffusion.log import add_secret, get_logger
 
 log = get_logger("storage")
@@ -63,7 +63,6 @@ _SHARD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
 # ``FSSPEC_<PROTOCOL>`` environment variable (read when fsspec is imported); Ray workers,
 # which may run on other machines, get them as an argument (:func:`worker_storage_options`).
 _CONFIGURED: dict[str, dict[str, Any]] = {}
-_SECRET_KEYS = ("key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key")
 
 
 def resolve_storage_options(cfg: StorageConfig | None, environ: dict[str, str] | None = None) -> dict[str, dict]:
@@ -112,7 +111,7 @@ def _register_secrets(opts: dict[str, Any]) -> None:
     for k, v in opts.items():
         if isinstance(v, dict):
             _register_secrets(v)
-        elif k in _SECRET_KEYS and isinstance(v, str):
+        elif k in SECRET_OPTION_KEYS and isinstance(v, str):
             add_secret(v)
 
 

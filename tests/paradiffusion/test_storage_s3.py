@@ -129,13 +129,17 @@ def test_bad_storage_settings_name_the_key():
 
 def test_saved_configs_never_hold_the_secret(s3_root):
     secret = "PLANTED-SECRET-4b1d"
-    cfg = load_config(None, [f"storage.secret={secret}", "storage.key=AKIAPLANTED"])
+    cfg = load_config(
+        None, [f"storage.secret={secret}", "storage.key=AKIAPLANTED", "storage.options={gcs: {token: PLANTED-OPT}}"]
+    )
+    assert resolve_storage_options(cfg.storage, {})["gcs"] == {"token": "PLANTED-OPT"}  # used, never shown
     t = Table(f"{s3_root}/scores", SCORES)
     t.save_config(cfg, "filter", section=cfg.filter)
     text = t.fs.cat(t._p("_config.yaml")).decode()
-    assert secret not in text and "AKIAPLANTED" not in text
+    assert secret not in text and "AKIAPLANTED" not in text and "PLANTED-OPT" not in text
     assert yaml.safe_load(text)["config"]["storage"]["secret"] == "**********"
     assert secret not in repr(cfg) and secret not in str(cfg.model_dump())
+    assert yaml.safe_load(text)["config"]["storage"]["options"] == {"gcs": {"token": "**********"}}
 
 
 @pytest.mark.slow
