@@ -51,6 +51,7 @@ def test_a_run_on_s3_mirrors_checkpoints_resumes_on_a_fresh_machine_and_feeds_th
     steps = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{run}/checkpoints"))
     assert steps == ["step-00000002", "step-00000003"]  # keep_last: 2, pruned on S3 too
     # stage 2 starts from stage 1's export on S3, fetched into its staging folder
+    cfg.train.stage2.data.caption_source = "alt_text"
     t2 = Trainer(cfg, 2)
     t2.train()
     assert t2.paths["init_from_url"] == f"{s3_root}/pd/train/stage1/export"
