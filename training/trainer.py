@@ -663,6 +663,9 @@ class Trainer:
     def _mirror_checkpoint(self, final: Path) -> None:
         """Copy a committed checkpoint to the URL (its marker last), then drop the remote ones past keep_last."""
         t0 = time.time()
+        fs, root, steps = self._remote_checkpoints()
+        if final.name in {f"step-{s:08d}" for s in steps}:  # saved again (a rerun): uncommit the old copy first
+            fs.rm(join(root, final.name, COMMIT_MARKER))
         n = upload_folder(final, join(self.remote_output, "checkpoints", final.name), last=COMMIT_MARKER)
         fs, root, steps = self._remote_checkpoints()
         for step in steps[: -self.scfg.checkpoint.keep_last]:
