@@ -250,6 +250,39 @@ def test_caption_on_a_two_node_cluster(ray_cluster, tmp_path, tiny_vlm):
     assert_one_row_per_key(captions(info["root"]), [*info["expected"], info["broken"]])
 
 
+@pytest.mark.cluster
+def test_caption_on_a_two_node_cluster_with_the_tables_on_s3(ray_cluster, tmp_path, tiny_vlm, s3_root):
+    """The cluster's nodes were started without any AWS variable: its workers read the images from
+    S3 with what the driver hands them (the job's setup hook)."""
+    from paradiffusion.storage import upload_folder
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3"):
+        assert k not in ray_cluster.env, k
+    info = write_dataset(tmp_path / "data")
+    for name in ("images", "scores"):
+        upload_folder(Path(info["root"], name), f"{s3_root}/data/{name}")
+    root = f"{s3_root}/data"
+    sets = [
+        f"project.data_root={root}",
+        "caption.captioner=tiny",
+        f"caption.captioners={{tiny: {{type: transformers, model: '{tiny_vlm}', dtype: float32, device: cpu}}}}",
+        "caption.generation.max_new_tokens=8",
+        "caption.chunk_rows=4",
+        *ray_cluster.ray_overrides(),
+    ]
+    cmd = [sys.executable, "-m", "paradiffusion", "caption", "--config", os.devnull]
+    for s in sets:
+        cmd += ["--set", s]
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # the driver's, as a user sets them
+    env = {**ray_cluster.env, **aws, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = Table(f"{root}/captions").load_json("_summary.json")
+    assert f"Ray cluster at {ray_cluster.address} (2 node(s)" in summary["ran_on"]
+    assert summary["captioned"] == len(info["expected"]) and summary["rejected"] == {"decode_error": 1}
+    assert_one_row_per_key(captions(root), [*info["expected"], info["broken"]])
+
+
 def test_remote_cogvlm_refuses_to_run_unpinned(tmp_path):
     from pipelines.cli import main
 
