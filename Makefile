@@ -10,7 +10,7 @@ PD       = $(PY) -m paradiffusion
 ARGS     = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-integration lint config
+.PHONY: help setup demo demo-s3 test test-integration lint config bench-storage
 .PHONY: download
 .PHONY: filter bench-filter
 .PHONY: caption bench-caption
@@ -33,6 +33,9 @@ setup: ## create .venv and install everything (torch, ray, deepspeed, ...); no G
 
 demo: ## run every stage on the bundled sample with tiny offline models (writes demo_out/)
 	$(PD) demo --out demo_out
+
+demo-s3: ## the demo with every table on S3: a local S3 server (moto, in memory) started for it (writes demo_out_s3/)
+	$(PD) demo --out demo_out_s3 --s3
 
 test: ## the default test suite (fast; no cluster, no GPU)
 	$(PY) -m pytest -q
@@ -59,6 +62,9 @@ download: ## fetch a URL list into image shards with img2dataset (SET="download.
 
 filter: ## decode, measure, CLIP + aesthetic score and dedup the image shards into <data_root>/scores (Ray Data)
 	$(PD) filter $(ARGS)
+
+bench-storage: ## benchmark: filter and trainer loader with tables on S3 (moto on loopback) vs local disk, requests per shard
+	$(PY) bench/storage_s3.py --images $(or $(N),256)
 
 bench-filter: ## CPU benchmark: the filter pipeline vs a bare multiprocessing loop (N=2000 for the full run)
 	$(PY) bench/filter_cpu.py --n $(or $(N),2000)

@@ -86,7 +86,11 @@ def _rows(columns: dict) -> Iterator[dict]:
         yield dict(zip(names, values, strict=True))
 
 
-def _decoded_rows(chunk: dict, prep) -> Iterator[dict]:
+def _decoded_rows(chunk: dict, prep, storage: dict | None = None) -> Iterator[dict]:
+    if storage:  # a Ray worker, maybe on another node: the driver's endpoint and credentials, handed over
+        from paradiffusion.storage import apply_storage_options
+
+        apply_storage_options(storage)
     for row in decode_chunk(chunk, prep):
         if row["image"] is None:
             row["image"] = _PLACEHOLDER
@@ -145,7 +149,14 @@ def run_ray(chunks: list[Chunk], c: CaptionConfig, cfg: RootConfig, info: dict) 
     )
     ds = ray.data.from_items([ch.to_dict() for ch in chunks], override_num_blocks=max(1, len(chunks)))
     decode_compute = ray.data.TaskPoolStrategy(size=r.max_decode_tasks) if r.max_decode_tasks else None
-    ds = ds.flat_map(_decoded_rows, fn_kwargs={"prep": c.image}, num_cpus=r.decode_cpus, compute=decode_compute)
+    from paradiffusion.storage import worker_storage_options
+
+    ds = ds.flat_map(
+        _decoded_rows,
+        fn_kwargs={"prep": c.image, "storage": worker_storage_options()},
+        num_cpus=r.decode_cpus,
+        compute=decode_compute,
+    )
     ds = ds.map_batches(
         CaptionWorker,
         fn_constructor_kwargs={

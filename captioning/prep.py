@@ -27,9 +27,9 @@ _SLUG_RE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 def slug(text: str, max_len: int = 48) -> str:
     """A shard-name-safe rendering of ``text`` (model ids, local paths)."""
-    s = _SLUG_RE.sub("-", text.strip("/")).strip("-.") or "x"
-    if len(s) > max_len:
-        s = s[-max_len:].lstrip("-.") or "x"
+    s = _SLUG_RE.sub("-", text.strip("/")).strip("-._") or "x"
+    if len(s) > max_len:  # a shard name starts with a letter or digit
+        s = s[-max_len:].lstrip("-._") or "x"
     return s
 
 

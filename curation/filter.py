@@ -325,7 +325,13 @@ def iter_input_batches(shard: str, url: str, batch_rows: int) -> Iterator[dict[s
             yield out
 
 
-def _read_shard_batches(items: dict[str, np.ndarray], batch_rows: int) -> Iterator[dict[str, np.ndarray]]:
+def _read_shard_batches(
+    items: dict[str, np.ndarray], batch_rows: int, storage: dict | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    if storage:  # a Ray worker, maybe on another node: the driver's endpoint and credentials, handed over
+        from paradiffusion.storage import apply_storage_options
+
+        apply_storage_options(storage)
     for shard, url in zip(items["shard"], items["url"], strict=True):
         yield from iter_input_batches(str(shard), str(url), batch_rows)
 
@@ -370,6 +376,7 @@ def measure_ray(
     import ray.data
 
     from paradiffusion.raycluster import init_ray
+    from paradiffusion.storage import worker_storage_options
 
     where = init_ray(cfg.ray, extra="curation")
     f = cfg.filter
@@ -391,7 +398,7 @@ def measure_ray(
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         _read_shard_batches,
-        fn_kwargs={"batch_rows": f.decode_batch_size},
+        fn_kwargs={"batch_rows": f.decode_batch_size, "storage": worker_storage_options()},
         batch_size=1,
         batch_format="numpy",
         num_cpus=0,  # streaming I/O: must not wait for a CPU that the model actors hold (CPU-only runs)

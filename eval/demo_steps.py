@@ -8,6 +8,7 @@ the models, whose images are noise anyway.
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 
@@ -24,9 +25,9 @@ def step_eval_generate(ctx) -> None:
     """Tiny ParaDiffusion (the demo's trained stage-3 export when there is one) vs a tiny diffusers baseline."""
     from eval.testing import build_tiny_paradiffusion, build_tiny_sd
 
-    trained = ctx.out / "data" / "train" / "stage3" / "export"
-    if (trained / "paradiffusion.json").is_file():
-        para = str(trained)
+    trained = ctx.state.get("stage3_export") or str(ctx.out / "data" / "train" / "stage3" / "export")
+    if os.path.isfile(os.path.join(trained, "paradiffusion.json")):
+        para = trained
         log.info("using the demo's stage-3 export %s", para)
     else:
         para = build_tiny_paradiffusion(_models_dir(ctx) / "eval_tiny_paradiffusion")

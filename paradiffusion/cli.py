@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -105,30 +106,41 @@ def run_command(
     Returns the exit code: the command's, 2 for a config or model problem, 1 for a
     missing file, 130 on Ctrl-C (each with one line on stderr, no traceback).
     """
+    from paradiffusion.log import has_secrets, redact
+
     parser = build_parser(commands)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(redact(f"error: {exc}"), file=sys.stderr)
         return 2
     from paradiffusion import hub
+    from paradiffusion.storage import configure_storage
 
     cmd: Command = args._command
     try:
+        # endpoint, region, credentials for every URL this run opens (and the processes it starts)
+        configure_storage(getattr(cfg, "storage", None))
         with hub.run_environment(cfg.models):  # the cache folders, for this command and what it starts
             if cmd.models is not None:  # before Ray, DeepSpeed or any data work
                 hub.resolve_for_run(cfg.models, cmd.models(cfg, args))
             return int(cmd.run(cfg, args) or 0)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(redact(f"error: {exc}"), file=sys.stderr)
         return 2
     except hub.ModelUnavailable as exc:  # one line: the setting, what was tried, the fix
-        print(f"error: {exc}", file=sys.stderr)
+        print(redact(f"error: {exc}"), file=sys.stderr)
         return 2
     except FileNotFoundError as exc:  # a missing input table, model folder or file: say which, no traceback
-        print(f"error: {exc}", file=sys.stderr)
+        print(redact(f"error: {exc}"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception:
+        if not has_secrets():
+            raise
+        # a library's error may quote a storage setting: the traceback with credentials hidden
+        print(redact(traceback.format_exc()), file=sys.stderr)
+        return 1

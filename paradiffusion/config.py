@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, field_validator
 
 
 class StrictModel(BaseModel):
@@ -98,6 +98,72 @@ class ModelsConfig(StrictModel):
         return v
 
 
+#: option names whose values are credentials (in ``storage.options``): never written out, hidden in logs
+SECRET_OPTION_KEYS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "client_secret",
+        "account_key",
+        "sas_token",
+        "credentials",
+        "connection_string",
+    }
+)
+
+
+def mask_secret_options(value: Any) -> Any:
+    """``value`` (nested dicts of storage options) with every credential replaced by ``**********``."""
+    if isinstance(value, dict):
+        return {k: "**********" if k in SECRET_OPTION_KEYS else mask_secret_options(v) for k, v in value.items()}
+    return value
+
+
+class StorageConfig(StrictModel):
+    """How tables on object storage are reached (``project.data_root: s3://bucket/prefix``).
+
+    Every setting is optional: null means what the environment says, the usual AWS
+    variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
+    ``AWS_PROFILE``) or, with none of them, botocore's own chain (instance roles, config
+    files). What is resolved in the driver is handed to Ray workers, DataLoader processes
+    and img2dataset explicitly (:mod:`paradiffusion.storage`), so cluster nodes need no
+    copy of the driver's environment. Credentials are never written out: saved configs
+    show ``**********`` and logs and error messages have them replaced.
+    """
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph, R2, a local test server), e.g. http://127.0.0.1:9000"
+    )
+    region: str | None = Field(None, description="S3 region name, e.g. us-east-1")
+    profile: str | None = Field(None, description="a named profile of the AWS config files")
+    key: SecretStr | None = Field(None, description="access key id (prefer AWS_ACCESS_KEY_ID in the environment)")
+    secret: SecretStr | None = Field(
+        None, description="secret access key (prefer AWS_SECRET_ACCESS_KEY in the environment)"
+    )
+    token: SecretStr | None = Field(None, description="session token (prefer AWS_SESSION_TOKEN in the environment)")
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="extra fsspec storage options by protocol, e.g. {s3: {default_block_size: 8388608}, gcs: {...}}",
+    )
+
+    @field_serializer("options")
+    def _masked_options(self, v: dict) -> dict:
+        return mask_secret_options(v)  # saved configs and `paradiffusion config` never show them
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:9000")
+        return v
+
+
 class RootConfig(Protocol):
     """The composed config as the core and the stages see it (``pipelines.config.PipelinesConfig`` is one).
 
@@ -109,6 +175,7 @@ class RootConfig(Protocol):
     project: ProjectConfig
     ray: RayConfig
     models: ModelsConfig
+    storage: StorageConfig
 
     def model_dump(self, *, mode: str = "python", **kwargs: Any) -> dict[str, Any]: ...
 
@@ -208,6 +275,9 @@ def _describe_allowed(root: type[BaseModel], loc: tuple) -> str:
     return "; ".join(bits)
 
 
+_SECRET_FIELDS = {"key", "secret", "token", "password"}
+
+
 def format_validation_error(exc: ValidationError, root: type[BaseModel], source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for err in exc.errors():
@@ -215,6 +285,8 @@ def format_validation_error(exc: ValidationError, root: type[BaseModel], source:
         key = ".".join(str(p) for p in loc)
         value = err.get("input")
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        if any(str(p) in _SECRET_FIELDS for p in loc):
+            shown = "***"  # a credential is never echoed, not even a malformed one
         if len(shown) > 80:
             shown = shown[:77] + "..."
         if err["type"] == "extra_forbidden":
@@ -275,11 +347,12 @@ def config_fingerprint(section: BaseModel | dict) -> str:
 def resolved_config_document(cfg: BaseModel | dict, stage: str) -> dict:
     """What is saved beside an output: the whole resolved config (a model or its dict) plus how it was run."""
     from paradiffusion import __version__
+    from paradiffusion.log import redact_argv
 
     return {
         "stage": stage,
         "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "command": " ".join(redact_argv(sys.argv)),
         "paradiffusion_version": __version__,
         "config": cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else copy.deepcopy(cfg),
     }

@@ -7,12 +7,62 @@ import datetime as _dt
 import io
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
 from typing import TextIO
 
 _HANDLER: logging.StreamHandler | None = None
+_SECRETS: set[str] = set()  # values never to print: storage credentials (paradiffusion.storage registers them)
+
+
+def add_secret(value: str | None) -> None:
+    """Register a value (a credential) that :func:`redact` and every log line of this package hide."""
+    if value and len(value) >= 4:  # shorter values would blank out ordinary words
+        _SECRETS.add(str(value))
+
+
+def has_secrets() -> bool:
+    """Whether any secret is registered (so output must go through :func:`redact`)."""
+    return bool(_SECRETS)
+
+
+def redact(text: str) -> str:
+    """``text`` with every registered secret replaced by ``***`` (for messages that may quote settings)."""
+    for s in sorted(_SECRETS, key=len, reverse=True):
+        if s in text:
+            text = text.replace(s, "***")
+    return text
+
+
+_SECRET_SETTING = re.compile(r"^((?:[\w-]+\.)*(?:key|secret|token|password))=(.+)$", re.IGNORECASE)
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line with credentials hidden: the value of a ``--set`` of a secret setting
+    (``storage.secret=...``) and every registered secret."""
+    out = []
+    for a in argv:
+        m = _SECRET_SETTING.match(a)
+        out.append(f"{m.group(1)}=***" if m else redact(a))
+    return out
+
+
+class _Redact(logging.Filter):
+    """Hide registered secrets in this package's log lines (a library's error may quote a setting)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _SECRETS:
+            msg = record.getMessage()
+            clean = redact(msg)
+            if record.exc_info and record.exc_info[1] is not None:
+                clean_exc = redact(logging.Formatter().formatException(record.exc_info))
+                clean = f"{clean}\n{clean_exc}"
+                record.exc_info = None
+                record.exc_text = None
+            record.msg, record.args = clean, None
+        return True
 
 
 class _Forward(io.TextIOBase):
@@ -56,6 +106,7 @@ def get_logger(name: str) -> logging.Logger:
     if _HANDLER is None:
         _HANDLER = logging.StreamHandler(sys.stderr)
         _HANDLER.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        _HANDLER.addFilter(_Redact())
         root = logging.getLogger("pd")
         root.addHandler(_HANDLER)
         root.setLevel(os.environ.get("PARADIFFUSION_LOG_LEVEL", "INFO").upper())

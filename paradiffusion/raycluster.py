@@ -23,6 +23,20 @@ def resolve_address(cfg: RayConfig) -> str | None:
     return address
 
 
+def _storage_setup_hook(options: dict):
+    """A function every Ray worker of this job runs when it starts, on any node: this run's storage
+    settings (endpoint, region, credentials), so img2dataset's own Ray tasks and any reader reach
+    the tables too. Ray keeps it pickled in the cluster's internal store, not in the job's
+    environment variables that its dashboard lists."""
+
+    def apply_storage_settings() -> None:
+        from paradiffusion.storage import apply_storage_options
+
+        apply_storage_options(options)
+
+    return apply_storage_settings
+
+
 def init_ray(cfg: RayConfig, extra: str | None = None) -> str:
     """Initialise Ray once per process; returns a description of where it runs.
 
@@ -40,6 +54,11 @@ def init_ray(cfg: RayConfig, extra: str | None = None) -> str:
             f"{res.get('GPU', 0):g} GPU)"
         )
     kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True}
+    from paradiffusion.storage import worker_storage_options
+
+    storage = worker_storage_options()
+    if storage:  # workers on other nodes do not share this process's environment
+        kwargs["runtime_env"] = {"worker_process_setup_hook": _storage_setup_hook(storage)}
     if cfg.node_ip_address:
         kwargs["_node_ip_address"] = cfg.node_ip_address
     if address is None:
@@ -54,7 +73,7 @@ def init_ray(cfg: RayConfig, extra: str | None = None) -> str:
 
         env = run_env()  # the model cache and offline mode this run resolved (a cluster's workers get them here)
         if env:
-            kwargs["runtime_env"] = {"env_vars": env}
+            kwargs["runtime_env"] = {**kwargs.get("runtime_env", {}), "env_vars": env}
         ray.init(address=address, **kwargs)
         where = f"Ray cluster at {address}"
     res = ray.cluster_resources()

@@ -14,8 +14,11 @@ Writing a shard: the Parquet file goes to ``.tmp/`` first, is moved to its final
 name when complete, and only then is the ``_done`` marker written. A reader (and a
 resuming writer) trusts only shards with a marker, so a killed run never leaves a
 shard that looks complete but is not, and rewriting a shard of the same name
-replaces it: a rerun duplicates nothing. On object stores, where a move is a copy,
-the marker is still the commit point.
+replaces it: a rerun duplicates nothing. On object stores (S3, GCS, Azure), where a move
+is a copy and a delete but one PUT is all-or-nothing, the shard is written under its final
+name directly; the marker, written after it, is the commit point either way. Leftovers of
+a killed run (``.tmp/`` files, shards without a marker) are ignored by readers and removed
+by :meth:`Table.clean_tmp`.
 
 A stage never edits another stage's files: it writes its own table, joined by ``key``.
 DuckDB reads the shards in place through :meth:`Table.glob`.
@@ -28,9 +31,11 @@ that other settings made (``shards_with_other_settings``) instead of claiming th
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import io
 import json
+import os
 import re
 import uuid
 from collections.abc import Iterable, Iterator
@@ -42,12 +47,189 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel
 
-from paradiffusion.config import config_fingerprint, resolved_config_document
-from paradiffusion.log import get_logger
+from paradiffusion.config import SECRET_OPTION_KEYS, StorageConfig, config_fingerprint, resolved_config_document
+from paradiffusion.log import add_secret, get_logger
 
 log = get_logger("storage")
 
 _SHARD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
+
+
+# --------------------------------------------------------------------------- storage options
+# fsspec's own mechanism for default storage options: ``fsspec.config.conf[protocol]`` is
+# applied by every ``url_to_fs`` / ``fsspec.open`` / ``fsspec.filesystem`` in the process,
+# including the calls inside img2dataset, pyarrow's fsspec wrapper and Ray Data, so the
+# settings need not be threaded through every call. Child processes get them from the
+# ``FSSPEC_<PROTOCOL>`` environment variable (read when fsspec is imported); Ray workers,
+# which may run on other machines, get them as an argument (:func:`worker_storage_options`).
+_CONFIGURED: dict[str, dict[str, Any]] = {}
+
+
+def resolve_storage_options(cfg: StorageConfig | None, environ: dict[str, str] | None = None) -> dict[str, dict]:
+    """fsspec storage options by protocol from the ``storage`` section, else the usual AWS variables.
+
+    Only settings that are given (in the section or the environment) are listed, so
+    botocore's own chain (instance roles, config files) still applies where none is.
+    ``use_listings_cache`` is off for S3: commit markers written by other processes (Ray
+    workers, other nodes, a rerun) must be seen, not an earlier listing.
+    """
+    cfg = cfg or StorageConfig()
+    env = os.environ if environ is None else environ
+
+    def secret(v) -> str | None:
+        return v.get_secret_value() if v is not None else None
+
+    s3: dict[str, Any] = {"use_listings_cache": False}
+    endpoint = cfg.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        s3["endpoint_url"] = endpoint
+    region = cfg.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        s3["client_kwargs"] = {"region_name": region}
+    profile = cfg.profile or env.get("AWS_PROFILE")
+    if profile:
+        s3["profile"] = profile
+    key = secret(cfg.key) or (None if cfg.profile else env.get("AWS_ACCESS_KEY_ID"))
+    sec = secret(cfg.secret) or (None if cfg.profile else env.get("AWS_SECRET_ACCESS_KEY"))
+    tok = secret(cfg.token) or (None if cfg.profile else env.get("AWS_SESSION_TOKEN"))
+    if key and sec:
+        s3["key"], s3["secret"] = key, sec
+        if tok:
+            s3["token"] = tok
+    out: dict[str, dict[str, Any]] = {"s3": s3}
+    for proto, opts in cfg.options.items():
+        base = out.setdefault(proto, {})
+        for k, v in opts.items():
+            if isinstance(v, dict) and isinstance(base.get(k), dict):
+                base[k] = {**base[k], **v}
+            else:
+                base[k] = v
+    return out
+
+
+def _register_secrets(opts: dict[str, Any]) -> None:
+    for k, v in opts.items():
+        if isinstance(v, dict):
+            _register_secrets(v)
+        elif k in SECRET_OPTION_KEYS and isinstance(v, str):
+            add_secret(v)
+
+
+def apply_storage_options(options: dict[str, dict[str, Any]]) -> None:
+    """Make ``options`` (protocol -> fsspec storage options) this process's defaults.
+
+    Also exported as ``FSSPEC_<PROTOCOL>`` so processes started from here (DataLoader
+    workers, img2dataset's, DeepSpeed ranks) use them, and their credentials are
+    registered with :func:`paradiffusion.log.redact`. A Ray task or actor calls it with
+    what :func:`worker_storage_options` gave the driver.
+    """
+    for proto, opts in options.items():
+        _register_secrets(opts)
+        previous = _CONFIGURED.get(proto, {})
+        conf = fsspec.config.conf.setdefault(proto, {})
+        for k in previous:  # drop what an earlier call set, keep what the user's fsspec config has
+            conf.pop(k, None)
+        conf.update(copy.deepcopy(opts))
+        _CONFIGURED[proto] = copy.deepcopy(opts)
+        os.environ[f"FSSPEC_{proto.upper()}"] = json.dumps(opts)
+    for secret_env in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        add_secret(os.environ.get(secret_env))
+
+
+def configure_storage(cfg: StorageConfig | None) -> dict[str, dict[str, Any]]:
+    """Resolve the ``storage`` section (and the AWS variables) and apply it to this process; returns the options."""
+    options = resolve_storage_options(cfg)
+    apply_storage_options(options)
+    return options
+
+
+def worker_storage_options() -> dict[str, dict[str, Any]]:
+    """The options this process applied, to hand to a Ray task or actor (which calls
+    :func:`apply_storage_options` with them): workers on other nodes do not share the
+    driver's environment. Holds credentials: pass it as an argument, never log it."""
+    return copy.deepcopy(_CONFIGURED)
+
+
+def duckdb_connect(database: str = ":memory:"):
+    """A DuckDB connection that reads and writes URLs the way the rest of the run does.
+
+    The fsspec filesystem of each configured protocol (``s3`` always, others named in
+    ``storage.options``) is registered with the connection, so ``read_parquet('s3://...')``
+    and ``COPY ... TO 's3://...'`` go through s3fs with this run's endpoint and credentials.
+    Hand-wired rather than DuckDB's own ``httpfs`` extension: that one is downloaded at first
+    use (not possible offline) and reads only AWS-style settings of its own.
+    """
+    import duckdb
+
+    con = duckdb.connect(database)
+    for proto in sorted(_CONFIGURED):
+        if proto in ("file", "local", "memory"):
+            continue
+        try:
+            con.register_filesystem(fsspec.filesystem(proto))
+        except ImportError:  # a protocol in storage.options whose package is not installed
+            log.warning(
+                "storage.options names %r but its fsspec package is not installed: DuckDB cannot read it", proto
+            )
+    return con
+
+
+def storage_filesystem(url: str) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem (with this process's storage options) for a URL or local path."""
+    return fsspec.core.url_to_fs(url)[0]
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` names a remote store (``s3://``, ``gs://``, ...) rather than this machine's files."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def upload_folder(local: str | os.PathLike, url: str, last: str | None = None, skip: tuple[str, ...] = ()) -> int:
+    """Copy a local folder to ``url`` (object storage), ``last`` (a marker, relative path) after every
+    other file, so a reader that trusts the marker never sees a half-copied folder. Top-level
+    entries named in ``skip`` are left out. Returns the number of files copied."""
+    import pathlib
+
+    src = pathlib.Path(local)
+    fs, root = fsspec.core.url_to_fs(url)
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.relative_to(src).parts[0] not in skip)
+    marker = src / last if last else None
+    n = 0
+    for p in files:
+        if p != marker:
+            fs.put_file(str(p), join(root, p.relative_to(src).as_posix()))
+            n += 1
+    if marker is not None and marker.is_file():
+        fs.put_file(str(marker), join(root, last))
+        n += 1
+    return n
+
+
+def download_folder(url: str, local: str | os.PathLike, marker: str) -> bool:
+    """Copy a committed folder (one that holds ``marker``) from ``url`` to ``local``, replacing it
+    atomically (a temp folder renamed). Returns False when there is no committed folder at ``url``."""
+    import pathlib
+    import shutil
+
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.exists(join(root, marker)):
+        return False
+    dest = pathlib.Path(local)
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    for f in fs.find(root):
+        rel = f[len(root.rstrip("/")) + 1 :]
+        target = tmp / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f, str(target))
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)
+    return True
+
+
+#: fsspec protocols of object stores: a PUT is atomic, there is no rename (a move is copy + delete)
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"}
 
 
 def join(root: str, *parts: str) -> str:
@@ -122,7 +304,19 @@ class Table:
         return [proto + self.shard_file(s) if proto else self.shard_file(s) for s in sorted(self.done_shards())]
 
     # -- writing
+    @property
+    def object_store(self) -> bool:
+        """Whether the table lives on an object store, where one PUT is all-or-nothing but a move is a copy."""
+        protos = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        return bool(set(protos) & OBJECT_STORES)
+
     def _atomic_write_bytes(self, final: str, data: bytes) -> None:
+        if self.object_store:
+            # An object appears whole or not at all (a multipart upload only on its completion), so
+            # the object is written under its final name: a temp object + copy + delete would cost
+            # three more requests and be no safer. The marker, written after it, still commits it.
+            self.fs.pipe_file(final, data)
+            return
         tmp = self._p(".tmp", f"{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}")
         self.fs.makedirs(self._p(".tmp"), exist_ok=True)
         with self.fs.open(tmp, "wb") as f:
@@ -143,7 +337,8 @@ class Table:
             raise ValueError(f"shard name {shard!r} must match {_SHARD_RE.pattern}")
         if self.schema is not None:
             table = conform(table, self.schema)
-        self.fs.makedirs(self.path, exist_ok=True)
+        if not self.object_store:  # object stores have no folders to make
+            self.fs.makedirs(self.path, exist_ok=True)
         if self.is_done(shard):  # un-commit first, so a crash mid-rewrite never reads half
             self.fs.rm(self.marker_file(shard))
         buf = io.BytesIO()

@@ -15,7 +15,14 @@ from captioning.config import CaptionConfig
 from captioning.small.config import AnnotationsConfig, SelectSmallConfig
 from curation.config import DownloadConfig, FilterConfig
 from eval.config import EvalConfig
-from paradiffusion.config import ModelsConfig, ProjectConfig, RayConfig, StrictModel, load_config_model
+from paradiffusion.config import (
+    ModelsConfig,
+    ProjectConfig,
+    RayConfig,
+    StorageConfig,
+    StrictModel,
+    load_config_model,
+)
 from stats.config import StatsConfig
 from training.config import GenerateConfig, TrainConfig
 
@@ -26,6 +33,7 @@ class PipelinesConfig(StrictModel):
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)

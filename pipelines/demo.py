@@ -12,15 +12,17 @@ Each stage adds one step to :data:`STEPS`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from captioning.small.demo import step_annotations, step_select_small, step_stats
 from paradiffusion.cli import Command
-from paradiffusion.log import get_logger
+from paradiffusion.log import get_logger, redact_argv
 from pipelines.config import PipelinesConfig, load_config
 
 log = get_logger("demo")
@@ -33,6 +35,7 @@ class DemoContext:
     out: Path
     config_files: list[str]
     base_url: str = ""
+    data: str = ""  # project.data_root: <out>/data, or s3://... with --s3
     overrides: list[str] = field(default_factory=list)  # --set lines every later step gets
     state: dict = field(default_factory=dict)  # what steps hand to later steps
 
@@ -45,7 +48,7 @@ class DemoContext:
             args += ["--config", c]
         for s in self.overrides + (extra_sets or []):
             args += ["--set", s]
-        print(f"\n$ paradiffusion {' '.join(args)}", file=sys.stderr)
+        print(f"\n$ paradiffusion {' '.join(redact_argv(args))}", file=sys.stderr)
         rc = main(args)
         if rc != 0:
             raise SystemExit(f"demo step `paradiffusion {argv[0]}` failed with exit code {rc}")
@@ -61,7 +64,7 @@ def step_sample(ctx: DemoContext) -> None:
 
     records = build_sample(ctx.out / "sample")
     ctx.state["records"] = records
-    ctx.overrides.append(f"project.data_root={ctx.out / 'data'}")
+    ctx.overrides.append(f"project.data_root={ctx.data}")
     log.info("sample: %d files in %s", len(records), ctx.out / "sample")
 
 
@@ -153,17 +156,70 @@ STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
 ]
 
 
+def local_outputs_for_object_storage(out: Path) -> list[str]:
+    """``--set`` lines for what stays on this machine when the data root is a URL: the training
+    staging folder (the run folders themselves are on the URL, each committed checkpoint and the
+    export copied there), the stats report and plots, eval's images (the voting app serves them),
+    the voting database (SQLite), the HTML report and the generated PNGs."""
+    return [
+        f"train.staging_dir={out / 'train_staging'}",
+        f"stats.output={out / 'stats'}",
+        f"eval.generate.output={out / 'eval' / 'images'}",  # the voting app serves these PNGs from disk
+        f"eval.vote.folder={out / 'eval' / 'votes'}",
+        f"eval.report.output={out / 'eval' / 'report'}",
+        f"generate.output={out / 'generated'}",
+    ]
+
+
+@contextlib.contextmanager
+def _demo_bucket(args: argparse.Namespace) -> Iterator[str | None]:
+    """The data root when it is not ``<out>/data``: ``--data-root URL`` as given (the storage
+    settings come from the config or the AWS variables), or with ``--s3`` moto's S3 server on
+    127.0.0.1 for the demo's run, its endpoint in this process's AWS variables (credentials too,
+    unless they are set already: the server takes any), and ``s3://paradiffusion-demo/data``."""
+    if args.data_root:
+        yield args.data_root.rstrip("/")
+        return
+    if not args.s3:
+        yield None
+        return
+    from paradiffusion.deps import require
+
+    require("moto.server", "moto[server]", extra="dev")
+    from paradiffusion.testing.s3 import S3Server
+
+    with S3Server() as srv:
+        saved = {k: os.environ.get(k) for k in srv.env()}
+        given = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if os.environ.get("AWS_SECRET_ACCESS_KEY") else ()
+        os.environ.update({k: v for k, v in srv.env().items() if k not in given})
+        try:
+            bucket = srv.make_bucket("paradiffusion-demo")
+            log.info("--s3: moto's S3 server at %s (in memory: gone when the demo ends)", srv.endpoint_url)
+            yield f"{bucket}/data"
+            counts = srv.request_counts()
+            log.info("--s3: the server answered %d requests (%s)", sum(counts.values()), dict(counts))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def run_demo(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     from paradiffusion.testing.http import serve_folder
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config_files = list(args.config or ["pipelines.yaml"]) + [str(DEMO_OVERLAY)]
-    ctx = DemoContext(out=out, config_files=config_files, overrides=list(args.overrides))
+    ctx = DemoContext(out=out, config_files=config_files, overrides=list(args.overrides), data=str(out / "data"))
     t0 = time.time()
     only = set(args.only.split(",")) if args.only else None
     (out / "sample").mkdir(exist_ok=True)
-    with serve_folder(str(out / "sample")) as base_url:
+    with _demo_bucket(args) as s3_root, serve_folder(str(out / "sample")) as base_url:
+        if s3_root is not None:
+            ctx.data = s3_root
+            ctx.overrides = local_outputs_for_object_storage(out) + ctx.overrides
         ctx.base_url = base_url
         for name, fn in STEPS:
             if only and name not in only and name != "sample":
@@ -177,6 +233,17 @@ def run_demo(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
     p.add_argument("--only", default=None, help="comma-separated step names to run (default: all)")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="put the tables at this URL (e.g. s3://bucket/demo) instead of <out>/data; storage settings from "
+        "the config's storage section or the AWS variables",
+    )
+    p.add_argument(
+        "--s3",
+        action="store_true",
+        help="put the data root on S3: moto's S3 server on 127.0.0.1, started for the demo (needs moto[server])",
+    )
 
 
 DEMO = Command(

@@ -54,9 +54,9 @@ STORAGE_VERSION = "v1.2.0"
 
 def connect(views: list[tuple[str, str]], database: str = ":memory:"):
     """A DuckDB connection with the views created (in ``database`` when it is a file)."""
-    import duckdb
+    from paradiffusion.storage import duckdb_connect
 
-    con = duckdb.connect()
+    con = duckdb_connect()  # tables on object storage read through this run's fsspec filesystems
     if database != ":memory:":
         con.execute(f"ATTACH '{database}' AS stats_db (STORAGE_VERSION '{STORAGE_VERSION}')")
         con.execute("USE stats_db")
@@ -264,9 +264,9 @@ def run_stats(cfg: RootConfig, only: list[str] | None = None, quiet: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     derived: dict[str, str] = {}
     if sc.derived:
-        import duckdb
+        from paradiffusion.storage import duckdb_connect
 
-        with duckdb.connect() as dcon:
+        with duckdb_connect() as dcon:
             tables = {n: join(cfg.project.data_root, n) for n in _derived.TEXT_TABLES if n in have}
             state = _derived.refresh(dcon, out, tables, sc.keywords)
         derived = state.folders

@@ -23,3 +23,49 @@ def ray_cluster():
 
     with LocalRayCluster(n_workers=1, cpus_per_node=1) as cluster:
         yield cluster
+
+
+# --------------------------------------------------------------------------- S3 (moto's server on 127.0.0.1)
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server in a process of its own on 127.0.0.1, for the session.
+    Yields a :class:`paradiffusion.testing.s3.S3Server` (``.endpoint_url``, ``.env()``,
+    ``.make_bucket(name)``, ``.request_counts()``)."""
+    pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[dev]')")
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[dev]')")
+    from paradiffusion.testing.s3 import S3Server
+
+    with S3Server() as srv:
+        yield srv
+
+
+@pytest.fixture
+def s3_root(s3_server, monkeypatch):
+    """A fresh bucket ``s3://t-<random>`` on the test server, with this process's storage
+    settings pointing at it (through the AWS variables, as a user sets them); restored after."""
+    import copy
+    import uuid
+
+    import fsspec
+
+    from paradiffusion import storage
+
+    url = s3_server.make_bucket(f"t-{uuid.uuid4().hex[:12]}")
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    from paradiffusion import log as pd_log
+
+    saved = copy.deepcopy(fsspec.config.conf), copy.deepcopy(storage._CONFIGURED)
+    saved_secrets = set(pd_log._SECRETS)
+    saved_env = {k: v for k, v in os.environ.items() if k.startswith("FSSPEC_")}
+    storage.configure_storage(None)
+    yield url
+    for k in [k for k in os.environ if k.startswith("FSSPEC_")]:
+        del os.environ[k]
+    os.environ.update(saved_env)
+    fsspec.config.conf.clear()
+    fsspec.config.conf.update(saved[0])
+    storage._CONFIGURED.clear()
+    storage._CONFIGURED.update(saved[1])
+    pd_log._SECRETS.clear()
+    pd_log._SECRETS.update(saved_secrets)

@@ -242,9 +242,13 @@ class CompileConfig(StrictModel):
 class StageConfig(StrictModel):
     """One training stage."""
 
-    output: str | None = Field(None, description="run folder; null: <data_root>/train/stage<N>")
+    output: str | None = Field(
+        None,
+        description="run folder (local path or URL: a URL is mirrored from a local staging folder, see "
+        "train.staging_dir); null: <data_root>/train/stage<N>",
+    )
     init_from: str | None = Field(
-        None, description="export folder of the previous stage (unet/, text_projection/, ...)"
+        None, description="export folder of the previous stage (unet/, text_projection/, ...); local path or URL"
     )
     train_lora: bool = Field(False, description="LoRA on the LLM (stage 2)")
     max_length: int = Field(
@@ -292,6 +296,12 @@ class TrainConfig(StrictModel):
     stage1: StageConfig = Field(default_factory=lambda: _stage("stage1"))
     stage2: StageConfig = Field(default_factory=lambda: _stage("stage2"))
     stage3: StageConfig = Field(default_factory=lambda: _stage("stage3"))
+    staging_dir: str | None = Field(
+        None,
+        description="local folder where a stage whose output is a URL (s3://...) runs: DeepSpeed writes its "
+        "checkpoints to a file system, and each committed checkpoint and the export are then copied to the URL "
+        "(marker last); a URL init_from is fetched here. null: ~/.cache/paradiffusion/train-staging",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -9,9 +9,8 @@ step says so.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from paradiffusion.log import get_logger
+from paradiffusion.storage import Table, join
 
 log = get_logger("training.demo")
 
@@ -28,8 +27,8 @@ def _model_sets(ctx) -> list[str]:
     ]
 
 
-def _has_table(path: Path) -> bool:
-    return (path / "_done").is_dir() and any((path / "_done").iterdir())
+def _has_table(url: str) -> bool:
+    return bool(Table(url).done_shards())  # the data root may be a URL (demo --s3)
 
 
 def step_train_stage1(ctx) -> None:
@@ -40,18 +39,16 @@ def step_train_stage1(ctx) -> None:
 def step_train_stage2(ctx) -> None:
     """Stage 2: LoRA on the tiny LLM + UNet on the VLM captions (alt text if there are none)."""
     sets = _model_sets(ctx)
-    if not _has_table(ctx.out / "data" / "captions"):
-        log.warning("no captions table under %s: stage 2 trains on the alt text instead", ctx.out / "data")
+    if not _has_table(join(ctx.data, "captions")):
+        log.warning("no captions table under %s: stage 2 trains on the alt text instead", ctx.data)
         sets.append("train.stage2.data.caption_source=alt_text")
     ctx.cli("train", "--stage", "2", extra_sets=sets)
 
 
 def _stage3_sets(ctx) -> list[str]:
     sets = _model_sets(ctx)
-    if not _has_table(ctx.out / "data" / "small_train"):
-        log.warning(
-            "no approved ParaImage-Small table under %s: stage 3 trains on the alt text instead", ctx.out / "data"
-        )
+    if not _has_table(join(ctx.data, "small_train")):
+        log.warning("no approved ParaImage-Small table under %s: stage 3 trains on the alt text instead", ctx.data)
         sets.append("train.stage3.data.caption_source=alt_text")
     return sets
 
@@ -65,7 +62,7 @@ def step_train_stage3(ctx) -> None:
     """Stage 3: LLM frozen with the stage-2 LoRA merged; UNet on the approved ParaImage-Small descriptions,
     from the text cache when the cache-text step made one (the LLM is then not loaded)."""
     sets = _stage3_sets(ctx)
-    cache = ctx.out / "data" / "text_cache" / "stage3"
+    cache = join(ctx.data, "text_cache", "stage3")
     if _has_table(cache):
         sets.append(f"train.stage3.data.text_cache={cache}")
     ctx.cli("train", "--stage", "3", extra_sets=sets)
@@ -73,6 +70,14 @@ def step_train_stage3(ctx) -> None:
 
 def step_generate(ctx) -> None:
     """Generate two PNGs with the stage-3 export (prompt and settings in the PNG metadata)."""
+    from paradiffusion.storage import is_url
+
+    if is_url(ctx.data):  # the run folder is on object storage: generate from its local staging copy
+        from training.trainer import staging_folder
+
+        export = join(staging_folder(ctx.config(), join(ctx.data, "train", "stage3")), "export")
+        ctx.state["stage3_export"] = export
+        ctx.overrides.append(f"generate.model={export}")
     ctx.cli(
         "generate",
         "--prompt",

@@ -245,6 +245,9 @@ class TextCache:
     def _group(self, fi: int, g: int) -> dict:
         if self._pid != os.getpid():  # a new (forked) process: its own file handles and cache
             self._pid, self._open, self._groups = os.getpid(), {}, OrderedDict()
+            # ...and its own filesystem object: an object store's client (s3fs) refuses to run after a
+            # fork; fsspec's instance cache gives a fresh one in a new process
+            self.fs = Table(self.url).fs
         if (fi, g) not in self._groups:
             if fi not in self._open:
                 self._open[fi] = pq.ParquetFile(self.fs.open(self.files[fi], "rb"))
@@ -316,7 +319,7 @@ def cache_text(cfg: RootConfig, stage: int, batch_size: int = 16) -> StageSummar
     prompts) that the cache does not hold yet; one committed shard per images shard's new captions."""
     from training.data import BucketedImageData
     from training.modeling import load_frozen_llm, load_tokenizer, weights_fingerprint
-    from training.trainer import stage_paths
+    from training.trainer import fetch_init_from, stage_paths
 
     sc, mc = cfg.train.stage(stage), cfg.train.model
     if sc.train_lora:
@@ -325,6 +328,7 @@ def cache_text(cfg: RootConfig, stage: int, batch_size: int = 16) -> StageSummar
             "text states change every step and cannot be cached; the cache is for stages 1 and 3"
         )
     paths = stage_paths(cfg, stage)
+    fetch_init_from(paths, stage)  # the previous stage's export, when it is on object storage
     lora = stage_lora_dir(cfg, stage)
     if stage > 1 and paths["init_from"] and not Path(paths["init_from"], "unet").is_dir():
         raise ConfigError(

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.log import get_logger
 from paradiffusion.stage import StageSummary, announce, progress
-from paradiffusion.storage import Table, join
+from paradiffusion.storage import Table, download_folder, is_url, join, upload_folder
 from training.config import StageConfig, TrainConfig
 from training.ema import is_partitioned
 
@@ -91,13 +91,69 @@ def stage_paths(cfg: RootConfig, stage: int) -> dict[str, str | None]:
     scores = sc.data.scores
     if scores is None and Table(join(root, "scores")).exists():
         scores = join(root, "scores")
+    # A URL output or init_from (object storage): the run works in a local staging folder, since
+    # DeepSpeed writes checkpoints and the loaders read exports from a file system; the trainer
+    # copies committed checkpoints and the export to the URL, and fetches a URL init_from first.
+    out_url = init_url = None
+    if is_url(out):
+        out_url, out = out, staging_folder(cfg, out)
+    if init and is_url(init):
+        init_url, init = init, staging_folder(cfg, init)
     return {
         "output": out,
+        "output_url": out_url,
         "images": sc.data.images or join(root, "images"),
         "captions": captions,
         "scores": scores,
         "init_from": init,
+        "init_from_url": init_url,
     }
+
+
+def fetch_init_from(paths: dict, stage: int) -> None:
+    """Fetch a URL ``init_from`` (the previous stage's export on object storage) into its local
+    staging folder: local rank 0 copies it (unless the same export is there already), the other
+    ranks of the node wait for it."""
+    url = paths.get("init_from_url")
+    if not url:
+        return
+    import fsspec
+
+    local = Path(paths["init_from"])
+    marker = local / "paradiffusion.json"
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        _wait_for(marker)
+        return
+    fs, root = fsspec.core.url_to_fs(url)
+    remote_marker = join(root, "paradiffusion.json")
+    if not fs.exists(remote_marker):
+        raise ConfigError(
+            f"train.stage{stage}.init_from = {url}: no committed export there (no paradiffusion.json); run "
+            f"`make train-stage{stage - 1}` first"
+        )
+    if marker.is_file() and marker.read_bytes() == fs.cat_file(remote_marker):
+        return  # fetched before
+    t0 = time.time()
+    download_folder(url, local, "paradiffusion.json")
+    log.info("fetched %s -> %s (%.1f s)", url, local, time.time() - t0)
+
+
+def staging_folder(cfg: RootConfig, url: str) -> str:
+    """The local folder where a run (or an export) whose home is ``url`` lives on this machine."""
+    import hashlib
+
+    base = cfg.train.staging_dir or os.path.join(os.path.expanduser("~"), ".cache", "paradiffusion", "train-staging")
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return os.path.join(base, f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}")
+
+
+def _wait_for(path: Path, timeout_s: float = 3600.0) -> None:
+    """Wait until another process on this node has fetched ``path`` (a staged export)."""
+    deadline = time.time() + timeout_s
+    while not path.is_file():
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout_s:.0f}s (local rank 0 fetches it)")
+        time.sleep(1.0)
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -216,6 +272,7 @@ class Trainer:
         self.tcfg: TrainConfig = cfg.train
         self.scfg: StageConfig = cfg.train.stage(stage)
         self.paths = stage_paths(cfg, stage)
+        self.remote_output: str | None = self.paths["output_url"]  # a URL run folder: staged, mirrored
         self.step = 0
         self.history: list[tuple[int, float]] = []  # (step, loss) of this process's run
         self.keys_seen: list[str] = []  # the first keys this rank trained on (for checks; capped)
@@ -231,6 +288,7 @@ class Trainer:
         from training.modeling import build_model, load_vae, trainable_parameters
 
         stage = self.stage
+        fetch_init_from(self.paths, stage)  # the previous stage's export, when it is on object storage
         if stage > 1 and self.paths["init_from"] and not Path(self.paths["init_from"], "unet").is_dir():
             raise ConfigError(
                 f"train.stage{stage}.init_from = {self.paths['init_from']}: no export there (no unet/); run "
@@ -355,6 +413,8 @@ class Trainer:
                 log.warning(
                     "removed %d uncommitted checkpoint folder(s): %s", len(removed), ", ".join(p.name for p in removed)
                 )
+            if self.remote_output is not None and sc.checkpoint.resume:
+                self._fetch_remote_checkpoint()
         self._barrier()
         if sc.checkpoint.resume and self.ckpt.newest() is not None:
             self.load_checkpoint(self.ckpt.newest()[1])
@@ -581,8 +641,56 @@ class Trainer:
             marker_tmp.write_text(json.dumps(doc))
             os.replace(marker_tmp, final / COMMIT_MARKER)
             self.ckpt.prune(self.scfg.checkpoint.keep_last)
+            if self.remote_output is not None:
+                self._mirror_checkpoint(final)
         self._barrier()
         return final
+
+    # ------------------------------------------------------------------ a URL output (object storage)
+    def _remote_checkpoints(self) -> tuple[object, str, list[int]]:
+        """(filesystem, path of <remote>/checkpoints, committed steps there, sorted)."""
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(join(self.remote_output, "checkpoints"))
+        steps = []
+        if fs.exists(root):
+            for d in fs.ls(root, detail=False):
+                name = d.rstrip("/").rsplit("/", 1)[-1]
+                if name.startswith("step-") and fs.exists(join(d, COMMIT_MARKER)):
+                    steps.append(int(name.split("-", 1)[1]))
+        return fs, root, sorted(steps)
+
+    def _mirror_checkpoint(self, final: Path) -> None:
+        """Copy a committed checkpoint to the URL (its marker last), then drop the remote ones past keep_last."""
+        t0 = time.time()
+        fs, root, steps = self._remote_checkpoints()
+        if final.name in {f"step-{s:08d}" for s in steps}:  # saved again (a rerun): uncommit the old copy first
+            fs.rm(join(root, final.name, COMMIT_MARKER))
+        n = upload_folder(final, join(self.remote_output, "checkpoints", final.name), last=COMMIT_MARKER)
+        fs, root, steps = self._remote_checkpoints()
+        for step in steps[: -self.scfg.checkpoint.keep_last]:
+            d = join(root, f"step-{step:08d}")
+            fs.rm(join(d, COMMIT_MARKER))  # uncommit first: a kill mid-delete leaves no half
+            fs.rm(d, recursive=True)
+        log.info("checkpoint %s copied to %s (%d files, %.1f s)", final.name, self.remote_output, n, time.time() - t0)
+
+    def _fetch_remote_checkpoint(self) -> None:
+        """Resume on a fresh machine: the newest committed checkpoint of the URL, when newer than the local one."""
+        _, root, steps = self._remote_checkpoints()
+        local = self.ckpt.newest()
+        if not steps or (local is not None and local[0] >= steps[-1]):
+            return
+        name = f"step-{steps[-1]:08d}"
+        download_folder(join(self.remote_output, "checkpoints", name), self.ckpt.root / name, COMMIT_MARKER)
+        log.info("fetched checkpoint %s from %s", name, self.remote_output)
+
+    def _mirror_run(self) -> None:
+        """Copy the export (paradiffusion.json last) and the run's records to the URL."""
+        out = Path(self.paths["output"])
+        if (out / "export").is_dir():
+            upload_folder(out / "export", join(self.remote_output, "export"), last="paradiffusion.json")
+        upload_folder(out, self.remote_output, skip=("checkpoints", "export"))
+        log.info("run folder %s copied to %s", out, self.remote_output)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore model, optimizer, LR schedule, EMA, data position and RNG states."""
@@ -728,7 +836,9 @@ class Trainer:
                     f"ZeRO-{self.tcfg.deepspeed.zero_stage})",
                     "batch": f"{sc.micro_batch_size} x {sc.gradient_accumulation} accum x {self.world_size} ranks",
                     "steps": f"{self.step} -> {sc.max_steps}",
-                    "output": self.paths["output"],
+                    "output": self.paths["output"]
+                    if self.remote_output is None
+                    else f"{self.remote_output} (staged in {self.paths['output']})",
                 },
             )
         self.model.train()
@@ -809,6 +919,8 @@ class Trainer:
         if self.rank == 0:
             s.print()
             Table(self.paths["output"]).save_json("_summary.json", s.to_dict())
+            if self.remote_output is not None:
+                self._mirror_run()
         return s
 
     def _all_ranks_counts(self) -> dict[str, int]:

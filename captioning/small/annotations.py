@@ -37,7 +37,6 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -656,9 +655,9 @@ def draft_captions(cfg: RootConfig, keys: list[str]) -> dict[str, tuple[str, str
     captions = Table(join(cfg.project.data_root, "captions"))
     if not captions.done_shards() or not keys:
         return {}
-    import duckdb
+    from paradiffusion.storage import duckdb_connect
 
-    con = duckdb.connect()
+    con = duckdb_connect()  # the captions may be on object storage
     con.register("wanted", pa.table({"key": pa.array(keys, pa.string())}))
     sql = selected_sql(captions.glob(), cfg)
     rows = con.execute(
@@ -667,30 +666,23 @@ def draft_captions(cfg: RootConfig, keys: list[str]) -> dict[str, tuple[str, str
     return {k: (c, mv) for k, c, mv in rows}
 
 
-def _write_local_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def export_tasks(cfg: RootConfig) -> StageSummary:
     """Write ``tasks.json`` (Label Studio import) and ``labeling_config.xml`` for the candidates."""
     ac = cfg.annotations
-    out = Path(export_dir(cfg))
+    out_url = export_dir(cfg)
+    meta = Table(out_url)  # a local folder or a URL: files written with the storage contract's atomic writes
     cand = Table(_candidates_url(cfg), CANDIDATES)
-    announce("annotations export", {"candidates": cand.url, "output": str(out), "images": ac.image_source})
+    announce("annotations export", {"candidates": cand.url, "output": out_url, "images": ac.image_source})
     summary = StageSummary("annotations export")
     if not cand.done_shards():
         raise FileNotFoundError(f"no candidates under {cand.url}: run `make select-small` first")
     rows = cand.read().sort_by("selection_rank").to_pylist()
     summary.n_in = len(rows)
     drafts = draft_captions(cfg, [r["key"] for r in rows])
-    out.mkdir(parents=True, exist_ok=True)
     location = {r["key"]: r["url"] for r in rows}
     if ac.image_source == "files":
         from paradiffusion.images import iter_kept_images
 
-        (out / "images").mkdir(exist_ok=True)
         location = {}
         wanted = {r["key"] for r in rows}
         images = join(cfg.project.data_root, "images")
@@ -699,7 +691,7 @@ def export_tasks(cfg: RootConfig) -> StageSummary:
         ):
             for key, data in zip(t["key"].to_pylist(), t["image"].to_pylist(), strict=True):
                 ext = _ext(data)
-                _write_local_atomic(out / "images" / f"{key}.{ext}", data)
+                meta.write_file(f"images/{key}.{ext}", data)
                 location[key] = f"{ac.image_url_prefix}{key}.{ext}"
     tasks = []
     for r in rows:
@@ -709,16 +701,13 @@ def export_tasks(cfg: RootConfig) -> StageSummary:
             continue
         draft, mv = drafts.get(r["key"], (None, None))
         tasks.append(ls.make_task(r["key"], location[r["key"]], draft, mv, ac.from_name))
-    _write_local_atomic(out / "tasks.json", json.dumps(tasks, indent=1, ensure_ascii=False).encode())
-    _write_local_atomic(
-        out / "labeling_config.xml", ls.labeling_config(ac.from_name, ac.min_words, ac.max_words).encode()
-    )
+    meta.write_file("tasks.json", json.dumps(tasks, indent=1, ensure_ascii=False).encode())
+    meta.write_file("labeling_config.xml", ls.labeling_config(ac.from_name, ac.min_words, ac.max_words).encode())
     summary.n_out = len(tasks)
     summary.extra["with_draft"] = sum(1 for t in tasks if t.get("predictions"))
     summary.extra["without_draft"] = len(tasks) - summary.extra["with_draft"]
-    summary.extra["tasks"] = str(out / "tasks.json")
+    summary.extra["tasks"] = join(out_url, "tasks.json")
     summary.finish()
-    meta = Table(str(out))
     meta.save_config(cfg, "annotations export")
     meta.save_json("_summary.json", summary.to_dict())
     summary.print()

@@ -18,9 +18,9 @@ def step_select_small(ctx) -> None:
     import pyarrow.compute as pc
 
     from paradiffusion.schemas import SCORES
-    from paradiffusion.storage import Table
+    from paradiffusion.storage import Table, join
 
-    scores = Table(str(ctx.out / "data" / "scores"), SCORES).read(columns=["kept", "image_embedding"])
+    scores = Table(join(ctx.data, "scores"), SCORES).read(columns=["kept", "image_embedding"])
     kept = scores.filter(pc.field("kept")) if scores.num_rows else scores
     extra = []
     if kept.num_rows == 0 or kept["image_embedding"].null_count == kept.num_rows:
@@ -34,10 +34,14 @@ def step_select_small(ctx) -> None:
 def step_annotations(ctx) -> None:
     """Export tasks, import a SIMULATED two-annotator Label Studio export (twice: the second
     import adds nothing), review a few, show the status and export the approved set."""
+    import fsspec
+
     from captioning.small.simulate import simulated_export
+    from paradiffusion.storage import join
 
     ctx.cli("annotations", "export")
-    tasks = json.loads((ctx.out / "data" / "annotation_tasks" / "tasks.json").read_text())
+    with fsspec.open(join(ctx.data, "annotation_tasks", "tasks.json"), "r") as f:  # the data root may be a URL
+        tasks = json.load(f)
     sim = ctx.out / "annotations" / "simulated_label_studio_export.json"
     sim.parent.mkdir(parents=True, exist_ok=True)
     sim.write_text(json.dumps(simulated_export(tasks), indent=1))
@@ -48,7 +52,7 @@ def step_annotations(ctx) -> None:
 
     keys = [t["data"]["key"] for t in tasks]
     # a rerun of the demo finds these already decided: only keys still submitted are reviewed
-    texts = AnnotationStore(str(ctx.out / "data" / "annotations")).texts()
+    texts = AnnotationStore(join(ctx.data, "annotations")).texts()
     pending = {t["key"] for t in texts if t["state"] == "submitted" and not t["superseded"]}
     lines = ["key,decision,reviewer,comment"]
     for i in (0, 4, 5):  # see simulate.py: 1 cancelled, 2 empty, 3 vague

@@ -66,17 +66,31 @@ def client(cfg: RootConfig) -> LabelStudioClient:
     return LabelStudioClient(server_url(cfg), resolve_token(cfg), cfg.annotations.label_studio.timeout_s)
 
 
+def _local_export_dir(cfg: RootConfig) -> str:
+    """The task folder, which Label Studio's Local Files storage serves: a folder on this machine."""
+    d = an.export_dir(cfg)
+    if "://" in d:
+        from paradiffusion.config import ConfigError
+
+        raise ConfigError(
+            f"annotations.export_dir = {d!r}: Label Studio serves the task images from a local folder; with the "
+            "data root on object storage set annotations.export_dir to a local path (e.g. --set "
+            "annotations.export_dir=annotation_tasks)"
+        )
+    return d
+
+
 def _storage_path(cfg: RootConfig) -> str:
     lc = cfg.annotations.label_studio
-    return lc.storage_path or str(Path(an.export_dir(cfg), "images").absolute())
+    return lc.storage_path or str(Path(_local_export_dir(cfg), "images").absolute())
 
 
 def push(cfg: RootConfig) -> StageSummary:
     """Export the tasks and import the new ones into the Label Studio project (see the module doc)."""
     ac = cfg.annotations
     lc = ac.label_studio
+    out = Path(_local_export_dir(cfg))
     an.export_tasks(cfg)
-    out = Path(an.export_dir(cfg))
     tasks = json.loads((out / "tasks.json").read_text())
     label_config = (out / "labeling_config.xml").read_text()
     announce("annotations push", {"server": server_url(cfg), "project": lc.project, "tasks": len(tasks)})
@@ -134,7 +148,7 @@ def pull(cfg: RootConfig, export_type: str | None = None) -> an.ImportResult:
             )
         users = {ls.annotator_id(uid): email for uid, email in c.users().items()}
         data = c.export(int(project["id"]), kind)
-    pulls = Path(an.export_dir(cfg)) / "pulls"
+    pulls = Path(_local_export_dir(cfg)) / "pulls"
     pulls.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     path = pulls / f"project-{project['id']}-{stamp}.{kind.lower().replace('_', '-')}.json"
@@ -155,7 +169,7 @@ def serve(cfg: RootConfig, install_only: bool = False) -> int:
     if install_only:
         print(f"label-studio {lc.version} is installed: {exe}")
         return 0
-    files_root = Path(an.export_dir(cfg)).absolute()
+    files_root = Path(_local_export_dir(cfg)).absolute()
     files_root.mkdir(parents=True, exist_ok=True)
     server = lsserver.LabelStudioServer(
         exe,

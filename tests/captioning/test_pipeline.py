@@ -148,8 +148,17 @@ def test_ray_end_to_end(dataset, tiny_vlm):
     assert s.extra["shards_written"] == len(Table(f"{dataset['root']}/captions").done_shards())
 
 
-def _kill_and_resume(tmp_path: Path, tiny_vlm: str, executor: str, n_shards: int = 2, per_shard: int = 9) -> None:
+def _kill_and_resume(
+    tmp_path: Path, tiny_vlm: str, executor: str, n_shards: int = 2, per_shard: int = 9, root_url: str | None = None
+) -> None:
+    """``root_url``: the data root on object storage (the dataset is uploaded there first)."""
     info = write_dataset(tmp_path / "data", n_shards=n_shards, per_shard=per_shard, broken=False)
+    if root_url:
+        from paradiffusion.storage import upload_folder
+
+        for name in ("images", "scores"):
+            upload_folder(Path(info["root"], name), f"{root_url}/data/{name}")
+        info["root"] = f"{root_url}/data"
     cfg_file = tmp_path / "caption.yaml"
     cfg_file.write_text(
         yaml.safe_dump(
@@ -171,14 +180,14 @@ def _kill_and_resume(tmp_path: Path, tiny_vlm: str, executor: str, n_shards: int
     )
     cmd = [sys.executable, "-m", "paradiffusion", "caption", "--config", str(cfg_file)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done_dir = Path(info["root"], "captions", "_done")
+    out = Table(f"{info['root']}/captions")
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
-            if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 2:
+            if len(out.done_shards()) >= 2:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished before it could be killed; make it slower"
@@ -196,7 +205,7 @@ def _kill_and_resume(tmp_path: Path, tiny_vlm: str, executor: str, n_shards: int
     kept_rows = {r["key"]: r["created_at"] for r in after.to_pylist() if r["key"] in before}
     assert kept_rows == before  # what was committed before the kill was not redone
     assert f"{len(before)} already captioned" in rerun.stderr
-    assert not list(Path(info["root"], "captions", ".tmp").glob("*"))
+    assert not out.fs.exists(out._p(".tmp")) or out.fs.ls(out._p(".tmp")) == []
 
 
 def test_kill_and_resume_local(tmp_path, tiny_vlm):
@@ -208,6 +217,13 @@ def test_kill_and_resume_ray(tmp_path, tiny_vlm):
     # Ray hands finished blocks to the driver in bursts: give it enough rows that the
     # kill lands between bursts even on a fast, quiet machine.
     _kill_and_resume(tmp_path, tiny_vlm, "ray", n_shards=4, per_shard=16)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_ray_with_the_data_root_on_s3(tmp_path, tiny_vlm, s3_root):
+    """The same with every table on S3 (moto's server): only markers commit, Ray's decode tasks
+    get the endpoint and credentials from the driver."""
+    _kill_and_resume(tmp_path, tiny_vlm, "ray", n_shards=4, per_shard=16, root_url=s3_root)
 
 
 @pytest.mark.cluster
@@ -232,6 +248,39 @@ def test_caption_on_a_two_node_cluster(ray_cluster, tmp_path, tiny_vlm):
     assert f"Ray cluster at {ray_cluster.address} (2 node(s)" in summary["ran_on"]
     assert summary["captioned"] == len(info["expected"]) and summary["rejected"] == {"decode_error": 1}
     assert_one_row_per_key(captions(info["root"]), [*info["expected"], info["broken"]])
+
+
+@pytest.mark.cluster
+def test_caption_on_a_two_node_cluster_with_the_tables_on_s3(ray_cluster, tmp_path, tiny_vlm, s3_root):
+    """The cluster's nodes were started without any AWS variable: its workers read the images from
+    S3 with what the driver hands them (the job's setup hook)."""
+    from paradiffusion.storage import upload_folder
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3"):
+        assert k not in ray_cluster.env, k
+    info = write_dataset(tmp_path / "data")
+    for name in ("images", "scores"):
+        upload_folder(Path(info["root"], name), f"{s3_root}/data/{name}")
+    root = f"{s3_root}/data"
+    sets = [
+        f"project.data_root={root}",
+        "caption.captioner=tiny",
+        f"caption.captioners={{tiny: {{type: transformers, model: '{tiny_vlm}', dtype: float32, device: cpu}}}}",
+        "caption.generation.max_new_tokens=8",
+        "caption.chunk_rows=4",
+        *ray_cluster.ray_overrides(),
+    ]
+    cmd = [sys.executable, "-m", "paradiffusion", "caption", "--config", os.devnull]
+    for s in sets:
+        cmd += ["--set", s]
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # the driver's, as a user sets them
+    env = {**ray_cluster.env, **aws, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = Table(f"{root}/captions").load_json("_summary.json")
+    assert f"Ray cluster at {ray_cluster.address} (2 node(s)" in summary["ran_on"]
+    assert summary["captioned"] == len(info["expected"]) and summary["rejected"] == {"decode_error": 1}
+    assert_one_row_per_key(captions(root), [*info["expected"], info["broken"]])
 
 
 def test_remote_cogvlm_refuses_to_run_unpinned(tmp_path):
