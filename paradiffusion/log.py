@@ -83,7 +83,10 @@ class _Forward(io.TextIOBase):
         return self.target.fileno()
 
     def isatty(self) -> bool:
-        return self.target.isatty()
+        try:
+            return self.target.isatty()
+        except ValueError:  # the stream is closed (at interpreter exit, e.g. Ray's colorama hook after pytest)
+            return False
 
     def writable(self) -> bool:
         return True

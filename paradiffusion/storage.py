@@ -393,6 +393,13 @@ class Table:
         return sum(int(self.marker(s)["rows"]) for s in self.done_shards())
 
     # -- run metadata
+    def record_settings(self, section: Any) -> str:
+        """Record ``section``'s fingerprint in every marker written from now on; returns it. For a
+        stage that rewrites its output before :meth:`save_config` (which sets it too), so that
+        the shards it just wrote are not counted as made with other settings."""
+        self.config_fingerprint = config_fingerprint(section)
+        return self.config_fingerprint
+
     def save_config(self, cfg: BaseModel | dict, stage: str, section: Any = None) -> dict:
         """Save the resolved config (the composed model, or its dict) beside the output; returns the document written.
 
@@ -407,10 +414,9 @@ class Table:
         doc = resolved_config_document(cfg, stage)
         cfg_file = self._p("_config.yaml")
         if section is not None:
-            fp = config_fingerprint(section)
+            fp = self.record_settings(section)
             doc["stage_fingerprint"] = fp
             doc["stage_settings"] = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
-            self.config_fingerprint = fp
             other = self._shards_with_other_settings(fp, cfg_file)
             if other:
                 doc["shards_with_other_settings"] = other

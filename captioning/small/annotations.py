@@ -760,6 +760,7 @@ def export_approved(cfg: RootConfig) -> StageSummary:
         }
         for a in approved
     ]
+    out.record_settings(ac)  # this run's settings in the marker (the shard is rewritten)
     out.write_shard("00000", pa.Table.from_pylist(rows, schema=SMALL_TRAIN) if rows else SMALL_TRAIN.empty_table())
     out.save_config(cfg, "annotations export-approved", ac)
     summary.n_out = len(rows)

@@ -185,6 +185,9 @@ def run_select_small(cfg: RootConfig) -> StageSummary:
     chosen = choose(ok, sc, cfg.project.seed)
     summary.reject("not_selected", ok.num_rows - chosen.num_rows)
     summary.n_out = chosen.num_rows
+    # The whole selection is rewritten each run: its marker carries this run's settings, so the
+    # config saved after it does not count the new shard as made with other settings.
+    out.record_settings(sc)
     out.write_shard("00000", chosen, {"eligible": ok.num_rows})
     out.save_config(cfg, "select-small", sc)
     summary.extra["eligible"] = ok.num_rows

@@ -2,6 +2,7 @@ import json
 import re
 
 import pytest
+import yaml
 
 from captioning.small import annotations as an
 from captioning.small.select import run_select_small
@@ -271,6 +272,9 @@ def test_each_annotators_text_can_be_reviewed_and_trained_on(selected, data_root
         (1, "labelstudio:1", words(60)),
         (2, "labelstudio:2", words(70, "y")),
     ]
+    # the rerun with train_rule "each" rewrote the table: its config claims no shard for other settings
+    doc = yaml.safe_load((data_root / "small_train" / "_config.yaml").read_text())
+    assert "shards_with_other_settings" not in doc and doc["stage_settings"]["train_rule"] == "each"
 
 
 def test_an_edit_supersedes_the_annotators_earlier_text(selected, data_root, tmp_path):

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import yaml
 
 from captioning.small.select import kmeans, run_select_small
 from paradiffusion.schemas import CANDIDATES
@@ -37,7 +38,8 @@ def test_select_takes_best_of_each_cluster_first(cfg, data_root):
         "no_image_embedding": 1,
         "not_selected": 6,
     }
-    assert (data_root / "candidates" / "_config.yaml").exists()
+    doc = yaml.safe_load((data_root / "candidates" / "_config.yaml").read_text())
+    assert "shards_with_other_settings" not in doc  # the shard it just wrote carries its own settings
     assert (data_root / "candidates" / "_summary.json").exists()
 
 
@@ -50,6 +52,9 @@ def test_select_rerun_replaces_and_diversity_none(cfg, data_root):
     assert [r["key"] for r in got] == ["noemb", "c2_0", "c1_0"]  # top by score, embeddings not needed
     assert all(r["cluster"] == -1 for r in got)
     assert "no_image_embedding" not in summary.rejected
+    # the rerun rewrote the selection with the new settings: nothing is claimed for the old ones
+    doc = yaml.safe_load((data_root / "candidates" / "_config.yaml").read_text())
+    assert "shards_with_other_settings" not in doc and doc["stage_settings"]["diversity"] == "none"
 
 
 def test_select_without_scores_says_what_to_run(cfg, tmp_path):
