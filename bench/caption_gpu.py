@@ -15,8 +15,8 @@ weights in bf16, built from its config (no download). Every caption is forced to
 ``--new-tokens`` new tokens (200 by default) so all settings do the same work. For each
 batch size (1, 16, 64 by default) it times:
 
-- ``plain``: ``model.generate`` on pre-processed tensors (the baseline in
-  ../shared/bench: 0.17 / 2.45 / 9.19 captions/s at batch 1 / 16 / 64 on one H200);
+- ``plain``: ``model.generate`` on pre-processed tensors (the plain
+  baseline: 0.17 / 2.45 / 9.19 captions/s at batch 1 / 16 / 64 on one H200);
 - ``ours``: :class:`captioning.captioners.TransformersCaptioner` from PIL images
   (chat template, processor, batched generate, decode, finish reasons);
 - ``ours_static`` (``--static``): the same with ``cache: static`` (pre-allocated KV

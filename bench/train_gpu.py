@@ -7,7 +7,7 @@ x 640 high (latents 128 x 80), batch 8, captions padded to the stage's max_lengt
 stage 1, 512 in stage 2: release conditioning pads every caption to it). Two paths, in the
 same process on the same GPU (``--paths``):
 
-- ``plain``: the eager loop of ../shared/bench/gpu_baseline.py (bf16 parameters, torch
+- ``plain``: a plain eager PyTorch loop, the reference baseline (bf16 parameters, torch
   AdamW, UNet gradient checkpointing; latents given, no VAE) at these sizes;
 - ``ours``: :class:`training.trainer.Trainer`'s ``train_step`` / ``forward_backward_step``
   on the DeepSpeed engine built from pipelines.yaml settings (ZeRO-2, bf16, clipping,
@@ -27,7 +27,7 @@ Model FLOPs (MFU numerator) exclude activation recompute: FlopCounterMode counts
 forward of the LLM and of the UNet per sample, F_llm and F_unet; a training step is
 3 x F_unet (forward + backward) plus F_llm in stage 1 (LLM forward only) or 3 x F_llm in
 stage 2 (gradients flow through the LLM to its LoRA; the same counting as
-../shared/bench). Peak: 989 TFLOP/s dense bf16 (H100/H200 SXM). Peak memory is
+the baseline's). Peak: 989 TFLOP/s dense bf16 (H100/H200 SXM). Peak memory is
 ``torch.cuda.max_memory_allocated`` over the timed steps.
 
 Usage: python bench/train_gpu.py [--tiny] [--stages 1,2] [--batch 8] [--steps 5] [--size 1024x640]

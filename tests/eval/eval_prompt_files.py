@@ -15,7 +15,6 @@ def find_benchmarks() -> Path | None:
     candidates = [
         os.environ.get("PARADIFFUSION_BENCHMARKS"),
         REPO / "benchmarks",
-        REPO.parent / "shared" / "data" / "benchmarks",
     ]
     for c in candidates:
         if c and (Path(c) / "ParaPrompts_400.csv").is_file():
