@@ -39,33 +39,45 @@ def s3_server():
         yield srv
 
 
+@pytest.fixture(autouse=True)
+def _process_storage_settings():
+    """Each test starts with this process's storage settings as the session began and leaves them so:
+    a CLI call in-process applies the `storage` settings to the whole process (fsspec's defaults,
+    ``FSSPEC_*`` variables handed to children, secrets for redaction), which must not reach the
+    next test (a Ray cluster started later would inherit them)."""
+    import copy
+
+    import fsspec
+
+    from paradiffusion import log as pd_log
+    from paradiffusion import storage
+
+    conf, configured = copy.deepcopy(fsspec.config.conf), copy.deepcopy(storage._CONFIGURED)
+    secrets = set(pd_log._SECRETS)
+    env = {k: v for k, v in os.environ.items() if k.startswith("FSSPEC_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("FSSPEC_")]:
+        del os.environ[k]
+    os.environ.update(env)
+    fsspec.config.conf.clear()
+    fsspec.config.conf.update(conf)
+    storage._CONFIGURED.clear()
+    storage._CONFIGURED.update(configured)
+    pd_log._SECRETS.clear()
+    pd_log._SECRETS.update(secrets)
+
+
 @pytest.fixture
 def s3_root(s3_server, monkeypatch):
     """A fresh bucket ``s3://t-<random>`` on the test server, with this process's storage
-    settings pointing at it (through the AWS variables, as a user sets them); restored after."""
-    import copy
+    settings pointing at it (through the AWS variables, as a user sets them); restored after
+    the test (by ``_process_storage_settings``)."""
     import uuid
-
-    import fsspec
 
     from paradiffusion import storage
 
     url = s3_server.make_bucket(f"t-{uuid.uuid4().hex[:12]}")
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
-    from paradiffusion import log as pd_log
-
-    saved = copy.deepcopy(fsspec.config.conf), copy.deepcopy(storage._CONFIGURED)
-    saved_secrets = set(pd_log._SECRETS)
-    saved_env = {k: v for k, v in os.environ.items() if k.startswith("FSSPEC_")}
     storage.configure_storage(None)
-    yield url
-    for k in [k for k in os.environ if k.startswith("FSSPEC_")]:
-        del os.environ[k]
-    os.environ.update(saved_env)
-    fsspec.config.conf.clear()
-    fsspec.config.conf.update(saved[0])
-    storage._CONFIGURED.clear()
-    storage._CONFIGURED.update(saved[1])
-    pd_log._SECRETS.clear()
-    pd_log._SECRETS.update(saved_secrets)
+    return url

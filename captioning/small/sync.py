@@ -152,7 +152,7 @@ def pull(cfg: RootConfig, export_type: str | None = None) -> an.ImportResult:
     pulls.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     path = pulls / f"project-{project['id']}-{stamp}.{kind.lower().replace('_', '-')}.json"
-    an._write_local_atomic(path, data)
+    _write_local_atomic(path, data)
     log.info("pulled a %s export of project %s: %s", kind, project["id"], path)
     return an.import_file(cfg, str(path), users=users)
 
@@ -211,5 +211,13 @@ def _now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _write_local_atomic(path: Path, data: bytes) -> None:
+    """A local file written whole or not at all (temp file + rename): Label Studio's side of the
+    export folder is always local (checked by ``_local_export_dir``)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def _write_json(path: Path, doc: dict) -> None:
-    an._write_local_atomic(path, json.dumps(doc, indent=1).encode())
+    _write_local_atomic(path, json.dumps(doc, indent=1).encode())
