@@ -36,6 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from train_loader import loader  # noqa: E402  (the same loader run as bench/train_loader.py)
+
 
 def _requests(srv, before) -> dict:
     now = srv.request_counts()
@@ -92,19 +94,6 @@ def filter_run(root: str, tiny: dict) -> tuple[int, float]:
     assert run_filter(cfg) == 0
     dt = time.perf_counter() - t0
     return int(Table(f"{root}/scores").load_json("_summary.json")["in"]), dt
-
-
-def loader_run(images: str, n: int, workers: int) -> tuple[int, float]:
-    from training.data import BucketedImageData
-
-    t0 = time.perf_counter()
-    data = BucketedImageData(images, 8, 256, random_crop=True, random_flip=True, shuffle_buffer=64, num_workers=workers)
-    seen = 0
-    for b in data:
-        seen += b["pixel_values"].shape[0]
-        if data.epoch > 0 or seen >= n:
-            break
-    return seen, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -168,11 +157,11 @@ def main() -> None:
                     req["filter"] = _requests(srv, before)
                 # 3. the trainer's loader
                 before = srv.request_counts()
-                n0, t0 = loader_run(images, a.images, 0)
+                n0, t0 = loader(images, a.images, 8, 256, 0)
                 res["loader0"].append((where, n0 / t0))
                 if where == "s3" and r == 0:
                     req["loader_in_loop"] = _requests(srv, before)
-                nw, tw = loader_run(images, a.images, a.workers)
+                nw, tw = loader(images, a.images, 8, 256, a.workers)
                 res["loaderw"].append((where, nw / tw))
 
     def best(key: str, where: str, i: int = 1) -> float:

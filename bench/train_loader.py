@@ -68,7 +68,7 @@ def decode_only(folder: Path) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def loader(folder: Path, n: int, batch: int, resolution: int, workers: int) -> tuple[int, float]:
+def loader(folder: Path | str, n: int, batch: int, resolution: int, workers: int) -> tuple[int, float]:
     from training.data import BucketedImageData
 
     t0 = time.perf_counter()

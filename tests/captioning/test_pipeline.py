@@ -226,12 +226,10 @@ def test_kill_and_resume_ray_with_the_data_root_on_s3(tmp_path, tiny_vlm, s3_roo
     _kill_and_resume(tmp_path, tiny_vlm, "ray", n_shards=4, per_shard=16, root_url=s3_root)
 
 
-@pytest.mark.cluster
-def test_caption_on_a_two_node_cluster(ray_cluster, tmp_path, tiny_vlm):
-    """`paradiffusion caption` through the CLI on a cluster started with `ray start` (token auth)."""
-    info = write_dataset(tmp_path / "data")
+def _caption_on_the_cluster(ray_cluster, root: str, tiny_vlm: str, env: dict) -> dict:
+    """`paradiffusion caption` through the CLI on the cluster, in a process of its own; returns the summary."""
     sets = [
-        f"project.data_root={info['root']}",
+        f"project.data_root={root}",
         "caption.captioner=tiny",
         f"caption.captioners={{tiny: {{type: transformers, model: '{tiny_vlm}', dtype: float32, device: cpu}}}}",
         "caption.generation.max_new_tokens=8",
@@ -241,11 +239,18 @@ def test_caption_on_a_two_node_cluster(ray_cluster, tmp_path, tiny_vlm):
     cmd = [sys.executable, "-m", "paradiffusion", "caption", "--config", os.devnull]
     for s in sets:
         cmd += ["--set", s]
-    env = {**ray_cluster.env, "PYTHONPATH": str(REPO)}
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    r = subprocess.run(cmd, cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-4000:]
-    summary = json.loads(Path(info["root"], "captions", "_summary.json").read_text())
+    summary = Table(f"{root}/captions").load_json("_summary.json")
     assert f"Ray cluster at {ray_cluster.address} (2 node(s)" in summary["ran_on"]
+    return summary
+
+
+@pytest.mark.cluster
+def test_caption_on_a_two_node_cluster(ray_cluster, tmp_path, tiny_vlm):
+    """`paradiffusion caption` through the CLI on a cluster started with `ray start` (token auth)."""
+    info = write_dataset(tmp_path / "data")
+    summary = _caption_on_the_cluster(ray_cluster, str(info["root"]), tiny_vlm, ray_cluster.env)
     assert summary["captioned"] == len(info["expected"]) and summary["rejected"] == {"decode_error": 1}
     assert_one_row_per_key(captions(info["root"]), [*info["expected"], info["broken"]])
 
@@ -262,23 +267,8 @@ def test_caption_on_a_two_node_cluster_with_the_tables_on_s3(ray_cluster, tmp_pa
     for name in ("images", "scores"):
         upload_folder(Path(info["root"], name), f"{s3_root}/data/{name}")
     root = f"{s3_root}/data"
-    sets = [
-        f"project.data_root={root}",
-        "caption.captioner=tiny",
-        f"caption.captioners={{tiny: {{type: transformers, model: '{tiny_vlm}', dtype: float32, device: cpu}}}}",
-        "caption.generation.max_new_tokens=8",
-        "caption.chunk_rows=4",
-        *ray_cluster.ray_overrides(),
-    ]
-    cmd = [sys.executable, "-m", "paradiffusion", "caption", "--config", os.devnull]
-    for s in sets:
-        cmd += ["--set", s]
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # the driver's, as a user sets them
-    env = {**ray_cluster.env, **aws, "PYTHONPATH": str(REPO)}
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stderr[-4000:]
-    summary = Table(f"{root}/captions").load_json("_summary.json")
-    assert f"Ray cluster at {ray_cluster.address} (2 node(s)" in summary["ran_on"]
+    summary = _caption_on_the_cluster(ray_cluster, root, tiny_vlm, {**ray_cluster.env, **aws})
     assert summary["captioned"] == len(info["expected"]) and summary["rejected"] == {"decode_error": 1}
     assert_one_row_per_key(captions(root), [*info["expected"], info["broken"]])
 
