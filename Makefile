@@ -3,6 +3,7 @@
 # One-run overrides: make filter SET="filter.thresholds.aesthetic_min=6 ray.address=auto"
 
 VENV    ?= .venv
+PYTHON3 ?= python3
 PY      ?= $(VENV)/bin/python
 CONFIG  ?= pipelines.yaml
 SET     ?=
@@ -10,7 +11,7 @@ PD       = $(PY) -m paradiffusion
 ARGS     = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-s3 test test-integration lint config bench-storage
+.PHONY: help setup lock check-env demo demo-s3 test test-integration lint config bench-storage
 .PHONY: download
 .PHONY: filter bench-filter
 .PHONY: caption bench-caption
@@ -20,16 +21,20 @@ ARGS     = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: ## create .venv and install everything (torch, ray, deepspeed, ...); no GPU needed
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch first: deepspeed builds against the torch already installed
-	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation deepspeed==0.19.8
-	$(PY) -m pip install --quiet -e '.[all,dev]'
+setup: ## create .venv and .venv-labelstudio with exactly the locked packages (requirements/*.txt); no GPU needed
+	# every package at its locked version and hash; torch from a local wheel cache/index where pip has one;
+	# deepspeed (no wheel on PyPI) built against that torch; then this project, editable
+	$(PYTHON3) scripts/envlock.py install --venv $(VENV) --lock requirements/lock.txt --editable . --python $(PYTHON3)
 	sh scripts/install_browser.sh  # Debian's chromium for the voting-app browser test (only when missing)
 	$(MAKE) setup-labelstudio
 	@$(PY) -c "import torch, ray, open_clip, img2dataset, transformers, diffusers, peft, deepspeed, duckdb; print('setup ok: torch', torch.__version__, '| ray', ray.__version__)"
+
+lock: ## regenerate the lock files from pyproject's pins and requirements/*.in, and say what changed (UPGRADE=1: newest allowed)
+	$(PYTHON3) scripts/envlock.py compile $(if $(UPGRADE),--upgrade)
+
+check-env: ## one line and exit 1 when .venv or .venv-labelstudio differs from its lock (CI's first step)
+	$(PYTHON3) scripts/envlock.py check --venv $(VENV) --lock requirements/lock.txt
+	$(PYTHON3) scripts/envlock.py check --venv .venv-labelstudio --lock requirements/labelstudio-lock.txt
 
 demo: ## run every stage on the bundled sample with tiny offline models (writes demo_out/)
 	$(PD) demo --out demo_out
@@ -78,7 +83,7 @@ bench-caption: ## CPU benchmark: batched vs one-image-at-a-time captioning with 
 select-small: ## choose ParaImage-Small candidates (aesthetic, resolution, CLIP-cluster diversity) into <data_root>/candidates
 	$(PD) select-small $(ARGS)
 
-setup-labelstudio: ## install Label Studio into a venv of its own (.venv-labelstudio/: its pins conflict with ours)
+setup-labelstudio: ## install Label Studio from its lock into a venv of its own (.venv-labelstudio/: its pins conflict with ours)
 	$(PD) annotations serve --install-only $(ARGS)
 
 labelstudio: ## run Label Studio offline on 127.0.0.1:8080, SQLite in <data_root>/labelstudio (installs it on first use)

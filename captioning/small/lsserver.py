@@ -60,9 +60,39 @@ def empty_database(venv: str | Path) -> Path:
     return Path(venv).absolute() / "paradiffusion" / "empty-db" / "label_studio.sqlite3"
 
 
+#: The lock of Label Studio's venv (every package, exact versions and hashes; `make lock` writes it).
+LOCK = Path(__file__).resolve().parents[2] / "requirements" / "labelstudio-lock.txt"
+_ENVLOCK = LOCK.parent.parent / "scripts" / "envlock.py"
+
+
+def locked_version(lock: Path = LOCK) -> str | None:
+    """The label-studio version the lock pins (None without a lock file, e.g. outside a clone)."""
+    if not lock.exists():
+        return None
+    for line in lock.read_text().splitlines():
+        if line.startswith("label-studio=="):
+            return line.split("==", 1)[1].split()[0]
+    return None
+
+
+def _venv_matches_lock(venv: Path) -> bool:
+    r = subprocess.run(
+        [sys.executable, str(_ENVLOCK), "check", "--venv", str(venv), "--lock", str(LOCK)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return r.returncode == 0
+
+
 def ensure_installed(venv: str | Path, version: str, python: str | None = None) -> Path:
     """The ``label-studio`` executable of ``venv``, installing ``label-studio==version`` there
-    first when it is missing or another version.
+    first when it is missing, another version, or (for the locked version) differs from the lock.
+
+    The locked version is installed from ``requirements/labelstudio-lock.txt``: every package of
+    the venv at the version and hash it was tested with (label-studio's own metadata lets its
+    dependencies float, and a new major release of one of them has broken its start-up before).
+    Another version is installed unpinned, with a warning.
 
     It also keeps an empty database with every migration applied (:func:`empty_database`):
     a first start spends minutes migrating a new SQLite file (over 3 minutes on a busy 2-core
@@ -72,28 +102,43 @@ def ensure_installed(venv: str | Path, version: str, python: str | None = None) 
     """
     venv = Path(venv).absolute()
     have = installed_version(venv)
-    if have == version:
+    locked = locked_version() == version and _ENVLOCK.exists()
+    if have == version and (not locked or _venv_matches_lock(venv)):
         exe = venv / "bin" / "label-studio"
         _ensure_empty_database(exe, empty_database(venv))
         return exe
     log.info(
-        "installing label-studio==%s into %s (a venv of its own: its pins conflict with ours); about 2 minutes%s",
+        "installing label-studio==%s into %s (a venv of its own: its pins conflict with ours)%s; about 2 minutes%s",
         version,
         venv,
-        f" (found {have})" if have else "",
+        " from its lock" if locked else "",
+        f" (found {have}{', not as locked' if have == version else ''})" if have else "",
     )
     t0 = time.monotonic()
     base = python or _base_python()
-    try:
-        if not (venv / "bin" / "python").exists():
-            subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=600)
-        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        subprocess.run([*pip, f"label-studio=={version}"], check=True, timeout=1800)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
-        raise ServerError(
-            f"installing label-studio=={version} into {venv} failed ({exc}); run by hand: "
-            f"python3 -m venv {venv} && {venv}/bin/pip install label-studio=={version}"
-        ) from exc
+    if locked:
+        cmd = [sys.executable, str(_ENVLOCK), "install", "--venv", str(venv), "--lock", str(LOCK), "--python", base]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if r.returncode != 0:
+            raise ServerError(
+                (r.stderr.strip().splitlines() or [f"{' '.join(cmd)} failed"])[-1].removeprefix("error: ")
+            )
+    else:
+        log.warning(
+            "label-studio %s is not the locked version (%s): its dependencies are installed unpinned",
+            version,
+            locked_version() or "no lock file",
+        )
+        try:
+            if not (venv / "bin" / "python").exists():
+                subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=600)
+            pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+            subprocess.run([*pip, f"label-studio=={version}"], check=True, timeout=1800)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+            raise ServerError(
+                f"installing label-studio=={version} into {venv} failed ({exc}); run by hand: "
+                f"python3 -m venv {venv} && {venv}/bin/pip install label-studio=={version}"
+            ) from exc
     if installed_version(venv) != version:
         raise ServerError(f"{venv}: label-studio {version} is still not importable after pip install")
     exe = venv / "bin" / "label-studio"
