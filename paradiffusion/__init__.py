@@ -12,3 +12,8 @@ so that `python -m paradiffusion` runs `pipelines.cli.main`.
 """
 
 __version__ = "0.1.0"
+
+from paradiffusion import offline as _offline
+
+# no library of ours calls home on import or start-up (inherited by every process we start)
+_offline.apply()

@@ -70,8 +70,11 @@ def init_ray(cfg: RayConfig, extra: str | None = None) -> str:
         where = "local Ray"
     else:
         from paradiffusion.hub import run_env
+        from paradiffusion.offline import NO_PHONE_HOME
 
         env = run_env()  # the model cache and offline mode this run resolved (a cluster's workers get them here)
+        # and the libraries' opt-outs of calls home (this process has them; nodes started elsewhere may not)
+        env = {**{k: os.environ.get(k, v) for k, v in NO_PHONE_HOME.items()}, **env}
         if env:
             kwargs["runtime_env"] = {**kwargs.get("runtime_env", {}), "env_vars": env}
         ray.init(address=address, **kwargs)

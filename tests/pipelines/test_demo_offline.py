@@ -1,0 +1,68 @@
+"""No code path of ours calls out of the machine unless the user asked for a download: the demo
+(every stage, Ray workers, DeepSpeed, img2dataset, the eval server) runs with outbound connections
+refused by a recording proxy and every Python process's sockets audited, and nothing tries."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from paradiffusion.offline import NO_PHONE_HOME
+from paradiffusion.testing.netguard import RecordingProxy, guarded_env, local_hosts, read_log
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _clean_env() -> dict[str, str]:
+    """This process's environment without the opt-outs, so the check sees what our code sets."""
+    return {k: v for k, v in os.environ.items() if k not in NO_PHONE_HOME and not k.startswith(("AWS_", "FSSPEC_"))}
+
+
+def test_the_guard_sees_a_library_that_calls_home(tmp_path):
+    """The check can fail: albumentations' import-time version check, with its opt-out removed, is
+    caught by the proxy; with our package imported first it does not happen."""
+    with RecordingProxy() as proxy:
+        env = guarded_env(tmp_path / "g1", proxy.url, base=_clean_env())
+        r = subprocess.run([sys.executable, "-c", "import albumentations"], env=env, capture_output=True, timeout=300)
+        assert r.returncode == 0
+        assert any("pypi.org" in line for line in proxy.requests), proxy.requests
+
+    with RecordingProxy() as proxy:
+        env = guarded_env(tmp_path / "g2", proxy.url, base={**_clean_env(), "PYTHONPATH": str(REPO)})
+        code = "import paradiffusion, albumentations, img2dataset"
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        starts, attempts = read_log(tmp_path / "g2", local_hosts())
+        assert proxy.requests == [] and attempts == [] and len(starts) == 1
+
+
+def test_the_audit_hook_sees_direct_sockets(tmp_path):
+    """A library that ignores the proxy variables and opens its own socket is recorded too."""
+    with RecordingProxy() as proxy:
+        env = guarded_env(tmp_path, proxy.url, base=_clean_env())
+        code = "import socket\ntry:\n    socket.create_connection(('192.0.2.1', 80), timeout=0.2)\nexcept OSError:\n    pass"
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60)
+    _, attempts = read_log(tmp_path, local_hosts())
+    assert any("192.0.2.1" in a for a in attempts), attempts
+
+
+@pytest.mark.slow
+def test_demo_makes_no_outbound_connection(tmp_path):
+    scratch = Path(tempfile.mkdtemp(prefix="pd-net-", dir="/tmp"))
+    with RecordingProxy() as proxy:
+        env = guarded_env(tmp_path / "guard", proxy.url, base=_clean_env())
+        env.update(PYTHONPATH=f"{tmp_path / 'guard'}{os.pathsep}{REPO}", TMPDIR=str(scratch), RAY_TMPDIR=str(scratch))
+        cmd = [sys.executable, "-m", "paradiffusion", "demo", "--out", str(tmp_path / "demo")]
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
+        assert r.returncode == 0, r.stderr[-5000:]
+        requests = list(proxy.requests)
+    starts, attempts = read_log(tmp_path / "guard", local_hosts())
+    assert requests == [], requests
+    assert attempts == [], attempts[:20]
+    # the hook really ran in the demo's child processes (Ray workers, DeepSpeed, img2dataset), not just the driver
+    assert len(starts) >= 5, starts
