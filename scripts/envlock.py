@@ -266,6 +266,16 @@ def install(venv: Path, lock: Path, editable: Path | None, python: str) -> int:
             )
     if editable:
         run_pip(py, ["--quiet", "--no-deps", "--no-build-isolation", "-e", str(editable)], lock, log)
+    # like pip-sync: what the lock does not name goes, so the venv is the lock (add a package you
+    # want to keep to pyproject.toml or requirements/*.in and run `make lock`)
+    extra = sorted(set(installed(venv)) - set(pins) - {canonical(PROJECT)})
+    if extra:
+        print(f"{venv}: removing {len(extra)} package(s) not in {lock.name}: {', '.join(extra)}")
+        r = subprocess.run(
+            [str(py), "-m", "pip", "uninstall", "--yes", "--quiet", *extra], capture_output=True, text=True
+        )
+        if r.returncode != 0:
+            raise LockError(f"pip uninstall {' '.join(extra)} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     problems = compare(venv, lock, ignore={PROJECT})
     if problems:
         raise LockError(f"{venv} after install still differs from {lock.name}: " + "; ".join(problems[:6]))
