@@ -116,6 +116,7 @@ def compile_locks(upgrade: bool = False, only: list[str] | None = None) -> int:
         before = parse_lock(out) if out.exists() else {}
         cmd = [uv, "pip", "compile", "--quiet", *[str(p.relative_to(ROOT)) for p in inputs]]
         cmd += [f"--extra={e}" for e in extras]
+        cmd += ["--constraint", str((REQ / "constraints.txt").relative_to(ROOT))]
         cmd += [
             f"--python-version={PYTHON_VERSION}",
             f"--python-platform={PYTHON_PLATFORM}",

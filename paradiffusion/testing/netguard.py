@@ -7,7 +7,7 @@
   subprocesses of those): it writes one line per process start and one per ``socket.getaddrinfo``
   of a host name or ``socket.connect`` to an address that is not loopback;
 - ``HTTP_PROXY`` / ``HTTPS_PROXY`` pointing at :class:`RecordingProxy`, a proxy on 127.0.0.1 that
-  records what it was asked for and refuses it (403), with loopback in ``NO_PROXY``.
+  records what it was asked for and refuses it (403), with this machine's own addresses in ``NO_PROXY``.
 
 So a library that honours the proxy variables is caught by the proxy, and one that opens its own
 sockets is caught by the audit hook; a process that never started Python (a browser) is not covered.
@@ -100,7 +100,9 @@ def guarded_env(folder: Path, proxy_url: str, base: dict[str, str] | None = None
     env["PD_NETGUARD_LOG"] = str(folder / "net.log")
     for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         env[k] = proxy_url
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost,::1"
+    # this machine's own names and addresses are not outside: Ray's processes talk gRPC over the node's
+    # address, and gRPC honours the proxy variables
+    env["NO_PROXY"] = env["no_proxy"] = ",".join(["127.0.0.1", "localhost", "::1", *sorted(local_hosts())])
     return env
 
 
