@@ -48,6 +48,9 @@ def _show_config(cfg: RootConfig, args: argparse.Namespace) -> int:
     section = cfg.model_dump(mode="json")
     if args.section:
         for part in args.section.split("."):
+            if not isinstance(section, dict) or part not in section:
+                have = ", ".join(section) if isinstance(section, dict) else "none (a value)"
+                raise ConfigError(f"config: no section {args.section!r} (at {part!r}; there: {have})")
             section = section[part]
     print(yaml.safe_dump(section, sort_keys=False), end="")
     return 0
