@@ -152,12 +152,15 @@ def select_captions(captions: pa.Table, rule: SelectRule) -> pa.Table:
 
 
 def create_selected_view(con, captions_url: str, rule: SelectRule, name: str = "selected_captions") -> str:
-    """Create (or replace) a DuckDB view of the selected captions over the table's shards in place.
+    """Create (or replace) a DuckDB view of the selected captions over the table's committed shards in place.
 
-    Returns the SQL of the view. ``con`` is a ``duckdb`` connection; the view reads
-    ``<captions_url>/part-*.parquet`` whenever it is queried, so it sees new shards.
+    Returns the SQL of the view. ``con`` is a ``duckdb`` connection (:func:`paradiffusion.storage.duckdb_connect`
+    for a URL); the view lists the shards committed when it is made (their markers, never a glob:
+    a shard without a marker is not read), so make it again to see shards committed later.
     """
-    source = f"read_parquet({_quote(Table(captions_url).glob())}, union_by_name = true)"
+    from paradiffusion.schemas import CAPTIONS
+
+    source = Table(captions_url, CAPTIONS).sql_source()
     sql = f"CREATE OR REPLACE VIEW {name} AS\n{selected_captions_sql(source, rule)}"
     con.execute(sql)
     return sql

@@ -40,7 +40,7 @@ from curation.config import URL_LIST_FORMATS, DownloadConfig
 from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.log import get_logger, stage_log_path, third_party_output_to
 from paradiffusion.stage import StageSummary, announce, progress
-from paradiffusion.storage import Table, join
+from paradiffusion.storage import Table, check_writable, join
 
 log = get_logger("curation.download")
 
@@ -501,6 +501,9 @@ def run_download(cfg: RootConfig) -> StageSummary:
     dcfg: DownloadConfig = cfg.download
     output = images_folder(cfg)
     table = Table(output)
+    # on object storage: the bucket exists and takes writes (one PUT), before anything else;
+    # a missing one is an error (one line, exit 2), never created
+    check_writable(output)
     summary = StageSummary("download")
     staging_fs, staging_path = fsspec.core.url_to_fs(join(output, "_url_list"))
     local = _with_proto(staging_fs, "x") == "x"
@@ -550,7 +553,8 @@ def run_download(cfg: RootConfig) -> StageSummary:
     summary.extra.update(
         output=output, input_invalid_urls=url_list.invalid_urls, input_other_scheme_urls=url_list.other_scheme_urls
     )
-    table.fs.makedirs(table.path, exist_ok=True)
+    if not table.object_store:  # object stores have no folders (and s3fs's makedirs creates a missing bucket)
+        table.fs.makedirs(table.path, exist_ok=True)
     table.clean_tmp()
     # img2dataset takes every *.json at the top of its output folder for a shard's stats
     # (int(name.split("_")[0])), so the previous run's summary must not be there while it

@@ -48,6 +48,9 @@ def _show_config(cfg: RootConfig, args: argparse.Namespace) -> int:
     section = cfg.model_dump(mode="json")
     if args.section:
         for part in args.section.split("."):
+            if not isinstance(section, dict) or part not in section:
+                have = ", ".join(section) if isinstance(section, dict) else "none (a value)"
+                raise ConfigError(f"config: no section {args.section!r} (at {part!r}; there: {have})")
             section = section[part]
     print(yaml.safe_dump(section, sort_keys=False), end="")
     return 0
@@ -66,9 +69,23 @@ def load_command(target: str) -> Command:
     return getattr(importlib.import_module(module), attr)
 
 
+class _RedactingParser(argparse.ArgumentParser):
+    """argparse with registered credentials hidden in what it prints (usage errors quote arguments)."""
+
+    def _print_message(self, message: str, file=None) -> None:
+        from paradiffusion.log import redact
+
+        super()._print_message(redact(message) if message else message, file)
+
+    def exit(self, status: int = 0, message: str | None = None):
+        from paradiffusion.log import redact
+
+        super().exit(status, redact(message) if message else message)
+
+
 def build_parser(commands: Mapping[str, str]) -> argparse.ArgumentParser:
     """The ``paradiffusion`` parser: one subcommand per entry of ``commands`` (name -> "module:attribute")."""
-    parser = argparse.ArgumentParser(
+    parser = _RedactingParser(
         prog="paradiffusion",
         description="ParaDiffusion toolkit: curate, caption, train and evaluate paragraph-to-image models.",
     )
@@ -104,9 +121,28 @@ def run_command(
     """Parse ``argv``, load the config with ``load_config(files, overrides)``, resolve the command's models, run it.
 
     Returns the exit code: the command's, 2 for a config or model problem, 1 for a
-    missing file, 130 on Ctrl-C (each with one line on stderr, no traceback).
+    missing file, 130 on Ctrl-C (each with one line on stderr, no traceback). A storage
+    failure (:mod:`paradiffusion.storage_errors`) is one line too (URL, operation, cause),
+    2 when configuration must fix it, 1 when a rerun may pass; its traceback goes to the
+    run's log file only. Credentials (``--set`` of a secret setting, the AWS variables, the
+    ``storage`` section) are registered for redaction before anything is parsed.
     """
-    from paradiffusion.log import has_secrets, redact
+    from paradiffusion.log import register_cli_secrets, set_run_log
+    from paradiffusion.storage import mark_run_start, reset_run_start
+
+    register_cli_secrets(sys.argv[1:] if argv is None else list(argv))
+    started = mark_run_start()
+    previous_log = set_run_log(None)
+    try:
+        return _run(commands, load_config, argv)
+    finally:
+        reset_run_start(started)
+        set_run_log(previous_log)
+
+
+def _run(commands, load_config, argv) -> int:
+    from paradiffusion.log import has_secrets, redact, write_traceback_to_run_log
+    from paradiffusion.storage_errors import StorageError, describe_failure
 
     parser = build_parser(commands)
     args = parser.parse_args(argv)
@@ -119,6 +155,7 @@ def run_command(
     from paradiffusion.storage import configure_storage
 
     cmd: Command = args._command
+    name = getattr(args, "command", "run") or "run"
     try:
         # endpoint, region, credentials for every URL this run opens (and the processes it starts)
         configure_storage(getattr(cfg, "storage", None))
@@ -132,13 +169,21 @@ def run_command(
     except hub.ModelUnavailable as exc:  # one line: the setting, what was tried, the fix
         print(redact(f"error: {exc}"), file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:  # a missing input table, model folder or file: say which, no traceback
-        print(redact(f"error: {exc}"), file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as exc:
+        failure = exc if isinstance(exc, StorageError) else describe_failure(exc)
+        if failure is not None:  # one line here, the traceback in the run's log file
+            where = write_traceback_to_run_log(traceback.format_exc(), name)
+            print(
+                redact(f"error: {failure} (traceback: {where}; committed shards are kept, rerun to resume)"),
+                file=sys.stderr,
+            )
+            return failure.exit_code
+        if isinstance(exc, FileNotFoundError):  # a missing input table, model folder or file: say which
+            print(redact(f"error: {exc}"), file=sys.stderr)
+            return 1
         if not has_secrets():
             raise
         # a library's error may quote a storage setting: the traceback with credentials hidden

@@ -18,6 +18,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import sys
 import types
 import typing
@@ -39,11 +40,62 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------- sections
+#: URL schemes a table or data root may use (lower case, ``scheme://``); anything else is a plain path
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss", "file", "memory")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(/*)(.*)$")
+_SCHEMELESS = re.compile(r"^(" + "|".join(STORAGE_SCHEMES) + r")/{1,2}", re.IGNORECASE)
+
+
+def storage_url_problem(value: str) -> str | None:
+    """Why ``value`` is not a usable table location (a mangled or unknown URL), or None when it is.
+
+    A known scheme with ``://`` in lower case, or a plain path. ``s3:/b/x`` or ``s3//b/x``
+    would otherwise become a local folder named ``s3:`` (fsspec reads anything else as a
+    path), ``S3://`` is not the same protocol to fsspec, and ``s4://`` has no filesystem.
+    """
+    allowed = ", ".join(f"{s}://" for s in STORAGE_SCHEMES) + " or a plain path"
+    v = str(value)
+    m = _SCHEME.match(v)
+    if m:
+        scheme, slashes = m.group(1), m.group(2)
+        if scheme.lower() in STORAGE_SCHEMES:
+            if slashes != "//" and not (slashes == "///" and scheme.lower() in ("file", "memory")):
+                return f"{v!r} looks like a mangled URL (use {scheme.lower()}://...; allowed: {allowed})"
+            if scheme != scheme.lower():
+                return f"{v!r}: URL schemes are lower case (use {scheme.lower()}://...; allowed: {allowed})"
+            if not m.group(3).strip("/") and scheme.lower() != "memory":
+                return f"{v!r} names no bucket or folder (allowed: {allowed})"
+            return None
+        if slashes:  # an unknown scheme://, or scheme:/
+            return f"{v!r}: unknown URL scheme {scheme + ':' + slashes!r} (allowed: {allowed})"
+        return None  # "name:thing" without a slash: a plain (odd) file name
+    if _SCHEMELESS.match(v):
+        return f"{v!r} looks like a mangled URL (a ':' is missing; allowed: {allowed})"
+    return None
+
+
+def check_storage_url(value: str) -> str:
+    """``value`` when it is a usable table location, else ValueError saying why (for validators)."""
+    problem = storage_url_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
 class ProjectConfig(StrictModel):
     """Where the stage folders live by default."""
 
-    data_root: str = Field("data", description="Folder or fsspec URL under which each stage writes its table.")
+    data_root: str = Field(
+        "data",
+        description="Folder or URL under which each stage writes its table: a plain path or s3://, gs://, gcs://, "
+        "az://, abfs://, abfss://, file://, memory:// (lower case)",
+    )
     seed: int = Field(0, ge=0, description="Seed for everything that samples.")
+
+    @field_validator("data_root")
+    @classmethod
+    def _data_root(cls, v: str) -> str:
+        return check_storage_url(v)
 
 
 class RayConfig(StrictModel):
@@ -198,17 +250,26 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Parse ``a.b.c=value``; the value is read as YAML (numbers, booleans, null, lists)."""
+    from paradiffusion.log import redact
+
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set filter.thresholds.aesthetic_min=6")
+        raise ConfigError(f"--set {redact(item)!r}: expected KEY=VALUE, e.g. --set filter.thresholds.aesthetic_min=6")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {item!r}: the key must be dotted section names, e.g. filter.batch_size")
+        raise ConfigError(f"--set {_shown(item)!r}: the key must be dotted section names, e.g. filter.batch_size")
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
+
+
+def _shown(item: str) -> str:
+    """A ``--set`` item as an error may quote it: a credential's value hidden."""
+    from paradiffusion.log import redact_argv
+
+    return redact_argv([item])[0]
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -221,7 +282,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if nxt is None:
                 nxt = node[part] = {}
             elif not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} holds a value, not a section")
+                raise ConfigError(f"--set {_shown(item)!r}: {part!r} holds a value, not a section")
             node = nxt
         node[path[-1]] = value
     return data
@@ -276,6 +337,35 @@ def _describe_allowed(root: type[BaseModel], loc: tuple) -> str:
 
 
 _SECRET_FIELDS = {"key", "secret", "token", "password"}
+#: a setting name that holds a credential (``storage.key``, ``secret_key``, ``sas_token``, ``password``, ...)
+_SECRET_NAME = re.compile(r"(^|_)(key|secret|token|password|credentials?)($|_)|secret|token|password", re.IGNORECASE)
+
+
+def _is_secret_loc(loc: tuple) -> bool:
+    """Whether a config location holds a credential: the credential fields anywhere, and every
+    secret-looking name in the ``storage`` section (including unknown keys like ``secret_key``)."""
+    names = [str(p) for p in loc]
+    if any(n in _SECRET_FIELDS for n in names):
+        return True
+    return bool(names) and names[0] == "storage" and any(_SECRET_NAME.search(n) for n in names[1:])
+
+
+def register_config_secrets(data: Any, loc: tuple = ()) -> None:
+    """Register for redaction every credential in raw config data (before it is validated, so a
+    validation error, an unknown key or an echo can never print one): the values of the
+    ``storage`` section's secret-looking settings, at any depth (``storage.options.s3.secret``)."""
+    from paradiffusion.log import add_secret
+
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if not loc and k != "storage":
+                continue
+            register_config_secrets(v, (*loc, str(k)))
+    elif isinstance(data, (list, tuple)):
+        for v in data:
+            register_config_secrets(v, loc)
+    elif data is not None and _is_secret_loc(loc):
+        add_secret(str(data))
 
 
 def format_validation_error(exc: ValidationError, root: type[BaseModel], source: str) -> str:
@@ -285,7 +375,7 @@ def format_validation_error(exc: ValidationError, root: type[BaseModel], source:
         key = ".".join(str(p) for p in loc)
         value = err.get("input")
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
-        if any(str(p) in _SECRET_FIELDS for p in loc):
+        if _is_secret_loc(loc):
             shown = "***"  # a credential is never echoed, not even a malformed one
         if len(shown) > 80:
             shown = shown[:77] + "..."
@@ -299,7 +389,50 @@ def format_validation_error(exc: ValidationError, root: type[BaseModel], source:
         if allowed:
             msg += f" (allowed: {allowed})"
         lines.append(msg)
-    return "\n".join(lines)
+    from paradiffusion.log import redact
+
+    return redact("\n".join(lines))
+
+
+#: settings that name a table or folder location (checked by :func:`storage_url_problem` at load time)
+TABLE_LOCATION_KEYS = frozenset(
+    {
+        "data_root",
+        "output",
+        "input",
+        "images",
+        "scores",
+        "captions",
+        "latents",
+        "text_cache",
+        "init_from",
+        "train_output",
+        "export_dir",
+        "staging_dir",
+        "data_dir",
+        "storage_path",
+    }
+)
+
+
+def table_url_problems(data: Any, loc: tuple = ()) -> list[str]:
+    """``key: why`` for every table location in ``data`` (a config dict) that is a mangled URL
+    (``s3:/``, ``s3//``, ``S3://``) or names a scheme no fsspec filesystem has (``s4://``)."""
+    import fsspec
+
+    out = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out += table_url_problems(v, (*loc, str(k)))
+    elif isinstance(data, str) and loc and loc[-1] in TABLE_LOCATION_KEYS:
+        problem = storage_url_problem(data)
+        m = _SCHEME.match(data)
+        # an input may also be any other fsspec protocol (https://, hf://): only unknown ones are refused
+        if problem and m and m.group(2) == "//" and m.group(1) in fsspec.available_protocols():
+            problem = None
+        if problem:
+            out.append(f"{'.'.join(loc)}: {problem}")
+    return out
 
 
 def load_config_model(
@@ -329,14 +462,22 @@ def load_config_model(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         data = _deep_merge(data, loaded)
+    register_config_secrets(data)
     data = apply_overrides(data, overrides or [])
+    register_config_secrets(data)  # before validation: no error below may print a credential
+    from paradiffusion.log import redact_argv
+
     source = " + ".join(str(p) for p in paths) or "defaults"
     if overrides:
-        source += " + --set " + " ".join(overrides)
+        source += " + --set " + " ".join(redact_argv(list(overrides)))
     try:
-        return root.model_validate(data)
+        model = root.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, root, source)) from None
+    problems = table_url_problems(model.model_dump(mode="json"))
+    if problems:
+        raise ConfigError(f"invalid config ({source}):\n" + "\n".join(f"  - {p}" for p in problems))
+    return model
 
 
 def config_fingerprint(section: BaseModel | dict) -> str:

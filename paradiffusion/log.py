@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 _HANDLER: logging.StreamHandler | None = None
+_RUN_LOG: str | None = None  # the log file of the stage running now (or last), for a failure's traceback
 _SECRETS: set[str] = set()  # values never to print: storage credentials (paradiffusion.storage registers them)
 
 
@@ -36,7 +37,24 @@ def redact(text: str) -> str:
     return text
 
 
-_SECRET_SETTING = re.compile(r"^((?:[\w-]+\.)*(?:key|secret|token|password))=(.+)$", re.IGNORECASE)
+# a --set of a credential: any secret-looking name in the storage section (storage.secret_key,
+# storage.options.s3.token), elsewhere a setting named exactly key / secret / token / password
+_SECRET_SETTING = re.compile(
+    r"^((?:--set=)?(?:storage\.[\w.-]*(?:key|secret|token|password|credential)[\w-]*"
+    r"|(?:[\w-]+\.)*(?:key|secret|token|password)))=(.+)$",
+    re.IGNORECASE,
+)
+#: environment variables that hold storage credentials (registered before anything runs)
+SECRET_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_CLIENT_SECRET",
+)
 
 
 def redact_argv(argv: list[str]) -> list[str]:
@@ -47,6 +65,29 @@ def redact_argv(argv: list[str]) -> list[str]:
         m = _SECRET_SETTING.match(a)
         out.append(f"{m.group(1)}=***" if m else redact(a))
     return out
+
+
+def register_cli_secrets(argv: list[str], environ: dict[str, str] | None = None) -> None:
+    """Register the credentials a command line and the environment hold, before anything is
+    parsed: the values of ``--set`` items of secret settings (as typed and as YAML reads them)
+    and :data:`SECRET_ENV`. Called first thing by the CLI, so even an argparse or config error
+    cannot print one."""
+    import yaml
+
+    env = os.environ if environ is None else environ
+    for name in SECRET_ENV:
+        add_secret(env.get(name))
+    for a in argv:
+        m = _SECRET_SETTING.match(a)
+        if not m:
+            continue
+        raw = m.group(2)
+        add_secret(raw)
+        with contextlib.suppress(Exception):
+            parsed = yaml.safe_load(raw)
+            for v in parsed if isinstance(parsed, list) else [parsed]:
+                if isinstance(v, (str, int, float)):
+                    add_secret(str(v))
 
 
 class _Redact(logging.Filter):
@@ -139,6 +180,8 @@ def third_party_output_to(log_path: str) -> Iterator[TextIO]:
     there. This package's loggers, and the progress bar drawn on the yielded stream,
     stay on the terminal. Restored on exit, also on an exception.
     """
+    global _RUN_LOG
+    _RUN_LOG = log_path
     get_logger("log")  # make sure our handler exists before it is pointed at the console
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
@@ -171,3 +214,25 @@ def third_party_output_to(log_path: str) -> Iterator[TextIO]:
         for f in saved:
             os.close(f)
         console.close()
+
+
+def set_run_log(path: str | None) -> str | None:
+    """Set the run's log file (None: none yet); returns the previous one."""
+    global _RUN_LOG
+    previous, _RUN_LOG = _RUN_LOG, path
+    return previous
+
+
+def write_traceback_to_run_log(text: str, command: str) -> str:
+    """Append ``text`` (a traceback), redacted, to the run's log file: the stage's own
+    (:func:`third_party_output_to`) when one was opened, else a new file in the temp folder.
+    Returns its path."""
+    path = _RUN_LOG
+    if path is None:
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        folder = os.path.join(tempfile.gettempdir(), "paradiffusion-logs")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{command}-{stamp}-{os.getpid()}.log")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(redact(text))
+    return path

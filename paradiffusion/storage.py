@@ -18,10 +18,13 @@ replaces it: a rerun duplicates nothing. On object stores (S3, GCS, Azure), wher
 is a copy and a delete but one PUT is all-or-nothing, the shard is written under its final
 name directly; the marker, written after it, is the commit point either way. Leftovers of
 a killed run (``.tmp/`` files, shards without a marker) are ignored by readers and removed
-by :meth:`Table.clean_tmp`.
+by the next writer (:meth:`Table.clean_tmp`), on local disk and object stores alike.
+
+One way to read a table: the committed shard list, from the markers (:meth:`Table.files`,
+:meth:`Table.read`, :meth:`Table.sql_source` for DuckDB). Nothing globs ``part-*``: a glob
+would also see a shard whose marker never came (or was removed).
 
 A stage never edits another stage's files: it writes its own table, joined by ``key``.
-DuckDB reads the shards in place through :meth:`Table.glob`.
 
 Provenance: once :meth:`Table.save_config` has been called with the stage's settings,
 every marker records their fingerprint (``config_fingerprint``) and ``_configs/<fp>.yaml``
@@ -47,8 +50,16 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel
 
-from paradiffusion.config import SECRET_OPTION_KEYS, StorageConfig, config_fingerprint, resolved_config_document
+from paradiffusion.config import (
+    SECRET_OPTION_KEYS,
+    ConfigError,
+    StorageConfig,
+    config_fingerprint,
+    resolved_config_document,
+    storage_url_problem,
+)
 from paradiffusion.log import add_secret, get_logger
+from paradiffusion.storage_errors import StorageError, describe_failure  # noqa: F401 - StorageError re-exported
 
 log = get_logger("storage")
 
@@ -244,6 +255,9 @@ class Table:
     """One stage's output table: a folder of Parquet shards with commit markers."""
 
     def __init__(self, url: str, schema: pa.Schema | None = None):
+        problem = storage_url_problem(str(url))
+        if problem:  # never a local folder named "s3:" or a protocol fsspec reads another way
+            raise ConfigError(f"table location {problem}")
         self.url = str(url).rstrip("/")
         self.fs, self.path = fsspec.core.url_to_fs(self.url)
         self.schema = schema
@@ -262,9 +276,30 @@ class Table:
     def marker_file(self, shard: str) -> str:
         return self._p("_done", f"{shard}.json")
 
-    def glob(self) -> str:
-        """Glob of the complete shard files, as a URL DuckDB or pyarrow can read."""
-        return join(self.url, "part-*.parquet")
+    def sql_source(self, union_by_name: bool = True) -> str:
+        """A DuckDB ``FROM`` source over the committed shards: ``read_parquet([<files>])``, the list
+        from the markers (never a glob, which would see uncommitted shards). With no committed
+        shard: an empty relation with the table's schema (or an error without one). A snapshot:
+        build it again to see shards committed later. Object store URLs need a connection from
+        :func:`duckdb_connect`."""
+        files = self.files()
+        if files:
+            listed = ", ".join(_sql_literal(f) for f in files)
+            return f"read_parquet([{listed}]{', union_by_name = true' if union_by_name else ''})"
+        if self.schema is None:
+            raise FileNotFoundError(f"{self.url}: no committed shard")
+        return _empty_sql(self.schema)
+
+    def looks_like_table(self) -> bool:
+        """Whether the folder has this contract's layout (markers, a saved config or ``part-`` shards),
+        even with no shard committed: such a folder is read through its markers only."""
+        if not self.fs.exists(self.path):
+            return False
+        for f in self.fs.ls(self.path, detail=False):
+            name = f.rstrip("/").rsplit("/", 1)[-1]
+            if name in ("_done", "_config.yaml", "_summary.json") or _is_part_file(name):
+                return True
+        return False
 
     # -- state
     def exists(self) -> bool:
@@ -356,22 +391,39 @@ class Table:
         self._atomic_write_bytes(self.marker_file(shard), json.dumps(marker, default=str).encode())
         return marker
 
-    def clean_tmp(self) -> int:
-        """Remove leftovers of writes that a killed run did not finish; returns how many."""
-        tmp = self._p(".tmp")
-        if not self.fs.exists(tmp):
+    def clean_tmp(self, started: float | None = None) -> int:
+        """Remove what unfinished writes left: files under ``.tmp/`` and shards without a marker,
+        on local disk and object stores alike (where nothing goes through ``.tmp/``, so a killed
+        run leaves a marker-less shard). Only files older than ``started`` (default: the run's
+        start, :func:`run_started`; no cut-off outside a run) are removed, so another writer of
+        the same run (a rank started a little later) keeps what it is writing. Logs one line
+        with the count; returns it.
+
+        On an object store the bucket is checked first (:func:`check_writable`): every writing
+        stage calls this before it writes.
+        """
+        check_writable(self.url)
+        cutoff = started if started is not None else run_started()
+        if cutoff is not None:
+            cutoff -= _CLOCK_SLACK_S
+        if not self.fs.exists(self.path):
             return 0
-        stale = self.fs.ls(tmp, detail=False)
+        stale: list[str] = []
+        tmp = self._p(".tmp")
+        for f, info in self.fs.find(tmp, detail=True).items() if self.fs.exists(tmp) else ():
+            if not f.endswith(_WRITE_CHECK) and _older(info, cutoff):
+                stale.append(f)
+        done = self.done_shards()
+        for info in self.fs.ls(self.path, detail=True):
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            if _is_part_file(name) and name[len("part-") : -len(".parquet")] not in done and _older(info, cutoff):
+                stale.append(info["name"])
         for f in stale:
             self.fs.rm(f)
-        # A shard file without a marker was moved but never committed: drop it so
-        # glob readers do not see it before the rerun rewrites it.
-        done = self.done_shards()
-        for f in self.fs.glob(self._p("part-*.parquet")):
-            name = f.rsplit("/", 1)[-1][len("part-") : -len(".parquet")]
-            if name not in done:
-                self.fs.rm(f)
-                stale.append(f)
+        if stale:
+            log.info(
+                "%s: removed %d leftover file(s) of an unfinished run (uncommitted shards, .tmp/)", self.url, len(stale)
+            )
         return len(stale)
 
     # -- reading
@@ -468,6 +520,101 @@ class Table:
             return None
         with self.fs.open(p, "r") as f:
             return json.load(f)
+
+
+# --------------------------------------------------------------------------- helpers
+def _is_part_file(name: str) -> bool:
+    return name.startswith("part-") and name.endswith(".parquet")
+
+
+def _sql_literal(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _empty_sql(schema: pa.Schema) -> str:
+    """An empty DuckDB relation with ``schema``'s columns, the types as DuckDB maps the Arrow ones."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.register("_empty", schema.empty_table())
+        cols = con.execute("DESCRIBE _empty").fetchall()
+    finally:
+        con.close()
+    fields = ", ".join(f'NULL::{typ} AS "{name}"' for name, typ, *_ in cols)
+    return f"(SELECT {fields} WHERE false)"
+
+
+#: S3 and others keep modification times in whole seconds: a cut-off this much earlier never takes a fresh file
+_CLOCK_SLACK_S = 2.0
+_RUN_STARTED: float | None = None
+
+
+def mark_run_start(when: float | None = None) -> float | None:
+    """Record when this run started (the CLI does, first thing); returns the previous mark.
+    :meth:`Table.clean_tmp` removes only leftovers older than it."""
+    import time
+
+    global _RUN_STARTED
+    previous, _RUN_STARTED = _RUN_STARTED, (time.time() if when is None else when)
+    return previous
+
+
+def reset_run_start(previous: float | None) -> None:
+    global _RUN_STARTED
+    _RUN_STARTED = previous
+
+
+def run_started() -> float | None:
+    """When this run started (:func:`mark_run_start`), None outside a CLI run."""
+    return _RUN_STARTED
+
+
+def _older(info: dict, cutoff: float | None) -> bool:
+    if cutoff is None:
+        return True
+    for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(k)
+        if v is None:
+            continue
+        if isinstance(v, _dt.datetime):
+            return v.timestamp() < cutoff
+        if isinstance(v, (int, float)):
+            return float(v) < cutoff
+        if isinstance(v, str):
+            try:
+                return _dt.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp() < cutoff
+            except ValueError:
+                continue
+    return True  # a store that keeps no time: whatever has no marker is a leftover
+
+
+_WRITE_CHECK = ".write-check"
+_CHECKED: set[tuple[str, str]] = set()
+
+
+def check_writable(url: str) -> None:
+    """On an object store, that the bucket of ``url`` exists and takes writes: one PUT of an
+    empty ``<url>/.tmp/.write-check`` (overwritten by every run, never read), once per bucket
+    and process. Buckets are never created (s3fs's ``makedirs`` would: a typo would make a new
+    one). Raises :class:`StorageError` (exit code 2) with one line naming the URL and the cause.
+    Local paths and ``memory://`` need no check."""
+    fs, path = fsspec.core.url_to_fs(url)
+    protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if not set(protos) & OBJECT_STORES:
+        return
+    bucket = path.split("/", 1)[0]
+    if (protos[0], bucket) in _CHECKED:
+        return
+    probe = join(path, ".tmp", _WRITE_CHECK)
+    try:
+        fs.pipe_file(probe, b"")
+    except Exception as exc:  # noqa: BLE001 - described in one line, the traceback goes to the log
+        failure = describe_failure(exc, url=url, operation="write check (PUT)", at_start=True)
+        if failure is None:
+            raise
+        raise failure from exc
+    _CHECKED.add((protos[0], bucket))
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

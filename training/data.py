@@ -128,7 +128,9 @@ def load_caption_map(
 
 def _read_any_table(url: str) -> pa.Table:
     table = Table(url)
-    if table.exists() and table.done_shards():
+    if table.looks_like_table():  # one of ours: the committed shards only, never a glob
+        if not table.done_shards():
+            raise FileNotFoundError(f"{url}: no committed shard (its writer has not finished one)")
         return table.read()
     import pyarrow.dataset as ds
 

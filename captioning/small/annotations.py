@@ -650,7 +650,7 @@ def render_status(st: dict) -> str:
 # --------------------------------------------------------------------------- export
 def draft_captions(cfg: RootConfig, keys: list[str]) -> dict[str, tuple[str, str]]:
     """key -> (VLM draft caption, "model_id/prompt_id"): the selected caption (``caption.select``)."""
-    from stats.views import selected_sql
+    from captioning.store import selected_captions_sql
 
     captions = Table(join(cfg.project.data_root, "captions"))
     if not captions.done_shards() or not keys:
@@ -659,7 +659,7 @@ def draft_captions(cfg: RootConfig, keys: list[str]) -> dict[str, tuple[str, str
 
     con = duckdb_connect()  # the captions may be on object storage
     con.register("wanted", pa.table({"key": pa.array(keys, pa.string())}))
-    sql = selected_sql(captions.glob(), cfg)
+    sql = selected_captions_sql(captions.sql_source(), cfg.caption.select)  # committed shards only
     rows = con.execute(
         f"SELECT s.key, s.caption, s.model_id || '/' || s.prompt_id FROM ({sql}) s JOIN wanted USING (key)"
     ).fetchall()
