@@ -274,3 +274,16 @@ def test_caption_rows_record_the_commit_the_model_resolved_to(tmp_path):
     writer = ChunkWriter(Table(str(tmp_path / "captions"), CAPTIONS), [], pinned, StageSummary("caption"))
     assert writer.common["model_revision"] == model_sha
     assert tag_prefix(pinned.spec.model, pinned.spec.revision, "p" * 8).endswith(f".{model_sha[:10]}.pppppppp.")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.001])  # data cut off; header cut off
+def test_truncated_shard_is_one_line_naming_the_file(tiny_cog, tmp_path, keep):
+    from captioning.cogvlm.loading import CheckpointError, load_model
+
+    folder = _copy(tiny_cog, tmp_path / "m")
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: max(4, int(len(data) * keep))])
+    with pytest.raises(CheckpointError) as err:
+        load_model(str(folder))
+    assert str(shard) in str(err.value) and "\n" not in str(err.value)
