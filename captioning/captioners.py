@@ -34,7 +34,7 @@ from paradiffusion.log import get_logger
 if TYPE_CHECKING:
     from PIL import Image
 
-    from captioning.config import CaptionerSpec, GenerationSettings
+    from captioning.config import CaptionConfig, CaptionerSpec, GenerationSettings
 
 log = get_logger("captioning")
 
@@ -70,6 +70,30 @@ def check_pinned(spec: CaptionerSpec) -> None:
             f"{spec.tokenizer}: the tokenizer of a remote-code captioner must be pinned too: set "
             f"caption.captioners.<name>.tokenizer_revision to a full commit SHA (got {spec.tokenizer_revision!r})"
         )
+
+
+def pin_to_resolved(c: CaptionConfig) -> CaptionConfig:
+    """``c`` with its captioner's model and tokenizer revisions set to the commits they resolved to.
+
+    Before the run, the driver resolved every Hub model (``models.lock`` decides the commit
+    where there is one; :func:`paradiffusion.hub.resolved_commit`). From here on the caption
+    set is identified by that commit: the shard names, the done keys of a resume, each row's
+    ``model_revision``, and what every actor loads (the commit itself, not a branch that
+    may move). A local folder, or a model resolved by nobody (a test that builds its own
+    config), keeps what the config says.
+    """
+    from paradiffusion.hub import resolved_commit
+
+    spec = c.spec
+    update: dict[str, Any] = {}
+    if not is_local(spec.model) and (commit := resolved_commit(spec.model, spec.revision)):
+        update["revision"] = commit
+    if spec.tokenizer and not is_local(spec.tokenizer):
+        if commit := resolved_commit(spec.tokenizer, spec.tokenizer_revision):
+            update["tokenizer_revision"] = commit
+    if not update:
+        return c
+    return c.model_copy(update={"captioners": {**c.captioners, c.captioner: spec.model_copy(update=update)}})
 
 
 def torch_dtype(name: str):

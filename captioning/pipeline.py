@@ -310,6 +310,9 @@ def run_caption(cfg: RootConfig, recaption: bool = False, limit: int | None = No
     images_url = c.images or join(root, "images")
     scores_url = c.scores or join(root, "scores")
     out_url = c.output or join(root, "captions")
+    from captioning.captioners import pin_to_resolved
+
+    c = pin_to_resolved(c)  # the commits the models resolved to: in every row, shard name and actor
     spec = c.spec
     phash = prompt_hash(c.prompt_text)
     summary = StageSummary("caption")

@@ -138,6 +138,13 @@ class ModelsConfig(StrictModel):
         description="never download: every model must already be in the cache or a local path "
         "(HF_HUB_OFFLINE=1 in the environment does the same)",
     )
+    lock: str | None = Field(
+        None,
+        description="the models lock file (relative paths from the current folder, like every path here): "
+        "`paradiffusion models fetch` writes the commit each Hugging Face model resolved to, and every run loads "
+        "exactly those commits (a cache at another commit is refused). null: no lock, branches resolve to their "
+        "newest cached commit",
+    )
 
     @field_validator("cache_dir")
     @classmethod
@@ -488,6 +495,7 @@ def config_fingerprint(section: BaseModel | dict) -> str:
 def resolved_config_document(cfg: BaseModel | dict, stage: str) -> dict:
     """What is saved beside an output: the whole resolved config (a model or its dict) plus how it was run."""
     from paradiffusion import __version__
+    from paradiffusion.hub.lock import run_models
     from paradiffusion.log import redact_argv
 
     return {
@@ -496,4 +504,5 @@ def resolved_config_document(cfg: BaseModel | dict, stage: str) -> dict:
         "command": " ".join(redact_argv(sys.argv)),
         "paradiffusion_version": __version__,
         "config": cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else copy.deepcopy(cfg),
+        "models": run_models(),
     }

@@ -76,8 +76,13 @@ def run_fetch(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
             "or run `paradiffusion models check` to verify what is cached"
         )
     cache = hub.model_cache(cfg.models)
+    lock = hub.ModelsLock.read(cfg.models.lock)
     models, problems = declared_models(cfg, args.stages)
+    if not args.update:  # a locked model is fetched at its locked commit, never at its branch's newest
+        models = [(hub.pin([r], lock)[0][0], s, c) for r, s, c in models]
     print(f"== models fetch: {len(models)} model(s) into {cache}", file=sys.stderr)
+    locked: dict[str, dict] = {}  # lock key -> {commit, settings} of what this fetch resolved
+    declared: set[str] = set()
     rows: list[list[str]] = []
     failures = list(problems)
     notes: list[str] = []
@@ -89,6 +94,8 @@ def run_fetch(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
         if ref.key in seen:
             continue
         seen.add(ref.key)
+        if hub.movable(ref):
+            declared.add(hub.lock.lock_key(ref.source, ref.revision))
         res, status, before = None, "", None
         try:
             if ref.kind == "unmanaged":
@@ -134,10 +141,15 @@ def run_fetch(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
         if res is not None:
             total += res.size if status != "local" else 0
             for extra in hub.follow_ups(res):
-                queue.append((extra, [extra.setting], cmds))
+                queue.append((extra if args.update else hub.pin([extra], lock)[0][0], [extra.setting], cmds))
+            if hub.movable(ref) and res.commit:
+                entry = locked.setdefault(hub.lock.lock_key(ref.source, ref.revision), {"commit": res.commit})
+                entry["settings"] = sorted({*entry.get("settings", []), *settings})
         rows.append(_row(ref, settings, cmds, res, status))
     _print_table(["commands", "setting", "model", "revision", "files", "size", "status"], rows)
     print(f"   cache: {cache}; {hub.human_size(total)} of downloaded models in all", file=sys.stderr)
+    if lock.path is not None:
+        _write_lock(lock, locked, declared, replace_all=not args.stages)
     for n in notes:
         print(f"   note: {n}", file=sys.stderr)
     for f in failures:
@@ -145,6 +157,23 @@ def run_fetch(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     if failures:
         print("rerun the same command to resume: finished files are kept", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _write_lock(lock: hub.ModelsLock, fetched: dict[str, dict], declared: set[str], replace_all: bool) -> None:
+    """Record the fetched commits; models that failed keep their entry; without --stages, drop undeclared ones."""
+    before = {k: v["commit"] for k, v in lock.entries.items()}
+    # a declared model that failed this time keeps its entry; without --stages, undeclared ones go
+    entries = {k: v for k, v in lock.entries.items() if not replace_all or k in declared}
+    entries.update(fetched)
+    lock.entries = entries
+    lock.write()
+    changed = sorted(k for k, v in entries.items() if before.get(k) != v["commit"])
+    dropped = sorted(set(before) - set(entries))
+    what = f"{len(changed)} new or changed" + (f", {len(dropped)} dropped" if dropped else "")
+    print(f"   lock: {lock.path} ({len(entries)} Hub model(s); {what})", file=sys.stderr)
+    for k in changed:
+        old = before.get(k)
+        print(f"   lock: {k} {old[:12] + ' -> ' if old else ''}{entries[k]['commit'][:12]}", file=sys.stderr)
 
 
 def _remove_cached(path: Path) -> None:
@@ -188,7 +217,9 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 def run_check(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
     cache = hub.model_cache(cfg.models)
     hub.go_offline()  # a check never touches a network
+    lock = hub.ModelsLock.read(cfg.models.lock)
     models, problems = declared_models(cfg, args.stages)
+    models = [(hub.pin([r], lock)[0][0], s, c) for r, s, c in models]  # the locked commits are what runs load
     print(f"== models check: {len(models)} model(s) in {cache} (offline)", file=sys.stderr)
     rows: list[list[str]] = []
     failures = list(problems)
@@ -212,7 +243,7 @@ def run_check(cfg: PipelinesConfig, args: argparse.Namespace) -> int:
             continue
         located.append((res, settings, cmds))
         for extra in hub.follow_ups(res):
-            queue.append((extra, [extra.setting], cmds))
+            queue.append((hub.pin([extra], lock)[0][0], [extra.setting], cmds))
     to_hash = sum(r.size for r, _, _ in located) if not args.quick else 0
     from paradiffusion.stage import progress
 
@@ -353,6 +384,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         help="only the models of these commands (e.g. filter caption train eval-generate eval); default: all",
     )
     p.add_argument("--quick", action="store_true", help="check: skip hashing (presence, sizes, headers only)")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="fetch: resolve every Hub model's branch to its newest commit and rewrite models.lock with them "
+        "(without it, a model already in the lock is fetched at its locked commit)",
+    )
     p.add_argument(
         "--repair",
         action="store_true",

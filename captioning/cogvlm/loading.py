@@ -81,9 +81,16 @@ def checkpoint_tensors(folder: Path) -> dict[str, tuple[int, ...] | None]:
         raise CheckpointError(f"{folder}: no {INDEX} and no {SINGLE} (only safetensors checkpoints are read)")
     shapes: dict[str, tuple[int, ...] | None] = {}
     for shard in shards:
-        with safe_open(str(folder / shard), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                shapes[name] = tuple(f.get_slice(name).get_shape())
+        path = folder / shard
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError (no file name)
+            raise CheckpointError(f"{path}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
+        short = _truncated(path)
+        if short:
+            raise CheckpointError(f"{path}: {short}. Fix: download the shard again")
     if index.is_file():
         listed = set(weight_map)
         if listed != set(shapes):
@@ -92,6 +99,18 @@ def checkpoint_tensors(folder: Path) -> dict[str, tuple[int, ...] | None]:
                 f"in the shards only: {_first(set(shapes) - listed)}"
             )
     return shapes
+
+
+def _truncated(path: Path) -> str | None:
+    """Why a safetensors file is shorter than its header says (safe_open reads only the header)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        return f"truncated: its header needs {8 + n + end} bytes, the file has {size}"
+    return None
 
 
 def expected_tensors(config: CogVLMConfig) -> dict[str, tuple[int, ...]]:

@@ -47,10 +47,11 @@ class _File:
 
 @dataclass
 class _Repo:
-    files: dict[str, _File]
+    files: dict[str, _File]  # at the newest commit
     commit: str
     branches: dict[str, str]
     gated: bool = False
+    history: dict[str, dict[str, _File]] = field(default_factory=dict)  # every commit -> its files
 
 
 @dataclass
@@ -63,7 +64,11 @@ class FakeHub:
     throttle_bytes_per_s: float | None = None  # /files/ only
 
     def add_repo(self, repo_id: str, folder: str | Path, gated: bool = False) -> str:
-        """Serve ``folder`` as model repo ``repo_id`` (branch ``main``); returns its commit sha."""
+        """Serve ``folder`` as model repo ``repo_id`` (branch ``main``); returns its commit sha.
+
+        Adding a repo again with another folder is a new commit: ``main`` moves to it and the
+        earlier commits stay downloadable by their sha (keep their folders unchanged).
+        """
         files = {}
         for p in sorted(Path(folder).rglob("*")):
             if p.is_file():
@@ -72,7 +77,9 @@ class FakeHub:
                 git = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
                 files[rel] = _File(p, len(data), hashlib.sha256(data).hexdigest(), git)
         commit = hashlib.sha1(json.dumps(sorted((k, f.git_sha1) for k, f in files.items())).encode()).hexdigest()
-        self.repos[repo_id] = _Repo(files, commit, {"main": commit}, gated)
+        history = dict(self.repos[repo_id].history) if repo_id in self.repos else {}
+        history[commit] = files
+        self.repos[repo_id] = _Repo(files, commit, {"main": commit}, gated, history)
         return commit
 
     def add_file(self, name: str, path: str | Path) -> str:
@@ -139,7 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "oid": f.git_sha1,
                     **({"lfs": {"oid": f.sha256, "size": f.size, "pointerSize": 134}} if f.lfs else {}),
                 }
-                for rel, f in repo.files.items()
+                for rel, f in repo.history.get(commit, repo.files).items()
                 if not prefix or rel.startswith(prefix + "/")
             ]
             return self._json(entries, body)
@@ -152,7 +159,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "sha": commit,
                 "private": False,
                 "gated": "manual" if repo.gated else False,
-                "siblings": [{"rfilename": rel} for rel in repo.files],
+                "siblings": [{"rfilename": rel} for rel in repo.history.get(commit, repo.files)],
             }
             return self._json(info, body)
         if m := _RESOLVE.match(path):
@@ -165,7 +172,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "GatedRepo",
                     f"Access to model {m.group(1)} is restricted. You must have access to it and be authenticated.",
                 )
-            f = repo.files.get(m.group(3))
+            f = repo.history.get(commit, repo.files).get(m.group(3))
             if f is None:
                 return self._error(404, "EntryNotFound", f"{m.group(3)} does not exist", {"X-Repo-Commit": commit})
             headers = {"X-Repo-Commit": commit}
@@ -180,7 +187,7 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None:  # the Hub answers 401 for a repo it does not show you (missing or private)
             self._error(401, "RepoNotFound", "Repository not found")
             return None, ""
-        commit = repo.branches.get(revision) or (revision if revision == repo.commit else None)
+        commit = repo.branches.get(revision) or (revision if revision in (repo.commit, *repo.history) else None)
         if commit is None:
             self._error(404, "RevisionNotFound", "Invalid rev id: " + revision)
             return None, ""

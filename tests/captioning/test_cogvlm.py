@@ -235,3 +235,55 @@ def test_remote_opt_in_needs_pinned_model_and_tokenizer(tmp_path):
     )
     check_pinned(CaptionerSpec(type="cogvlm_remote", model=str(tmp_path)))  # a local folder: what is there runs
     check_pinned(CaptionerSpec(type="cogvlm", model="THUDM/cogvlm-chat-hf"))  # native: nothing remote to pin
+
+
+def test_caption_rows_record_the_commit_the_model_resolved_to(tmp_path):
+    """The driver resolves the captioner (and tokenizer) to commits; rows, shard names and actors use them."""
+    from captioning.captioners import pin_to_resolved
+    from captioning.config import CaptionConfig, CaptionerSpec
+    from captioning.pipeline import ChunkWriter
+    from captioning.prep import tag_prefix
+    from paradiffusion import hub
+    from paradiffusion.config import ModelsConfig
+    from paradiffusion.schemas import CAPTIONS
+    from paradiffusion.stage import StageSummary
+    from paradiffusion.storage import Table
+
+    model_sha, tok_sha = "c" * 40, "d" * 40
+    for repo, sha in (("THUDM/cogvlm-chat-hf", model_sha), ("lmsys/vicuna-7b-v1.5", tok_sha)):
+        storage = tmp_path / "cache" / "hub" / ("models--" + repo.replace("/", "--"))
+        (storage / "snapshots" / sha).mkdir(parents=True)
+        (storage / "snapshots" / sha / "config.json").write_text("{}")
+        (storage / "snapshots" / sha / "model.safetensors").write_text("x")
+        (storage / "snapshots" / sha / "tokenizer.model").write_text("x")
+        (storage / "refs").mkdir()
+        (storage / "refs" / "main").write_text(sha)
+    spec = CaptionerSpec(type="cogvlm", model="THUDM/cogvlm-chat-hf", tokenizer="lmsys/vicuna-7b-v1.5")
+    c = CaptionConfig(captioner="cog", captioners={"cog": spec})
+    assert pin_to_resolved(c).spec.revision is None  # nothing resolved: the config as it is
+    mcfg = ModelsConfig(cache_dir=str(tmp_path / "cache"), offline=True)
+    refs = [
+        hub.model_ref("caption.captioners.cog.model", spec.model),
+        hub.model_ref("caption.captioners.cog.tokenizer", spec.tokenizer, layout=("tokenizer",)),
+    ]
+    with hub.run_environment(mcfg):
+        hub.resolve_for_run(mcfg, refs)
+        pinned = pin_to_resolved(c)
+    assert (pinned.spec.revision, pinned.spec.tokenizer_revision) == (model_sha, tok_sha)
+    assert c.spec.revision is None, "the config itself is left as it was"
+    writer = ChunkWriter(Table(str(tmp_path / "captions"), CAPTIONS), [], pinned, StageSummary("caption"))
+    assert writer.common["model_revision"] == model_sha
+    assert tag_prefix(pinned.spec.model, pinned.spec.revision, "p" * 8).endswith(f".{model_sha[:10]}.pppppppp.")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.001])  # data cut off; header cut off
+def test_truncated_shard_is_one_line_naming_the_file(tiny_cog, tmp_path, keep):
+    from captioning.cogvlm.loading import CheckpointError, load_model
+
+    folder = _copy(tiny_cog, tmp_path / "m")
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: max(4, int(len(data) * keep))])
+    with pytest.raises(CheckpointError) as err:
+        load_model(str(folder))
+    assert str(shard) in str(err.value) and "\n" not in str(err.value)

@@ -22,7 +22,8 @@ SDPA, triton rotary -> the same rotation in torch, no embedding padding_idx beyo
 vocab, CogVLM2's hard-coded image-slot id 128002 -> the tiny tokenizer's pad id.
 
 Also in bf16 (the saved folder loaded with ``torch_dtype=bfloat16`` by the reference, and
-``dtype=bfloat16`` by us): with eager attention, bit-identical logits and tokens.
+``dtype=bfloat16`` by us): with eager attention, logits within 4 bf16 ulp (bit-identical with
+the AVX2 kernels of the fixtures' machine; the bound and its measurements are in the test).
 
 Compared like with like: each row alone (no padding) and the left-padded batch of three.
 With left padding the reference shifts a padded row's positions by one (its first real token
@@ -157,13 +158,37 @@ def test_greedy_tokens_are_identical(loaded):
     assert out[:, batch["input_ids"].shape[1] :].tolist() == ref["batch.greedy"].tolist(), "left-padded batch"
 
 
+def _bf16_ulp(x: float) -> float:
+    """The spacing of bf16 numbers (8 significant bits) at magnitude ``x``."""
+    import math
+
+    return 2.0 ** (math.floor(math.log2(x)) - 7)
+
+
 def test_bf16_matches_the_reference_in_bf16(family):
     """Both loaded in bf16, as the real checkpoints are run.
 
     With ``attn_implementation="eager"`` (the reference's order of operations) the bf16 logits
-    are the reference's bit for bit and so are the greedy tokens; this pins down that rotary
-    angles are computed in bf16 as the reference does. SDPA (the default) rounds differently:
-    its logits stay within bf16 noise, and greedy tokens may part at near-ties.
+    are the reference's within a few bf16 roundings (the fp32 tests above hold the model itself
+    to 1e-4). Bit-identical bf16 on CPU is not a property of the code but of the kernels
+    torch picks for the processor, so the bound is measured over them
+    (``scripts/cogvlm_bf16_spread.py``, largest |logit diff| of either family, eager):
+
+    ====================================  ============  ============
+    kernels (ATEN_CPU_CAPABILITY)         1 thread      2 threads
+    ====================================  ============  ============
+    default (plain C++, any x86-64)       0.047 (3 ulp) 0.047 (3 ulp)
+    avx2 (the fixtures' machine)          0             0
+    avx512 with BF16 (issue report)       7.6e-6        -
+    ====================================  ============  ============
+
+    (ulp: the bf16 spacing at the largest logit, |logit| < 4 here, so 2**-6.) The bound is
+    4 ulp: every kernel set measured fits, 1 and 2 threads alike. SDPA (the default)
+    orders its reductions differently: its logits stay within bf16 noise (bound 0.25).
+    Greedy tokens are compared in the reference's own order of operations (eager) with
+    the kernels that reproduce its logits; where the kernels round differently a near-tie
+    may part, so tokens are compared only up to the first step where the logits we computed
+    leave the bound's room for another token.
     """
     from captioning.cogvlm.loading import load_model
 
@@ -171,15 +196,33 @@ def test_bf16_matches_the_reference_in_bf16(family):
     batch = _batch(ref)
     batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
     real = batch["attention_mask"].bool()
-    for impl, bound in (("eager", 0.0), ("sdpa", 0.25)):
+    eager_bound = 4 * _bf16_ulp(ref["batch.logits_bf16"][real].abs().max().item())
+    for impl, bound in (("eager", eager_bound), ("sdpa", 0.25)):
         model = load_model(str(DATA / family), dtype=torch.bfloat16, attn_implementation=impl)
         with torch.no_grad():
             out = model(**batch).logits
         diff = (out - ref["batch.logits_bf16"])[real].abs().max().item()
         assert diff <= bound, f"{impl}: max |logit diff| {diff}"
     eager = load_model(str(DATA / family), dtype=torch.bfloat16, attn_implementation="eager")
-    gen = eager.generate(**batch, max_new_tokens=32, do_sample=False, pad_token_id=eager.config.pad_token_id)
-    assert gen[:, batch["input_ids"].shape[1] :].tolist() == ref["batch.greedy_bf16"].tolist()
+    gen = eager.generate(
+        **batch,
+        max_new_tokens=32,
+        do_sample=False,
+        pad_token_id=eager.config.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    ours = gen.sequences[:, batch["input_ids"].shape[1] :]
+    want = ref["batch.greedy_bf16"]
+    for row in range(want.shape[0]):
+        for step in range(want.shape[1]):
+            a, b = int(ours[row, step]), int(want[row, step])
+            if a == b:
+                continue
+            logits = gen.logits[step][row].float()
+            margin = (logits[a] - logits[b]).item()  # ours won by this much: a near-tie within the bound's rounding
+            assert margin <= 2 * eager_bound, f"row {row} parts at step {step} by {margin} (bound {eager_bound})"
+            break
 
 
 def test_static_cache_gives_the_same_tokens(loaded):

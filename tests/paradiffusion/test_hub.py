@@ -496,3 +496,125 @@ def test_models_command_names_the_commands_that_declare_models(capsys):
     assert "stats" in err and "filter" in err and "train" in err
     with pytest.raises(Exception, match="cache_dir"):
         load_config([], ["models.cache_dir=s3://bucket/models"])
+
+
+# --------------------------------------------------------------------------- models.lock
+def _cached_repo(hub_dir: Path, repo: str, commit: str, files: dict[str, str], ref: str | None = "main") -> Path:
+    """A Hugging Face cache entry as huggingface_hub lays it out: snapshots/<commit>/..., refs/<branch>."""
+    storage = hub_dir / ("models--" + repo.replace("/", "--"))
+    snap = storage / "snapshots" / commit
+    for name, text in files.items():
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
+        (snap / name).write_text(text)
+    if ref:
+        (storage / "refs").mkdir(parents=True, exist_ok=True)
+        (storage / "refs" / ref).write_text(commit)
+    return storage
+
+
+def test_a_run_loads_the_locked_commit_and_refuses_a_cache_at_another(tmp_path):
+    from paradiffusion.config import ModelsConfig, resolved_config_document
+
+    old, new = "a" * 40, "b" * 40
+    files = {"config.json": "{}", "model.safetensors": "x"}
+    lock_file = tmp_path / "models.lock"
+    lock = hub.ModelsLock.read(lock_file)
+    assert lock.entries == {} and lock.path == lock_file  # no file yet: an empty lock
+    lock.set("org/llm", None, old, ["train.model.llm"])
+    lock.write()
+    assert hub.ModelsLock.read(lock_file).commit_for("org/llm", "main") == old
+    assert lock_file.read_text().startswith("# models.lock")
+    ref = hub.model_ref("train.model.llm", "org/llm")
+    cfg = ModelsConfig(cache_dir=str(tmp_path / "cache"), offline=True, lock=str(lock_file))
+
+    # the cache's main moved on (another fetch, another project): refused, one line naming both commits
+    storage = _cached_repo(tmp_path / "cache" / "hub", "org/llm", new, files)
+    _cached_repo(tmp_path / "cache" / "hub", "org/llm", old, files, ref=None)
+    with hub.run_environment(cfg), pytest.raises(hub.ModelUnavailable) as err:
+        hub.resolve_for_run(cfg, [ref])
+    line = str(err.value)
+    assert "\n" not in line and old in line and new in line and "models.lock" in line and "models fetch" in line
+
+    # the cache's ref names the locked commit: that snapshot is what the run loads, and records
+    (storage / "refs" / "main").write_text(old)
+    with hub.run_environment(cfg):
+        (res,) = hub.resolve_for_run(cfg, [ref])
+        assert res.commit == old and res.path.endswith(old)
+        assert hub.resolved_commit("org/llm", None) == old  # what loaders pass as the revision, in any process
+        assert hub.resolved_commit("org/llm", "main") == old and hub.resolved_commit("org/other", None) is None
+        doc = resolved_config_document({"x": 1}, "train")
+        assert doc["models"] == [{"model": "org/llm", "revision": None, "commit": old, "settings": ["train.model.llm"]}]
+    assert hub.resolved_commit("org/llm", None) is None  # the command's environment is restored
+
+    # a snapshot fetched by commit, with no ref yet: the ref is written so offline loaders find it
+    (storage / "refs" / "main").unlink()
+    with hub.run_environment(cfg):
+        hub.resolve_for_run(cfg, [ref])
+    assert (storage / "refs" / "main").read_text() == old
+
+    # without a lock the branch resolves to the cache's newest, as before; a full SHA needs no lock entry
+    (storage / "refs" / "main").write_text(new)
+    unlocked = ModelsConfig(cache_dir=str(tmp_path / "cache"), offline=True)
+    with hub.run_environment(unlocked):
+        assert hub.resolve_for_run(unlocked, [ref])[0].commit == new
+    with hub.run_environment(cfg):
+        pinned = hub.model_ref("s", "org/llm", revision=old)
+        assert not hub.movable(pinned) and hub.resolve_for_run(cfg, [pinned])[0].commit == old
+
+
+def test_a_damaged_lock_is_one_line_naming_the_file(tmp_path):
+    bad = tmp_path / "models.lock"
+    for text in ("version: 1\nmodels:\n  org/x@main: {commit: nothex}\n", "models: [1, 2]\n", "a: [\n"):
+        bad.write_text(text)
+        with pytest.raises(hub.ModelUnavailable) as err:
+            hub.ModelsLock.read(bad)
+        assert str(bad) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow  # four CLI runs
+def test_fetch_writes_the_lock_and_every_node_fetches_the_locked_commit(tiny, tmp_path):
+    """fetch locks main's commit; after main moves, another cache still gets the locked commit; --update moves it."""
+    import shutil
+
+    import yaml
+
+    v2 = tmp_path / "clip_v2"
+    shutil.copytree(tiny["clip_model"], v2)
+    (v2 / "open_clip_config.json").write_text((v2 / "open_clip_config.json").read_text() + "\n")
+    lock_file = tmp_path / "models.lock"
+    with FakeHub() as server:
+        v1_sha = server.add_repo("test-org/lock-clip", tiny["clip_model"])
+        env = _env(server.endpoint)
+
+        def sets(cache: str) -> list[str]:
+            return _filter_sets(tmp_path, "hf-hub:test-org/lock-clip", None, f"models.lock={lock_file}") + [
+                f"models.cache_dir={tmp_path / cache}"
+            ]
+
+        rc, err, _ = _cli(["models", "fetch", "--stages", "filter"], sets("node1"), env)
+        assert rc == 0, err[-3000:]
+        doc = yaml.safe_load(lock_file.read_text())
+        assert doc["models"]["test-org/lock-clip@main"]["commit"] == v1_sha
+        assert "filter.models.clip_model" in doc["models"]["test-org/lock-clip@main"]["settings"]
+
+        v2_sha = server.add_repo("test-org/lock-clip", v2)  # upstream moves main
+        assert v2_sha != v1_sha
+        rc, err, _ = _cli(["models", "fetch", "--stages", "filter"], sets("node2"), env)
+        assert rc == 0, err[-3000:]
+        storage = tmp_path / "node2" / "hub" / "models--test-org--lock-clip"
+        assert [p.name for p in (storage / "snapshots").iterdir()] == [v1_sha]  # the locked commit, not main's
+        assert (storage / "refs" / "main").read_text() == v1_sha
+        assert yaml.safe_load(lock_file.read_text()) == doc  # unchanged
+
+        # a node whose cache has main at another commit: the stage refuses, one line naming both
+        (storage / "refs" / "main").write_text(v2_sha)
+        dead = _env(f"http://127.0.0.1:{_closed_port()}", HF_HUB_OFFLINE="1")
+        rc, err, _ = _cli(["filter"], sets("node2"), dead)
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert rc == 2 and len(lines) == 1 and v1_sha in lines[0] and v2_sha in lines[0], err[-3000:]
+
+        # --update locks main's newest commit and says what changed
+        rc, err, _ = _cli(["models", "fetch", "--stages", "filter", "--update"], sets("node1"), env)
+        assert rc == 0, err[-3000:]
+        assert yaml.safe_load(lock_file.read_text())["models"]["test-org/lock-clip@main"]["commit"] == v2_sha
+        assert f"{v1_sha[:12]} -> {v2_sha[:12]}" in err
