@@ -371,15 +371,13 @@ class CogVLMCaptioner(Captioner):
 
     def __init__(self, spec: CaptionerSpec, generation: GenerationSettings):
         super().__init__(spec, generation)
-        from transformers import AutoTokenizer
-
         from captioning.cogvlm.loading import load_model
+        from captioning.cogvlm.tokenization import load_tokenizer
 
         self.device = resolve_device(spec.device)
         dtype = torch_dtype("bfloat16" if spec.dtype == "auto" else spec.dtype)
         tok_name = spec.tokenizer or spec.model
         tok_rev = spec.tokenizer_revision if spec.tokenizer else spec.revision
-        tokenizer = AutoTokenizer.from_pretrained(tok_name, revision=tok_rev)
         q = quantization_config(spec)
         model = load_model(
             spec.model,
@@ -391,6 +389,8 @@ class CogVLMCaptioner(Captioner):
         )
         if q is None:
             model.to(self.device)
+        # v1: Vicuna's SentencePiece model as the official demo's slow LlamaTokenizer; CogVLM2: AutoTokenizer
+        tokenizer = load_tokenizer(tok_name, tok_rev, is_cogvlm2=model.config.is_cogvlm2)
         self._setup(model, tokenizer)
 
     @classmethod
