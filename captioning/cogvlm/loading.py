@@ -20,7 +20,10 @@ from captioning.cogvlm.configuration import CogVLMConfig, config_class_for
 
 #: Checkpoint entries the model recomputes and may ignore (older revisions saved rotary caches).
 IGNORED = re.compile(r"rotary_emb\.(cos|sin)_cached$")
-#: Model entries a checkpoint may leave out: the model computes them.
+#: Model entries a checkpoint may leave out: the model computes them. A checkpoint without
+#: ``rotary_emb.inv_freq`` gets the frequencies of its family's ``rope_theta`` (CogVLM 10000,
+#: CogVLM2 500000, as the reference code's ``RotaryEmbedding`` computes them); one that stores
+#: them must agree with that theta (:func:`check_rotary`), else it was made for another model.
 OPTIONAL = re.compile(r"rotary_emb\.inv_freq$")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -125,7 +128,8 @@ def expected_tensors(config: CogVLMConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_checkpoint(folder: Path, config: CogVLMConfig) -> None:
-    """Raise :class:`CheckpointError` naming the first missing, unexpected or mis-shaped parameters."""
+    """Raise :class:`CheckpointError` naming the first missing, unexpected or mis-shaped parameters,
+    or a stored ``rotary_emb.inv_freq`` of another ``rope_theta`` (:func:`check_rotary`)."""
     have = {k: v for k, v in checkpoint_tensors(folder).items() if not IGNORED.search(k)}
     want = expected_tensors(config)
     missing = {k for k in want if k not in have and not OPTIONAL.search(k)}
@@ -145,6 +149,51 @@ def check_checkpoint(folder: Path, config: CogVLMConfig) -> None:
             f"{folder}: {len(bad)} parameter(s) with the wrong shape, first {k}: checkpoint {have[k]}, "
             f"config.json implies {want[k]}"
         )
+    check_rotary(folder, config)
+
+
+def _stored(folder: Path, pattern: re.Pattern) -> dict[str, Any]:
+    """The checkpoint's tensors whose names match ``pattern`` (read from their shards only)."""
+    from safetensors import safe_open
+
+    index = folder / INDEX
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    else:
+        with safe_open(str(folder / SINGLE), framework="pt") as f:
+            weight_map = dict.fromkeys(f.keys(), SINGLE)  # noqa: SIM118 - safe_open is not a dict
+    out: dict[str, Any] = {}
+    for shard in sorted({v for k, v in weight_map.items() if pattern.search(k)}):
+        with safe_open(str(folder / shard), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys() if pattern.search(k)})  # noqa: SIM118
+    return out
+
+
+def check_rotary(folder: Path, config: CogVLMConfig) -> None:
+    """Raise :class:`CheckpointError` when a stored ``rotary_emb.inv_freq`` is not the family's ``rope_theta``'s.
+
+    The stored buffer wins at load time, so a checkpoint made with another theta (or a config
+    of the wrong family) would load and quietly rotate by other angles. Compared in the
+    stored dtype (bf16 checkpoints round the buffer); the message names the theta the stored
+    buffer implies (``inv_freq[1] = theta ** (-2 / head_dim)``) and the config's.
+    """
+    import torch
+
+    from captioning.cogvlm.modeling import CogVLMRotaryEmbedding
+
+    head_dim = config.hidden_size // config.num_attention_heads
+    want = CogVLMRotaryEmbedding(head_dim, config.rope_theta).inv_freq
+    for name, stored in sorted(_stored(folder, OPTIONAL).items()):
+        expected = want.to(stored.dtype).float()
+        eps = torch.finfo(stored.dtype).eps if stored.is_floating_point() else 0.0
+        if stored.shape != want.shape or not torch.allclose(stored.float(), expected, rtol=2 * eps, atol=0.0):
+            implied = float(stored.float()[1]) ** (-head_dim / 2) if stored.numel() > 1 else float("nan")
+            kind = "CogVLM2" if config.is_cogvlm2 else "CogVLM"
+            raise CheckpointError(
+                f"{folder}: {name} implies rope_theta {implied:.6g}, but a {kind} config.json means rope_theta "
+                f"{config.rope_theta:.6g}: the checkpoint was made for another model (or the config is of the "
+                f"wrong family)"
+            )
 
 
 def load_model(

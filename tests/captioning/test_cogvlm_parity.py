@@ -273,3 +273,72 @@ def test_compiled_static_decode_step_gives_the_same_tokens(loaded):
     )
     assert out[:, batch["input_ids"].shape[1] :].tolist() == ref["batch.greedy"].tolist()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
+def _stored_inv_freq(family: str) -> dict[str, torch.Tensor]:
+    from captioning.cogvlm.loading import OPTIONAL, _stored
+
+    stored = _stored(DATA / family, OPTIONAL)
+    assert len(stored) == 2  # one per decoder layer: the fixture keeps the reference's buffers
+    return stored
+
+
+@pytest.mark.parametrize("family,theta", [("cogvlm", 10000.0), ("cogvlm2", 500000.0)])
+def test_computed_rotary_frequencies_are_the_references(family, theta):
+    """The buffer our config computes (not the one loaded) equals the reference's stored one.
+
+    The reference's RotaryEmbedding uses base 10000 for v1 (CogAgent code) and 500000 for
+    CogVLM2 (its Hub code); scripts/cogvlm_parity.py saved both buffers in fp32.
+    """
+    from captioning.cogvlm.loading import read_config
+    from captioning.cogvlm.modeling import CogVLMForCausalLM
+
+    config = read_config(DATA / family)
+    assert config.rope_theta == theta
+    model = CogVLMForCausalLM(config)  # random init: inv_freq computed from config.rope_theta
+    buffers = dict(model.named_buffers())
+    for name, stored in _stored_inv_freq(family).items():
+        torch.testing.assert_close(buffers[name], stored, rtol=1e-6, atol=0.0)
+
+
+def test_a_wrong_rope_theta_fails_naming_both(monkeypatch):
+    from captioning.cogvlm.configuration import CogVLM2Config
+    from captioning.cogvlm.loading import CheckpointError, load_model
+
+    monkeypatch.setattr(CogVLM2Config, "rope_theta", property(lambda self: 10000.0))
+    with pytest.raises(CheckpointError, match=r"inv_freq implies rope_theta 500000, .* rope_theta 10000"):
+        load_model(str(DATA / "cogvlm2"), dtype=torch.float32)
+
+
+def test_a_checkpoint_without_inv_freq_gets_the_family_theta(family, tmp_path):
+    """No stored buffer: the model computes it from rope_theta, and the logits are still the reference's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from captioning.cogvlm.loading import OPTIONAL, load_model
+
+    folder = tmp_path / family
+    shutil.copytree(DATA / family, folder)
+    index = folder / "model.safetensors.index.json"
+    for shard in sorted(folder.glob("model*.safetensors")):
+        tensors = load_file(str(shard))
+        save_file({k: v for k, v in tensors.items() if not OPTIONAL.search(k)}, str(shard), metadata={"format": "pt"})
+    if index.is_file():
+        doc = json.loads(index.read_text())
+        doc["weight_map"] = {k: v for k, v in doc["weight_map"].items() if not OPTIONAL.search(k)}
+        index.write_text(json.dumps(doc))
+    model = load_model(str(folder), dtype=torch.float32)
+    buffers = dict(model.named_buffers())
+    for name, stored in _stored_inv_freq(family).items():
+        torch.testing.assert_close(buffers[name], stored, rtol=1e-6, atol=0.0)
+    ref = _reference(family)
+    ids = ref["row0.input_ids"][None]
+    with torch.no_grad():
+        out = model(
+            input_ids=ids,
+            token_type_ids=ref["row0.token_type_ids"][None],
+            attention_mask=torch.ones_like(ids),
+            pixel_values=ref["row0.pixel_values"][None],
+        ).logits[0]
+    assert (out - ref["row0.logits"]).abs().max().item() <= ATOL
