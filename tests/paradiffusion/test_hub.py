@@ -173,14 +173,21 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 def test_a_model_that_cannot_be_had_ends_the_run_with_one_line(case, tiny, fake_hub, tmp_path):
     name, argv, sets, env, words = next(c for c in _failure_cases(tiny, fake_hub, tmp_path) if c[0] == case)
-    rc, err, seconds = _cli(argv, sets, env)
+    # the old failure ran over a minute through Ray task retries: now the driver stops before Ray
+    # starts, asking the Hub once. Ray would make its session folder under RAY_TMPDIR.
+    ray_tmp = tmp_path / "ray"
+    n_before = len(fake_hub.requests)
+    rc, err, _ = _cli(argv, sets, {**env, "RAY_TMPDIR": str(ray_tmp)})
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 2, err[-3000:]
     assert "Traceback" not in err
     assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
     for w in words:
         assert w in lines[0], (w, lines[0])
-    assert seconds < 60, f"took {seconds:.0f} s"  # the old failure ran over a minute through Ray retries
+    assert not ray_tmp.exists(), "Ray was started before the model was had"
+    asked = [(m, p) for m, p, _ in fake_hub.requests[n_before:]]
+    repeated = sorted({r for r in asked if asked.count(r) > 1})
+    assert not repeated, f"asked the Hub more than once: {repeated}"  # no retry, no second attempt
     assert not (tmp_path / "data" / "scores").exists()  # nothing started
 
 
