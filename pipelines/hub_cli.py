@@ -5,12 +5,17 @@ so what is fetched is exactly what the stages will resolve:
 
 ```
 paradiffusion models fetch [--stages filter caption ...]   # download into models.cache_dir; resumable
+paradiffusion models fetch --update                         # move models.lock to each branch's newest commit
 paradiffusion models check [--stages ...] [--quick]         # offline: present, complete, hashes, loadable
 ```
 
-``fetch`` asks the Hub for each model's current commit (a branch such as ``main`` moves
-to its newest commit), downloads only what is missing and ends with a table: model,
-revision, files, size, status. ``check`` never touches a network: every file a loader
+``fetch`` writes ``models.lock`` (the ``models.lock`` setting; pipelines.yaml names
+``models.lock`` beside it, meant to be checked in): the commit each Hub model resolved to. A model already
+in the lock is fetched at its locked commit; one that is not yet there is resolved on the
+Hub (a branch such as ``main`` to its newest commit) and added. ``--update`` resolves every
+Hub model's branch again and rewrites the lock with the newest commits. Every later run,
+on any node, loads exactly the locked commits. ``fetch`` downloads only what is missing
+and ends with a table: model, revision, files, size, status. ``check`` never touches a network: every file a loader
 reads must be present, match the size and hash the Hub published for it (huggingface_hub
 caches the repository listing, with LFS sha256 and git blob ids, at download time; URL
 downloads record their sha256 beside the file), and weights must be readable (a
@@ -373,7 +378,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "action",
         choices=["fetch", "check"],
-        help="fetch: download every model the config names into models.cache_dir (needs network; resumable); "
+        help="fetch: download every model the config names into models.cache_dir at the commits models.lock "
+        "holds, and record the commits of models not yet locked there (needs network; resumable; --update moves "
+        "every lock entry to its branch's newest commit); "
         "check: verify offline that each is present, complete and matches its published hashes",
     )
     p.add_argument(
@@ -399,7 +406,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 MODELS = Command(
-    help="fetch every model the config names into one cache folder (make models), or check it offline",
+    help="fetch every model the config names into one cache folder at the commits models.lock holds (make models; "
+    "--update moves the lock to the newest commits), or check it offline",
     run=_run,
     add_arguments=_arguments,
 )
