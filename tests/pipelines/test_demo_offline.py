@@ -42,13 +42,24 @@ def test_the_guard_sees_a_library_that_calls_home(tmp_path):
 
 
 def test_the_audit_hook_sees_direct_sockets(tmp_path):
-    """A library that ignores the proxy variables and opens its own socket is recorded too."""
+    """A library that ignores the proxy variables and opens its own socket is recorded too. The
+    connect is not made (a test sends nothing off this machine): the process raises the audit events
+    CPython raises for ``socket.connect`` / ``socket.getaddrinfo`` (PEP 578) with an outside address."""
+    code = (
+        "import socket, sys\n"
+        "s = socket.socket()\n"
+        "sys.audit('socket.getaddrinfo', 'pypi.org', 443, 0, 0, 0)\n"
+        "sys.audit('socket.connect', s, ('203.0.113.7', 80))\n"
+        "sys.audit('socket.connect', s, ('127.0.0.1', 80))\n"
+    )
     with RecordingProxy() as proxy:
         env = guarded_env(tmp_path, proxy.url, base=_clean_env())
-        code = "import socket\ntry:\n    socket.create_connection(('192.0.2.1', 80), timeout=0.2)\nexcept OSError:\n    pass"
-        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60)
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr
     _, attempts = read_log(tmp_path, local_hosts())
-    assert any("192.0.2.1" in a for a in attempts), attempts
+    assert len(attempts) == 2, attempts
+    assert attempts[0].startswith("getaddrinfo") and "pypi.org" in attempts[0]
+    assert attempts[1].startswith("connect") and "203.0.113.7" in attempts[1]
 
 
 @pytest.mark.slow
