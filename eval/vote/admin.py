@@ -34,12 +34,18 @@ def sync_pairs(cfg: RootConfig, store: VoteStore) -> StageSummary:
     if not images.done_shards():
         raise ConfigError(f"no generated images in {images.url}: run `make eval-generate` first")
     v = cfg.eval.vote
-    built = build_pairs(images.read(), v.comparisons, v.prompt_sets, v.seeds_per_prompt)
+    size = cfg.eval.study_size()
+    built = build_pairs(images.read(), v.comparisons, v.prompt_sets, v.seeds_per_prompt, size, v.equalise)
     summary.n_in = len(built.rows) + sum(built.skipped.values())
     summary.n_out = store.add_pairs(built.rows)
     summary.rejected.update(built.skipped)
-    for what, n in built.aspect_mismatch.items():
-        summary.flag(f"aspect_mismatch ({what}; shown as {v.display})", n)
+    if v.equalise == "crop":
+        for what, n in built.aspect_mismatch.items():
+            summary.flag(f"size_mismatch ({what}; centre-cropped)", n)
+    if size is None and built.rows:  # no models configured: the size the pairs' images share
+        size = (int(built.rows[0]["width_x"]), int(built.rows[0]["height_x"]))
+    if size is not None:
+        store.set_meta("display_size", f"{size[0]}x{size[1]}")
     summary.extra["pairs_total"] = store.n_pairs()
     store.set_meta("image_root", str(_local(images.url, "eval.generate.output").resolve()))
     Table(str(store.path.parent)).save_config(cfg, "vote", v)
@@ -51,12 +57,14 @@ def app_for(cfg: RootConfig, store: VoteStore):
     from eval.vote.app import create_app
 
     v = cfg.eval.vote
+    size = cfg.eval.study_size()
+    if size is None:
+        stored = store.get_meta("display_size")
+        if stored is None:
+            raise ConfigError("eval.vote.size is not set and no pairs were built yet: run `vote-admin pairs` first")
+        size = tuple(int(x) for x in stored.split("x"))
     return create_app(
-        store,
-        store.get_meta("image_root"),
-        display=v.display,
-        background=v.background,
-        max_body_bytes=v.max_body_bytes,
+        store, store.get_meta("image_root"), size=size, max_body_bytes=v.max_body_bytes, public_url=v.public_url
     )
 
 
@@ -73,10 +81,11 @@ def run_vote(cfg: RootConfig, args: argparse.Namespace) -> int:
             "database": store.path,
             "pairs": f"{store.n_pairs()} ({summary.n_out} new)",
             "skipped": dict(summary.rejected) or "none",
-            "images": f"both of a pair shown at one size ({cfg.eval.vote.display})"
+            "images": f"served as one JPEG size, no metadata (equalise: {cfg.eval.vote.equalise})"
             + (f"; WARNING: {dict(summary.flagged)}" if summary.flagged else ""),
             "voters": f"{sum(1 for v in store.progress()['voters'] if v['role'] == 'voter')} invited",
-            "url": f"http://{host}:{port}/vote?t=<token>   admin: /admin?t=<admin token>",
+            "url": f"{(cfg.eval.vote.public_url or f'http://{host}:{port}').rstrip('/')}/vote?t=<token>   "
+            "admin: /admin?t=<admin token>",
             "invite": "paradiffusion vote-admin invite NAME... [--admin]",
         },
     )
@@ -86,7 +95,8 @@ def run_vote(cfg: RootConfig, args: argparse.Namespace) -> int:
 
 def run_vote_admin(cfg: RootConfig, args: argparse.Namespace) -> int:
     store = open_store(cfg)
-    base = args.base_url or f"http://{cfg.eval.vote.host}:{cfg.eval.vote.port}"
+    v = cfg.eval.vote
+    base = (args.base_url or v.public_url or f"http://{v.host}:{v.port}").rstrip("/")
     if args.action == "pairs":
         sync_pairs(cfg, store).print()
     elif args.action == "invite":

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from eval.vote.app import create_app, json_depth_ok, parse_id, strip_png_text
+from eval.vote.app import create_app, json_depth_ok, parse_id
 from eval.vote.db import VoteStore
 from eval.vote.pairs import build_pairs
 
@@ -22,7 +22,7 @@ def setup(tmp_path, images_table):
     store = VoteStore(tmp_path / "votes.sqlite")
     store.add_pairs(build_pairs(images_table.read()).rows)
     voter, admin = store.add_voter("ann"), store.add_voter("boss", role="admin")
-    client = TestClient(create_app(store, tmp_path / "images"))
+    client = TestClient(create_app(store, tmp_path / "images", size=(40, 24)))
     return store, client, voter, admin
 
 
@@ -67,7 +67,7 @@ def test_vote_flow_status_codes(setup):
     assert client.post("/api/vote", headers=h, json={"pair_id": not_served, **VOTE}).status_code == 403
     assert client.get(f"/image/{not_served}/A", headers=h).status_code == 403
     assert client.post("/api/vote", headers=h, json={"pair_id": pid, "question": "x", "choice": "A"}).status_code == 400
-    assert client.post("/api/vote", headers=h, content=b"not json").status_code == 400
+    assert client.post("/api/vote", headers={**h, "Content-Type": "application/json"}, content=b"x").status_code == 400
     # a vote counts only after both images were sent
     early = client.post("/api/vote", headers=h, json={"pair_id": pid, **VOTE})
     assert early.status_code == 409 and early.json()["code"] == "images_not_loaded"
@@ -147,8 +147,9 @@ def test_large_bodies_are_413(setup):
             sent.append(1)
             yield b" " * 65536
 
-    assert client.post("/api/vote", headers=h, content=chunks()).status_code == 413
-    r = client.post("/api/vote", headers={**h, "Content-Length": "abc"}, content=b"{}")
+    json_h = {**h, "Content-Type": "application/json"}
+    assert client.post("/api/vote", headers=json_h, content=chunks()).status_code == 413
+    r = client.post("/api/vote", headers={**json_h, "Content-Length": "abc"}, content=b"{}")
     assert r.status_code in (400, 413)
 
 
@@ -204,7 +205,7 @@ def test_images_are_blind_and_confined(setup, tmp_path):
     pid = client.get("/api/next", headers=h).json()["pair_id"]
     a, b = client.get(f"/image/{pid}/A", headers=h), client.get(f"/image/{pid}/B", headers=h)
     assert a.status_code == b.status_code == 200 and a.content != b.content
-    assert a.content.startswith(b"\x89PNG") and b"alpha" not in a.content and b"beta" not in a.content
+    assert a.content.startswith(b"\xff\xd8") and b"alpha" not in a.content and b"beta" not in a.content
     assert client.get(f"/image/{pid}/C", headers=h).status_code == 404
     assert client.get("/image/999/A", headers=h).status_code == 403  # not served to this voter
     assert client.get("/image/../../etc/passwd", headers=h).status_code == 404
@@ -218,16 +219,14 @@ def test_images_are_blind_and_confined(setup, tmp_path):
     assert client.get(f"/image/{pid}/B", headers=h).status_code == 404
 
 
-@pytest.mark.parametrize("display", ["letterbox", "crop"])
-def test_pair_images_share_one_size(tmp_path, make_images, display, caplog):
-    """Models generating at different shapes (here 48x80 portrait vs 64x64 square) are shown
-    at one size, so the shape names no model; building such pairs warns."""
-    images = make_images(tmp_path / "images", models=("tall",), n_prompts=2)
-    square = make_images(tmp_path / "sq", models=("square",), n_prompts=2, size=64)
+def _mixed_shapes(tmp_path, make_images):
+    """Two models at different shapes: "tall" 48 wide x 80 high (red), "square" 64x64 (blue)."""
     import pyarrow as pa
 
+    images = make_images(tmp_path / "images", models=("tall",), n_prompts=2)
+    square = make_images(tmp_path / "sq", models=("square",), n_prompts=2, size=64)
     rows = images.read().to_pylist()
-    for r in rows:  # make "tall" 48 wide x 80 high
+    for r in rows:
         Image.new("RGB", (48, 80), (200, 30, 30)).save(tmp_path / "images" / r["image_path"])
         r.update(width=48, height=80)
     for r in square.read().to_pylist():
@@ -235,29 +234,43 @@ def test_pair_images_share_one_size(tmp_path, make_images, display, caplog):
         (tmp_path / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (64, 64), (30, 30, 200)).save(tmp_path / "images" / rel)
         rows.append(r)
+    return pa.Table.from_pylist(rows)
+
+
+def test_pairs_of_different_shapes_are_refused_unless_cropped(tmp_path, make_images, caplog):
+    """Models generating at different shapes are refused by default (counted, logged as
+    an error); with equalise=crop both are served at the study's size, centre-cropped,
+    with no bars."""
+    table = _mixed_shapes(tmp_path, make_images)
     with caplog.at_level(logging.WARNING):
-        built = build_pairs(pa.Table.from_pylist(rows))
-    assert len(built.rows) == 2 and built.aspect_mismatch == {"square vs tall: 64x64 vs 48x80": 2}
-    assert "differ in aspect ratio" in caplog.text
+        refused = build_pairs(table)
+    assert refused.rows == [] and refused.skipped == {"size_mismatch:square_vs_tall": 2}
+    assert refused.aspect_mismatch == {"square vs tall: 64x64 vs 48x80": 2} and "refused" in caplog.text
+    # the same size on both sides but not the study's aspect: refused too
+    assert build_pairs(_same(table, 64, 64), size=(64, 40)).skipped == {"size_mismatch:square_vs_tall": 2}
+    assert len(build_pairs(_same(table, 64, 64), size=(128, 128)).rows) == 2
+    built = build_pairs(table, size=(40, 40), equalise="crop")
+    assert len(built.rows) == 2 and not built.skipped
     store = VoteStore(tmp_path / "votes.sqlite")
     store.add_pairs(built.rows)
     token = store.add_voter("ann")
-    client = TestClient(create_app(store, tmp_path / "images", display=display))
+    client = TestClient(create_app(store, tmp_path / "images", size=(40, 40)))
     h = {"X-Token": token}
     pid = client.get("/api/next", headers=h).json()["pair_id"]
     a = Image.open(io.BytesIO(client.get(f"/image/{pid}/A", headers=h).content))
     b = Image.open(io.BytesIO(client.get(f"/image/{pid}/B", headers=h).content))
-    assert a.size == b.size
-    tall = a if a.getpixel((a.width // 2, a.height // 2))[0] > 100 else b
-    if display == "letterbox":
-        assert a.size == (64, 80)  # the largest width by the largest height
-        assert tall.getpixel((1, 40)) == (255, 255, 255)  # white bars beside the narrow image
-        assert tall.getpixel((32, 40))[0] > 150
-    else:
-        assert abs(a.width / a.height - ((48 / 80) * 1.0) ** 0.5) < 0.03  # one aspect between the two
-        assert tall.getpixel((1, 1))[0] > 150  # cropped, no bars
+    assert a.size == b.size == (40, 40) and a.format == b.format == "JPEG"
+    tall = a if a.getpixel((20, 20))[0] > 100 else b
+    for corner in ((0, 0), (39, 0), (0, 39), (39, 39), (0, 20), (20, 0)):
+        assert tall.getpixel(corner)[0] > 150, corner  # cropped, no bars anywhere
     again = client.get(f"/image/{pid}/A", headers=h).content  # served from the cache, same bytes
     assert Image.open(io.BytesIO(again)).tobytes() == a.tobytes()
+
+
+def _same(table, w: int, h: int):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([{**r, "width": w, "height": h} for r in table.to_pylist()])
 
 
 def test_admin_progress(setup):
@@ -271,10 +284,19 @@ def test_admin_progress(setup):
     assert ann["votes"] == 1 and ann["total"] == 8 and ann["served"] == 1
 
 
-def test_strip_png_text_keeps_pixels(tmp_path, images_table):
-    f = next((tmp_path / "images" / "png").rglob("*.png"))
-    raw = f.read_bytes()
-    stripped = strip_png_text(raw)
-    assert b"tEXt" in raw and b"tEXt" not in stripped
-    assert Image.open(io.BytesIO(stripped)).tobytes() == Image.open(f).tobytes()
-    assert strip_png_text(b"not a png") == b"not a png"
+def test_served_image_keeps_only_pixels(tmp_path):
+    """The served bytes are a JPEG of the study size with no metadata: EXIF (and its
+    orientation, applied to the pixels), ICC profile, comments and PNG chunks are gone."""
+    from eval.vote.display import render_file
+
+    exif = Image.Exif()
+    exif[0x0131] = "model-one v2"  # Software
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    src = Image.new("RGB", (80, 40), (10, 200, 10))
+    src.paste((250, 0, 0), (0, 0, 40, 40))  # left half red: after the rotation, the top half
+    src.save(tmp_path / "a.jpg", exif=exif, icc_profile=b"\0" * 200, comment=b"made by model-one")
+    out = render_file(tmp_path / "a.jpg", (40, 80))
+    assert out.startswith(b"\xff\xd8") and b"model-one" not in out and b"Exif" not in out and b"ICC_PROFILE" not in out
+    im = Image.open(io.BytesIO(out))
+    assert im.size == (40, 80) and not im.getexif() and "icc_profile" not in im.info
+    assert im.getpixel((20, 10))[0] > 200 and im.getpixel((20, 70))[1] > 150  # upright: red on top

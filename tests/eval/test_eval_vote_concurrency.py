@@ -17,7 +17,7 @@ def test_fifty_concurrent_voters(tmp_path, make_images):
     store = VoteStore(tmp_path / "votes.sqlite", quota=PAIRS_PER_VOTER)
     store.add_pairs(build_pairs(images.read())[0])
     tokens = [store.add_voter(f"v{i}") for i in range(N_VOTERS)]
-    with serve_in_thread(create_app(store, tmp_path / "images")) as url:
+    with serve_in_thread(create_app(store, tmp_path / "images", size=(40, 24))) as url:
         runs = run_voters(url, tokens, retry_duplicate=True)
     assert not [e for r in runs for e in r.errors]
     accepted = sum(r.accepted for r in runs)

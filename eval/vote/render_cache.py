@@ -1,0 +1,85 @@
+"""The served images, rendered once and kept on disk (safe for many threads and processes).
+
+An entry is named by a hash of the source file's *content*, the study size and
+:data:`eval.vote.display.RENDER_VERSION`, so an image replaced in place is rendered
+again and the name says nothing about the pair or the model. Writing is write-once:
+
+- each thread renders into its own temp file (``tempfile.mkstemp``: a unique name, so
+  two threads or two server processes never share one);
+- the temp file is published with ``os.link`` to the final name, which fails if another
+  writer got there first; the loser drops its temp file and serves the winner's bytes
+  (equal anyway). Readers only ever see complete files;
+- within one process, a striped lock per name makes concurrent first requests of one
+  image render it once instead of once per thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from eval.vote.display import RENDER_VERSION, BadImage, render_file
+
+_N_LOCKS = 64
+
+
+class RenderCache:
+    """Rendered images of the study's ``size`` under ``folder``."""
+
+    def __init__(self, folder: str | Path, size: tuple[int, int]):
+        self.folder = Path(folder)
+        self.size = (int(size[0]), int(size[1]))
+        self._locks = [threading.Lock() for _ in range(_N_LOCKS)]
+        self.rendered = 0  # renders done by this process (tests and the benchmark read it)
+
+    def name_for(self, data: bytes) -> str:
+        h = hashlib.sha256(f"{RENDER_VERSION}:{self.size[0]}x{self.size[1]}:".encode())
+        h.update(data)
+        return h.hexdigest()[:40] + ".jpg"
+
+    def get(self, path: Path) -> bytes:
+        """The served bytes of the source at ``path``; :class:`BadImage` when it cannot be
+        decoded, ``OSError`` when it cannot be read."""
+        data = path.read_bytes()
+        name = self.name_for(data)
+        final = self.folder / name
+        try:
+            return final.read_bytes()
+        except FileNotFoundError:
+            pass
+        with self._locks[int(name[:8], 16) % _N_LOCKS]:
+            try:  # another thread may have rendered it while this one waited
+                return final.read_bytes()
+            except FileNotFoundError:
+                pass
+            out = render_file(io.BytesIO(data), self.size)
+            self.rendered += 1
+            self._publish(final, out)
+            return out
+
+    def _publish(self, final: Path, out: bytes) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(out)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, final)  # write-once: fails when the name exists
+            except FileExistsError:
+                pass  # another process published the same (equal) bytes first
+            except OSError:  # a file system without hard links: rename is atomic too
+                os.replace(tmp, final)
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+
+__all__ = ["BadImage", "RenderCache"]
