@@ -418,5 +418,6 @@ def create_app(
 
     app = Starlette(routes=[*routes, Route("/{rest:path}", not_found, methods=["GET", "HEAD", "POST"])])
     app.router.redirect_slashes = False
+    app.state.render_cache = cache
     app.add_middleware(SecurityHeaders)
     return app

@@ -300,3 +300,101 @@ def test_served_image_keeps_only_pixels(tmp_path):
     im = Image.open(io.BytesIO(out))
     assert im.size == (40, 80) and not im.getexif() and "icc_profile" not in im.info
     assert im.getpixel((20, 10))[0] > 200 and im.getpixel((20, 70))[1] > 150  # upright: red on top
+
+
+def test_votes_must_be_sent_as_json(setup):
+    """415 unless the body is declared application/json (UTF-8); a UTF-16 body is 400."""
+    _, client, voter, _ = setup
+    pid = _serve(client, voter)
+    body = ('{"pair_id": %d, "question": "visual_appeal", "choice": "A"}' % pid).encode()
+    h = {"X-Token": voter}
+    for ctype in (None, "text/plain", "application/x-www-form-urlencoded", "application/json; charset=utf-16",
+                  "application/jsonx", "multipart/form-data"):
+        r = client.post("/api/vote", headers={**h, **({"Content-Type": ctype} if ctype else {})}, content=body)
+        assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type", ctype
+        assert r.headers["x-frame-options"] == "DENY"
+    utf16 = body.decode().encode("utf-16")
+    r = client.post("/api/vote", headers={**h, "Content-Type": "application/json"}, content=utf16)
+    assert r.status_code == 400
+    r = client.post("/api/vote", headers={**h, "Content-Type": "Application/JSON; charset=UTF-8"}, content=body)
+    assert r.status_code == 200
+
+
+def test_ids_are_matched_whole(setup):
+    _, client, voter, admin = setup
+    pid = _serve(client, voter)
+    for bad in (f"{pid}%0A", f"{pid}%0D", f"%0A{pid}", f"{pid}%20", f"{pid}%00"):
+        assert client.get(f"/image/{bad}/A", headers={"X-Token": voter}).status_code == 400, bad
+        assert client.get(f"/admin/image/{bad}/x", headers={"X-Token": admin}).status_code == 400, bad
+    assert parse_id("1\n") is None and parse_id("1") == 1
+
+
+def test_slash_redirects_use_the_public_url_never_host_or_token(tmp_path, images_table):
+    store = VoteStore(tmp_path / "votes.sqlite")
+    token = store.add_voter("ann")
+    plain = TestClient(create_app(store, tmp_path / "images", size=(40, 24)), base_url="http://evil.example")
+    r = plain.get(f"/vote/?t={token}", headers={"Host": "evil.example"}, follow_redirects=False)
+    assert r.status_code == 308 and r.headers["location"] == "/vote"  # relative, no token
+    public = create_app(store, tmp_path / "images", size=(40, 24), public_url="https://vote.example.org/study/")
+    client = TestClient(public, base_url="http://evil.example")
+    for path in (f"/vote/?t={token}", "/admin/?t=x", "/vote//"):
+        r = client.get(path, headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"}, follow_redirects=False)
+        loc = r.headers["location"]
+        assert r.status_code == 308 and loc.startswith("https://vote.example.org/study/"), (path, loc)
+        assert "evil" not in loc and token not in loc and "?" not in loc
+        assert r.headers["x-frame-options"] == "DENY"
+    assert client.get("/api/next/", headers={"X-Token": token}).status_code == 404
+    with pytest.raises(ValueError, match="public_url"):
+        create_app(store, tmp_path / "images", public_url="javascript:alert(1)")
+
+
+def test_bad_image_withdraws_its_pair_and_is_410(tmp_path, images_table):
+    """A truncated file or a file that is no image: 410 for that pair (never 500), the
+    pair withdrawn (not served again, counted for the admin), the next pair served."""
+    store = VoteStore(tmp_path / "votes.sqlite", quota=2)
+    store.add_pairs(build_pairs(images_table.read()).rows)
+    token, admin = store.add_voter("ann"), store.add_voter("boss", role="admin")
+    client = TestClient(create_app(store, tmp_path / "images", size=(40, 24)))
+    h = {"X-Token": token}
+    pid = client.get("/api/next", headers=h).json()["pair_id"]
+    pair = store.pair(pid)
+    (tmp_path / "images" / pair["path_x"]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (tmp_path / "images" / pair["path_y"]).write_bytes(b"GIF89a not really")
+    codes = {client.get(f"/image/{pid}/{s}", headers=h).status_code for s in "AB"}
+    assert codes == {410}
+    r = client.get(f"/image/{pid}/A", headers=h)
+    assert r.json()["code"] == "withdrawn" and r.headers["content-security-policy"]
+    assert client.get(f"/admin/image/{pid}/x", headers={"X-Token": admin}).status_code == 410
+    nxt = client.get("/api/next", headers=h).json()
+    assert nxt["pair_id"] != pid and nxt["progress"]["total"] == 2 * 2  # the quota: 2 pairs x 2 questions
+    prog = client.get("/api/admin/progress", headers={"X-Token": admin}).json()
+    assert prog["withdrawn"] == 1 and prog["withdrawn_pairs"][0]["pair_id"] == pid
+    assert "x:" in prog["withdrawn_pairs"][0]["reason"]
+    assert "withdrawn" in client.get(f"/admin?t={admin}").text
+    other = VoteStore(tmp_path / "votes.sqlite").add_voter("bob")  # nobody is served it again
+    seen = set()
+    for _ in range(4):
+        task = client.get("/api/next", headers={"X-Token": other}).json()
+        if task["done"]:
+            break
+        seen.add(task["pair_id"])
+        for s in "AB":
+            client.get(f"/image/{task['pair_id']}/{s}", headers={"X-Token": other})
+        for q in ("visual_appeal", "text_faithfulness"):
+            client.post("/api/vote", headers={"X-Token": other}, json={"pair_id": task["pair_id"], "question": q, "choice": "A"})
+    assert pid not in seen and len(seen) == 2
+
+
+def test_unforeseen_errors_are_json_500_with_security_headers(setup, monkeypatch):
+    """A bug no route handles still answers with the security headers and no-store (and no traceback)."""
+    store, _, voter, _ = setup
+
+    def boom(*a, **k):
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(store, "next_task", boom)
+    client = TestClient(create_app(store, store.path.parent / "images", size=(40, 24)), raise_server_exceptions=False)
+    r = client.get("/api/next", headers={"X-Token": voter})
+    assert r.status_code == 500 and r.json() == {"error": "internal error", "code": "internal"}
+    assert r.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    assert r.headers["cache-control"] == "no-store" and "secret" not in r.text
