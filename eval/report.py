@@ -68,8 +68,18 @@ table.stack td{border:0;text-align:left;white-space:normal;padding:2px 0;font-si
 table.stack td::before{content:attr(data-label) ": ";color:#555;font-weight:600}}
 """
 #: The voting table's columns: what a narrow screen prints before each value (stacked rows).
-VOTE_COLUMNS = ("comparison (X vs Y)", "prompt set", "question", "votes", "prompts", "X wins", "tie", "Y wins",
-                "gap X\u2212Y", "X, ties half")
+VOTE_COLUMNS = (
+    "comparison (X vs Y)",
+    "prompt set",
+    "question",
+    "votes",
+    "prompts",
+    "X wins",
+    "tie",
+    "Y wins",
+    "gap X\u2212Y",
+    "X, ties half",
+)
 
 
 def _table(head: str, rows: list[str]) -> str:
@@ -181,9 +191,11 @@ def _votes_section(cfg: RootConfig) -> tuple[str, int, int]:
     parts.append(f"<p class=note>{html.escape(TIES_NOTE)}</p>")
     rates = voting_rates(rows, rc.bootstrap, rc.confidence, cfg.project.seed)
     parts.append(winrate_plot([r for ps, r in rates if ps == "ALL"], rc.confidence))
-    head = "<tr class=head>" + "".join(
-        f"<th{' class=l' if i < 3 else ''}>{html.escape(c)}</th>" for i, c in enumerate(VOTE_COLUMNS)
-    ) + "</tr>"
+    head = (
+        "<tr class=head>"
+        + "".join(f"<th{' class=l' if i < 3 else ''}>{html.escape(c)}</th>" for i, c in enumerate(VOTE_COLUMNS))
+        + "</tr>"
+    )
     body, flagged = [], 0
     for ps, r in rates:
         few = _few(r.n_prompts, rc.min_prompts)
@@ -197,7 +209,7 @@ def _votes_section(cfg: RootConfig) -> tuple[str, int, int]:
             *(_fmt(e, True) for e in (r.win, r.tie, r.loss, r.gap, r.win_ties_half)),
         ]
         tds = "".join(
-            f"<td{' class=l' if i < 3 else ''} data-label=\"{html.escape(VOTE_COLUMNS[i])}\">{c}</td>"
+            f'<td{" class=l" if i < 3 else ""} data-label="{html.escape(VOTE_COLUMNS[i])}">{c}</td>'
             for i, c in enumerate(cells)
         )
         body.append(f"<tr{' class=few' if few else ''}>{tds}</tr>")

@@ -180,9 +180,11 @@ class VoteStore:
 
     def n_servable(self) -> int:
         """Pairs that can still be served (every pair less the withdrawn ones)."""
-        return self._conn().execute(
-            "SELECT COUNT(*) FROM pairs p WHERE NOT EXISTS (SELECT 1 FROM withdrawn w WHERE w.pair_id=p.id)"
-        ).fetchone()[0]
+        return (
+            self._conn()
+            .execute("SELECT COUNT(*) FROM pairs p WHERE NOT EXISTS (SELECT 1 FROM withdrawn w WHERE w.pair_id=p.id)")
+            .fetchone()[0]
+        )
 
     def withdraw(self, pair_id: int, reason: str) -> bool:
         """Take a pair out of serving (an image of it cannot be shown); True if it was not

@@ -82,6 +82,8 @@ def render_file(path, size: tuple[int, int]) -> bytes:
             out = render(im, size)
     except BadImage:
         raise
+    except Image.UnidentifiedImageError as exc:
+        raise BadImage("UnidentifiedImageError: cannot identify the image format") from exc
     except Exception as exc:  # noqa: BLE001 - every decoder error (OSError, SyntaxError, bombs...) is a bad image
         raise BadImage(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
     return encode(out)

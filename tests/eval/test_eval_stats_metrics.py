@@ -210,7 +210,12 @@ def test_fid_reference_cache_follows_the_weights_content(tmp_path, make_images, 
     doc = {
         "project": {"data_root": str(tmp_path / "data")},
         "eval": {
-            "metrics": {"clip_model": str(live), "fid_reference": str(tmp_path / "ref"), "batch_size": 4, "device": "cpu"}
+            "metrics": {
+                "clip_model": str(live),
+                "fid_reference": str(tmp_path / "ref"),
+                "batch_size": 4,
+                "device": "cpu",
+            }
         },
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))

@@ -53,7 +53,9 @@ def test_64_concurrent_first_image_requests_never_5xx(tmp_path, make_images):
         with httpx.Client(base_url=url, timeout=60) as client:
             served = [(t, client.get("/api/next", headers={"X-Token": t}).json()["pair_id"]) for t in tokens]
         good = [(t, p) for t, p in served if p != 9][:32]
-        jobs = [(t, p, side) for t, p in good for side in "AB"] + [(t, 9, side) for t, p in served if p == 9 for side in "AB"]
+        jobs = [(t, p, side) for t, p in good for side in "AB"] + [
+            (t, 9, side) for t, p in served if p == 9 for side in "AB"
+        ]
         assert len(jobs) >= 64 and len({p for _, p, _ in jobs}) == 9
         barrier = threading.Barrier(len(jobs))
         results: list[int] = []
