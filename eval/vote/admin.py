@@ -52,27 +52,41 @@ def sync_pairs(cfg: RootConfig, store: VoteStore) -> StageSummary:
     return summary.finish()
 
 
-def app_for(cfg: RootConfig, store: VoteStore):
-    """The voting app over ``store`` with the ``eval.vote`` display and limits."""
-    from eval.vote.app import create_app
-
-    v = cfg.eval.vote
+def display_size(cfg: RootConfig, store: VoteStore) -> tuple[int, int]:
+    """The size every image is served at: ``eval.vote.size``, the study models' one size,
+    or (no models configured) the size recorded when the pairs were built."""
     size = cfg.eval.study_size()
     if size is None:
         stored = store.get_meta("display_size")
         if stored is None:
             raise ConfigError("eval.vote.size is not set and no pairs were built yet: run `vote-admin pairs` first")
         size = tuple(int(x) for x in stored.split("x"))
+    return size
+
+
+def app_for(cfg: RootConfig, store: VoteStore):
+    """The voting app over ``store`` with the ``eval.vote`` display and limits."""
+    from eval.vote.app import create_app
+
+    v = cfg.eval.vote
     return create_app(
-        store, store.get_meta("image_root"), size=size, max_body_bytes=v.max_body_bytes, public_url=v.public_url
+        store,
+        store.get_meta("image_root"),
+        size=display_size(cfg, store),
+        max_body_bytes=v.max_body_bytes,
+        public_url=v.public_url,
     )
 
 
 def run_vote(cfg: RootConfig, args: argparse.Namespace) -> int:
+    from eval.vote.render_cache import prerender
     from eval.vote.server import serve_forever
 
     store = open_store(cfg)
     summary = sync_pairs(cfg, store)
+    rendered = prerender(store, store.get_meta("image_root"), display_size(cfg, store))
+    if rendered.get("withdrawn"):
+        summary.flag("pairs withdrawn (an image cannot be shown; listed on the admin page)", rendered["withdrawn"])
     host = args.host or cfg.eval.vote.host
     port = args.port if args.port is not None else cfg.eval.vote.port
     announce(
@@ -81,7 +95,8 @@ def run_vote(cfg: RootConfig, args: argparse.Namespace) -> int:
             "database": store.path,
             "pairs": f"{store.n_pairs()} ({summary.n_out} new)",
             "skipped": dict(summary.rejected) or "none",
-            "images": f"served as one JPEG size, no metadata (equalise: {cfg.eval.vote.equalise})"
+            "images": f"served as one JPEG at {'x'.join(map(str, display_size(cfg, store)))}, no metadata "
+            f"(equalise: {cfg.eval.vote.equalise}); rendered now: {rendered}"
             + (f"; WARNING: {dict(summary.flagged)}" if summary.flagged else ""),
             "voters": f"{sum(1 for v in store.progress()['voters'] if v['role'] == 'voter')} invited",
             "url": f"{(cfg.eval.vote.public_url or f'http://{host}:{port}').rstrip('/')}/vote?t=<token>   "

@@ -57,7 +57,7 @@ from starlette.routing import Route
 from eval.vote.db import CHOICES, MAX_ID, QUESTIONS, Voter, VoteStore
 from eval.vote.display import MEDIA_TYPE, BadImage
 from eval.vote.pages import ADMIN_CANNOT_VOTE_PAGE, ADMIN_PAGE, CSP, FORBIDDEN_PAGE, VOTE_PAGE
-from eval.vote.render_cache import RenderCache
+from eval.vote.render_cache import RenderCache, inside
 from paradiffusion.log import get_logger
 
 log = get_logger("eval.vote")
@@ -263,20 +263,13 @@ def create_app(
             return None
         return voter
 
-    def inside_root(rel: str) -> Path | None:
-        try:
-            path = (root / rel).resolve()
-            return path if path.is_relative_to(root) and path.is_file() else None
-        except (OSError, ValueError):  # a path with NUL, too long, a loop of links
-            return None
-
     def pair_image(pair: dict, which: str) -> tuple[bytes, str] | Response:
         """The served bytes and media type of the pair's ``x`` or ``y`` image, or the error
         response: 404 for a file that is not there (or outside the image folder), 410 for
         one that cannot be decoded (the pair is withdrawn from serving)."""
         if store.is_withdrawn(pair["id"]):
             return _error(410, "this pair was withdrawn (an image of it cannot be shown)", "withdrawn")
-        path = inside_root(pair["path_x"] if which == "x" else pair["path_y"])
+        path = inside(root, pair["path_x"] if which == "x" else pair["path_y"])
         if path is None:
             return PlainTextResponse("not found", status_code=404, headers=_NO_STORE)
         try:

@@ -27,6 +27,46 @@ from eval.vote.display import RENDER_VERSION, BadImage, render_file
 _N_LOCKS = 64
 
 
+def inside(root: Path, rel: str) -> Path | None:
+    """``rel`` under the image folder ``root`` (resolved, links followed), or None when it
+    leaves the folder or is not a file: a pair's stored path is never trusted."""
+    try:
+        path = (root / rel).resolve()
+        return path if path.is_relative_to(root) and path.is_file() else None
+    except (OSError, ValueError):  # a path with NUL, too long, a loop of links
+        return None
+
+
+def prerender(store, image_root: str | Path, size: tuple[int, int], cache_dir: str | Path | None = None) -> dict:
+    """Render every servable pair's images into the cache before voters come (the
+    ``vote`` command does it at start), so no voter waits for a first render and a bad
+    image is withdrawn before anyone is served its pair. Returns counts: ``rendered``,
+    ``cached`` (already there), ``withdrawn`` (pairs with an image that cannot be shown)."""
+    from collections import Counter
+
+    from paradiffusion.stage import progress
+
+    root = Path(image_root).resolve()
+    cache = RenderCache(Path(cache_dir) if cache_dir else store.path.parent / "display", size)
+    counts: Counter = Counter()
+    pairs = [p for p in store.pairs_overview() if not store.is_withdrawn(p["id"])]
+    for overview in progress(pairs, desc="render images", unit="pair"):
+        pair = store.pair(overview["id"])
+        for which in ("x", "y"):
+            path = inside(root, pair[f"path_{which}"])
+            before = cache.rendered
+            try:
+                if path is None:
+                    raise FileNotFoundError(f"{pair[f'path_{which}']} is not a file under the image folder")
+                cache.get(path)
+            except (BadImage, OSError) as exc:
+                store.withdraw(pair["id"], f"{which}: {exc}")
+                counts["withdrawn"] += 1
+                break
+            counts["rendered" if cache.rendered > before else "cached"] += 1
+    return dict(counts)
+
+
 class RenderCache:
     """Rendered images of the study's ``size`` under ``folder``."""
 
@@ -82,4 +122,4 @@ class RenderCache:
                 pass
 
 
-__all__ = ["BadImage", "RenderCache"]
+__all__ = ["BadImage", "RenderCache", "inside", "prerender"]

@@ -411,3 +411,27 @@ def test_unforeseen_errors_are_json_500_with_security_headers(setup, monkeypatch
     assert r.status_code == 500 and r.json() == {"error": "internal error", "code": "internal"}
     assert r.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in r.headers["content-security-policy"]
     assert r.headers["cache-control"] == "no-store" and "secret" not in r.text
+
+
+def test_prerender_fills_the_cache_and_withdraws_bad_pairs(tmp_path, images_table):
+    """`make vote` renders every pair before voters come: a second start renders nothing,
+    a pair with an undecodable image is withdrawn before anyone is served it, and the app
+    then serves from the cache without rendering."""
+    from eval.vote.render_cache import prerender
+
+    store = VoteStore(tmp_path / "votes.sqlite")
+    store.add_pairs(build_pairs(images_table.read()).rows)
+    (tmp_path / "images" / store.pair(2)["path_y"]).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    first = prerender(store, tmp_path / "images", (40, 24))
+    assert first["withdrawn"] == 1 and first["rendered"] == 3 * 2 + 1  # pair 2's x rendered before its y failed
+    assert store.is_withdrawn(2) and not store.is_withdrawn(1)
+    assert prerender(store, tmp_path / "images", (40, 24)) == {"cached": 6}
+    app = create_app(store, tmp_path / "images", size=(40, 24))
+    client, token = TestClient(app), store.add_voter("ann")
+    for _ in range(3):
+        pid = _serve(client, token)
+        assert pid != 2
+        for q in ("visual_appeal", "text_faithfulness"):
+            client.post("/api/vote", headers={"X-Token": token}, json={"pair_id": pid, "question": q, "choice": "A"})
+    assert client.get("/api/next", headers={"X-Token": token}).json()["done"] is True
+    assert app.state.render_cache.rendered == 0  # every image came from the cache
