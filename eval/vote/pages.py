@@ -66,7 +66,7 @@ async function api(path, body){
 for (const side of ["A", "B"]) {
   const img = $("img" + side);
   img.addEventListener("load", () => { if (img.dataset.want === img.currentSrc || img.dataset.want === img.src) { loaded[side] = true; refresh(); } });
-  img.addEventListener("error", () => { $("error").textContent = "Image " + side + " did not load; reload the page."; });
+  img.addEventListener("error", () => { $("error").textContent = "Image " + side + " could not be shown; reload the page for another pair."; });
 }
 async function load(){
   task = await api("/api/next"); showProgress(task.progress);

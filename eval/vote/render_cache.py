@@ -23,8 +23,20 @@ import threading
 from pathlib import Path
 
 from eval.vote.display import RENDER_VERSION, BadImage, render_file
+from paradiffusion.log import get_logger
+
+log = get_logger("eval.vote")
 
 _N_LOCKS = 64
+
+
+def _read(path: Path) -> bytes | None:
+    """A cached file's bytes; None when it is not there or the cache cannot be read (the
+    cache's trouble is never the source image's: the caller renders it again)."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def inside(root: Path, rel: str) -> Path | None:
@@ -83,22 +95,24 @@ class RenderCache:
 
     def get(self, path: Path) -> bytes:
         """The served bytes of the source at ``path``; :class:`BadImage` when it cannot be
-        decoded, ``OSError`` when it cannot be read."""
+        decoded, ``OSError`` when the source cannot be read. A cache folder that cannot be
+        read or written only costs a render (logged), never the image."""
         data = path.read_bytes()
         name = self.name_for(data)
         final = self.folder / name
-        try:
-            return final.read_bytes()
-        except FileNotFoundError:
-            pass
+        cached = _read(final)
+        if cached is not None:
+            return cached
         with self._locks[int(name[:8], 16) % _N_LOCKS]:
-            try:  # another thread may have rendered it while this one waited
-                return final.read_bytes()
-            except FileNotFoundError:
-                pass
+            cached = _read(final)  # another thread may have rendered it while this one waited
+            if cached is not None:
+                return cached
             out = render_file(io.BytesIO(data), self.size)
             self.rendered += 1
-            self._publish(final, out)
+            try:
+                self._publish(final, out)
+            except OSError as exc:  # a full or read-only cache folder: serve it anyway, the source is fine
+                log.warning("cannot cache a rendered image in %s (%s); serving it uncached", self.folder, exc)
             return out
 
     def _publish(self, final: Path, out: bytes) -> None:

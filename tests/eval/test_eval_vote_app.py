@@ -435,3 +435,18 @@ def test_prerender_fills_the_cache_and_withdraws_bad_pairs(tmp_path, images_tabl
             client.post("/api/vote", headers={"X-Token": token}, json={"pair_id": pid, "question": q, "choice": "A"})
     assert client.get("/api/next", headers={"X-Token": token}).json()["done"] is True
     assert app.state.render_cache.rendered == 0  # every image came from the cache
+
+
+def test_an_unwritable_cache_serves_uncached_and_withdraws_nothing(tmp_path, images_table):
+    """A cache folder that cannot be written (here: a file stands where the folder should
+    be) is the server's problem, not the image's: the image is served, no pair withdrawn."""
+    store = VoteStore(tmp_path / "votes.sqlite")
+    store.add_pairs(build_pairs(images_table.read()).rows)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    client = TestClient(create_app(store, tmp_path / "images", size=(40, 24), cache_dir=blocker))
+    token = store.add_voter("ann")
+    pid = _serve(client, token)
+    r = client.get(f"/image/{pid}/A", headers={"X-Token": token})
+    assert r.status_code == 200 and r.content.startswith(b"\xff\xd8")
+    assert store.progress()["withdrawn"] == 0
