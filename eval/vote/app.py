@@ -22,8 +22,8 @@ tokens only: an admin token sees the models, so it cannot vote (403). Status cod
 - 403: a bad, missing or revoked token, an admin token on a voter route, a pair not
   served to this voter;
 - 404: an unknown image or path, or an image whose file is outside the image folder;
-- 410: a pair whose image cannot be decoded: it is withdrawn from serving (``code:
-  withdrawn``) and listed on the admin page;
+- 410: a pair whose image file is missing or cannot be decoded: it is withdrawn from
+  serving (``code: withdrawn``) and listed on the admin page;
 - 409: a second vote on the same pair and question (``code: duplicate``), or a vote
   before both images of the pair were sent to this voter (``code: images_not_loaded``);
 - 413: a request body over ``max_body_bytes`` (checked before and while reading it);
@@ -265,8 +265,9 @@ def create_app(
 
     def pair_image(pair: dict, which: str) -> tuple[bytes, str] | Response:
         """The served bytes and media type of the pair's ``x`` or ``y`` image, or the error
-        response: 404 for a file that is not there (or outside the image folder), 410 for
-        one that cannot be decoded (the pair is withdrawn from serving)."""
+        response: 404 for a path outside the image folder; 410 for a file that is missing
+        or cannot be decoded, and the pair is withdrawn from serving (otherwise a voter
+        served it could never load both images, so never vote, and would get it back)."""
         if store.is_withdrawn(pair["id"]):
             return _error(410, "this pair was withdrawn (an image of it cannot be shown)", "withdrawn")
         path = inside(root, pair["path_x"] if which == "x" else pair["path_y"])
@@ -274,8 +275,6 @@ def create_app(
             return PlainTextResponse("not found", status_code=404, headers=_NO_STORE)
         try:
             return cache.get(path), MEDIA_TYPE
-        except FileNotFoundError:
-            return PlainTextResponse("not found", status_code=404, headers=_NO_STORE)
         except (BadImage, OSError) as exc:
             if store.withdraw(pair["id"], f"{which}: {exc}"):
                 log.warning("pair %d withdrawn: its %s image cannot be shown (%s)", pair["id"], which, exc)

@@ -41,10 +41,11 @@ def _read(path: Path) -> bytes | None:
 
 def inside(root: Path, rel: str) -> Path | None:
     """``rel`` under the image folder ``root`` (resolved, links followed), or None when it
-    leaves the folder or is not a file: a pair's stored path is never trusted."""
+    leaves the folder: a pair's stored path is never trusted. The file may be missing
+    (reading it then raises ``FileNotFoundError``)."""
     try:
         path = (root / rel).resolve()
-        return path if path.is_relative_to(root) and path.is_file() else None
+        return path if path.is_relative_to(root) else None
     except (OSError, ValueError):  # a path with NUL, too long, a loop of links
         return None
 
@@ -69,7 +70,7 @@ def prerender(store, image_root: str | Path, size: tuple[int, int], cache_dir: s
             before = cache.rendered
             try:
                 if path is None:
-                    raise FileNotFoundError(f"{pair[f'path_{which}']} is not a file under the image folder")
+                    raise FileNotFoundError(f"{pair[f'path_{which}']} is outside the image folder")
                 cache.get(path)
             except (BadImage, OSError) as exc:
                 store.withdraw(pair["id"], f"{which}: {exc}")

@@ -450,3 +450,16 @@ def test_an_unwritable_cache_serves_uncached_and_withdraws_nothing(tmp_path, ima
     r = client.get(f"/image/{pid}/A", headers={"X-Token": token})
     assert r.status_code == 200 and r.content.startswith(b"\xff\xd8")
     assert store.progress()["withdrawn"] == 0
+
+
+def test_a_missing_image_withdraws_its_pair(tmp_path, images_table):
+    """A file deleted after the pairs were built: 410 and the pair withdrawn, so the voter
+    gets another pair instead of the same unvotable one forever."""
+    store = VoteStore(tmp_path / "votes.sqlite")
+    store.add_pairs(build_pairs(images_table.read()).rows)
+    client, token = TestClient(create_app(store, tmp_path / "images", size=(40, 24))), store.add_voter("ann")
+    h = {"X-Token": token}
+    pid = client.get("/api/next", headers=h).json()["pair_id"]
+    (tmp_path / "images" / store.pair(pid)["path_x"]).unlink()
+    assert {client.get(f"/image/{pid}/{s}", headers=h).status_code for s in "AB"} == {410}
+    assert store.is_withdrawn(pid) and client.get("/api/next", headers=h).json()["pair_id"] != pid
