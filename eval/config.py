@@ -141,18 +141,33 @@ class VoteConfig(StrictModel):
     prompt_sets: list[str] | None = Field(None, description="prompt sets to vote on (null: all generated)")
     seeds_per_prompt: int = Field(1, ge=1, description="how many of the seeded images per prompt become pairs")
     pairs_per_voter: int | None = Field(None, ge=1, description="each voter's quota (null: every pair)")
-    display: Literal["letterbox", "crop"] = Field(
-        "letterbox",
-        description="both images of a pair are served at one size: letterbox (fit inside the common box, "
-        "plain bars) or crop (centre-crop both to one aspect)",
+    size: tuple[int, int] | None = Field(
+        None,
+        description="the human study's one size [width, height]: every model in the study generates at it and "
+        "every image is served at it; null: the one size the study's models share",
     )
-    background: str = Field(
-        "#ffffff", pattern=r"^#[0-9a-fA-F]{6}$", description="letterbox bar colour (#rrggbb; the page is white)"
+    equalise: Literal["none", "crop"] = Field(
+        "none",
+        description="models or images of different sizes in one study: none (refused: the config is an error and "
+        "vote-pairs skips such pairs, counted) or crop (both centre-cropped to the aspect of `size`, no bars)",
+    )
+    public_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
+        description="the address voters use (e.g. https://vote.example.org): invite links and redirects are built "
+        "from it, never from a request's Host header; null: http://host:port for invites, relative redirects",
     )
     count_revoked: bool = Field(
         False, description="count the votes of voters revoked later in the report (admin votes never count)"
     )
     max_body_bytes: int = Field(4096, ge=256, le=1 << 20, description="larger request bodies get HTTP 413")
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not all(8 <= x <= 8192 for x in v):
+            raise ValueError(f"size is [width, height], each 8 to 8192 pixels, got {list(v)}")
+        return v
 
     @field_validator("comparisons")
     @classmethod
@@ -208,4 +223,39 @@ class EvalConfig(StrictModel):
         check(self.metrics.dpg.prompt_sets, self.prompt_sets, "metrics.dpg.prompt_sets")
         for pair in self.vote.comparisons or []:
             check(pair, self.models, "vote.comparisons")
+        self._one_study_size()
         return self
+
+    def study_models(self) -> list[str]:
+        """The models of the human study: those of ``vote.comparisons``, else the generated ones."""
+        if self.vote.comparisons:
+            return sorted({m for pair in self.vote.comparisons for m in pair})
+        return list(self.generate.models or self.models)
+
+    def study_size(self) -> tuple[int, int] | None:
+        """``vote.size``, else the one size the study's models share (None without models)."""
+        if self.vote.size is not None:
+            return tuple(self.vote.size)
+        sizes = {(self.models[m].width, self.models[m].height) for m in self.study_models() if m in self.models}
+        return sizes.pop() if len(sizes) == 1 else None
+
+    def _one_study_size(self) -> None:
+        """Same shape by construction: every model of the human study generates at the
+        study's size, unless ``vote.equalise`` says how to bring them to one."""
+        v = self.vote
+        sizes = {m: (self.models[m].width, self.models[m].height) for m in self.study_models() if m in self.models}
+        shown = ", ".join(f"{m} {w}x{h}" for m, (w, h) in sorted(sizes.items()))
+        if v.size is not None and v.equalise == "none":
+            off = sorted(m for m, s in sizes.items() if s != tuple(v.size))
+            if off:
+                raise ValueError(
+                    f"eval.vote.size is {v.size[0]}x{v.size[1]} but eval.models.{off[0]}.width/height differ "
+                    f"({shown}): a voter could tell the models apart by shape. Generate every model of the study "
+                    "at eval.vote.size, or set eval.vote.equalise: crop (allowed: none, crop)"
+                )
+        elif v.size is None and len(set(sizes.values())) > 1:
+            raise ValueError(
+                f"the models of the human study (eval.vote.comparisons) generate at different sizes ({shown}): a "
+                "voter could tell them apart by shape. Give them one width/height, or set eval.vote.size and "
+                "eval.vote.equalise: crop (allowed: none, crop)"
+            )

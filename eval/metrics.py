@@ -417,22 +417,22 @@ def reference_stats(
 ) -> tuple[FeatureStats, bool]:
     """Feature statistics of a reference folder, streamed, and cached per reference set.
 
-    The cache key is the feature extractor plus every file's relative path, size and
-    modification time, so adding, removing or changing a reference image (or switching
-    the extractor) computes the statistics again. Returns the statistics and whether
-    they came from the cache.
+    The cache key is ``extractor_id`` (which must fingerprint the extractor's weights:
+    :func:`eval.fingerprint.weights_fingerprint`) plus every file's relative path and
+    content hash (:func:`eval.fingerprint.files_digest`, not size and modification
+    time), so adding, removing or changing a reference image, or new weights, computes
+    the statistics again. Returns the statistics and whether they came from the cache.
     """
     import hashlib
+
+    from eval.fingerprint import files_digest
 
     root = Path(folder)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ConfigError(f"eval.metrics.fid_reference {folder!r} holds no .png/.jpg/.jpeg/.webp images")
-    h = hashlib.sha256(extractor_id.encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"\0{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    name = f"_fid_reference/{h.hexdigest()[:24]}.npz"
+    key = hashlib.sha256(f"{extractor_id}\0{files_digest(files, root)}".encode()).hexdigest()
+    name = f"_fid_reference/{key[:32]}.npz"
     if cache is not None and cache.fs.exists(f"{cache.path}/{name}"):
         with cache.fs.open(f"{cache.path}/{name}", "rb") as f:
             doc = np.load(f)
@@ -597,6 +597,8 @@ def compute_fid(cfg: RootConfig, images: Table, clip, summary: StageSummary, cac
     at a time, so memory is bounded by the batch, not the set; the reference
     statistics are cached in ``cache`` (the metrics table folder) per reference set.
     """
+    from eval.fingerprint import weights_fingerprint
+
     mcfg = cfg.eval.metrics
     if mcfg.fid_features == "inception":
         if not mcfg.fid_inception_weights:
@@ -605,14 +607,15 @@ def compute_fid(cfg: RootConfig, images: Table, clip, summary: StageSummary, cac
                 "torchvision inception_v3 state dict)"
             )
         extract = InceptionFeatures(mcfg.fid_inception_weights, str(clip.device))
-        w = Path(mcfg.fid_inception_weights)
-        extractor_id = f"inception-v3:{w.resolve()}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
+        extractor_id = f"inception-v3:{weights_fingerprint(mcfg.fid_inception_weights)}"
     else:
 
         def extract(ims: list) -> np.ndarray:
             return clip.encode_pil(ims)
 
-        extractor_id = f"clip:{mcfg.clip_model}:{mcfg.clip_pretrained}:{mcfg.precision}"
+        # the weights' content (local files) or the loaded parameters (a hub name), never the name alone
+        weights = weights_fingerprint(mcfg.clip_model, mcfg.clip_pretrained, module=clip.model)
+        extractor_id = f"clip:{mcfg.clip_model}:{mcfg.clip_pretrained}:{mcfg.precision}:{weights}"
     ref, cached = reference_stats(mcfg.fid_reference, extract, extractor_id, mcfg.batch_size, cache, summary)
     rows = [
         r

@@ -20,8 +20,11 @@ bootstrap over a handful of prompts gives intervals that are too narrow to trust
 prompt gives a zero-width one).
 
 The page is written with ``html.escape`` and f-strings: it is one static page, and a
-template engine would add a dependency for no gain. It has a viewport tag and its
-tables scroll inside their own box, so it reads on a phone.
+template engine would add a dependency for no gain. It has a viewport tag; on a
+narrow screen (a 390 px phone) the voting table stacks each row into a card of
+"column: value" lines instead of scrolling sideways, the other tables scroll inside
+their own box, and the win rates with their intervals are an inline SVG plot (one bar
+per comparison and question) that scales to the screen.
 """
 
 from __future__ import annotations
@@ -57,7 +60,26 @@ tr.few td{background:#fff7e0}.flag{color:#a15c00;font-weight:bold}
 .grid{display:flex;gap:8px;flex-wrap:wrap}.grid figure{margin:0;text-align:center;font-size:.8em;max-width:45vw}
 .grid img{width:192px;max-width:100%;height:auto;border:1px solid #ccc;image-rendering:pixelated}
 .prompt{max-width:1000px;font-size:.9em}
+svg.winrate{width:100%;max-width:720px;height:auto;display:block;margin:8px 0 20px}
+svg.winrate text{font-size:12px;fill:#222}svg.winrate .tick{fill:#777;font-size:11px}
+@media (max-width:640px){table.stack,table.stack tbody,table.stack tr,table.stack td{display:block}
+table.stack tr.head{display:none}table.stack tr{border:1px solid #ccc;margin:0 0 10px;padding:4px 6px}
+table.stack td{border:0;text-align:left;white-space:normal;padding:2px 0;font-size:.95em}
+table.stack td::before{content:attr(data-label) ": ";color:#555;font-weight:600}}
 """
+#: The voting table's columns: what a narrow screen prints before each value (stacked rows).
+VOTE_COLUMNS = (
+    "comparison (X vs Y)",
+    "prompt set",
+    "question",
+    "votes",
+    "prompts",
+    "X wins",
+    "tie",
+    "Y wins",
+    "gap X\u2212Y",
+    "X, ties half",
+)
 
 
 def _table(head: str, rows: list[str]) -> str:
@@ -167,23 +189,79 @@ def _votes_section(cfg: RootConfig) -> tuple[str, int, int]:
     if not rows:
         return "".join(parts), 0, 0
     parts.append(f"<p class=note>{html.escape(TIES_NOTE)}</p>")
+    rates = voting_rates(rows, rc.bootstrap, rc.confidence, cfg.project.seed)
+    parts.append(winrate_plot([r for ps, r in rates if ps == "ALL"], rc.confidence))
     head = (
-        "<tr><th class=l>comparison (X vs Y)</th><th class=l>prompt set</th><th class=l>question</th>"
-        "<th>votes</th><th>prompts</th><th>X wins</th><th>tie</th><th>Y wins</th><th>gap X&minus;Y</th>"
-        "<th>X, ties half</th></tr>"
+        "<tr class=head>"
+        + "".join(f"<th{' class=l' if i < 3 else ''}>{html.escape(c)}</th>" for i, c in enumerate(VOTE_COLUMNS))
+        + "</tr>"
     )
     body, flagged = [], 0
-    for ps, r in voting_rates(rows, rc.bootstrap, rc.confidence, cfg.project.seed):
+    for ps, r in rates:
         few = _few(r.n_prompts, rc.min_prompts)
         flagged += bool(few)
-        body.append(
-            f"<tr{' class=few' if few else ''}><td class=l>{html.escape(r.a)} vs {html.escape(r.b)}{few}</td>"
-            f"<td class=l>{html.escape(ps)}</td><td class=l>{html.escape(r.question)}</td><td>{r.n_votes}</td>"
-            f"<td>{r.n_prompts}</td><td>{_fmt(r.win, True)}</td><td>{_fmt(r.tie, True)}</td>"
-            f"<td>{_fmt(r.loss, True)}</td><td>{_fmt(r.gap, True)}</td><td>{_fmt(r.win_ties_half, True)}</td></tr>"
+        cells = [
+            f"{html.escape(r.a)} vs {html.escape(r.b)}{few}",
+            html.escape(ps),
+            html.escape(r.question),
+            str(r.n_votes),
+            str(r.n_prompts),
+            *(_fmt(e, True) for e in (r.win, r.tie, r.loss, r.gap, r.win_ties_half)),
+        ]
+        tds = "".join(
+            f'<td{" class=l" if i < 3 else ""} data-label="{html.escape(VOTE_COLUMNS[i])}">{c}</td>'
+            for i, c in enumerate(cells)
         )
-    parts.append(_table(head, body))
+        body.append(f"<tr{' class=few' if few else ''}>{tds}</tr>")
+    parts.append(f"<div class=scroll><table class=stack id=voting-rates>{head}{''.join(body)}</table></div>")
     return "".join(parts), len(rows), flagged
+
+
+def winrate_plot(rates: list[VotingRate], confidence: float = 0.95) -> str:
+    """X's win rate (ties half) with its interval, one bar per comparison and question, as
+    an inline SVG (no script, no dependency; it scales to the screen's width). A line
+    marks 50 %: a bar whose interval stays clear of it is a real preference."""
+    if not rates:
+        return ""
+    width, left, right, row_h, top = 400, 8, 8, 40, 22
+    plot_w = width - left - right
+    height = top + row_h * len(rates) + 8
+
+    def x(v: float) -> float:
+        return left + plot_w * min(max(v, 0.0), 1.0)
+
+    out = [
+        f'<svg class=winrate id=winrate viewBox="0 0 {width} {height}" role=img '
+        f'aria-label="win rate with {confidence:.0%} intervals, one bar per comparison">'
+    ]
+    for t in (0, 0.25, 0.5, 0.75, 1):
+        anchor = "start" if t == 0 else "end" if t == 1 else "middle"
+        style = 'stroke="#444" stroke-width="1.5" stroke-dasharray="4 3"' if t == 0.5 else 'stroke="#ddd"'
+        out.append(
+            f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{top - 4}" y2="{height - 8}" {style}/>'
+            f'<text class=tick x="{x(t):.1f}" y="12" text-anchor="{anchor}">{t:.0%}</text>'
+        )
+    for i, r in enumerate(rates):
+        e = r.win_ties_half
+        y0 = top + i * row_h
+        label = f"{r.a} vs {r.b} \u00b7 {r.question.replace('_', ' ')}: {e.mean:.0%} [{e.low:.0%}, {e.high:.0%}]"
+        out.append(
+            f'<g class=bar data-mean="{e.mean:.4f}" data-low="{e.low:.4f}" data-high="{e.high:.4f}">'
+            f"<title>{html.escape(label)} (n={r.n_prompts} prompts, {r.n_votes} votes)</title>"
+            f'<text x="{left}" y="{y0 + 11}">{html.escape(label)}</text>'
+            f'<rect x="{left}" y="{y0 + 16}" width="{x(e.mean) - left:.1f}" height="14" fill="#5b8def"/>'
+            f'<line x1="{x(e.low):.1f}" x2="{x(e.high):.1f}" y1="{y0 + 23}" y2="{y0 + 23}" stroke="#111" '
+            'stroke-width="2"/>'
+            f'<line x1="{x(e.low):.1f}" x2="{x(e.low):.1f}" y1="{y0 + 18}" y2="{y0 + 28}" stroke="#111" stroke-width="2"/>'
+            f'<line x1="{x(e.high):.1f}" x2="{x(e.high):.1f}" y1="{y0 + 18}" y2="{y0 + 28}" stroke="#111" '
+            'stroke-width="2"/></g>'
+        )
+    out.append("</svg>")
+    caption = (
+        f"<p class=note>Win rate of the first model, ties counted half, with its {confidence:.0%} interval "
+        "(bootstrap over prompts), all prompt sets; the dashed line is 50 % (no preference).</p>"
+    )
+    return caption + "".join(out)
 
 
 def _metrics_section(cfg: RootConfig) -> tuple[str, int]:

@@ -34,16 +34,34 @@ def sync_pairs(cfg: RootConfig, store: VoteStore) -> StageSummary:
     if not images.done_shards():
         raise ConfigError(f"no generated images in {images.url}: run `make eval-generate` first")
     v = cfg.eval.vote
-    built = build_pairs(images.read(), v.comparisons, v.prompt_sets, v.seeds_per_prompt)
+    size = cfg.eval.study_size()
+    built = build_pairs(images.read(), v.comparisons, v.prompt_sets, v.seeds_per_prompt, size, v.equalise)
     summary.n_in = len(built.rows) + sum(built.skipped.values())
     summary.n_out = store.add_pairs(built.rows)
     summary.rejected.update(built.skipped)
-    for what, n in built.aspect_mismatch.items():
-        summary.flag(f"aspect_mismatch ({what}; shown as {v.display})", n)
+    if v.equalise == "crop":
+        for what, n in built.aspect_mismatch.items():
+            summary.flag(f"size_mismatch ({what}; centre-cropped)", n)
+    if size is None and built.rows:  # no models configured: the size the pairs' images share
+        size = (int(built.rows[0]["width_x"]), int(built.rows[0]["height_x"]))
+    if size is not None:
+        store.set_meta("display_size", f"{size[0]}x{size[1]}")
     summary.extra["pairs_total"] = store.n_pairs()
     store.set_meta("image_root", str(_local(images.url, "eval.generate.output").resolve()))
     Table(str(store.path.parent)).save_config(cfg, "vote", v)
     return summary.finish()
+
+
+def display_size(cfg: RootConfig, store: VoteStore) -> tuple[int, int]:
+    """The size every image is served at: ``eval.vote.size``, the study models' one size,
+    or (no models configured) the size recorded when the pairs were built."""
+    size = cfg.eval.study_size()
+    if size is None:
+        stored = store.get_meta("display_size")
+        if stored is None:
+            raise ConfigError("eval.vote.size is not set and no pairs were built yet: run `vote-admin pairs` first")
+        size = tuple(int(x) for x in stored.split("x"))
+    return size
 
 
 def app_for(cfg: RootConfig, store: VoteStore):
@@ -54,17 +72,21 @@ def app_for(cfg: RootConfig, store: VoteStore):
     return create_app(
         store,
         store.get_meta("image_root"),
-        display=v.display,
-        background=v.background,
+        size=display_size(cfg, store),
         max_body_bytes=v.max_body_bytes,
+        public_url=v.public_url,
     )
 
 
 def run_vote(cfg: RootConfig, args: argparse.Namespace) -> int:
+    from eval.vote.render_cache import prerender
     from eval.vote.server import serve_forever
 
     store = open_store(cfg)
     summary = sync_pairs(cfg, store)
+    rendered = prerender(store, store.get_meta("image_root"), display_size(cfg, store))
+    if rendered.get("withdrawn"):
+        summary.flag("pairs withdrawn (an image cannot be shown; listed on the admin page)", rendered["withdrawn"])
     host = args.host or cfg.eval.vote.host
     port = args.port if args.port is not None else cfg.eval.vote.port
     announce(
@@ -73,10 +95,12 @@ def run_vote(cfg: RootConfig, args: argparse.Namespace) -> int:
             "database": store.path,
             "pairs": f"{store.n_pairs()} ({summary.n_out} new)",
             "skipped": dict(summary.rejected) or "none",
-            "images": f"both of a pair shown at one size ({cfg.eval.vote.display})"
+            "images": f"served as one JPEG at {'x'.join(map(str, display_size(cfg, store)))}, no metadata "
+            f"(equalise: {cfg.eval.vote.equalise}); rendered now: {rendered}"
             + (f"; WARNING: {dict(summary.flagged)}" if summary.flagged else ""),
             "voters": f"{sum(1 for v in store.progress()['voters'] if v['role'] == 'voter')} invited",
-            "url": f"http://{host}:{port}/vote?t=<token>   admin: /admin?t=<admin token>",
+            "url": f"{(cfg.eval.vote.public_url or f'http://{host}:{port}').rstrip('/')}/vote?t=<token>   "
+            "admin: /admin?t=<admin token>",
             "invite": "paradiffusion vote-admin invite NAME... [--admin]",
         },
     )
@@ -86,7 +110,8 @@ def run_vote(cfg: RootConfig, args: argparse.Namespace) -> int:
 
 def run_vote_admin(cfg: RootConfig, args: argparse.Namespace) -> int:
     store = open_store(cfg)
-    base = args.base_url or f"http://{cfg.eval.vote.host}:{cfg.eval.vote.port}"
+    v = cfg.eval.vote
+    base = (args.base_url or v.public_url or f"http://{v.host}:{v.port}").rstrip("/")
     if args.action == "pairs":
         sync_pairs(cfg, store).print()
     elif args.action == "invite":

@@ -5,8 +5,8 @@ Routes::
     GET  /vote?t=TOKEN             the voter's page
     GET  /api/next                 the pair to judge now, questions still open, progress
     POST /api/vote                 {"pair_id": int, "question": str, "choice": "A"|"B"|"tie"}
-    GET  /image/{pair_id}/{A|B}    an image of a pair served to this voter, at the pair's common
-                                   size (opaque: the URL names no model; no PNG text metadata)
+    GET  /image/{pair_id}/{A|B}    an image of a pair served to this voter (opaque: the URL names no
+                                   model), re-encoded by us: one JPEG at the study's size, no metadata
     GET  /admin?t=ADMIN_TOKEN      progress per voter, comparison and pair (models named here only)
     GET  /api/admin/progress       the same as JSON
     GET  /api/admin/pairs          every pair with its models, times served, answers
@@ -21,33 +21,46 @@ tokens only: an admin token sees the models, so it cannot vote (403). Status cod
   deeper than :data:`MAX_JSON_DEPTH`, or with NaN/Infinity or repeated keys;
 - 403: a bad, missing or revoked token, an admin token on a voter route, a pair not
   served to this voter;
-- 404: an unknown image, or one whose file is outside the image folder;
+- 404: an unknown image or path, or an image whose file is outside the image folder;
+- 410: a pair whose image file is missing or cannot be decoded: it is withdrawn from
+  serving (``code: withdrawn``) and listed on the admin page;
 - 409: a second vote on the same pair and question (``code: duplicate``), or a vote
   before both images of the pair were sent to this voter (``code: images_not_loaded``);
-- 413: a request body over ``max_body_bytes`` (checked before and while reading it).
+- 413: a request body over ``max_body_bytes`` (checked before and while reading it);
+- 415: a vote body not sent as ``Content-Type: application/json`` (UTF-8).
+
+No request path is meant to answer 500; an unforeseen exception still gets a JSON 500
+with the security headers (logged).
+
+``/vote/`` and ``/admin/`` redirect to the page without the slash, at ``public_url``
+(or relative), without the query string: never from the Host header, never with the token.
 
 Every response carries a Content-Security-Policy (hashed inline scripts only,
 ``frame-ancestors 'none'``), ``X-Frame-Options: DENY``, ``nosniff`` and
-``Referrer-Policy: no-referrer``; API responses and images are ``no-store``.
+``Referrer-Policy: no-referrer``; API responses and images are ``no-store``. The headers
+of an image response are the same for every model (type, cache control, security).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from eval.vote.db import CHOICES, MAX_ID, QUESTIONS, Voter, VoteStore
-from eval.vote.display import DisplayMode, image_size, pair_box, render_png
+from eval.vote.display import MEDIA_TYPE, BadImage
 from eval.vote.pages import ADMIN_CANNOT_VOTE_PAGE, ADMIN_PAGE, CSP, FORBIDDEN_PAGE, VOTE_PAGE
+from eval.vote.render_cache import RenderCache, inside
+from paradiffusion.log import get_logger
+
+log = get_logger("eval.vote")
 
 _NO_STORE = {"Cache-Control": "no-store"}
 SECURITY_HEADERS = [
@@ -56,41 +69,17 @@ SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
 ]
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
-_TEXT_CHUNKS = {b"tEXt", b"iTXt", b"zTXt"}
-_ID_RE = re.compile(r"^[1-9][0-9]{0,18}$")
+_ID_RE = re.compile(r"[1-9][0-9]{0,18}")  # used with fullmatch: "$" would let "1\n" through
 #: The vote body is one flat object; nothing deeper is ever needed.
 MAX_JSON_DEPTH = 2
 VOTE_KEYS = {"pair_id", "question", "choice"}
 _VOTE_SHAPE = 'expected one JSON object {"pair_id": int, "question": str, "choice": "A"|"B"|"tie"}'
 
 
-def strip_png_text(data: bytes) -> bytes:
-    """Drop a PNG's text chunks (they name the model and settings) and keep the rest
-    byte for byte; anything that is not a well-formed PNG comes back unchanged.
-
-    Written by hand because re-encoding with PIL would cost a decode and an encode
-    per request; the PNG chunk layout (length, type, data, CRC) is all it needs.
-    """
-    if not data.startswith(_PNG_SIG):
-        return data
-    out, i = [_PNG_SIG], len(_PNG_SIG)
-    while i + 8 <= len(data):
-        length = int.from_bytes(data[i : i + 4], "big")
-        ctype = data[i + 4 : i + 8]
-        end = i + 12 + length
-        if end > len(data):
-            return data
-        if ctype not in _TEXT_CHUNKS:
-            out.append(data[i:end])
-        i = end
-    return b"".join(out)
-
-
 def parse_id(text: str) -> int | None:
     """A positive 63-bit integer written plainly (``1`` .. ``2**63 - 1``, no sign, no leading
     zero), else None. Anything larger would overflow SQLite's integer."""
-    if not _ID_RE.match(text):
+    if not _ID_RE.fullmatch(text):
         return None
     value = int(text)
     return value if value <= MAX_ID else None
@@ -144,7 +133,8 @@ def parse_vote(body: bytes) -> tuple[int, str, str] | str:
     if not json_depth_ok(body, MAX_JSON_DEPTH):
         return f"JSON nested deeper than {MAX_JSON_DEPTH} levels; {_VOTE_SHAPE}"
     try:
-        doc = json.loads(body, parse_constant=_reject_constant, object_pairs_hook=_no_repeated_keys)
+        text = body.decode("utf-8")  # strict: json.loads(bytes) would also take UTF-16/32
+        doc = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_repeated_keys)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return f"not valid JSON ({str(exc)[:80]}); {_VOTE_SHAPE}"
     if not isinstance(doc, dict) or set(doc) != VOTE_KEYS:
@@ -174,7 +164,10 @@ async def read_body(request: Request, limit: int) -> bytes | None:
 
 
 class SecurityHeaders:
-    """ASGI middleware: adds :data:`SECURITY_HEADERS` to every HTTP response."""
+    """ASGI middleware: adds :data:`SECURITY_HEADERS` to every HTTP response, error
+    responses included. An exception no route handled becomes a JSON 500 sent from
+    here (with the headers and ``no-store``, logged with its traceback) instead of
+    Starlette's bare error page, which sits outside every middleware."""
 
     def __init__(self, app):
         self.app = app
@@ -182,15 +175,36 @@ class SecurityHeaders:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = False
 
         async def send_with_headers(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 names = {k.lower() for k, _ in message.get("headers", [])}
                 extra = [(k, v) for k, v in SECURITY_HEADERS if k not in names]
                 message = {**message, "headers": list(message.get("headers", [])) + extra}
             await send(message)
 
-        return await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            body = b'{"error":"internal error","code":"internal"}'
+            await send_with_headers(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"cache-control", b"no-store"),
+                    ],
+                }
+            )
+            await send_with_headers({"type": "http.response.body", "body": body})
 
 
 def _error(status: int, message: str, code: str | None = None, **extra) -> JSONResponse:
@@ -198,22 +212,49 @@ def _error(status: int, message: str, code: str | None = None, **extra) -> JSONR
     return JSONResponse(doc, status_code=status, headers=_NO_STORE)
 
 
+def _json_content_type(value: str | None) -> bool:
+    """Whether a Content-Type header says JSON in UTF-8 (``application/json``, optionally
+    with ``charset=utf-8``); anything else gets 415."""
+    if not value:
+        return False
+    media, _, params = value.partition(";")
+    if media.strip().lower() != "application/json":
+        return False
+    for param in params.split(";"):
+        key, _, val = param.partition("=")
+        if key.strip().lower() == "charset" and val.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return False
+    return True
+
+
+def _public_base(public_url: str | None) -> str:
+    """The configured public URL without a trailing slash ("" when none: relative redirects)."""
+    if not public_url:
+        return ""
+    parts = urlsplit(public_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"public_url must be http(s)://host[:port][/prefix] with no query, got {public_url!r}")
+    return public_url.rstrip("/")
+
+
 def create_app(
     store: VoteStore,
     image_root: str | Path,
-    display: DisplayMode = "letterbox",
-    background: str = "#ffffff",
+    size: tuple[int, int] = (1024, 640),
     max_body_bytes: int = 4096,
     cache_dir: str | Path | None = None,
+    public_url: str | None = None,
 ) -> Starlette:
     """The app over a vote store; images are read only from under ``image_root``.
 
-    Both images of a pair are served at one size (``display``: letterbox or crop, see
-    :mod:`eval.vote.display`); resized images are cached under ``cache_dir`` (default:
-    ``display/`` beside the database).
+    Every served image is rendered to ``size`` (width, height) as one JPEG with no
+    metadata (:mod:`eval.vote.display`) and cached under ``cache_dir`` (default:
+    ``display/`` beside the database). Redirects are built from ``public_url`` (or are
+    relative), never from the request's Host header.
     """
     root = Path(image_root).resolve()
-    cache = Path(cache_dir) if cache_dir else store.path.parent / "display"
+    cache = RenderCache(Path(cache_dir) if cache_dir else store.path.parent / "display", size)
+    base = _public_base(public_url)
 
     def who(request: Request, role: str | None = None) -> Voter | None:
         token = request.headers.get("x-token") or request.query_params.get("t")
@@ -222,35 +263,22 @@ def create_app(
             return None
         return voter
 
-    def inside_root(rel: str) -> Path | None:
-        path = (root / rel).resolve()
-        return path if path.is_relative_to(root) and path.is_file() else None
-
-    def pair_image(pair: dict, which: str) -> tuple[bytes, str] | None:
-        """Bytes and media type of the pair's ``x`` or ``y`` image at the pair's common size."""
-        px, py = inside_root(pair["path_x"]), inside_root(pair["path_y"])
-        if px is None or py is None:
-            return None
-        path = px if which == "x" else py
+    def pair_image(pair: dict, which: str) -> tuple[bytes, str] | Response:
+        """The served bytes and media type of the pair's ``x`` or ``y`` image, or the error
+        response: 404 for a path outside the image folder; 410 for a file that is missing
+        or cannot be decoded, and the pair is withdrawn from serving (otherwise a voter
+        served it could never load both images, so never vote, and would get it back)."""
+        if store.is_withdrawn(pair["id"]):
+            return _error(410, "this pair was withdrawn (an image of it cannot be shown)", "withdrawn")
+        path = inside(root, pair["path_x"] if which == "x" else pair["path_y"])
+        if path is None:
+            return PlainTextResponse("not found", status_code=404, headers=_NO_STORE)
         try:
-            sx, sy = image_size(px), image_size(py)
-        except Exception:  # noqa: BLE001 - an unreadable file is a 404, not a 500
-            return None
-        if sx == sy:
-            media = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
-            return strip_png_text(path.read_bytes()), media
-        box = pair_box(sx, sy, display)
-        stamp = f"{px}:{px.stat().st_mtime_ns}:{py}:{py.stat().st_mtime_ns}:{box}:{display}:{background}"
-        name = f"{pair['id']}-{which}-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}.png"
-        cached = cache / name
-        if not cached.is_file():
-            data = render_png(path, box, display, background)
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = cache / f".{name}.{os.getpid()}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, cached)  # atomic: a concurrent request reads the old file or the new one
-            return data, "image/png"
-        return cached.read_bytes(), "image/png"
+            return cache.get(path), MEDIA_TYPE
+        except (BadImage, OSError) as exc:
+            if store.withdraw(pair["id"], f"{which}: {exc}"):
+                log.warning("pair %d withdrawn: its %s image cannot be shown (%s)", pair["id"], which, exc)
+            return _error(410, "this pair was withdrawn (an image of it cannot be shown)", "withdrawn")
 
     def vote_page(request: Request) -> Response:
         voter = who(request)
@@ -283,6 +311,11 @@ def create_app(
         voter = voter_or_error(request)
         if isinstance(voter, Response):
             return voter
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            return _error(413, f"request body over {max_body_bytes} bytes", "too_large")
+        if not _json_content_type(request.headers.get("content-type")):
+            return _error(415, "send the vote as Content-Type: application/json (UTF-8)", "unsupported_media_type")
         body = await read_body(request, max_body_bytes)
         if body is None:
             return _error(413, f"request body over {max_body_bytes} bytes", "too_large")
@@ -320,8 +353,8 @@ def create_app(
             return PlainTextResponse("not found", status_code=404, headers=_NO_STORE)
         model = sides[0] if side == "A" else sides[1]
         got = pair_image(pair, "x" if model == pair["model_x"] else "y")
-        if got is None:
-            return PlainTextResponse("not found", status_code=404, headers=_NO_STORE)
+        if isinstance(got, Response):
+            return got
         store.mark_loaded(voter.id, pair_id, side)
         return Response(got[0], media_type=got[1], headers=_NO_STORE)
 
@@ -336,8 +369,8 @@ def create_app(
         if which not in ("x", "y") or pair is None:
             return PlainTextResponse("not found", status_code=404, headers=_NO_STORE)
         got = pair_image(pair, which)
-        if got is None:
-            return PlainTextResponse("not found", status_code=404, headers=_NO_STORE)
+        if isinstance(got, Response):
+            return got
         return Response(got[0], media_type=got[1], headers=_NO_STORE)
 
     def admin_progress(request: Request) -> Response:
@@ -353,18 +386,30 @@ def create_app(
     def index(request: Request) -> Response:
         return PlainTextResponse("Voting server. Open the invite link you were given.")
 
-    app = Starlette(
-        routes=[
-            Route("/", index),
-            Route("/vote", vote_page),
-            Route("/admin", admin_page),
-            Route("/api/next", api_next),
-            Route("/api/vote", api_vote, methods=["POST"]),
-            Route("/image/{pair_id}/{side}", image),
-            Route("/api/admin/progress", admin_progress),
-            Route("/api/admin/pairs", admin_pairs),
-            Route("/admin/image/{pair_id}/{which}", admin_image),
-        ]
-    )
+    routes = [
+        Route("/", index),
+        Route("/vote", vote_page),
+        Route("/admin", admin_page),
+        Route("/api/next", api_next),
+        Route("/api/vote", api_vote, methods=["POST"]),
+        Route("/image/{pair_id}/{side}", image),
+        Route("/api/admin/progress", admin_progress),
+        Route("/api/admin/pairs", admin_pairs),
+        Route("/admin/image/{pair_id}/{which}", admin_image),
+    ]
+    pages = {"/vote", "/admin"}
+
+    def not_found(request: Request) -> Response:
+        """Unknown paths. ``/vote/`` and ``/admin/`` redirect to the page without the slash,
+        at the configured public URL (or relative): Starlette's own slash redirect copies
+        the Host header and the query string (the token) into ``Location``."""
+        path = request.url.path
+        if path.endswith("/") and path.rstrip("/") in pages:
+            return RedirectResponse(base + path.rstrip("/"), status_code=308, headers=_NO_STORE)
+        return PlainTextResponse("not found", status_code=404, headers=_NO_STORE)
+
+    app = Starlette(routes=[*routes, Route("/{rest:path}", not_found, methods=["GET", "HEAD", "POST"])])
+    app.router.redirect_slashes = False
+    app.state.render_cache = cache
     app.add_middleware(SecurityHeaders)
     return app

@@ -55,6 +55,8 @@ CREATE TABLE IF NOT EXISTS votes (
     id INTEGER PRIMARY KEY, voter_id INTEGER NOT NULL, pair_id INTEGER NOT NULL, question TEXT NOT NULL,
     choice TEXT NOT NULL CHECK (choice IN ('A', 'B', 'tie')), winner TEXT, a_model TEXT NOT NULL,
     b_model TEXT NOT NULL, created_at REAL NOT NULL, UNIQUE (voter_id, pair_id, question));
+CREATE TABLE IF NOT EXISTS withdrawn (
+    pair_id INTEGER PRIMARY KEY REFERENCES pairs(id), reason TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS pairs_by_load ON pairs (n_served, id);
 """
 
@@ -176,9 +178,39 @@ class VoteStore:
     def n_pairs(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
 
+    def n_servable(self) -> int:
+        """Pairs that can still be served (every pair less the withdrawn ones)."""
+        return (
+            self._conn()
+            .execute("SELECT COUNT(*) FROM pairs p WHERE NOT EXISTS (SELECT 1 FROM withdrawn w WHERE w.pair_id=p.id)")
+            .fetchone()[0]
+        )
+
+    def withdraw(self, pair_id: int, reason: str) -> bool:
+        """Take a pair out of serving (an image of it cannot be shown); True if it was not
+        withdrawn before. Its votes so far stay; nobody is served it again."""
+        cur = self._conn().execute(
+            "INSERT INTO withdrawn (pair_id, reason, at) SELECT id, ?, ? FROM pairs WHERE id=? "
+            "ON CONFLICT (pair_id) DO NOTHING",
+            (reason[:300], time.time(), pair_id),
+        )
+        return cur.rowcount == 1
+
+    def is_withdrawn(self, pair_id: int) -> bool:
+        return self._conn().execute("SELECT 1 FROM withdrawn WHERE pair_id=?", (pair_id,)).fetchone() is not None
+
+    def withdrawn(self) -> list[dict]:
+        """Withdrawn pairs with their models and the reason (admin only)."""
+        cur = self._conn().execute(
+            "SELECT w.pair_id, p.model_x, p.model_y, w.reason, w.at FROM withdrawn w JOIN pairs p ON p.id=w.pair_id "
+            "ORDER BY w.pair_id"
+        )
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur]
+
     def total_for(self) -> int:
         """Votes each voter is asked for: (quota or every pair) x questions."""
-        n = self.n_pairs()
+        n = self.n_servable()
         return (min(n, self.quota) if self.quota else n) * len(QUESTIONS)
 
     def pair(self, pair_id: int) -> dict | None:
@@ -210,6 +242,7 @@ class VoteStore:
         try:
             row = c.execute(
                 "SELECT s.pair_id, s.a_model FROM served s WHERE s.voter_id=? AND "
+                "NOT EXISTS (SELECT 1 FROM withdrawn w WHERE w.pair_id=s.pair_id) AND "
                 "(SELECT COUNT(*) FROM votes v WHERE v.voter_id=s.voter_id AND v.pair_id=s.pair_id) < ? "
                 "ORDER BY s.served_at, s.pair_id LIMIT 1",
                 (voter.id, nq),
@@ -220,8 +253,10 @@ class VoteStore:
                     cand = c.execute(
                         "SELECT p.id, p.model_x, p.model_y FROM pairs p WHERE NOT EXISTS "
                         "(SELECT 1 FROM served s WHERE s.voter_id=? AND s.pair_id=p.id) "
+                        "AND NOT EXISTS (SELECT 1 FROM withdrawn w WHERE w.pair_id=p.id) "
                         "AND p.n_served=(SELECT MIN(q.n_served) FROM pairs q WHERE NOT EXISTS "
-                        "(SELECT 1 FROM served s2 WHERE s2.voter_id=? AND s2.pair_id=q.id))",
+                        "(SELECT 1 FROM served s2 WHERE s2.voter_id=? AND s2.pair_id=q.id) "
+                        "AND NOT EXISTS (SELECT 1 FROM withdrawn w2 WHERE w2.pair_id=q.id))",
                         (voter.id, voter.id),
                     ).fetchall()
                     if cand:
@@ -346,8 +381,11 @@ class VoteStore:
             )
         ]
         n_votes = c.execute("SELECT COUNT(*) FROM votes").fetchone()[0]
+        withdrawn = self.withdrawn()
         return {
             "pairs": self.n_pairs(),
+            "withdrawn": len(withdrawn),
+            "withdrawn_pairs": withdrawn,
             "votes": n_votes,
             "questions": list(QUESTIONS),
             "voters": voters,

@@ -66,7 +66,7 @@ async function api(path, body){
 for (const side of ["A", "B"]) {
   const img = $("img" + side);
   img.addEventListener("load", () => { if (img.dataset.want === img.currentSrc || img.dataset.want === img.src) { loaded[side] = true; refresh(); } });
-  img.addEventListener("error", () => { $("error").textContent = "Image " + side + " did not load; reload the page."; });
+  img.addEventListener("error", () => { $("error").textContent = "Image " + side + " could not be shown; reload the page for another pair."; });
 }
 async function load(){
   task = await api("/api/next"); showProgress(task.progress);
@@ -115,6 +115,8 @@ database and left out of the report unless <code>eval.vote.count_revoked</code> 
 <th>pairs served</th><th>last answer (UTC)</th></tr></thead><tbody></tbody></table></div>
 <h2>Comparisons</h2><div class="scroll"><table id="comparisons"><thead><tr><th>models</th><th>pairs</th><th>answers</th></tr></thead>
 <tbody></tbody></table></div>
+<h2>Withdrawn pairs</h2><div class="scroll"><table id="withdrawn"><thead><tr><th>pair</th><th>models</th><th>why</th></tr>
+</thead><tbody></tbody></table></div>
 <h2>Pairs</h2><div class="scroll"><table id="pairs"><thead><tr><th>pair</th><th>prompt</th><th>seed</th><th>model x</th>
 <th>model y</th><th>served</th><th>answers</th></tr></thead><tbody></tbody></table></div>
 <script>
@@ -125,7 +127,11 @@ function link(tr, text, href){ const td = document.createElement("td"); const a 
 async function get(path){ const r = await fetch(path, {headers: {"X-Token": token}}); return r.json(); }
 async function refresh(){
   const d = await get("/api/admin/progress");
-  document.getElementById("summary").textContent = d.votes + " answers on " + d.pairs + " pairs; questions: " + d.questions.join(", ");
+  document.getElementById("summary").textContent = d.votes + " answers on " + d.pairs + " pairs (" + d.withdrawn +
+    " withdrawn: an image cannot be shown); questions: " + d.questions.join(", ");
+  const wb = document.querySelector("#withdrawn tbody"); wb.replaceChildren();
+  for (const w of d.withdrawn_pairs){ const tr = document.createElement("tr");
+    [w.pair_id, w.model_x + " vs " + w.model_y, w.reason].forEach((x) => cell(tr, x)); wb.appendChild(tr); }
   const vb = document.querySelector("#voters tbody"); vb.replaceChildren();
   for (const v of d.voters){ const tr = document.createElement("tr");
     [v.name + (v.revoked ? " (revoked)" : ""), v.role, v.votes, v.total, v.served,

@@ -18,8 +18,9 @@ ASPECT_TOLERANCE = 0.01
 
 
 class PairsBuild(NamedTuple):
-    """What :func:`build_pairs` made: the pairs, candidates skipped by reason, and pairs
-    whose two images differ in shape (``"x vs y: 640x1024 vs 1024x1024"`` -> count)."""
+    """What :func:`build_pairs` made: the pairs, candidates skipped by reason, and the
+    pairs whose two images differ in size or shape (``"x vs y: 640x1024 vs 1024x1024"`` ->
+    count): refused (in ``skipped`` too) unless ``equalise="crop"``."""
 
     rows: list[dict]
     skipped: Counter
@@ -31,21 +32,41 @@ def _size(r: dict) -> tuple[int, int] | None:
     return (int(w), int(h)) if w and h else None
 
 
+def _wh(s: tuple[int, int] | None) -> str:
+    return f"{s[0]}x{s[1]}" if s else "unknown"
+
+
+def _differ(sx: tuple[int, int] | None, sy: tuple[int, int] | None, size: tuple[int, int] | None) -> bool:
+    """Whether two images (or either and the study's ``size``) differ in size or aspect.
+    A size that the table does not record counts as different: it cannot be checked."""
+    if not sx or not sy:
+        return True
+    sizes = [sx, sy] + ([tuple(size)] if size else [])
+    aspects = [w / h for w, h in sizes]
+    return len(set(sizes[:2])) > 1 or max(aspects) / min(aspects) - 1 > ASPECT_TOLERANCE
+
+
 def build_pairs(
     images: pa.Table,
     comparisons: list[list[str]] | None = None,
     prompt_sets: list[str] | None = None,
     seeds_per_prompt: int = 1,
+    size: tuple[int, int] | None = None,
+    equalise: str = "none",
 ) -> PairsBuild:
     """One pair per (prompt, seed, comparison) where both models have an image.
 
     ``comparisons`` None pairs every two models found (in name order). Seeds used are
     the lowest ``seeds_per_prompt`` that both models have. Returns the pairs, the
     reasons some candidates were skipped (counted, not dropped silently) and the pairs
-    whose images differ in aspect ratio, which are also logged as a warning: a voter
-    could tell such models apart by shape, so the voting app shows both images of a
-    pair in one box (``eval.vote.display``), and generating both at one size is better.
+    whose two images differ in size or aspect ratio, or (with ``size``) whose size is
+    not the study's: a voter could tell such models apart by shape. With ``equalise``
+    ``"none"`` they are refused (``skipped["size_mismatch:x_vs_y"]``) and logged as an
+    error; with ``"crop"`` they are kept (both are centre-cropped to the study's aspect
+    when served) and logged as a warning.
     """
+    if equalise not in ("none", "crop"):
+        raise ValueError(f"equalise must be none or crop, got {equalise!r}")
     skipped: Counter = Counter()
     mismatch: Counter = Counter()
     by_key: dict[tuple[str, str, int], dict[str, dict]] = {}
@@ -71,8 +92,11 @@ def build_pairs(
             for seed in usable[:seeds_per_prompt]:
                 x, y = by_key[(ps, pid, seed)][mx], by_key[(ps, pid, seed)][my]
                 sx, sy = _size(x), _size(y)
-                if sx and sy and abs((sx[0] / sx[1]) / (sy[0] / sy[1]) - 1) > ASPECT_TOLERANCE:
-                    mismatch[f"{mx} vs {my}: {sx[0]}x{sx[1]} vs {sy[0]}x{sy[1]}"] += 1
+                if _differ(sx, sy, size):
+                    mismatch[f"{mx} vs {my}: {_wh(sx)} vs {_wh(sy)}"] += 1
+                    if equalise == "none":
+                        skipped[f"size_mismatch:{mx}_vs_{my}"] += 1
+                        continue
                 rows.append(
                     {
                         "prompt_set": ps,
@@ -84,16 +108,27 @@ def build_pairs(
                         "model_y": my,
                         "path_x": x["image_path"],
                         "path_y": y["image_path"],
+                        "width_x": sx[0] if sx else None,  # not stored with the pair: the study size when unset
+                        "height_x": sx[1] if sx else None,
                     }
                 )
     for what, n in sorted(mismatch.items()):
-        log.warning(
-            "%d pair(s) of %s (width x height): the images differ in aspect ratio, so voters could tell the "
-            "models apart by shape. The voting app shows both in one box (eval.vote.display: letterbox or crop); "
-            "generating both models at the same size avoids it.",
-            n,
-            what,
-        )
+        if equalise == "none":
+            log.error(
+                "%d pair(s) of %s (width x height) refused: the images differ in size or shape%s, so voters could "
+                "tell the models apart. Generate every model of the study at one size, or set eval.vote.equalise: "
+                "crop (both centre-cropped to the study's aspect).",
+                n,
+                what,
+                f" or are not the study's {size[0]}x{size[1]}" if size else "",
+            )
+        else:
+            log.warning(
+                "%d pair(s) of %s (width x height): the images differ in size or shape; both are centre-cropped to "
+                "the study's aspect when served (eval.vote.equalise: crop), so their edges are cut.",
+                n,
+                what,
+            )
     return PairsBuild(rows, skipped, mismatch)
 
 

@@ -77,3 +77,11 @@ def tiny_vlm(tmp_path_factory) -> str:
     from paradiffusion.testing.tiny_vlm import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny_vlm")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> dict:
+    """A tiny random open_clip folder and aesthetic MLP (build_tiny_clip), built once per session."""
+    from paradiffusion.testing.tiny_clip import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("models") / "tiny_clip")

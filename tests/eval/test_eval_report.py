@@ -90,7 +90,18 @@ def test_report_counts_flags_and_fits(tmp_path, make_images):
     intervals = re.findall(r"<span class=ci>\[[^\]]+\]( n=\d+)?</span>", page)
     assert intervals and all(intervals)
     assert page.count("<tr class=few>") == 2 and counts["rows_under_min_prompts"] == 2
-    assert "&#9888; 6 prompts" in page and page.count("<div class=scroll><table>") == 2
+    assert "&#9888; 6 prompts" in page and page.count("<div class=scroll><table>") == 1  # the metrics table
+    # the voting table stacks on a narrow screen: every cell carries its column name
+    vote_table = re.search(r"<table class=stack id=voting-rates>(.*?)</table>", page).group(1)
+    cells = re.findall(r"<td[^>]*>", vote_table)
+    assert cells and all("data-label=" in c for c in cells) and len(cells) % 10 == 0
+    assert "@media (max-width:640px)" in page and "table.stack td::before{content:attr(data-label)" in page
+    # the win rate (ties half) with its interval as a plot: one bar per comparison and question, all prompt sets
+    bars = re.findall(r'<g class=bar data-mean="([\d.]+)" data-low="([\d.]+)" data-high="([\d.]+)">', page)
+    assert len(bars) == 2 and all(0 <= float(lo) <= float(m) <= float(hi) <= 1 for m, lo, hi in bars)
+    rows_all = [r for r in re.findall(r"<tr[^>]*>(.*?)</tr>", vote_table) if ">ALL</td>" in r]
+    half = [re.search(r'data-label="X, ties half">([\d.]+) %', r).group(1) for r in rows_all]
+    assert [f"{float(m) * 100:.1f}" for m, _, _ in bars] == half  # the plot shows the table's numbers
     # counting the revoked voter's votes is a setting
     page2, counts2 = build_report(_cfg(tmp_path, count_revoked=True))
     assert counts2["votes"] == 72 and "Counted 72 of 73 votes, from 3 voters" in page2

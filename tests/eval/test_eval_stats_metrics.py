@@ -63,14 +63,13 @@ def test_voting_rate():
     assert r.win.low <= 0.6 <= r.win.high and r.n_prompts == 25
 
 
-def test_clip_score_is_the_mean_over_chunks(tmp_path):
+def test_clip_score_is_the_mean_over_chunks(tmp_path, tiny_clip):
     from PIL import Image
 
     from curation.models import load_clip
     from eval.metrics import ClipScorer
-    from paradiffusion.testing.tiny_clip import build_tiny_clip
 
-    clip = load_clip(build_tiny_clip(tmp_path)["clip_model"], device="cpu")
+    clip = load_clip(tiny_clip["clip_model"], device="cpu")
     scorer = ClipScorer(clip)
     from eval_prompt_files import SAMPLE_PROMPTS
 
@@ -173,3 +172,73 @@ def test_fid_reference_statistics_are_cached_per_reference_set(tmp_path):
     changed, cached = reference_stats(str(tmp_path / "ref"), extract, "pixels-4x4", 2, cache, StageSummary("t"))
     assert not cached and changed.n == 6 and not np.allclose(changed.mean, first.mean)
     assert len(paths) == 5
+
+
+def test_fid_reference_cache_follows_the_weights_content(tmp_path, make_images, tiny_clip):
+    """New CLIP weights copied over the old ones in the same folder (same file name, same
+    size, same modification time) rebuild the cached reference statistics, and FID
+    changes with them; the same weights again reuse the cache. The reference folder is
+    keyed by content too: an image rewritten with its old timestamp is seen."""
+    import os
+    import shutil
+
+    import torch
+    import yaml
+
+    from curation.models import load_clip
+    from eval.metrics import compute_fid
+    from paradiffusion.stage import StageSummary
+    from paradiffusion.storage import Table
+    from pipelines.config import load_config
+
+    live = tmp_path / "live"
+    shutil.copytree(tiny_clip["clip_model"], live)
+    weights = live / "open_clip_pytorch_model.bin"
+    stamp = weights.stat()
+    old_bytes = weights.read_bytes()
+    state = torch.load(weights, map_location="cpu")
+    torch.manual_seed(7)
+    for v in state.values():  # perturbed in place: the same layout, so the same file size
+        if v.is_floating_point():
+            v.add_(0.05 * torch.randn_like(v))
+    (tmp_path / "new").mkdir()
+    torch.save(state, tmp_path / "new" / weights.name)  # the archive's inner names follow the file name
+    new_bytes = (tmp_path / "new" / weights.name).read_bytes()
+    assert len(new_bytes) == len(old_bytes) and new_bytes != old_bytes
+    images = make_images(tmp_path / "images", n_prompts=4, size=32)
+    _write_images(tmp_path / "ref", 6, seed=2)
+    doc = {
+        "project": {"data_root": str(tmp_path / "data")},
+        "eval": {
+            "metrics": {
+                "clip_model": str(live),
+                "fid_reference": str(tmp_path / "ref"),
+                "batch_size": 4,
+                "device": "cpu",
+            }
+        },
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    cfg = load_config([tmp_path / "c.yaml"])
+    cache = Table(str(tmp_path / "metrics"))
+
+    def fid() -> tuple[float, bool]:
+        clip = load_clip(str(live), None, device="cpu")
+        out = compute_fid(cfg, images, clip, StageSummary("t"), cache=cache)
+        return out["results"]["alpha/set1"]["fid"], out["reference_cached"]
+
+    fid_a, cached = fid()
+    assert not cached and fid() == (fid_a, True)
+    weights.write_bytes(new_bytes)  # new weights in place, old size and mtime
+    os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    fid_b, cached = fid()
+    assert not cached and fid_b != pytest.approx(fid_a, rel=1e-6)
+    assert fid() == (fid_b, True)
+    weights.write_bytes(old_bytes)  # back to the first weights: their entry is used again
+    assert fid() == (fid_a, True)
+    ref = sorted((tmp_path / "ref").iterdir())[0]  # a reference image changed, its timestamp kept
+    st = ref.stat()
+    _write_images(tmp_path / "other", 1, seed=9)
+    shutil.copyfile(tmp_path / "other" / "im000.png", ref)
+    os.utime(ref, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fid()[1] is False

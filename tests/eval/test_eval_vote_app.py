@@ -4,13 +4,14 @@ the hardening cases (ids, strict JSON, body size, nesting, headers) and the admi
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from eval.vote.app import create_app, json_depth_ok, parse_id, strip_png_text
+from eval.vote.app import create_app, json_depth_ok, parse_id
 from eval.vote.db import VoteStore
 from eval.vote.pairs import build_pairs
 
@@ -22,7 +23,7 @@ def setup(tmp_path, images_table):
     store = VoteStore(tmp_path / "votes.sqlite")
     store.add_pairs(build_pairs(images_table.read()).rows)
     voter, admin = store.add_voter("ann"), store.add_voter("boss", role="admin")
-    client = TestClient(create_app(store, tmp_path / "images"))
+    client = TestClient(create_app(store, tmp_path / "images", size=(40, 24)))
     return store, client, voter, admin
 
 
@@ -67,7 +68,7 @@ def test_vote_flow_status_codes(setup):
     assert client.post("/api/vote", headers=h, json={"pair_id": not_served, **VOTE}).status_code == 403
     assert client.get(f"/image/{not_served}/A", headers=h).status_code == 403
     assert client.post("/api/vote", headers=h, json={"pair_id": pid, "question": "x", "choice": "A"}).status_code == 400
-    assert client.post("/api/vote", headers=h, content=b"not json").status_code == 400
+    assert client.post("/api/vote", headers={**h, "Content-Type": "application/json"}, content=b"x").status_code == 400
     # a vote counts only after both images were sent
     early = client.post("/api/vote", headers=h, json={"pair_id": pid, **VOTE})
     assert early.status_code == 409 and early.json()["code"] == "images_not_loaded"
@@ -147,8 +148,9 @@ def test_large_bodies_are_413(setup):
             sent.append(1)
             yield b" " * 65536
 
-    assert client.post("/api/vote", headers=h, content=chunks()).status_code == 413
-    r = client.post("/api/vote", headers={**h, "Content-Length": "abc"}, content=b"{}")
+    json_h = {**h, "Content-Type": "application/json"}
+    assert client.post("/api/vote", headers=json_h, content=chunks()).status_code == 413
+    r = client.post("/api/vote", headers={**json_h, "Content-Length": "abc"}, content=b"{}")
     assert r.status_code in (400, 413)
 
 
@@ -204,7 +206,7 @@ def test_images_are_blind_and_confined(setup, tmp_path):
     pid = client.get("/api/next", headers=h).json()["pair_id"]
     a, b = client.get(f"/image/{pid}/A", headers=h), client.get(f"/image/{pid}/B", headers=h)
     assert a.status_code == b.status_code == 200 and a.content != b.content
-    assert a.content.startswith(b"\x89PNG") and b"alpha" not in a.content and b"beta" not in a.content
+    assert a.content.startswith(b"\xff\xd8") and b"alpha" not in a.content and b"beta" not in a.content
     assert client.get(f"/image/{pid}/C", headers=h).status_code == 404
     assert client.get("/image/999/A", headers=h).status_code == 403  # not served to this voter
     assert client.get("/image/../../etc/passwd", headers=h).status_code == 404
@@ -218,16 +220,14 @@ def test_images_are_blind_and_confined(setup, tmp_path):
     assert client.get(f"/image/{pid}/B", headers=h).status_code == 404
 
 
-@pytest.mark.parametrize("display", ["letterbox", "crop"])
-def test_pair_images_share_one_size(tmp_path, make_images, display, caplog):
-    """Models generating at different shapes (here 48x80 portrait vs 64x64 square) are shown
-    at one size, so the shape names no model; building such pairs warns."""
-    images = make_images(tmp_path / "images", models=("tall",), n_prompts=2)
-    square = make_images(tmp_path / "sq", models=("square",), n_prompts=2, size=64)
+def _mixed_shapes(tmp_path, make_images):
+    """Two models at different shapes: "tall" 48 wide x 80 high (red), "square" 64x64 (blue)."""
     import pyarrow as pa
 
+    images = make_images(tmp_path / "images", models=("tall",), n_prompts=2)
+    square = make_images(tmp_path / "sq", models=("square",), n_prompts=2, size=64)
     rows = images.read().to_pylist()
-    for r in rows:  # make "tall" 48 wide x 80 high
+    for r in rows:
         Image.new("RGB", (48, 80), (200, 30, 30)).save(tmp_path / "images" / r["image_path"])
         r.update(width=48, height=80)
     for r in square.read().to_pylist():
@@ -235,29 +235,43 @@ def test_pair_images_share_one_size(tmp_path, make_images, display, caplog):
         (tmp_path / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (64, 64), (30, 30, 200)).save(tmp_path / "images" / rel)
         rows.append(r)
+    return pa.Table.from_pylist(rows)
+
+
+def test_pairs_of_different_shapes_are_refused_unless_cropped(tmp_path, make_images, caplog):
+    """Models generating at different shapes are refused by default (counted, logged as
+    an error); with equalise=crop both are served at the study's size, centre-cropped,
+    with no bars."""
+    table = _mixed_shapes(tmp_path, make_images)
     with caplog.at_level(logging.WARNING):
-        built = build_pairs(pa.Table.from_pylist(rows))
-    assert len(built.rows) == 2 and built.aspect_mismatch == {"square vs tall: 64x64 vs 48x80": 2}
-    assert "differ in aspect ratio" in caplog.text
+        refused = build_pairs(table)
+    assert refused.rows == [] and refused.skipped == {"size_mismatch:square_vs_tall": 2}
+    assert refused.aspect_mismatch == {"square vs tall: 64x64 vs 48x80": 2} and "refused" in caplog.text
+    # the same size on both sides but not the study's aspect: refused too
+    assert build_pairs(_same(table, 64, 64), size=(64, 40)).skipped == {"size_mismatch:square_vs_tall": 2}
+    assert len(build_pairs(_same(table, 64, 64), size=(128, 128)).rows) == 2
+    built = build_pairs(table, size=(40, 40), equalise="crop")
+    assert len(built.rows) == 2 and not built.skipped
     store = VoteStore(tmp_path / "votes.sqlite")
     store.add_pairs(built.rows)
     token = store.add_voter("ann")
-    client = TestClient(create_app(store, tmp_path / "images", display=display))
+    client = TestClient(create_app(store, tmp_path / "images", size=(40, 40)))
     h = {"X-Token": token}
     pid = client.get("/api/next", headers=h).json()["pair_id"]
     a = Image.open(io.BytesIO(client.get(f"/image/{pid}/A", headers=h).content))
     b = Image.open(io.BytesIO(client.get(f"/image/{pid}/B", headers=h).content))
-    assert a.size == b.size
-    tall = a if a.getpixel((a.width // 2, a.height // 2))[0] > 100 else b
-    if display == "letterbox":
-        assert a.size == (64, 80)  # the largest width by the largest height
-        assert tall.getpixel((1, 40)) == (255, 255, 255)  # white bars beside the narrow image
-        assert tall.getpixel((32, 40))[0] > 150
-    else:
-        assert abs(a.width / a.height - ((48 / 80) * 1.0) ** 0.5) < 0.03  # one aspect between the two
-        assert tall.getpixel((1, 1))[0] > 150  # cropped, no bars
+    assert a.size == b.size == (40, 40) and a.format == b.format == "JPEG"
+    tall = a if a.getpixel((20, 20))[0] > 100 else b
+    for corner in ((0, 0), (39, 0), (0, 39), (39, 39), (0, 20), (20, 0)):
+        assert tall.getpixel(corner)[0] > 150, corner  # cropped, no bars anywhere
     again = client.get(f"/image/{pid}/A", headers=h).content  # served from the cache, same bytes
     assert Image.open(io.BytesIO(again)).tobytes() == a.tobytes()
+
+
+def _same(table, w: int, h: int):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([{**r, "width": w, "height": h} for r in table.to_pylist()])
 
 
 def test_admin_progress(setup):
@@ -271,10 +285,183 @@ def test_admin_progress(setup):
     assert ann["votes"] == 1 and ann["total"] == 8 and ann["served"] == 1
 
 
-def test_strip_png_text_keeps_pixels(tmp_path, images_table):
-    f = next((tmp_path / "images" / "png").rglob("*.png"))
-    raw = f.read_bytes()
-    stripped = strip_png_text(raw)
-    assert b"tEXt" in raw and b"tEXt" not in stripped
-    assert Image.open(io.BytesIO(stripped)).tobytes() == Image.open(f).tobytes()
-    assert strip_png_text(b"not a png") == b"not a png"
+def test_served_image_keeps_only_pixels(tmp_path):
+    """The served bytes are a JPEG of the study size with no metadata: EXIF (and its
+    orientation, applied to the pixels), ICC profile, comments and PNG chunks are gone."""
+    from eval.vote.display import render_file
+
+    exif = Image.Exif()
+    exif[0x0131] = "model-one v2"  # Software
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    src = Image.new("RGB", (80, 40), (10, 200, 10))
+    src.paste((250, 0, 0), (0, 0, 40, 40))  # left half red: after the rotation, the top half
+    src.save(tmp_path / "a.jpg", exif=exif, icc_profile=b"\0" * 200, comment=b"made by model-one")
+    out = render_file(tmp_path / "a.jpg", (40, 80))
+    assert out.startswith(b"\xff\xd8") and b"model-one" not in out and b"Exif" not in out and b"ICC_PROFILE" not in out
+    im = Image.open(io.BytesIO(out))
+    assert im.size == (40, 80) and not im.getexif() and "icc_profile" not in im.info
+    assert im.getpixel((20, 10))[0] > 200 and im.getpixel((20, 70))[1] > 150  # upright: red on top
+
+
+def test_votes_must_be_sent_as_json(setup):
+    """415 unless the body is declared application/json (UTF-8); a UTF-16 body is 400."""
+    _, client, voter, _ = setup
+    pid = _serve(client, voter)
+    body = json.dumps({"pair_id": pid, "question": "visual_appeal", "choice": "A"}).encode()
+    h = {"X-Token": voter}
+    for ctype in (
+        None,
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/json; charset=utf-16",
+        "application/jsonx",
+        "multipart/form-data",
+    ):
+        r = client.post("/api/vote", headers={**h, **({"Content-Type": ctype} if ctype else {})}, content=body)
+        assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type", ctype
+        assert r.headers["x-frame-options"] == "DENY"
+    utf16 = body.decode().encode("utf-16")
+    r = client.post("/api/vote", headers={**h, "Content-Type": "application/json"}, content=utf16)
+    assert r.status_code == 400
+    r = client.post("/api/vote", headers={**h, "Content-Type": "Application/JSON; charset=UTF-8"}, content=body)
+    assert r.status_code == 200
+
+
+def test_ids_are_matched_whole(setup):
+    _, client, voter, admin = setup
+    pid = _serve(client, voter)
+    for bad in (f"{pid}%0A", f"{pid}%0D", f"%0A{pid}", f"{pid}%20", f"{pid}%00"):
+        assert client.get(f"/image/{bad}/A", headers={"X-Token": voter}).status_code == 400, bad
+        assert client.get(f"/admin/image/{bad}/x", headers={"X-Token": admin}).status_code == 400, bad
+    assert parse_id("1\n") is None and parse_id("1") == 1
+
+
+def test_slash_redirects_use_the_public_url_never_host_or_token(tmp_path, images_table):
+    store = VoteStore(tmp_path / "votes.sqlite")
+    token = store.add_voter("ann")
+    plain = TestClient(create_app(store, tmp_path / "images", size=(40, 24)), base_url="http://evil.example")
+    r = plain.get(f"/vote/?t={token}", headers={"Host": "evil.example"}, follow_redirects=False)
+    assert r.status_code == 308 and r.headers["location"] == "/vote"  # relative, no token
+    public = create_app(store, tmp_path / "images", size=(40, 24), public_url="https://vote.example.org/study/")
+    client = TestClient(public, base_url="http://evil.example")
+    for path in (f"/vote/?t={token}", "/admin/?t=x", "/vote//"):
+        r = client.get(
+            path, headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"}, follow_redirects=False
+        )
+        loc = r.headers["location"]
+        assert r.status_code == 308 and loc.startswith("https://vote.example.org/study/"), (path, loc)
+        assert "evil" not in loc and token not in loc and "?" not in loc
+        assert r.headers["x-frame-options"] == "DENY"
+    assert client.get("/api/next/", headers={"X-Token": token}).status_code == 404
+    with pytest.raises(ValueError, match="public_url"):
+        create_app(store, tmp_path / "images", public_url="javascript:alert(1)")
+
+
+def test_bad_image_withdraws_its_pair_and_is_410(tmp_path, images_table):
+    """A truncated file or a file that is no image: 410 for that pair (never 500), the
+    pair withdrawn (not served again, counted for the admin), the next pair served."""
+    store = VoteStore(tmp_path / "votes.sqlite", quota=2)
+    store.add_pairs(build_pairs(images_table.read()).rows)
+    token, admin = store.add_voter("ann"), store.add_voter("boss", role="admin")
+    client = TestClient(create_app(store, tmp_path / "images", size=(40, 24)))
+    h = {"X-Token": token}
+    pid = client.get("/api/next", headers=h).json()["pair_id"]
+    pair = store.pair(pid)
+    (tmp_path / "images" / pair["path_x"]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (tmp_path / "images" / pair["path_y"]).write_bytes(b"GIF89a not really")
+    codes = {client.get(f"/image/{pid}/{s}", headers=h).status_code for s in "AB"}
+    assert codes == {410}
+    r = client.get(f"/image/{pid}/A", headers=h)
+    assert r.json()["code"] == "withdrawn" and r.headers["content-security-policy"]
+    assert client.get(f"/admin/image/{pid}/x", headers={"X-Token": admin}).status_code == 410
+    nxt = client.get("/api/next", headers=h).json()
+    assert nxt["pair_id"] != pid and nxt["progress"]["total"] == 2 * 2  # the quota: 2 pairs x 2 questions
+    prog = client.get("/api/admin/progress", headers={"X-Token": admin}).json()
+    assert prog["withdrawn"] == 1 and prog["withdrawn_pairs"][0]["pair_id"] == pid
+    reason = prog["withdrawn_pairs"][0]["reason"]
+    assert reason.startswith(("x: ", "y: ")) and ("truncated" in reason or "cannot identify" in reason), reason
+    assert "0x" not in reason  # no object addresses
+    assert "withdrawn" in client.get(f"/admin?t={admin}").text
+    other = VoteStore(tmp_path / "votes.sqlite").add_voter("bob")  # nobody is served it again
+    seen = set()
+    for _ in range(4):
+        task = client.get("/api/next", headers={"X-Token": other}).json()
+        if task["done"]:
+            break
+        seen.add(task["pair_id"])
+        for s in "AB":
+            client.get(f"/image/{task['pair_id']}/{s}", headers={"X-Token": other})
+        for q in ("visual_appeal", "text_faithfulness"):
+            client.post(
+                "/api/vote", headers={"X-Token": other}, json={"pair_id": task["pair_id"], "question": q, "choice": "A"}
+            )
+    assert pid not in seen and len(seen) == 2
+
+
+def test_unforeseen_errors_are_json_500_with_security_headers(setup, monkeypatch):
+    """A bug no route handles still answers with the security headers and no-store (and no traceback)."""
+    store, _, voter, _ = setup
+
+    def boom(*a, **k):
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(store, "next_task", boom)
+    client = TestClient(create_app(store, store.path.parent / "images", size=(40, 24)), raise_server_exceptions=False)
+    r = client.get("/api/next", headers={"X-Token": voter})
+    assert r.status_code == 500 and r.json() == {"error": "internal error", "code": "internal"}
+    assert r.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    assert r.headers["cache-control"] == "no-store" and "secret" not in r.text
+
+
+def test_prerender_fills_the_cache_and_withdraws_bad_pairs(tmp_path, images_table):
+    """`make vote` renders every pair before voters come: a second start renders nothing,
+    a pair with an undecodable image is withdrawn before anyone is served it, and the app
+    then serves from the cache without rendering."""
+    from eval.vote.render_cache import prerender
+
+    store = VoteStore(tmp_path / "votes.sqlite")
+    store.add_pairs(build_pairs(images_table.read()).rows)
+    (tmp_path / "images" / store.pair(2)["path_y"]).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    first = prerender(store, tmp_path / "images", (40, 24))
+    assert first["withdrawn"] == 1 and first["rendered"] == 3 * 2 + 1  # pair 2's x rendered before its y failed
+    assert store.is_withdrawn(2) and not store.is_withdrawn(1)
+    assert prerender(store, tmp_path / "images", (40, 24)) == {"cached": 6}
+    app = create_app(store, tmp_path / "images", size=(40, 24))
+    client, token = TestClient(app), store.add_voter("ann")
+    for _ in range(3):
+        pid = _serve(client, token)
+        assert pid != 2
+        for q in ("visual_appeal", "text_faithfulness"):
+            client.post("/api/vote", headers={"X-Token": token}, json={"pair_id": pid, "question": q, "choice": "A"})
+    assert client.get("/api/next", headers={"X-Token": token}).json()["done"] is True
+    assert app.state.render_cache.rendered == 0  # every image came from the cache
+
+
+def test_an_unwritable_cache_serves_uncached_and_withdraws_nothing(tmp_path, images_table):
+    """A cache folder that cannot be written (here: a file stands where the folder should
+    be) is the server's problem, not the image's: the image is served, no pair withdrawn."""
+    store = VoteStore(tmp_path / "votes.sqlite")
+    store.add_pairs(build_pairs(images_table.read()).rows)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    client = TestClient(create_app(store, tmp_path / "images", size=(40, 24), cache_dir=blocker))
+    token = store.add_voter("ann")
+    pid = _serve(client, token)
+    r = client.get(f"/image/{pid}/A", headers={"X-Token": token})
+    assert r.status_code == 200 and r.content.startswith(b"\xff\xd8")
+    assert store.progress()["withdrawn"] == 0
+
+
+def test_a_missing_image_withdraws_its_pair(tmp_path, images_table):
+    """A file deleted after the pairs were built: 410 and the pair withdrawn, so the voter
+    gets another pair instead of the same unvotable one forever."""
+    store = VoteStore(tmp_path / "votes.sqlite")
+    store.add_pairs(build_pairs(images_table.read()).rows)
+    client, token = TestClient(create_app(store, tmp_path / "images", size=(40, 24))), store.add_voter("ann")
+    h = {"X-Token": token}
+    pid = client.get("/api/next", headers=h).json()["pair_id"]
+    (tmp_path / "images" / store.pair(pid)["path_x"]).unlink()
+    first = [client.get(f"/image/{pid}/{s}", headers=h).status_code for s in "AB"]
+    assert sorted(first) in ([200, 410], [410, 410])  # the good side may come first (sides are random)
+    assert [client.get(f"/image/{pid}/{s}", headers=h).status_code for s in "AB"] == [410, 410]
+    assert store.is_withdrawn(pid) and client.get("/api/next", headers=h).json()["pair_id"] != pid

@@ -74,7 +74,7 @@ def test_vote_and_report_in_chromium(tmp_path: Path, make_images):
     data = tmp_path / "data"
     images = _images(data / "eval" / "images", make_images)
     store = VoteStore(data / "eval" / "votes" / "votes.sqlite")
-    store.add_pairs(build_pairs(images).rows)
+    store.add_pairs(build_pairs(images, size=(64, 40), equalise="crop").rows)  # two shapes: cropped to one
     token, admin = store.add_voter("ann"), store.add_voter("boss", role="admin")
     phone_token = store.add_voter("phone")
     shots = tmp_path / "screenshots"
@@ -85,7 +85,7 @@ def test_vote_and_report_in_chromium(tmp_path: Path, make_images):
         page.on("console", lambda m: csp_errors.append(m.text) if "Content Security Policy" in m.text else None)
 
     with (
-        serve_in_thread(create_app(store, data / "eval" / "images")) as url,
+        serve_in_thread(create_app(store, data / "eval" / "images", size=(64, 40))) as url,
         playwright.sync_playwright() as pw,
     ):
         browser = pw.chromium.launch_persistent_context(
@@ -117,13 +117,13 @@ def test_vote_and_report_in_chromium(tmp_path: Path, make_images):
             )
             ready(page, 0)
             assert page.is_enabled("#btnA") and page.is_hidden("#loading")
-            # one size for both, although beta's image is portrait
+            # one size for both (the study's), although beta's image is portrait
             sizes = page.evaluate(
                 "['imgA','imgB'].map(id => { const i = document.getElementById(id); "
                 "return [i.naturalWidth, i.naturalHeight, Math.round(i.getBoundingClientRect().width), "
                 "Math.round(i.getBoundingClientRect().height)]; })"
             )
-            assert sizes[0] == sizes[1] and sizes[0][:2] == [64, 80], sizes
+            assert sizes[0] == sizes[1] and sizes[0][:2] == [64, 40], sizes
             assert "visually appealing" in page.inner_text("#question")
             assert page.inner_text("#progress").startswith("0 / 4")
             page.screenshot(path=str(shots / "vote.png"))
@@ -153,7 +153,7 @@ def test_vote_and_report_in_chromium(tmp_path: Path, make_images):
             ready(phone, 0)
             _no_wider_than_screen(phone)
             phone.screenshot(path=str(shots / "vote_phone.png"))
-            # the report on the phone: no wider than the screen, its tables scroll inside their box
+            # the report on the phone: no wider than the screen
             cfg_file = tmp_path / "c.yaml"
             cfg_file.write_text(
                 yaml.safe_dump({"project": {"data_root": str(data)}, "eval": {"report": {"bootstrap": 100}}})
@@ -166,10 +166,21 @@ def test_vote_and_report_in_chromium(tmp_path: Path, make_images):
             phone.goto(report.as_uri())
             phone.wait_for_selector("table")
             _no_wider_than_screen(phone)
+            # the voting table stacks its rows: nothing to scroll sideways, every value readable
             box = phone.evaluate(
-                "(() => { const d = document.querySelector('.scroll'); return [d.scrollWidth, d.clientWidth]; })()"
+                "(() => { const d = document.getElementById('voting-rates').parentElement; "
+                "return [d.scrollWidth, d.clientWidth]; })()"
             )
-            assert box[0] > box[1] and box[1] <= PHONE["width"], box  # the table is wider, and scrolls in its box
+            assert box[0] <= box[1] <= PHONE["width"], box
+            assert phone.is_hidden("#voting-rates tr.head")
+            labels = phone.evaluate(  # each value is shown with its column name (the cells' ::before)
+                "[...document.querySelectorAll('#voting-rates tr:not(.head) td')].slice(0, 10)"
+                ".map(td => getComputedStyle(td, '::before').content)"
+            )
+            assert labels[0] == '"comparison (X vs Y): "' and labels[-1] == '"X, ties half: "', labels
+            plot = phone.evaluate("document.getElementById('winrate').getBoundingClientRect().width")
+            assert 0 < plot <= PHONE["width"]
+            assert phone.locator("#winrate g.bar").count() == 2  # one bar per comparison and question
             phone.screenshot(path=str(shots / "report_phone.png"), full_page=True)
             mobile.close()
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from eval.vote.db import QUESTIONS, VoteStore
 from eval.vote.pairs import build_pairs, export_votes
 
@@ -110,3 +112,29 @@ def test_admins_and_revoked_voters_cannot_vote(tmp_path, images_table):
     store.revoke("ann")
     assert store.cast(v, pid, "visual_appeal", "A").status == "not_allowed"  # revoked between serving and voting
     assert store.votes_rows() == []
+
+
+def test_one_study_size_by_construction():
+    """The default config has one size for both models of the human study; models of two
+    sizes are a config error naming the keys, unless equalise says to crop to eval.vote.size."""
+    from pathlib import Path
+
+    from paradiffusion.config import ConfigError
+    from pipelines.config import load_config
+
+    yml = str(Path(__file__).resolve().parents[2] / "pipelines.yaml")
+    default = load_config([yml]).eval
+    sizes = {(default.models[m].width, default.models[m].height) for m in default.study_models()}
+    assert default.study_models() == ["paradiffusion", "sdxl"] and sizes == {(1024, 640)}
+    assert default.study_size() == (1024, 640)
+    tall = ["eval.models.sdxl.width=640", "eval.models.sdxl.height=1024"]
+    with pytest.raises(ConfigError, match=r"different sizes \(paradiffusion 1024x640, sdxl 640x1024\)"):
+        load_config([yml], tall)
+    with pytest.raises(ConfigError, match=r"eval.models.sdxl.width/height differ.*allowed: none, crop"):
+        load_config([yml], [*tall, "eval.vote.size=[1024,640]"])
+    with pytest.raises(ConfigError, match="eval.vote.equalise"):
+        load_config([yml], [*tall, "eval.vote.equalise=letterbox"])
+    cropped = load_config([yml], [*tall, "eval.vote.size=[512,512]", "eval.vote.equalise=crop"])
+    assert cropped.eval.study_size() == (512, 512)
+    with pytest.raises(ConfigError, match="public_url"):
+        load_config([yml], ["eval.vote.public_url=https://x.org/?t=1"])
