@@ -137,3 +137,19 @@ def test_config_errors_name_the_key(make_cfg):
         make_cfg("x", "publish.subsets=[huge]")
     with pytest.raises(ConfigError, match="publish.repo_id"):
         make_cfg("x", "publish.repo_id=noslash")
+
+
+def test_publish_to_s3(data, s3_root, make_cfg):
+    """The folder on an object store (moto's S3 server on 127.0.0.1): read back with duckdb over the URL."""
+    root, raw = data
+    out = f"{s3_root}/paraimage"
+    summary = run_publish(make_cfg(root, f"publish.output={out}", "publish.subsets=[big]"))
+    import fsspec
+
+    from paradiffusion.storage import duckdb_connect
+
+    fs, path = fsspec.core.url_to_fs(out)
+    assert fs.exists(f"{path}/README.md") and fs.exists(f"{path}/croissant.json")
+    con = duckdb_connect()
+    n = con.execute(f"SELECT count(DISTINCT key) FROM read_parquet('{out}/data/big/*.parquet')").fetchall()[0][0]
+    assert n == summary["rows_big"] > 0
