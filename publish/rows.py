@@ -163,7 +163,7 @@ def big_counts(cfg: RootConfig, con) -> dict[str, int]:
     row = con.execute(
         f"SELECT count(*) FILTER (WHERE kept), count(*) FILTER (WHERE NOT kept), "
         f"count(*) FILTER (WHERE kept AND key NOT IN (SELECT key FROM ({sel}))) FROM {scores.sql_source()}"
-    ).fetchone()
+    ).fetchall()[0]
     return {"kept": row[0], "not_kept": row[1], "no_caption": row[2]}
 
 
@@ -206,7 +206,7 @@ def _license_sql(cfg: RootConfig, cols: list[str]) -> str:
 def iter_chunks(con, plan: Plan, shard_rows: int, batch_rows: int = 8192) -> Iterator[tuple[str, pa.Table]]:
     """``(chunk id, rows)``: the rows of each input shard in chunks of at most ``shard_rows``,
     ``chunk id`` = ``<input shard>-<n>``. Streams record batches; holds one chunk at a time."""
-    reader = con.execute(plan.sql).to_arrow_reader(batch_rows)
+    reader = con.sql(plan.sql).to_arrow_reader(batch_rows)
     unit, n, buf, size = None, 0, [], 0
 
     def flush():
