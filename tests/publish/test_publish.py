@@ -84,6 +84,7 @@ def test_webdataset_and_images(data, make_cfg):
     assert isinstance(big.features["image"], Image) and big[0]["image"].size[1] == 12
 
 
+@pytest.mark.slow  # three publishes (~60 s on the shared 2-core machine)
 def test_republish_rewrites_only_changed_shards_and_kill_keeps_previous(data, monkeypatch, make_cfg, new_caption):
     root, raw = data
     cfg = make_cfg(root, "publish.shard_rows=4", "publish.subsets=[big]")
@@ -139,6 +140,7 @@ def test_config_errors_name_the_key(make_cfg):
         make_cfg("x", "publish.repo_id=noslash")
 
 
+@pytest.mark.slow  # starts moto's S3 server
 def test_publish_to_s3(data, s3_root, make_cfg):
     """The folder on an object store (moto's S3 server on 127.0.0.1): read back with duckdb over the URL."""
     root, raw = data
