@@ -114,6 +114,10 @@ stats: ## DuckDB views (views.sql, stats.duckdb), Table 1, length histogram, fun
 bench-stats: ## DuckDB vs pandas on synthetic caption rows (ROWS=1000000 for the full run)
 	$(PY) bench/stats_duckdb.py --rows $(or $(ROWS),1000000)
 
+.PHONY: publish
+publish: ## write ParaImage-Big/Small as a dataset folder (Parquet, card, Croissant, WebDataset); Hub upload with publish.repo_id
+	$(PD) publish $(ARGS)
+
 # ---- eval: prompt sets, generation, metrics, human voting, report
 .PHONY: fetch-benchmarks eval-generate eval vote vote-invite eval-report bench-vote bench-eval
 fetch-benchmarks: ## fetch ViLG-300, ParaPrompts-400, DPG-Bench prompts and its question file into benchmarks/ (needs internet)

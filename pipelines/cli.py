@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "select-small": "captioning.small.cli:SELECT_SMALL",
     "annotations": "captioning.small.cli:ANNOTATIONS",
     "stats": "stats.cli:STATS",
+    "publish": "publish.cli:PUBLISH",
     "cache-latents": "training.cli:CACHE_LATENTS",
     "cache-text": "training.cli:CACHE_TEXT",
     "train": "training.cli:TRAIN",

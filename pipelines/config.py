@@ -23,6 +23,7 @@ from paradiffusion.config import (
     StrictModel,
     load_config_model,
 )
+from publish.config import PublishConfig
 from stats.config import StatsConfig
 from training.config import GenerateConfig, TrainConfig
 
@@ -40,6 +41,7 @@ class PipelinesConfig(StrictModel):
     select_small: SelectSmallConfig = Field(default_factory=SelectSmallConfig)
     annotations: AnnotationsConfig = Field(default_factory=AnnotationsConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CORE = "paradiffusion"
-STAGES = {"curation", "captioning", "training", "eval", "stats"}
+STAGES = {"curation", "captioning", "training", "eval", "stats", "publish"}
 TOP = "pipelines"
 
 #: core module (path from the repo root) -> the upper-layer packages it may import, and why
@@ -38,6 +38,7 @@ STAGE_EDGES = {
     "captioning": {"curation"},
     "eval": {"captioning", "curation", "training"},
     "stats": {"captioning"},
+    "publish": {"captioning", "stats"},
 }
 
 

@@ -1,0 +1,105 @@
+"""Benchmark: `paradiffusion publish` vs a plain pyarrow rewrite of the same columns into the same shard sizes.
+
+Generates ``--rows`` synthetic caption rows and their scores (as bench/stats_duckdb.py makes them), then
+runs, each in a child process of its own (so its peak RSS is its own), side by side in one run:
+
+- ``publish``: ``run_publish`` with ``subsets: [big]`` (the joins, the selected caption, every caption
+  with its source, the card with its statistics and plots, Croissant, the version switch);
+- ``plain``: pyarrow reads the published rows back and rewrites the same columns into shards of the
+  same size (zstd): the floor of writing this folder, without any of the work above.
+
+Usage::
+
+    .venv/bin/python bench/publish.py --rows 1000000   # the full run
+    .venv/bin/python bench/publish.py --rows 20000     # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_BENCH = Path(__file__).resolve().parent
+# this file is named like the `publish` package: keep its folder off the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+
+
+def child(mode: str, root: Path, shard_rows: int) -> None:
+    if mode == "publish":
+        from pipelines.config import load_config
+        from publish.run import run_publish
+
+        cfg = load_config(
+            [], [f"project.data_root={root}", "publish.subsets=[big]", f"publish.shard_rows={shard_rows}"]
+        )
+        run_publish(cfg)
+    else:
+        import pyarrow.parquet as pq
+
+        files = sorted((root / "paraimage" / "data" / "big").glob("*.parquet"))
+        out = root / "plain"
+        out.mkdir(exist_ok=True)
+        i = 0
+        for f in files:  # one shard at a time: bounded memory, as publish
+            t = pq.read_table(f)
+            for start in range(0, t.num_rows, shard_rows):
+                pq.write_table(t.slice(start, shard_rows), out / f"train-{i:05d}.parquet", compression="zstd")
+                i += 1
+
+
+def run_child(mode: str, root: Path, shard_rows: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    p = subprocess.Popen(
+        [sys.executable, __file__, "--child", mode, "--root", str(root), "--shard-rows", str(shard_rows)],
+        stdout=subprocess.DEVNULL,
+    )
+    _, status, usage = os.wait4(p.pid, 0)
+    secs = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"{mode} failed (status {status})")
+    return secs, usage.ru_maxrss / 1024  # MiB (Linux reports KiB)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--shard-rows", type=int, default=50_000)
+    ap.add_argument("--child")
+    ap.add_argument("--root")
+    a = ap.parse_args()
+    if a.child:
+        child(a.child, Path(a.root), a.shard_rows)
+        return 0
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stats_duckdb", _BENCH / "stats_duckdb.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    generate = mod.generate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        generate(root, a.rows, 50_000)
+        print(f"generated {a.rows:,} caption rows in {time.perf_counter() - t0:.1f} s")
+        pub_s, pub_rss = run_child("publish", root, a.shard_rows)
+        plain_s, plain_rss = run_child("plain", root, a.shard_rows)
+        rows = sum(
+            __import__("pyarrow.parquet").parquet.read_metadata(f).num_rows
+            for f in (root / "paraimage" / "data" / "big").glob("*.parquet")
+        )
+    print(f"published rows (big): {rows:,}; shard_rows {a.shard_rows:,}; machine: 2-core shared CPU")
+    print(f"{'':10} {'seconds':>8} {'peak RSS MiB':>13}")
+    print(f"{'publish':10} {pub_s:8.1f} {pub_rss:13.0f}")
+    print(f"{'plain':10} {plain_s:8.1f} {plain_rss:13.0f}")
+    print(f"ratio publish / plain: {pub_s / plain_s:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

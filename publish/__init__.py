@@ -1,0 +1,1 @@
+"""`paradiffusion publish`: ParaImage-Big / ParaImage-Small as a Hugging Face dataset folder."""

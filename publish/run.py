@@ -1,0 +1,453 @@
+"""`paradiffusion publish`: write the dataset folder (and upload it to the Hub when asked).
+
+Folder (``publish.output``, default ``<data_root>/paraimage``; any fsspec URL)::
+
+    README.md                     the dataset card: Hub YAML (configs list this version's files) + text
+    croissant.json                Croissant 1.0 metadata (files with sha256, record sets, fields)
+    data/<subset>/train-<input shard>-<chunk>-<digest>.parquet
+    webdataset/<subset>/<input shard>-<chunk>-<digest>.tar  (publish.webdataset) + webdataset/index.json
+    assets/<plot>-<digest>.png    Table 1's length histogram and the funnel
+    _publish/<version>.json       manifest of one version (every file it uses); published.json
+
+Shard names carry a digest of their rows instead of the Hub's ``-of-MMMMM`` count, so a shard whose
+rows did not change keeps its name and is not rewritten when the number of shards changes.
+
+Versions: a run writes its new shards beside the old ones, then its manifest, then the pointer
+files (croissant.json, webdataset/index.json and, last, README.md: the one ``load_dataset``
+reads), each in one atomic write; only then are files no kept version uses removed. A run killed
+at any point leaves every pointer naming files that exist: the previous version stays complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from paradiffusion.config import ConfigError, RootConfig, config_fingerprint
+from paradiffusion.log import get_logger
+from paradiffusion.stage import StageSummary, announce, progress
+from paradiffusion.storage import duckdb_connect, join
+from publish import card as _card
+from publish import rows as _rows
+
+log = get_logger("publish")
+
+_VERSION_RE = re.compile(r"<!-- paradiffusion-publish-version: (\S+) -->")
+
+
+def output_url(cfg: RootConfig) -> str:
+    return cfg.publish.output or join(cfg.project.data_root, "paraimage")
+
+
+class Folder:
+    """The output folder: atomic writes (temp + rename locally; one PUT on object stores)."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.fs, self.path = fsspec.core.url_to_fs(self.url)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def p(self, rel: str) -> str:
+        return join(self.path, rel)
+
+    def put(self, rel: str, data: bytes) -> None:
+        final = self.p(rel)
+        if not self.local:
+            self.fs.pipe_file(final, data)  # an object appears whole or not at all
+            return
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, final)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.p(rel))
+
+    def read_text(self, rel: str) -> str | None:
+        return self.fs.cat_file(self.p(rel)).decode() if self.exists(rel) else None
+
+    def listing(self) -> list[str]:
+        if not self.fs.exists(self.path):
+            return []
+        base = self.path.rstrip("/") + "/"
+        return sorted(f[len(base) :] for f in self.fs.find(self.path) if f.startswith(base))
+
+
+def current_version(folder: Folder) -> str | None:
+    text = folder.read_text("README.md")
+    m = _VERSION_RE.search(text or "")
+    return m.group(1) if m else None
+
+
+def manifest(folder: Folder, version: str | None) -> dict:
+    if version is None:
+        return {"files": {}}
+    text = folder.read_text(f"_publish/{version}.json")
+    return json.loads(text) if text else {"files": {}}
+
+
+@dataclass
+class Written:
+    path: str
+    rows: int
+    bytes: int
+    sha256: str
+    reused: bool
+
+
+def _hf_schema(t: pa.Table, with_image: bool) -> pa.Schema:
+    """The table's schema with the ``datasets`` features in its metadata (``image``: the Image feature)."""
+    from datasets import Features, Image
+
+    plain = t.drop_columns(["image"]) if with_image else t
+    feats = Features.from_arrow_schema(plain.schema)
+    if with_image:
+        feats["image"] = Image()
+    return feats.arrow_schema
+
+
+def _attach_images(t: pa.Table, index: _rows.ImageIndex, summary: StageSummary) -> tuple[pa.Table, dict]:
+    got = index.fetch(t["key"].to_pylist())
+    keep, images, exts = [], [], {}
+    for i, k in enumerate(t["key"].to_pylist()):
+        data, ext = got.get(k, (None, ""))
+        if not _rows.decodes(data):
+            summary.reject("image_missing" if data is None else "image_decode_failed")
+            continue
+        keep.append(i)
+        images.append({"bytes": data, "path": f"{k}.{ext}"})
+        exts[k] = (data, ext)
+    t = t.take(pa.array(keep, pa.int64()))
+    col = pa.array(images, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    return t.append_column("image", col), exts
+
+
+def _wds_tar(t: pa.Table, subset: str, images: dict) -> bytes:
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    text_col = "caption" if subset == "big" else "description"
+    meta_cols = [c for c in t.column_names if c != "image"]
+    with wds.TarWriter(buf) as w:
+        for row in t.select(meta_cols).to_pylist():
+            sample = {"__key__": row["key"], "txt": row[text_col] or "", "json": json.dumps(row, default=str)}
+            if row["key"] in images:
+                data, ext = images[row["key"]]
+                sample["jpg" if ext in ("jpg", "jpeg") else ext] = data
+            w.write(sample)
+    return buf.getvalue()
+
+
+def _pseudonymise(t: pa.Table, pseudo) -> pa.Table:
+    for c in ("annotator", "reviewer"):
+        if c in t.column_names:
+            i = t.column_names.index(c)
+            t = t.set_column(i, c, pa.array([pseudo(v) for v in t[c].to_pylist()], pa.string()))
+    return t
+
+
+def publish_subset(
+    cfg, con, folder, plan, old_files, summary, index, pseudo
+) -> tuple[list[Written], list[Written], pa.Schema | None]:
+    pc = cfg.publish
+    parquet, tars, schema = [], [], None
+    for chunk_id, t in progress(
+        _rows.iter_chunks(con, plan, pc.shard_rows), desc=f"publish {plan.subset}", unit="shard"
+    ):
+        summary.n_in += t.num_rows
+        if pseudo is not None:
+            t = _pseudonymise(t, pseudo)
+        images: dict = {}
+        if index is not None:
+            t, images = _attach_images(t, index, summary)
+        t = t.cast(_hf_schema(t, index is not None))
+        schema = t.schema
+        buf = io.BytesIO()
+        pq.write_table(t, buf, compression="zstd")
+        data = buf.getvalue()
+        sha = hashlib.sha256(data).hexdigest()
+        d = sha[:16]  # Parquet bytes are a function of the rows (no timestamps): equal rows, equal name
+        rel = f"data/{plan.subset}/train-{chunk_id}-{d}.parquet"
+        if rel in old_files and folder.exists(rel):
+            parquet.append(Written(rel, t.num_rows, len(data), sha, True))
+        else:
+            folder.put(rel, data)
+            parquet.append(Written(rel, t.num_rows, len(data), sha, False))
+        if pc.webdataset:
+            trel = f"webdataset/{plan.subset}/{chunk_id}-{d}.tar"
+            if trel in old_files and folder.exists(trel):
+                o = old_files[trel]
+                tars.append(Written(trel, o["rows"], o["bytes"], o["sha256"], True))
+            else:
+                data = _wds_tar(t, plan.subset, images)
+                folder.put(trel, data)
+                tars.append(Written(trel, t.num_rows, len(data), hashlib.sha256(data).hexdigest(), False))
+        summary.n_out += t.num_rows
+    return parquet, tars, schema
+
+
+def _provenance(cfg, con) -> tuple[list[dict], dict, dict]:
+    from paradiffusion.schemas import CAPTIONS, SCORES
+
+    sets, reasons, thresholds = [], {}, {}
+    try:
+        cap = _rows.committed(cfg, "captions", CAPTIONS)
+        for r in con.execute(
+            f"SELECT model_id, model_revision, prompt_id, prompt_hash, count(*), min(created_at), max(created_at) "
+            f"FROM {cap.sql_source()} WHERE finish_reason IS DISTINCT FROM 'error' GROUP BY ALL ORDER BY ALL"
+        ).fetchall():
+            sets.append(
+                dict(zip(["model_id", "model_revision", "prompt_id", "prompt_hash", "rows"], r[:5], strict=True))
+                | {"first": str(r[5])[:10], "last": str(r[6])[:10]}
+            )
+    except _rows.MissingTable:
+        pass
+    try:
+        sc = _rows.committed(cfg, "scores", SCORES)
+        for reason, n in con.execute(
+            f"SELECT reject_reason, count(*) FROM {sc.sql_source()} WHERE NOT kept GROUP BY 1 ORDER BY 2 DESC"
+        ).fetchall():
+            reasons[reason or "unknown"] = n
+        import yaml
+
+        raw = sc.fs.cat_file(sc._p("_config.yaml")) if sc.fs.exists(sc._p("_config.yaml")) else None
+        doc = yaml.safe_load(raw) if raw else {}
+        thresholds = ((doc or {}).get("stage_settings") or {}).get("thresholds") or {}
+    except _rows.MissingTable:
+        pass
+    return sets, reasons, thresholds
+
+
+def _stats(cfg, folder: Folder) -> tuple[str, list[str]]:
+    """Table 1, the length histogram and the funnel: the stats stage's own queries and plots."""
+    import tempfile
+    from pathlib import Path
+
+    try:
+        from stats.queries import bucket_labels, canned_queries
+        from stats.run import connect, plot_funnel, plot_histogram, render_markdown, run_query
+        from stats.views import build_views, find_sources
+
+        sources = find_sources(cfg)
+        views = build_views(cfg, sources, {})
+        names = {n for n, _ in views}
+        con = connect(views)
+        md, assets = [], []
+        qs = {q.name: q for q in canned_queries(cfg.stats.length_buckets, cfg.stats.keywords, names)}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in ("table1", "length_histogram", "funnel"):
+                q = qs.get(name)
+                if q is None or not q.sql or not set(q.needs) <= names:
+                    continue
+                res = run_query(con, q)
+                md.append(render_markdown(res))
+                png = Path(tmp) / f"{name}.png"
+                try:
+                    if name == "length_histogram" and res.rows:
+                        plot_histogram(res, bucket_labels(cfg.stats.length_buckets), png)
+                    elif name == "funnel" and res.rows:
+                        plot_funnel(res, png)
+                except ImportError:
+                    continue
+                if png.exists():
+                    data = png.read_bytes()
+                    rel = f"assets/{name}-{hashlib.sha256(data).hexdigest()[:12]}.png"
+                    folder.put(rel, data)
+                    assets.append(rel)
+        con.close()
+        return "\n".join(md), assets
+    except Exception as exc:  # noqa: BLE001 - the card says the statistics are missing, the data still publishes
+        log.warning("statistics for the card failed: %s", exc)
+        return "", []
+
+
+def _license(cfg, plans) -> tuple[str, str]:
+    lic_cols = sorted({c for p in plans for c in p.license_columns})
+    if cfg.publish.license:
+        note = "Set by the publisher (`publish.license`)."
+    else:
+        note = "**unknown**: the publisher set no licence (`publish.license`) and it is not guessed."
+    if lic_cols:
+        note += f" Per-image licence / rights as given by the input: column(s) {', '.join(f'`{c}`' for c in lic_cols)}."
+    else:
+        note += (
+            " The input had no licence or rights column: each image's licence is **unknown**; the images "
+            "remain their owners' and only the URLs and the text written for this dataset are shared."
+        )
+    return cfg.publish.license or "unknown", note
+
+
+def run_publish(cfg: RootConfig) -> dict:
+    """Write the dataset folder; returns the summary document."""
+    pc = cfg.publish
+    folder = Folder(output_url(cfg))
+    data_root = cfg.project.data_root.rstrip("/")
+    if (
+        folder.url == data_root
+        or folder.url.startswith(data_root + "/")
+        and folder.url[len(data_root) + 1 :]
+        in ("scores", "captions", "images", "small_train", "annotations", "candidates")
+    ):
+        raise ConfigError(f"publish.output = {folder.url}: must not be one of the stage tables")
+    announce(
+        "publish",
+        {
+            "data": data_root,
+            "subsets": ", ".join(pc.subsets),
+            "output": folder.url,
+            "images": pc.include_images,
+            "webdataset": pc.webdataset,
+        },
+    )
+    summary = StageSummary("publish")
+    before = current_version(folder)
+    old = manifest(folder, before)
+    version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    con = duckdb_connect()
+    plans = []
+    for s in pc.subsets:
+        try:
+            plans.append(_rows.big_plan(cfg, con) if s == "big" else _rows.small_plan(cfg, con))
+        except _rows.MissingTable as exc:
+            raise ConfigError(str(exc)) from None
+    counts = _rows.big_counts(cfg, con) if "big" in pc.subsets else {}
+    if counts.get("no_caption"):
+        summary.reject("no_caption", counts["no_caption"])
+    index = _rows.ImageIndex(join(data_root, "images")) if pc.include_images else None
+    pseudo = _rows.pseudonymizer(cfg) if "small" in pc.subsets else None
+    subsets: dict[str, _card.SubsetFacts] = {}
+    files: dict[str, dict] = {}
+    for plan in plans:
+        parquet, tars, schema = publish_subset(cfg, con, folder, plan, old["files"], summary, index, pseudo)
+        for w in parquet + tars:
+            files[w.path] = {"rows": w.rows, "bytes": w.bytes, "sha256": w.sha256}
+        subsets[plan.subset] = _card.SubsetFacts(
+            plan.subset, sum(w.rows for w in parquet), [vars(w) for w in parquet], schema, [vars(w) for w in tars]
+        )
+    written = sum(1 for s in subsets.values() for w in s.files + s.wds_files if not w["reused"])
+    reused = sum(1 for s in subsets.values() for w in s.files + s.wds_files if w["reused"])
+    sets, reasons, thresholds = _provenance(cfg, con)
+    con.close()
+    stats_md, assets = _stats(cfg, folder)
+    lic, note = _license(cfg, plans)
+    counts.update(
+        {
+            "reject_reasons": reasons,
+            "images_skipped": sum(summary.rejected.get(r, 0) for r in ("image_missing", "image_decode_failed")),
+            "has_nsfw": any(c in p.extra_columns for p in plans for c in ("nsfw", "punsafe", "nsfw_score")),
+            "has_watermark": any("watermark" in c for p in plans for c in p.extra_columns),
+        }
+    )
+    from paradiffusion import __version__
+
+    facts = _card.Facts(
+        pretty_name=pc.pretty_name,
+        license=lic,
+        license_note=note,
+        language=pc.language,
+        version=version,
+        written_at=_card.now(),
+        toolkit_version=__version__,
+        config_fingerprint=config_fingerprint(pc),
+        subsets=subsets,
+        counts=counts,
+        caption_sets=sets,
+        prompts=dict(cfg.caption.prompts),
+        thresholds=thresholds,
+        stats_markdown=stats_md,
+        assets=assets,
+        url=f"https://huggingface.co/datasets/{pc.repo_id}" if pc.repo_id else "",
+    )
+    for a in assets:
+        files[a] = {}
+    # the version's manifest, then the pointers; README.md (what load_dataset reads) last
+    files.update({"croissant.json": {}, "README.md": {}})
+    if pc.webdataset:
+        files["webdataset/index.json"] = {}
+    folder.put(
+        f"_publish/{version}.json",
+        json.dumps({"version": version, "previous": before, "files": files}, indent=1).encode(),
+    )
+    folder.put("croissant.json", json.dumps(_card.croissant(facts), indent=1).encode())
+    if pc.webdataset:
+        idx = {
+            n: [{"url": w["path"], "rows": w["rows"], "sha256": w["sha256"]} for w in s.wds_files]
+            for n, s in subsets.items()
+        }
+        folder.put("webdataset/index.json", json.dumps({"version": version, "subsets": idx}, indent=1).encode())
+    folder.put("README.md", _card_text(facts).encode())
+    published = json.loads(folder.read_text("_publish/published.json") or "[]")
+    published = [v for v in published if v != version] + [version]
+    folder.put("_publish/published.json", json.dumps(published).encode())
+    removed = _remove_unused(folder, [version, before] + published[-(pc.keep_versions - 1) :])
+    summary.extra.update(
+        {
+            "version": version,
+            "previous": before,
+            "shards_written": written,
+            "shards_unchanged": reused,
+            "files_removed": removed,
+            **{f"rows_{n}": s.rows for n, s in subsets.items()},
+        }
+    )
+    summary.finish()
+    folder.put("_publish/_summary.json", json.dumps(summary.to_dict(), indent=1, default=str).encode())
+    summary.print()
+    if pc.repo_id:
+        upload(folder, pc.repo_id, pc.private)
+    return summary.to_dict()
+
+
+def _card_text(facts) -> str:
+    return _card.card_markdown(facts)
+
+
+def _remove_unused(folder: Folder, keep_versions: list[str | None]) -> int:
+    """Remove data, tars and plots that none of ``keep_versions`` uses (after the switch only)."""
+    keep = set()
+    for v in {v for v in keep_versions if v}:
+        keep |= set(manifest(folder, v)["files"])
+    n = 0
+    for rel in folder.listing():
+        if rel.split("/", 1)[0] in ("data", "webdataset", "assets") and rel not in keep and ".tmp-" not in rel:
+            folder.fs.rm(folder.p(rel))
+            n += 1
+        elif ".tmp-" in rel:  # a write a killed run left
+            folder.fs.rm(folder.p(rel))
+            n += 1
+    return n
+
+
+def upload(folder: Folder, repo_id: str, private: bool) -> None:
+    """``huggingface_hub.upload_large_folder`` (resumable, multi-commit) of a local folder. The token is
+    read by huggingface_hub from the environment (``HF_TOKEN``) or its login only, never from the config."""
+    if not folder.local:
+        raise ConfigError(f"publish.repo_id: upload_large_folder needs a local folder; publish.output is {folder.url}")
+    if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+        from huggingface_hub import get_token
+
+        if not get_token():
+            raise ConfigError(
+                "publish.repo_id is set but no Hub token: set HF_TOKEN in the environment (or `hf auth login`)"
+            )
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    api.upload_large_folder(
+        repo_id=repo_id,
+        folder_path=folder.path,
+        repo_type="dataset",
+        ignore_patterns=["_publish/**", "**/.tmp-*", "*.tmp-*"],
+    )
