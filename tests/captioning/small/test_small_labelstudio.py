@@ -68,7 +68,7 @@ def test_completed_by_int_and_plain_formats():
     assert ls._annotator(None) == ("unknown", None)
     entries, problems = ls.parse_jsonl('{"key": "a", "text": "t", "annotator": "x"}\n{oops\n\n[1]\n')
     assert [e.key for e in entries] == ["a"]
-    assert [(p.line, p.reason) for p in problems] == [(2, ls.MALFORMED), (4, ls.MALFORMED)]
+    assert [(p.line, p.reason, p.fatal) for p in problems] == [(2, ls.MALFORMED, True)]  # stops there
     entries, problems = ls.parse_csv('key,text,annotator\na,"hello, world",x\n,no key,y\nb,,z\n')
     assert [(e.key, e.text, e.line) for e in entries] == [("a", "hello, world", 2)]
     assert [(p.line, p.reason) for p in problems] == [(3, ls.MISSING_KEY), (4, ls.EMPTY)]
