@@ -22,6 +22,7 @@ from captioning.small import labelstudio as ls
 from captioning.small.select import run_select_small
 from paradiffusion.schemas import ANNOTATIONS, SMALL_TRAIN
 from paradiffusion.storage import Table
+from pipelines.cli import main
 
 A = {"id": 1, "email": "a@example.org"}
 B = {"id": 2, "email": "b@example.org"}
@@ -93,7 +94,7 @@ def _train(cfg) -> list[tuple]:
 
 
 @pytest.mark.parametrize("kind", ["JSON", "JSON_MIN"])
-def test_write_edit_revert_delete_skip_reannotate(selected, tmp_path, kind):
+def test_write_edit_revert_delete_skip_reannotate(selected, tmp_path, kind, capsys):
     cfg, p = selected, Project()
     X, Y = words(60), words(61, "y")
 
@@ -132,6 +133,10 @@ def test_write_edit_revert_delete_skip_reannotate(selected, tmp_path, kind):
     with pytest.raises(an.ReviewError, match="has no text here any more"):
         an.review(cfg, [an.Decision("c0_0", "approve", "rev")])
     assert an.status(cfg)["withdrawn"] == 1 and an.status(cfg)["texts"] == 0
+    assert main(["annotations", "history", "--key", "c0_0", "--set", f"project.data_root={cfg.project.data_root}"]) == 0
+    out = capsys.readouterr().out
+    assert "v6 withdrawn no text of a@example.org (labelstudio:1) any more" in out
+    assert "v6 by a@example.org (labelstudio:1): withdrawn (no text in Label Studio)" in out
 
     # skip: B writes on c1_0, then turns it into a skip; B skips c2_0 outright
     p.write("c1_0", B, Y)
