@@ -246,8 +246,16 @@ def test_pulls_follow_what_annotators_did(project, server, tmp_path, capsys):
     store = an.AnnotationStore(an.annotations_url(cfg))
     X, Y, Z = words(60), words(61, "cat"), words(62, "dog")
 
+    spent = {"pull": 0.0, "export-approved": 0.0, "review": 0.0}
+
+    def timed(what: str, argv: list[str]) -> int:
+        t = time.monotonic()
+        rc = main(argv)
+        spent[what] += time.monotonic() - t
+        return rc
+
     def pull(kind: str) -> dict:
-        assert main(["annotations", "pull", "--export-type", kind, *args]) == 0
+        assert timed("pull", ["annotations", "pull", "--export-type", kind, *args]) == 0
         return json.loads((Path(an.annotations_url(cfg)) / "_summary.json").read_text())
 
     def current(key: str, who: int) -> tuple:
@@ -259,12 +267,12 @@ def test_pulls_follow_what_annotators_did(project, server, tmp_path, capsys):
         return t["version"], t["state"], t["text"]
 
     def train(key: str) -> list[tuple]:
-        assert main(["annotations", "export-approved", *args]) == 0
+        assert timed("export-approved", ["annotations", "export-approved", *args]) == 0
         rows = Table(an.train_url(cfg), SMALL_TRAIN).read().to_pylist()
         return [(r["version"], r["caption"]) for r in rows if r["key"] == key]
 
     def approve(key: str) -> None:
-        assert main(["annotations", "review", "--key", key, "--approve", "--reviewer", "rev", *args]) == 0
+        assert timed("review", ["annotations", "review", "--key", key, "--approve", "--reviewer", "rev", *args]) == 0
 
     for kind, key in zip(("JSON", "JSON_MIN"), sorted(ids)[:2], strict=True):
         tid = ids[key]
@@ -309,4 +317,7 @@ def test_pulls_follow_what_annotators_did(project, server, tmp_path, capsys):
         assert train(key) == [(current(key, bob_id)[0], Z)]
     took = time.monotonic() - t0
     with capsys.disabled():
-        print(f"\nthe annotation loop (push, 2 x 6 cases with a pull, review and export-approved each): {took:.1f} s")
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in spent.items())
+        print(
+            f"\nthe annotation loop (push, 2 x 6 cases with a pull, review and export-approved each): {took:.1f} s ({parts})"
+        )
