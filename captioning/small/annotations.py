@@ -209,11 +209,12 @@ class AnnotationStore:
         self.table.record_settings(section)
         return removed
 
-    def people(self) -> dict[str, str]:
+    def people(self, history: pa.Table | None = None) -> dict[str, str]:
         """annotator identity -> email, for display: ``_people.json`` (every pair an import or a
         pull has seen, even when it added no version) and the rows' own ``annotator_email``."""
         out = dict(self.table.load_json(PEOPLE_FILE) or {})
-        for row in self.history().select(["annotator", "annotator_email"]).to_pylist():
+        hist = history if history is not None else self.history()
+        for row in hist.select(["annotator", "annotator_email"]).to_pylist():
             if row["annotator_email"] and row["annotator"]:
                 out.setdefault(row["annotator"], row["annotator_email"])
         return out
@@ -226,9 +227,9 @@ class AnnotationStore:
             self.table.fs.makedirs(self.table.path, exist_ok=True)
             self.table.save_json(PEOPLE_FILE, {**known, **new})
 
-    def emails(self) -> dict[str, str]:
+    def emails(self, history: pa.Table | None = None) -> dict[str, str]:
         """email (lower case) -> Label Studio identity: resolves exports that name people by email."""
-        return {e.lower(): i for i, e in self.people().items() if i.startswith(ls.LS_USER)}
+        return {e.lower(): i for i, e in self.people(history).items() if i.startswith(ls.LS_USER)}
 
     def texts(self, history: pa.Table | None = None) -> list[dict]:
         """One dict per imported text with its current state and ``superseded``
@@ -236,7 +237,7 @@ class AnnotationStore:
         email shows the one known for its annotator."""
         hist = history if history is not None else self.history()
         rows = _run_sql(texts_sql("history") + " ORDER BY key, version", hist)
-        people = self.people() if any(r["annotator_email"] is None for r in rows) else {}
+        people = self.people(hist) if any(r["annotator_email"] is None for r in rows) else {}
         for r in rows:
             r["annotator_email"] = r["annotator_email"] or people.get(r["annotator"])
         return rows

@@ -132,8 +132,8 @@ def import_file(
     if removed:
         summary.extra["leftovers_removed"] = removed
     keys, keys_from = known_keys(cfg)
-    history = store.history()
-    by_email = store.emails()
+    history = store.history()  # read once: every lookup below works on it
+    by_email = store.emails(history)
     display = {ident: email for email, ident in by_email.items()}
     for ident, email in (users or {}).items():
         if email:
