@@ -295,8 +295,8 @@ class LabelStudioServer:
         raise ServerError(f"Label Studio did not answer {self.url}/health within {timeout:.0f} s:\n{self.log_tail()}")
 
     def _check_ours(self) -> None:
-        """The server answering is the one started here: the listener is in our process's session
-        (it was started in a session of its own). Unknown without psutil: then only the port check
+        """The server answering is the one started here: the listening process descends from it
+        (same POSIX sid: it was started with ``start_new_session``). Unknown without psutil: then only the port check
         before the start vouches for it."""
         proc = _listener(self.port)
         if proc is None or self.proc is None:
