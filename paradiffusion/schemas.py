@@ -84,7 +84,7 @@ CANDIDATES = pa.schema(
 )
 
 #: Review states of an annotation version; see captioning/small/annotations.py for the transitions.
-ANNOTATION_STATES = ("draft", "submitted", "approved", "rejected")
+ANNOTATION_STATES = ("draft", "submitted", "approved", "rejected", "withdrawn")  # withdrawn: no text
 
 ANNOTATIONS = pa.schema(
     [

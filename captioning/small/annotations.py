@@ -2,7 +2,10 @@
 
 Every change appends rows; nothing is edited in place. A row is one version of one key:
 
-- an **import** appends a version per new text (state ``submitted``, or ``draft``);
+- an **import** (:mod:`captioning.small.importer`) appends a version per new text of an
+  annotator on a key (state ``submitted``, or ``draft``): a new text, an edit, a revert to an
+  earlier text; a pull also appends a ``withdrawn`` version where an annotator's text is gone
+  from Label Studio (deleted, or turned into a skip);
 - a **review** appends a version that copies the text it decides on, with the new state,
   the reviewer, the comment and ``parent_version`` = the version of the text decided on.
 
@@ -14,14 +17,16 @@ review state (:mod:`captioning.small.texts`). Allowed transitions of one text::
                                  └─reject───▶ rejected
 
 ``approved`` and ``rejected`` are final for that text: a corrected description comes back as a
-new import (a new version, ``submitted`` again). Any text that is not superseded can be
-reviewed; with several open texts on a key a decision names the version. Anything else raises
-:class:`ReviewError`.
+new import (a new version, ``submitted`` again). Only an annotator's *current* text (not
+superseded, not withdrawn) can be reviewed, and only a current approved text reaches
+``small_train``; with several open texts on a key a decision names the version. Anything else
+raises :class:`ReviewError`.
 
 **Who.** An annotator is one person: the Label Studio user id (``labelstudio:<id>``), with the
 email kept in ``annotator_email`` for display. The content hash is key + annotator identity +
-text, so importing the same annotations again, in either export shape (JSON with user ids or
-user dicts, or JSON-MIN), adds nothing.
+text; an import compares each annotation with the annotator's current version, so importing the
+same annotations again, in either export shape (JSON with user ids or user dicts, or JSON-MIN),
+adds nothing.
 
 Each import and each review batch is one committed shard, so a failure half-way writes nothing.
 """
@@ -33,7 +38,6 @@ import datetime as _dt
 import hashlib
 import io
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -60,6 +64,7 @@ TRANSITIONS: dict[str, dict[str, str]] = {  # state -> {action: new state}
     "submitted": {"approve": "approved", "reject": "rejected"},
     "approved": {},
     "rejected": {},
+    "withdrawn": {},  # the annotator's text is gone from Label Studio (deleted, or a skip): nothing to review
 }
 ACTIONS = ("submit", "approve", "reject")
 
@@ -91,7 +96,7 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-def content_hash(key: str, annotator: str | None, text: str) -> str:
+def content_hash(key: str, annotator: str | None, text: str | None) -> str:
     """Identity of one description: the same key, annotator identity and text is the same
     annotation. The display form (email) is left out on purpose."""
     return hashlib.sha256(json.dumps([key, annotator, text]).encode()).hexdigest()
@@ -186,26 +191,30 @@ class AnnotationStore:
             t = t.filter(pc.equal(t["key"], key))
         return t.sort_by([("key", "ascending"), ("version", "ascending")]) if t.num_rows else t
 
-    def last_versions(self) -> dict[str, int]:
+    def last_versions(self, history: pa.Table | None = None) -> dict[str, int]:
         """key -> its highest version number."""
+        hist = history if history is not None else self.history()
         out: dict[str, int] = {}
-        for k, v in zip(*(self.history().select(["key", "version"]).to_pydict().values()), strict=True):
+        for k, v in zip(*(hist.select(["key", "version"]).to_pydict().values()), strict=True):
             out[k] = max(out.get(k, 0), v)
         return out
 
-    def hashes(self) -> dict[str, dict]:
-        """content hash (recomputed from key, identity and text) -> the first row that carried it."""
-        out: dict[str, dict] = {}
-        for row in self.history().to_pylist():
-            if row["parent_version"] is None:
-                out.setdefault(content_hash(row["key"], row["annotator"], row["text"] or ""), row)
-        return out
+    def begin(self, section) -> int:
+        """Before a run appends: remove what a killed run left (uncommitted shard files, temp
+        files) and record this run's settings for the markers to come, so a new table's first
+        shard is not counted as made with other settings. Returns how many leftovers went."""
+        removed = self.table.clean_tmp() if self.table.exists() else 0
+        if removed:
+            log.info("%s: removed %d leftovers of an interrupted run", self.table.url, removed)
+        self.table.record_settings(section)
+        return removed
 
-    def people(self) -> dict[str, str]:
+    def people(self, history: pa.Table | None = None) -> dict[str, str]:
         """annotator identity -> email, for display: ``_people.json`` (every pair an import or a
         pull has seen, even when it added no version) and the rows' own ``annotator_email``."""
         out = dict(self.table.load_json(PEOPLE_FILE) or {})
-        for row in self.history().select(["annotator", "annotator_email"]).to_pylist():
+        hist = history if history is not None else self.history()
+        for row in hist.select(["annotator", "annotator_email"]).to_pylist():
             if row["annotator_email"] and row["annotator"]:
                 out.setdefault(row["annotator"], row["annotator_email"])
         return out
@@ -218,9 +227,9 @@ class AnnotationStore:
             self.table.fs.makedirs(self.table.path, exist_ok=True)
             self.table.save_json(PEOPLE_FILE, {**known, **new})
 
-    def emails(self) -> dict[str, str]:
+    def emails(self, history: pa.Table | None = None) -> dict[str, str]:
         """email (lower case) -> Label Studio identity: resolves exports that name people by email."""
-        return {e.lower(): i for i, e in self.people().items() if i.startswith(ls.LS_USER)}
+        return {e.lower(): i for i, e in self.people(history).items() if i.startswith(ls.LS_USER)}
 
     def texts(self, history: pa.Table | None = None) -> list[dict]:
         """One dict per imported text with its current state and ``superseded``
@@ -228,7 +237,7 @@ class AnnotationStore:
         email shows the one known for its annotator."""
         hist = history if history is not None else self.history()
         rows = _run_sql(texts_sql("history") + " ORDER BY key, version", hist)
-        people = self.people() if any(r["annotator_email"] is None for r in rows) else {}
+        people = self.people(hist) if any(r["annotator_email"] is None for r in rows) else {}
         for r in rows:
             r["annotator_email"] = r["annotator_email"] or people.get(r["annotator"])
         return rows
@@ -270,142 +279,6 @@ def known_keys(cfg: RootConfig) -> tuple[set[str], str]:
     raise FileNotFoundError("neither candidates nor scores exist: run `make select-small` (or `make filter`) first")
 
 
-# --------------------------------------------------------------------------- import
-@dataclass
-class ImportResult:
-    summary: StageSummary
-    problems: list[ls.Problem]
-    shard: str | None
-
-    @property
-    def not_annotated(self) -> list[ls.Problem]:
-        """Tasks of the file that nobody annotated (their positions are in ``ref``)."""
-        return [p for p in self.problems if p.reason == ls.NOT_ANNOTATED]
-
-
-def import_file(cfg: RootConfig, path: str, users: dict[str, str] | None = None) -> ImportResult:
-    """Import one Label Studio export (JSON or JSON-MIN) / CSV / JSONL as one committed shard.
-
-    ``users`` maps annotator identities (``labelstudio:<id>``) to emails, e.g. the server's
-    user list on a pull; with earlier imports it resolves exports that name people by email
-    only and fills ``annotator_email``. Every record that is not imported is a
-    :class:`labelstudio.Problem` with its line and reason (tasks nobody annotated are
-    ``not_annotated``); a file that cannot be parsed as a whole raises :class:`ImportRefused`
-    and writes nothing.
-    """
-    ac = cfg.annotations
-    store = AnnotationStore(annotations_url(cfg))
-    announce("annotations import", {"file": path, "into": store.table.url, "imported as": ac.import_state})
-    summary = StageSummary("annotations import")
-    try:
-        with fsspec.open(path, "rb") as f:
-            raw = f.read()
-    except (OSError, ValueError) as exc:
-        raise ImportRefused(f"{path}: cannot read: {exc}") from exc
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ImportRefused(f"{path}: not UTF-8 text (byte {exc.start})") from exc
-    entries, problems = ls.parse_file(path, text, ac.from_name)
-    fatal = [p for p in problems if p.fatal]
-    if fatal:
-        raise ImportRefused(f"{path}: nothing imported: " + "; ".join(str(p) for p in fatal))
-    keys, keys_from = known_keys(cfg)
-    seen_db = store.hashes()
-    by_email = store.emails()
-    display = {ident: email for email, ident in by_email.items()}
-    for ident, email in (users or {}).items():
-        if email:
-            display[ident] = email
-            by_email[email.lower()] = ident
-    learned = {ident: email for ident, email in (users or {}).items() if email}
-    for e in entries:
-        if e.annotator and e.annotator.startswith(ls.LS_USER) and e.annotator_email:
-            learned[e.annotator] = e.annotator_email
-            by_email[e.annotator_email.lower()] = e.annotator
-            display[e.annotator] = e.annotator_email
-    seen_file: dict[str, ls.Entry] = {}
-    versions = Counter(store.last_versions())
-    rows: list[dict] = []
-    summary.n_in = len(entries) + len(problems)
-    source = os.path.basename(path) if "://" not in path else path
-    # Versions follow the annotators' own times; ties (and missing times) keep file order.
-    floor = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
-    for e in sorted(entries, key=lambda e: (e.created_at or floor, e.line)):
-        if e.key not in keys:
-            problems.append(ls.Problem(e.ref, e.line, UNKNOWN_KEY, f"{e.key!r} is not in the {keys_from}"))
-            continue
-        ident, email = e.annotator, e.annotator_email
-        if ident is None or (ident and "@" in ident and ident.lower() in by_email):
-            email = email or ident
-            ident = by_email.get((email or "").lower())
-            if ident is None:
-                problems.append(
-                    ls.Problem(
-                        e.ref,
-                        e.line,
-                        UNKNOWN_ANNOTATOR,
-                        f"{email!r} has no Label Studio user id here yet: pull from the server "
-                        "(`paradiffusion annotations pull`) or import a JSON export first",
-                    )
-                )
-                continue
-        email = email or display.get(ident)
-        h = content_hash(e.key, ident, e.text)
-        if h in seen_file:
-            problems.append(ls.Problem(e.ref, e.line, DUPLICATE_IN_FILE, f"same text as {seen_file[h].ref}"))
-            continue
-        seen_file[h] = e
-        if h in seen_db:
-            old = seen_db[h]
-            problems.append(
-                ls.Problem(
-                    e.ref, e.line, ALREADY_IMPORTED, f"v{old['version']} from {old['source_file']} {old['source_ref']}"
-                )
-            )
-            continue
-        versions[e.key] += 1
-        rows.append(
-            {
-                "key": e.key,
-                "version": versions[e.key],
-                "text": e.text,
-                "annotator": ident,
-                "annotator_email": email,
-                "created_at": e.created_at,
-                "source_file": source,
-                "source_ref": e.ref,
-                "content_hash": h,
-                "state": ac.import_state,
-            }
-        )
-    problems.sort(key=lambda p: p.line)
-    for p in problems:
-        summary.reject(p.reason)
-        if p.reason != ls.NOT_ANNOTATED:
-            log.warning("%s: %s", source, p)
-    not_annotated = [p for p in problems if p.reason == ls.NOT_ANNOTATED]
-    file_hash = hashlib.sha256(raw).hexdigest()
-    shard = store.append("import", rows, {"source_file": source, "sha256": file_hash, "problems": len(problems)})
-    store.remember(learned)
-    summary.n_out = len(rows)
-    summary.extra["shard"] = shard or "none (nothing new)"
-    summary.extra["annotators"] = len({r["annotator"] for r in rows})
-    # tasks nobody annotated: counted under rejected; where they are, printed (first 10) and in full
-    where = [f"{p.ref} ({p.detail.split(':')[0]})" for p in not_annotated]
-    if where:
-        summary.extra["not_annotated_tasks"] = "; ".join(where[:10]) + (
-            f"; ... {len(where) - 10} more" if len(where) > 10 else ""
-        )
-    summary.extra["not_annotated_positions"] = [p.ref for p in not_annotated]
-    summary.extra["problems"] = [str(p) for p in problems if p.reason != ls.NOT_ANNOTATED]
-    summary.finish()
-    store.table.save_config(cfg, "annotations", ac)
-    store.table.save_json("_summary.json", summary.to_dict())
-    summary.print()
-    return ImportResult(summary, problems, shard)
-
-
 # --------------------------------------------------------------------------- review
 @dataclass
 class Decision:
@@ -434,7 +307,9 @@ def _target(d: Decision, texts: list[dict], parents: dict[int, int]) -> dict:
         raise ReviewError(
             f"{d.ref}: key {d.key!r} has no text version {d.version}; its texts: {listing}", "unknown_version"
         )
-    live = [t for t in texts if not t["superseded"]]
+    live = [t for t in texts if not t["superseded"] and t["state"] != "withdrawn"] or [
+        t for t in texts if not t["superseded"]
+    ]
     able = [t for t in live if d.action in TRANSITIONS[t["state"]]]
     if len(able) == 1:
         return able[0]
@@ -464,6 +339,12 @@ def _decide(
             f"{d.ref}: key {d.key!r} v{cur['version']} was replaced by v{newer} from the same annotator "
             f"({who(cur)}); review v{newer}",
             "superseded",
+        )
+    if cur["state"] == "withdrawn":
+        raise ReviewError(
+            f"{d.ref}: key {d.key!r} v{cur['version']}: {who(cur)} has no text here any more (deleted or skipped "
+            "in Label Studio); nothing to review until they write one",
+            "withdrawn",
         )
     allowed = TRANSITIONS[cur["state"]]
     if d.action not in allowed:
@@ -506,6 +387,7 @@ def review(cfg: RootConfig, decisions: list[Decision], force: bool = False) -> t
     """
     ac = cfg.annotations
     store = AnnotationStore(annotations_url(cfg))
+    store.begin(ac)
     history = store.history()
     by_key: dict[str, list[dict]] = {}
     for t in store.texts(history):
@@ -599,7 +481,8 @@ def status(cfg: RootConfig) -> dict:
     """Progress: texts (each annotator's latest per key) by state and by annotator, keys by their
     best state, keys not started, and pending texts failing the guidelines."""
     store = AnnotationStore(annotations_url(cfg))
-    texts = [t for t in store.texts() if not t["superseded"]]
+    current = [t for t in store.texts() if not t["superseded"]]
+    texts = [t for t in current if t["state"] != "withdrawn"]
     annotated = {t["key"] for t in texts}
     try:
         keys, keys_from = known_keys(cfg)
@@ -621,22 +504,27 @@ def status(cfg: RootConfig) -> dict:
         "not_started": len(keys - annotated),
         "versions": store.history().num_rows,
         "texts": len(texts),
-        "by_state": {s: by_state.get(s, 0) for s in TRANSITIONS},
+        "by_state": {s: by_state.get(s, 0) for s in TRANSITIONS if s != "withdrawn"},
+        "withdrawn": len(current) - len(texts),
         "keys_by_state": {s: keys_by_state.get(s, 0) for s in KEY_STATES},
-        "by_annotator": {a: {s: c.get(s, 0) for s in TRANSITIONS} for a, c in sorted(by_annotator.items())},
+        "by_annotator": {
+            a: {s: c.get(s, 0) for s in TRANSITIONS if s != "withdrawn"} for a, c in sorted(by_annotator.items())
+        },
         "pending_failing_guidelines": failing,
     }
 
 
 def render_status(st: dict) -> str:
-    states = list(TRANSITIONS)
+    states = [s for s in TRANSITIONS if s != "withdrawn"]
     lines = [
         f"== annotations status ({st['keys_to_annotate']} keys in the {st['keys_from']}, "
         f"{st['texts']} current texts, {st['versions']} versions recorded)",
         f"   keys: not started: {st['not_started']}   "
         + "   ".join(f"{s}: {st['keys_by_state'][s]}" for s in KEY_STATES)
         + "   (a key counts under the best state of its texts)",
-        "   texts: " + "   ".join(f"{s}: {st['by_state'][s]}" for s in states),
+        "   texts: "
+        + "   ".join(f"{s}: {st['by_state'][s]}" for s in states)
+        + f"   (withdrawn in Label Studio: {st.get('withdrawn', 0)})",
         f"   pending texts failing the guidelines: {st['pending_failing_guidelines']}",
     ]
     if st["by_annotator"]:
@@ -738,7 +626,7 @@ def export_approved(cfg: RootConfig) -> StageSummary:
     summary = StageSummary("annotations export-approved")
     history = store.history()
     approved = _run_sql(approved_sql("history", ac.train_rule) + " ORDER BY key, version", history)
-    texts = [t for t in store.texts(history) if not t["superseded"]]
+    texts = [t for t in store.texts(history) if not t["superseded"]]  # withdrawn ones count as not approved
     # the unit of the rule: a key (latest) or a key's annotator (each)
     unit = (lambda r: r["key"]) if ac.train_rule == "latest" else (lambda r: (r["key"], r["annotator"]))
     have = {unit(a) for a in approved}
@@ -772,3 +660,7 @@ def export_approved(cfg: RootConfig) -> StageSummary:
     out.save_json("_summary.json", summary.to_dict())
     summary.print()
     return summary
+
+
+# The import lives in its own module (reconciliation with Label Studio); it is part of this API.
+from captioning.small.importer import ImportResult, import_file  # noqa: E402, F401

@@ -91,6 +91,9 @@ def _history(cfg: RootConfig, args: argparse.Namespace) -> int:
         return 1
     for r in rows:
         if r["parent_version"] is None:
+            if r["state"] == "withdrawn":
+                print(f"v{r['version']} withdrawn no text of {an.who(r)} any more: {r['source_ref']}")
+                continue
             print(f"v{r['version']} {r['state']:<9} text by {an.who(r)} ({r['source_file']} {r['source_ref']})")
             print(f"    {r['text']}")
         else:
@@ -98,7 +101,10 @@ def _history(cfg: RootConfig, args: argparse.Namespace) -> int:
             print(f"v{r['version']} {r['state']:<9} decides v{r['parent_version']}, by {r['reviewer']}{comment}")
     print("texts now:")
     for t in store.texts(store.history(args.key)):
-        mark = f"superseded by a later text of {an.who(t)}" if t["superseded"] else t["state"]
+        if t["state"] == "withdrawn" and not t["superseded"]:
+            print(f"    v{t['version']} by {an.who(t)}: withdrawn (no text in Label Studio)")
+            continue
+        mark = f"superseded by a later version of {an.who(t)}" if t["superseded"] else t["state"]
         check = an.check_text(t["text"] or "", cfg.annotations).render()
         print(f"    v{t['version']} by {an.who(t)}: {mark}; guideline checks: {check}")
     return 0

@@ -51,6 +51,9 @@ class LabelStudioConfig(StrictModel):
         "null: <export_dir>/images.",
     )
     timeout_s: float = Field(120, gt=0, description="HTTP timeout of one API call, seconds.")
+    keep_pulls: int = Field(
+        20, ge=1, description="Export files a pull keeps under <export_dir>/pulls (the oldest beyond go)."
+    )
     # the local server (make labelstudio, the tests)
     venv: str = Field(
         ".venv-labelstudio", description="Virtual environment of its own (its pins conflict with ours, e.g. pyarrow)."

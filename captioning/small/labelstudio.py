@@ -49,6 +49,20 @@ EMPTY = "empty_annotation"
 CANCELLED = "cancelled_annotation"
 NOT_ANNOTATED = "not_annotated"
 
+#: The two export shapes of Label Studio (:func:`parse_label_studio` says which one a file has).
+JSON, JSON_MIN = "JSON", "JSON_MIN"
+
+
+@dataclass
+class TaskInfo:
+    """One task as the server's task list shows it: what a JSON-MIN export leaves out."""
+
+    id: int
+    key: str
+    annotations: int  # annotations that were not cancelled (Label Studio's ``total_annotations``)
+    cancelled: int  # skips (``cancelled_annotations``)
+
+
 #: Prefix of an annotator identity that is a Label Studio user id.
 LS_USER = "labelstudio:"
 
@@ -80,6 +94,7 @@ class Problem:
     reason: str
     detail: str = ""
     fatal: bool = False  # the file as a whole cannot be read: import nothing
+    key: str | None = None  # the task's key, where the record names one
 
     def __str__(self) -> str:
         return f"{self.ref}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
@@ -212,13 +227,22 @@ def _body(texts: list[str]) -> str:
     return "\n".join(t.strip() for t in texts if t.strip())
 
 
-def parse_label_studio(text: str, from_name: str = "caption") -> tuple[list[Entry], list[Problem]]:
-    """Entries and problems of a Label Studio JSON or JSON-MIN export (the shape is detected)."""
+def parse_label_studio(
+    text: str, from_name: str = "caption", info: dict | None = None
+) -> tuple[list[Entry], list[Problem]]:
+    """Entries and problems of a Label Studio JSON or JSON-MIN export (the shape is detected and
+    put under ``info["shape"]`` when ``info`` is given).
+
+    A task without any text (no annotation, or only skips) is a :data:`NOT_ANNOTATED` problem;
+    in JSON each skip is also a :data:`CANCELLED` one. JSON-MIN leaves skipped tasks out: only
+    the server's task list (:func:`task_problems`) shows them."""
     items, fatal = _split_json_list(text)
     entries: list[Entry] = []
     problems: list[Problem] = [fatal] if fatal else []
     first = next((t for _, t in items if isinstance(t, dict)), None)
     is_min = first is not None and "annotations" not in first and ("annotation_id" in first or "annotator" in first)
+    if info is not None:
+        info["shape"] = JSON_MIN if is_min else JSON
     for line, task in items:
         if not isinstance(task, dict):
             problems.append(Problem(f"line {line}", line, MALFORMED, "a task must be a JSON object"))
@@ -242,7 +266,7 @@ def _json_task(task: dict, line: int, from_name: str) -> list[Entry | Problem]:
     if not isinstance(anns, list):
         return [Problem(tref, line, MALFORMED, "'annotations' must be a list")]
     if not anns:
-        return [Problem(tref, line, NOT_ANNOTATED, f"key {key!r}: nobody annotated this task")]
+        return [Problem(tref, line, NOT_ANNOTATED, f"key {key!r}: nobody annotated this task", key=str(key))]
     out: list[Entry | Problem] = []
     for ann in anns:
         if not isinstance(ann, dict):
@@ -250,7 +274,7 @@ def _json_task(task: dict, line: int, from_name: str) -> list[Entry | Problem]:
             continue
         ref = f"{tref}, annotation {ann.get('id', '?')}"
         if ann.get("was_cancelled") or ann.get("skipped"):
-            out.append(Problem(ref, line, CANCELLED, "skipped by the annotator"))
+            out.append(Problem(ref, line, CANCELLED, "skipped by the annotator", key=str(key)))
             continue
         texts = _texts(ann.get("result"), from_name)
         if texts is None:
@@ -258,11 +282,13 @@ def _json_task(task: dict, line: int, from_name: str) -> list[Entry | Problem]:
             continue
         body = _body(texts)
         if not body:
-            out.append(Problem(ref, line, EMPTY, f"no text in a {from_name!r} TextArea"))
+            out.append(Problem(ref, line, EMPTY, f"no text in a {from_name!r} TextArea", key=str(key)))
             continue
         who, email = _annotator(ann.get("completed_by"))
         when = _time(ann.get("updated_at")) or _time(ann.get("created_at"))
         out.append(Entry(str(key), body, who, when, ref, line, email))
+    if all(isinstance(x, Problem) and x.reason == CANCELLED for x in out):
+        out.append(Problem(tref, line, NOT_ANNOTATED, f"key {key!r}: skipped, no text", key=str(key)))
     return out
 
 
@@ -274,10 +300,10 @@ def _min_record(rec: dict, line: int, from_name: str) -> list[Entry | Problem]:
     aid = rec.get("annotation_id")
     value = rec.get(from_name)
     if aid is None and value is None:
-        return [Problem(tref, line, NOT_ANNOTATED, f"key {key!r}: nobody annotated this task")]
+        return [Problem(tref, line, NOT_ANNOTATED, f"key {key!r}: nobody annotated this task", key=str(key))]
     ref = f"{tref}, annotation {aid if aid is not None else '?'}"
     if rec.get("was_cancelled"):
-        return [Problem(ref, line, CANCELLED, "skipped by the annotator")]
+        return [Problem(ref, line, CANCELLED, "skipped by the annotator", key=str(key))]
     if isinstance(value, str):
         texts = [value]
     elif isinstance(value, list):
@@ -288,31 +314,57 @@ def _min_record(rec: dict, line: int, from_name: str) -> list[Entry | Problem]:
         texts = []
     body = _body(texts)
     if not body:
-        return [Problem(ref, line, EMPTY, f"no text under {from_name!r}")]
+        return [Problem(ref, line, EMPTY, f"no text under {from_name!r}", key=str(key))]
     who, email = _annotator(rec.get("annotator"))
     when = _time(rec.get("updated_at")) or _time(rec.get("created_at"))
     return [Entry(str(key), body, who, when, ref, line, email)]
 
 
+#: The columns (CSV) / fields (JSONL) every plain record has; ``created_at`` and ``was_cancelled`` may be added.
+PLAIN_FIELDS = ("key", "text", "annotator")
+
+
 def _plain_record(rec: dict, ref: str, line: int) -> Entry | Problem:
-    key = str(rec.get("key") or "").strip()
+    """One CSV row / JSONL object. A field that is absent (a cut last record, a short row) or an
+    empty annotator is fatal: whose text it is, or whether it is whole, cannot be known."""
+    absent = [f for f in PLAIN_FIELDS if rec.get(f) is None]
+    if absent:
+        return Problem(
+            ref, line, MALFORMED, f"field {', '.join(repr(f) for f in absent)} missing (a cut or short record?)", True
+        )
+    annotator = str(rec["annotator"]).strip()
+    if not annotator:
+        return Problem(ref, line, MALFORMED, "field 'annotator' is empty: whose text is it?", True)
+    key = str(rec["key"]).strip()
     if not key:
         return Problem(ref, line, MISSING_KEY, "no 'key'")
-    text = rec.get("text")
-    text = "" if text is None else str(text).strip()
+    text = str(rec["text"]).strip()
     if not text:
-        return Problem(ref, line, EMPTY, "no 'text'")
+        return Problem(ref, line, EMPTY, "no 'text'", key=key)
     if str(rec.get("was_cancelled", "")).lower() in ("true", "1", "yes"):
-        return Problem(ref, line, CANCELLED, "marked cancelled")
-    return Entry(key, text, str(rec.get("annotator") or "unknown").strip(), _time(rec.get("created_at")), ref, line)
+        return Problem(ref, line, CANCELLED, "marked cancelled", key=key)
+    return Entry(key, text, annotator, _time(rec.get("created_at")), ref, line)
 
 
 def parse_csv(text: str) -> tuple[list[Entry], list[Problem]]:
-    """Entries and problems of a CSV with a header: ``key,text,annotator[,created_at]``."""
+    """Entries and problems of a CSV with a header: ``key,text,annotator[,created_at]``.
+
+    Stops at the first record that cannot be trusted (a fatal problem naming its line and
+    field): a header without the three columns, a row with fewer fields than the header, broken
+    quoting, and a last row without its line end (a file cut while it was written)."""
     reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames or "key" not in reader.fieldnames or "text" not in reader.fieldnames:
+    fields = reader.fieldnames or []
+    missing = [f for f in PLAIN_FIELDS if f not in fields]
+    if missing:
         return [], [
-            Problem("line 1", 1, MALFORMED, f"the header must name key and text; got {reader.fieldnames}", True)
+            Problem(
+                "line 1",
+                1,
+                MALFORMED,
+                f"the header must name {', '.join(PLAIN_FIELDS)}; no {', '.join(repr(f) for f in missing)} "
+                f"column in {fields}",
+                True,
+            )
         ]
     entries, problems = [], []
     while True:
@@ -321,19 +373,27 @@ def parse_csv(text: str) -> tuple[list[Entry], list[Problem]]:
         except StopIteration:
             break
         except csv.Error as exc:
-            problems.append(Problem(f"line {reader.line_num}", reader.line_num, MALFORMED, str(exc), True))
-            break
+            return entries, problems + [Problem(f"line {reader.line_num}", reader.line_num, MALFORMED, str(exc), True)]
         line = reader.line_num
         if None in rec:
-            problems.append(Problem(f"line {line}", line, MALFORMED, "more fields than the header"))
-            continue
+            return entries, problems + [Problem(f"line {line}", line, MALFORMED, "more fields than the header", True)]
         got = _plain_record(rec, f"line {line}", line)
+        if isinstance(got, Problem) and got.fatal:
+            return entries, problems + [got]
         (entries if isinstance(got, Entry) else problems).append(got)
+    if text.strip() and not text.endswith(("\n", "\r")):
+        line = reader.line_num
+        problems.append(
+            Problem(f"line {line}", line, MALFORMED, "the last row has no line end: the file may be cut there", True)
+        )
     return entries, problems
 
 
 def parse_jsonl(text: str) -> tuple[list[Entry], list[Problem]]:
-    """Entries and problems of JSON Lines: one ``{"key", "text", "annotator"}`` object a line."""
+    """Entries and problems of JSON Lines: one ``{"key", "text", "annotator"}`` object a line.
+
+    A line that is not a whole JSON object (e.g. the cut last line of a file) or that lacks a
+    field stops the import (a fatal problem naming the line and field)."""
     entries, problems = [], []
     for line, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
@@ -341,14 +401,28 @@ def parse_jsonl(text: str) -> tuple[list[Entry], list[Problem]]:
         try:
             rec = json.loads(raw)
         except json.JSONDecodeError as exc:
-            problems.append(Problem(f"line {line}", line, MALFORMED, f"not valid JSON: {exc.msg}"))
-            continue
+            return entries, problems + [Problem(f"line {line}", line, MALFORMED, f"not valid JSON: {exc.msg}", True)]
         if not isinstance(rec, dict):
-            problems.append(Problem(f"line {line}", line, MALFORMED, "each line must be a JSON object"))
-            continue
+            return entries, problems + [Problem(f"line {line}", line, MALFORMED, "not a JSON object", True)]
         got = _plain_record(rec, f"line {line}", line)
+        if isinstance(got, Problem) and got.fatal:
+            return entries, problems + [got]
         (entries if isinstance(got, Entry) else problems).append(got)
     return entries, problems
+
+
+def task_problems(tasks: list[TaskInfo]) -> list[Problem]:
+    """Skips and tasks without text, from the server's task list: the same problems a JSON
+    export gives (one :data:`CANCELLED` per skip, one :data:`NOT_ANNOTATED` per task without a
+    text), for an export (JSON-MIN) that leaves skipped tasks out."""
+    out = []
+    for t in tasks:
+        ref = f"task {t.id}"
+        out += [Problem(ref, 0, CANCELLED, "skipped by the annotator", key=t.key) for _ in range(t.cancelled)]
+        if not t.annotations:
+            what = "skipped, no text" if t.cancelled else "nobody annotated this task"
+            out.append(Problem(ref, 0, NOT_ANNOTATED, f"key {t.key!r}: {what}", key=t.key))
+    return out
 
 
 def parse_file(name: str, text: str, from_name: str = "caption") -> tuple[list[Entry], list[Problem]]:

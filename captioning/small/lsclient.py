@@ -126,7 +126,12 @@ class LabelStudioClient:
 
     def task_keys(self, project_id: int) -> dict[str, int]:
         """``data.key`` -> task id of every task in the project."""
-        out: dict[str, int] = {}
+        return {str(key): int(t["id"]) for t in self.tasks(project_id) if (key := (t.get("data") or {}).get("key"))}
+
+    def tasks(self, project_id: int) -> list[dict]:
+        """Every task of the project as the task list shows it (``id``, ``data``,
+        ``total_annotations`` = annotations not cancelled, ``cancelled_annotations`` = skips)."""
+        out: list[dict] = []
         page = 1
         while True:
             r = self.request(
@@ -139,10 +144,7 @@ class LabelStudioClient:
                 return out
             got = r.json()
             tasks = got.get("tasks", []) if isinstance(got, dict) else got
-            for t in tasks:
-                key = (t.get("data") or {}).get("key")
-                if key is not None:
-                    out[str(key)] = int(t["id"])
+            out += [t for t in tasks if isinstance(t, dict) and "id" in t]
             if not tasks or len(out) >= int(got.get("total", 0) if isinstance(got, dict) else 0):
                 return out
             page += 1

@@ -181,6 +181,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _listener(port: int):
+    """The process listening on ``port`` (a ``psutil.Process``), or None when unknown. psutil is
+    optional here (a dev dependency): without it the owner is described by what answers."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        for c in psutil.net_connections("tcp"):
+            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
+                return psutil.Process(c.pid)
+    except (psutil.Error, OSError):
+        return None
+    return None
+
+
+def port_owner(port: int) -> str | None:
+    """None when ``127.0.0.1:port`` is free; else who has it: the process (pid, command line)
+    where it can be seen, and whether a Label Studio answers ``/health`` there."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closing socket (TIME_WAIT) is no owner
+        try:
+            s.bind(("127.0.0.1", port))
+            return None
+        except OSError:
+            pass
+    proc = _listener(port)
+    who = "another process"
+    if proc is not None:
+        try:
+            who = f"pid {proc.pid} ({' '.join(proc.cmdline())[:300]})"
+        except Exception:  # noqa: BLE001 - it may have exited or belong to another user
+            who = f"pid {proc.pid}"
+    httpx = require("httpx", extra="annotations")
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=3)
+        if r.status_code == 200 and "UP" in r.text:
+            who += ", a Label Studio answers /health there"
+    except httpx.HTTPError:
+        pass
+    return who
+
+
 def _secret(path: Path, nbytes: int = 24) -> str:
     """A secret kept in ``path`` (created 0600 on first use)."""
     if path.exists():
@@ -255,6 +298,12 @@ class LabelStudioServer:
             "--data-dir",
             str(self.data_dir),
         ]
+        owner = port_owner(self.port)
+        if owner is not None:  # else /health would answer from that server, not from ours
+            raise ServerError(
+                f"port {self.port} on 127.0.0.1 is taken by {owner}: stop it, or start ours on a free port "
+                f"(--set annotations.label_studio.port={free_port()})"
+            )
         db = self.data_dir / "label_studio.sqlite3"
         if not db.exists() and self.empty_db is not None and self.empty_db.exists():
             shutil.copyfile(self.empty_db, db)  # already migrated: the first start takes seconds, not minutes
@@ -283,11 +332,29 @@ class LabelStudioServer:
             try:
                 r = httpx.get(f"{self.url}/health", timeout=5)
                 if r.status_code == 200 and "UP" in r.text:
+                    self._check_ours()
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(1.0)
         raise ServerError(f"Label Studio did not answer {self.url}/health within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def _check_ours(self) -> None:
+        """The server answering is the one started here: the listening process descends from it
+        (same POSIX sid: it was started with ``start_new_session``). Unknown without psutil: then only the port check
+        before the start vouches for it."""
+        proc = _listener(self.port)
+        if proc is None or self.proc is None:
+            return
+        try:
+            ours = os.getsid(proc.pid) == self.proc.pid
+        except OSError:
+            return
+        if not ours:
+            raise ServerError(
+                f"{self.url} answers, but from pid {proc.pid}, not from the Label Studio started here "
+                f"(pid {self.proc.pid}); stop that one or use another port"
+            )
 
     def log_tail(self, n: int = 30) -> str:
         try:

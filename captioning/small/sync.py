@@ -5,9 +5,12 @@
   ``image_source: files``, and imports the tasks whose key the project does not have yet, with
   their images and the VLM drafts as predictions. Pushing again adds only new candidates.
 - **pull**: asks the server for an export of every task (``export_type``: JSON or JSON_MIN),
-  keeps it under ``<export_dir>/pulls/``, and imports it (:func:`annotations.import_file`) with
-  the server's user list, so each annotator is their user id and the email is known for display.
-  Pulling again adds only what changed (new annotations, edited texts).
+  keeps it under ``<export_dir>/pulls/`` (the last ``keep_pulls``), and reconciles the store
+  with it (:func:`captioning.small.importer.import_file`, ``reconcile``) with the server's user
+  list, so each annotator is their user id and the email is known for display. Pulling again
+  adds only what changed: new texts, edits, reverts, and ``withdrawn`` versions for annotations
+  deleted or turned into skips. For JSON-MIN, which leaves skipped tasks out, the server's task
+  list supplies them, so skips are counted the same in both formats.
 - **serve**: runs a local server (:mod:`captioning.small.lsserver`) until Ctrl-C.
 
 Images: with ``image_source: url`` a task points at the image's original URL (the annotator's
@@ -148,13 +151,39 @@ def pull(cfg: RootConfig, export_type: str | None = None) -> an.ImportResult:
             )
         users = {ls.annotator_id(uid): email for uid, email in c.users().items()}
         data = c.export(int(project["id"]), kind)
+        # JSON-MIN leaves skipped tasks out: the task list (read after the export) has them
+        tasks = _task_infos(c.tasks(int(project["id"]))) if kind == ls.JSON_MIN else None
     pulls = Path(_local_export_dir(cfg)) / "pulls"
     pulls.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    path = pulls / f"project-{project['id']}-{stamp}.{kind.lower().replace('_', '-')}.json"
+    path = pulls / f"project-{project['id']}-{stamp}-{kind.lower().replace('_', '-')}.json"
     _write_local_atomic(path, data)
     log.info("pulled a %s export of project %s: %s", kind, project["id"], path)
-    return an.import_file(cfg, str(path), users=users)
+    _prune(pulls, f"project-{project['id']}-*.json", lc.keep_pulls)
+    return an.import_file(cfg, str(path), users=users, reconcile=True, tasks=tasks)
+
+
+def _task_infos(tasks: list[dict]) -> list[ls.TaskInfo]:
+    """The task list's counters of each task with a key (tasks without one are not ours)."""
+    out = []
+    for t in tasks:
+        key = (t.get("data") or {}).get("key")
+        if key is not None:
+            out.append(
+                ls.TaskInfo(
+                    int(t["id"]),
+                    str(key),
+                    int(t.get("total_annotations") or 0),
+                    int(t.get("cancelled_annotations") or 0),
+                )
+            )
+    return out
+
+
+def _prune(folder: Path, pattern: str, keep: int) -> None:
+    """Keep the newest ``keep`` files of ``pattern`` (names sort by their time stamp)."""
+    for old in sorted(folder.glob(pattern))[:-keep]:
+        old.unlink(missing_ok=True)
 
 
 def serve(cfg: RootConfig, install_only: bool = False) -> int:

@@ -4,16 +4,19 @@ The table is append-only (see :mod:`captioning.small.annotations`): an *import* 
 text (``parent_version`` null); a *review* row decides on one text (``parent_version`` = that
 text's version). :func:`texts_sql` turns the history into one row per text with its current
 state (the latest decision on it, or its import state), and ``superseded`` (the same annotator
-wrote a later text for the same key, e.g. edited the annotation in Label Studio).
+has a later version for the same key: an edit or a revert in Label Studio, or a ``withdrawn``
+version with no text when the annotation was deleted there).
 
 :func:`approved_sql` is the stage-3 rule (``annotations.train_rule``):
 
 - ``latest``: one row per key, the approved text written last (the highest text version;
-  versions follow the annotators' own times). An approved text stays approved when its
-  annotator later edits it: the edit is a new version to review, and it replaces the old text
-  once it is approved itself.
-- ``each``: every annotator's latest approved text, one training row each (a key with two
-  approved annotators gives two rows).
+  versions follow the annotators' own times).
+- ``each``: every annotator's approved text, one training row each (a key with two approved
+  annotators gives two rows).
+
+Only *current* texts count: a text its annotator has since edited, reverted or withdrawn
+(deleted or skipped in Label Studio) is ``superseded`` and never trains, even when it was
+approved; the new version trains once it is approved itself.
 
 ``annotations export-approved`` runs these on the Arrow history and ``make stats`` as views over
 the Parquet shards, so the training table and the statistics cannot disagree.
@@ -53,6 +56,6 @@ def approved_sql(source: str, rule: str = "latest") -> str:
         raise ValueError(f"train_rule must be one of {', '.join(TRAIN_RULES)}; got {rule!r}")
     part = "key" if rule == "latest" else "key, coalesce(annotator, '')"
     return (
-        f"SELECT * FROM ({texts_sql(source)}) WHERE state = 'approved' "
+        f"SELECT * FROM ({texts_sql(source)}) WHERE state = 'approved' AND NOT superseded "
         f"QUALIFY row_number() OVER (PARTITION BY {part} ORDER BY version DESC) = 1"
     )

@@ -1,4 +1,6 @@
 import json
+import os
+import socket
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -68,7 +70,7 @@ def test_completed_by_int_and_plain_formats():
     assert ls._annotator(None) == ("unknown", None)
     entries, problems = ls.parse_jsonl('{"key": "a", "text": "t", "annotator": "x"}\n{oops\n\n[1]\n')
     assert [e.key for e in entries] == ["a"]
-    assert [(p.line, p.reason) for p in problems] == [(2, ls.MALFORMED), (4, ls.MALFORMED)]
+    assert [(p.line, p.reason, p.fatal) for p in problems] == [(2, ls.MALFORMED, True)]  # stops there
     entries, problems = ls.parse_csv('key,text,annotator\na,"hello, world",x\n,no key,y\nb,,z\n')
     assert [(e.key, e.text, e.line) for e in entries] == [("a", "hello, world", 2)]
     assert [(p.line, p.reason) for p in problems] == [(3, ls.MISSING_KEY), (4, ls.EMPTY)]
@@ -152,3 +154,41 @@ def test_token_comes_from_the_variable_or_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "0123456789abcdef0123456789abcdef01234567")
     assert not is_jwt(sync.resolve_token(cfg))  # a legacy token: sent as "Token ..."
     assert sync.server_url(cfg) == "http://127.0.0.1:8080"
+
+
+def test_a_taken_port_is_refused_naming_its_owner(tmp_path):
+    """`serve` on a port another server holds stops before starting (no "up after 0 s" from the other one)."""
+    from captioning.small import lsserver
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        srv = lsserver.LabelStudioServer("/bin/false", tmp_path / "ls", port)
+        with pytest.raises(lsserver.ServerError, match=rf"port {port} on 127.0.0.1 is taken by pid {os.getpid()} "):
+            srv.start(timeout=5)
+        assert srv.proc is None  # nothing was started
+    assert lsserver.port_owner(port) is None
+
+
+def test_pull_files_are_named_once_and_pruned(tmp_path):
+    from captioning.small import sync
+
+    for i in range(5):
+        (tmp_path / f"project-3-2026010{i}T000000000000-json-min.json").write_text("[]")
+    (tmp_path / "project-4-20260101T000000000000-json.json").write_text("[]")
+    sync._prune(tmp_path, "project-3-*.json", 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "project-3-20260103T000000000000-json-min.json",
+        "project-3-20260104T000000000000-json-min.json",
+        "project-4-20260101T000000000000-json.json",
+    ]
+    infos = sync._task_infos(
+        [
+            {"id": 7, "data": {"key": "a"}, "total_annotations": 1, "cancelled_annotations": 2},
+            {"id": 8, "data": {"image": "x"}},  # not one of ours
+            {"id": 9, "data": {"key": "b"}},
+        ]
+    )
+    assert infos == [ls.TaskInfo(7, "a", 1, 2), ls.TaskInfo(9, "b", 0, 0)]
+    assert [p.reason for p in ls.task_problems(infos)] == [ls.CANCELLED, ls.CANCELLED, ls.NOT_ANNOTATED]
