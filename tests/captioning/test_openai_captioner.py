@@ -288,3 +288,33 @@ def test_api_key_comes_from_the_environment_and_never_shows(monkeypatch):
     assert "sk-secret" not in json.dumps(s.model_dump(mode="json"))
     monkeypatch.delenv("MY_CAPTION_KEY")
     assert _headers(s) == {}
+
+
+def test_on_ray_every_key_once_and_a_failing_endpoint_stops_with_rows_pending(dataset, tiny_vlm, server, proxy):
+    """The Ray executor: actors send the requests; an EndpointsFailing raised in an actor reaches the driver
+    through Ray's wrapping and stops the stage the same way."""
+    root = dataset["root"]
+    cfg = served_config(
+        root, tiny_vlm, [server.url], "caption.generation.max_new_tokens=4", "caption.resources.executor=ray"
+    )
+    s = run_caption(cfg)
+    assert sorted(captions(root)["key"].to_pylist()) == sorted([*dataset["expected"], dataset["broken"]])
+    assert s.n_out == len(dataset["expected"]) and "Ray" in s.extra["ran_on"]
+    handler, url = proxy
+    handler.mode = "always"
+    stop = run_caption(
+        served_config(
+            root,
+            tiny_vlm,
+            [url],
+            "caption.generation.max_new_tokens=4",
+            "caption.resources.executor=ray",
+            "caption.prompt=short",
+            "caption.prompts.short=Describe the image briefly.",
+            retries=0,
+            max_consecutive_failures=2,
+        )
+    )
+    assert "requests in a row failed" in stop.extra["stopped"] and stop.extra["pending"] > 0
+    short = [r for r in captions(root).to_pylist() if r["prompt_id"] == "short"]
+    assert all(r["error"].startswith("decode_error") for r in short)  # nothing marked failed by the 429s
