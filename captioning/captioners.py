@@ -421,7 +421,8 @@ import captioning.openai_client  # noqa: E402,F401
 
 def load_captioner(spec: CaptionerSpec, generation: GenerationSettings) -> Captioner:
     """Build the captioner ``spec`` names (loads the model: once per process or actor)."""
-    require("transformers", "transformers", extra="captioning")
+    if spec.type != "openai":  # a served model needs no transformers in this process
+        require("transformers", "transformers", extra="captioning")
     t0 = time.time()
     captioner = CAPTIONERS[spec.type](spec, generation)
     log.info("loaded %s (%s, revision %s) in %.1f s", spec.model, spec.type, spec.revision or "-", time.time() - t0)

@@ -148,14 +148,14 @@ def _engine_of(client, url: str, entry: dict, server: ServerSettings) -> str:
     owner = str(entry.get("owned_by") or "").lower()
     name = owner if owner in KNOWN_ENGINES else None
     version = None
-    try:  # vLLM and SGLang answer GET /version
+    try:  # vLLM answers GET /version
         r = client.get(f"{_root(url)}/version")
         if r.status_code == 200 and isinstance(r.json(), dict):
             version = r.json().get("version")
     except (httpx.HTTPError, ValueError):
         pass
     if name is None:
-        name = server.engine or ("vllm" if version else "openai-compatible")
+        name = server.engine or "openai-compatible"  # a version alone does not say which engine
     return f"{name} {version}" if version else name
 
 

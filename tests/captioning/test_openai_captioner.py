@@ -290,6 +290,7 @@ def test_api_key_comes_from_the_environment_and_never_shows(monkeypatch):
     assert _headers(s) == {}
 
 
+@pytest.mark.slow
 def test_on_ray_every_key_once_and_a_failing_endpoint_stops_with_rows_pending(dataset, tiny_vlm, server, proxy):
     """The Ray executor: actors send the requests; an EndpointsFailing raised in an actor reaches the driver
     through Ray's wrapping and stops the stage the same way."""
@@ -318,3 +319,25 @@ def test_on_ray_every_key_once_and_a_failing_endpoint_stops_with_rows_pending(da
     assert "requests in a row failed" in stop.extra["stopped"] and stop.extra["pending"] > 0
     short = [r for r in captions(root).to_pylist() if r["prompt_id"] == "short"]
     assert all(r["error"].startswith("decode_error") for r in short)  # nothing marked failed by the 429s
+
+
+def test_answers_map_to_captions_or_error_rows_with_reasons():
+    from email.utils import formatdate
+
+    from captioning.openai_client import first_difference, parse_choice, retry_after
+
+    def answer(content, finish="stop", refusal=None):
+        msg = {"role": "assistant", "content": content, "refusal": refusal}
+        return {"choices": [{"message": msg, "finish_reason": finish}], "usage": {"completion_tokens": 7}}
+
+    r = parse_choice(answer("a red cup", "length"))
+    assert (r.caption, r.finish_reason, r.n_tokens) == ("a red cup", "length", 7)
+    assert parse_choice(answer("  ")).error.startswith("empty_content:")
+    assert parse_choice(answer(None, refusal="I can't help")).error == "refusal: I can't help"
+    assert parse_choice(answer("x", "content_filter")).error.startswith("refusal:")
+    assert parse_choice({"error": "x"}).error.startswith("bad_response:")
+    assert retry_after({"retry-after": "3"}) == 3.0
+    assert 55 < retry_after({"retry-after": formatdate(time.time() + 60, usegmt=True)}) <= 60
+    assert retry_after({}) is None and retry_after({"retry-after": "soon"}) is None
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1 and first_difference([1, 2], [1, 2, 3]) == 2
