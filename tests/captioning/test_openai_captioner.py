@@ -192,7 +192,7 @@ def test_endpoint_that_keeps_answering_429_stops_the_stage_with_rows_pending(dat
     assert t is None or {r["error"].split(":")[0] for r in t.to_pylist()} <= {"decode_error"}
 
 
-def test_unreachable_endpoint_and_other_model_stop_before_any_work(dataset, tiny_vlm, server, tmp_path):
+def test_unreachable_endpoint_and_other_model_stop_before_any_work(dataset, tiny_vlm, server, tmp_path, capsys):
     from paradiffusion.testing.openai_server import free_port
 
     root = dataset["root"]
@@ -211,7 +211,10 @@ def test_unreachable_endpoint_and_other_model_stop_before_any_work(dataset, tiny
     (tmp_path / "none.yaml").write_text("{}\n")
     for x in sets:
         argv += ["--set", x]
+    capsys.readouterr()
     assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: caption.captioners.srv.server.endpoints: {dead} is unreachable"), err
 
 
 def test_server_killed_mid_run_then_restarted_resumes(tmp_path, tiny_vlm, server):
