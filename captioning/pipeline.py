@@ -262,6 +262,11 @@ class SetIdentity:
     model_id: str
     revision: str | None
     engine: str | None = None
+    tag: str = ""  # what shard names start with (the model id; a served model's ends with its engine)
+
+    @property
+    def shard_tag(self) -> str:
+        return self.tag or self.model_id
 
 
 def set_identity(name: str, c: CaptionConfig) -> SetIdentity:
@@ -276,7 +281,9 @@ def set_identity(name: str, c: CaptionConfig) -> SetIdentity:
     except EndpointError as exc:
         raise ConfigError(str(exc)) from None
     log.info("endpoints serve %s @ %s (%s)", served.model_id, served.revision or "-", served.engine)
-    return SetIdentity(served.model_id, served.revision, served.engine)
+    # shard names keep the end of a long id: the engine goes last so a served set never shares a native set's prefix
+    tag = f"{served.model_id.split(':', 1)[1]}-{served.model_id.split(':', 1)[0]}"
+    return SetIdentity(served.model_id, served.revision, served.engine, tag)
 
 
 def _stopped_reason(exc: BaseException) -> str | None:
@@ -349,7 +356,7 @@ def _plan(
             row_group_of[shard] = key_row_groups(shard_urls[shard])
         except Exception as exc:  # noqa: BLE001 - the decode step reports the unreadable shard per key
             log.warning("cannot index %s (%s); its chunks will read the whole shard", shard_urls[shard], exc)
-    tag = caption_tag(ident.model_id, ident.revision, c.prompt, prompt_hash(c.prompt_text))
+    tag = caption_tag(ident.shard_tag, ident.revision, c.prompt, prompt_hash(c.prompt_text))
     return plan_chunks(tag, by_shard, shard_urls, c.image, c.chunk_rows, row_group_of)
 
 
@@ -402,7 +409,7 @@ def run_caption(cfg: RootConfig, recaption: bool = False, limit: int | None = No
     stale = table.clean_tmp()
     if stale:
         log.info("removed %d unfinished file(s) left by a killed run", stale)
-    prefix = tag_prefix(ident.model_id, ident.revision, phash)
+    prefix = tag_prefix(ident.shard_tag, ident.revision, phash)
     dedupe(table, prefix)
     done = done_keys(read_state(table, prefix), ident.model_id, ident.revision, phash)
     chunks = _plan(c, ident, images_url, scores_url, done, recaption, limit, summary)

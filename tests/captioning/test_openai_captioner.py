@@ -86,6 +86,15 @@ def test_stage_against_transformers_serve_records_the_served_model(dataset, tiny
     assert labelled.n_out >= 2  # 3 pending keys, one of them maybe the undecodable one
     by_engine = {r["engine"] for r in captions(root).to_pylist() if r["finish_reason"] != "error"}
     assert by_engine == {"openai-compatible", "transformers-serve"}  # two caption sets, kept apart
+    # the native captioner of the same weights beside them: a set of its own, neither replaces the other's rows
+    from caption_fixtures import caption_config
+
+    served_rows = captions(root).num_rows
+    native = run_caption(caption_config(root, tiny_vlm, "caption.generation.max_new_tokens=6"))
+    assert native.n_out == len(dataset["expected"]) and native.skipped_done == 0
+    t = captions(root)
+    assert t.num_rows == served_rows + len(dataset["expected"]) + 1
+    assert sorted(r["key"] for r in t.to_pylist() if r["model_id"] == tiny_vlm) == kept
 
 
 def test_served_greedy_captions_equal_native_token_for_token(tiny_vlm, server):
