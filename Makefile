@@ -14,7 +14,7 @@ ARGS     = --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 .PHONY: help setup lock check-env demo demo-s3 test test-integration lint config bench-storage
 .PHONY: download
 .PHONY: filter bench-filter
-.PHONY: caption bench-caption
+.PHONY: caption bench-caption bench-caption-endpoint
 .PHONY: select-small annotations-export annotations-import annotations-status annotations-approved stats bench-stats
 .PHONY: setup-labelstudio labelstudio annotations-push annotations-pull
 
@@ -79,6 +79,9 @@ caption: ## caption the kept set with a VLM into <data_root>/captions (RECAPTION
 
 bench-caption: ## CPU benchmark: batched vs one-image-at-a-time captioning with the tiny VLM
 	$(PY) bench/caption_cpu.py
+
+bench-caption-endpoint: ## CPU benchmark: the caption stage vs a bare asyncio client against one transformers serve
+	$(PY) bench/caption_endpoint.py --images $(or $(N),96)
 
 select-small: ## choose ParaImage-Small candidates (aesthetic, resolution, CLIP-cluster diversity) into <data_root>/candidates
 	$(PD) select-small $(ARGS)

@@ -10,6 +10,8 @@ A :class:`Captioner` turns a batch of RGB images and one prompt into one
 - :class:`CogVLMCaptioner` (``type: cogvlm``): CogVLM / CogVLM2 implemented natively in
   :mod:`captioning.cogvlm` (no remote code; which of the two comes from the checkpoint's
   ``config.json``), batched ``generate`` with left padding, a dynamic or static KV cache.
+- :class:`captioning.openai_client.OpenAICaptioner` (``type: openai``): a model served by
+  vLLM / lmdeploy / SGLang / ``transformers serve``, over the OpenAI API.
 - :class:`CogVLMRemoteCaptioner` (``type: cogvlm_remote``): the Hub's own remote code
   (``build_conversation_input_ids`` + ``generate``), an explicit opt-in that only runs
   pinned revisions of the model and of its tokenizer. That code was written for
@@ -437,11 +439,14 @@ CAPTIONERS: dict[str, type[Captioner]] = {
     "cogvlm": CogVLMCaptioner,
     "cogvlm_remote": CogVLMRemoteCaptioner,
 }
+# type openai (a model behind a serving engine's OpenAI API) registers itself here
+import captioning.openai_client  # noqa: E402,F401
 
 
 def load_captioner(spec: CaptionerSpec, generation: GenerationSettings) -> Captioner:
     """Build the captioner ``spec`` names (loads the model: once per process or actor)."""
-    require("transformers", "transformers", extra="captioning")
+    if spec.type != "openai":  # a served model needs no transformers in this process
+        require("transformers", "transformers", extra="captioning")
     t0 = time.time()
     captioner = CAPTIONERS[spec.type](spec, generation)
     log.info("loaded %s (%s, revision %s) in %.1f s", spec.model, spec.type, spec.revision or "-", time.time() - t0)

@@ -12,7 +12,7 @@ def _run_caption(cfg: RootConfig, args: argparse.Namespace) -> int:
     from captioning.pipeline import run_caption
 
     summary = run_caption(cfg, recaption=args.recaption, limit=args.limit)
-    return 1 if summary.rejected.get("lost_in_pipeline") else 0
+    return 1 if summary.rejected.get("lost_in_pipeline") or summary.extra.get("stopped") else 0
 
 
 def _caption_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +44,9 @@ def captioner_models(key: str, spec) -> list:
     from captioning.captioners import check_pinned
     from paradiffusion.config import ConfigError
     from paradiffusion.hub import model_ref
+
+    if spec.type == "openai":
+        return []  # the engines hold the weights; the stage asks them what they serve before any work
 
     try:
         check_pinned(spec)

@@ -29,16 +29,76 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.count("/") != 1
 
 
+class ServerSettings(StrictModel):
+    """``type: openai``: OpenAI-compatible serving engines (vLLM, lmdeploy, SGLang, ``transformers serve``)."""
+
+    endpoints: list[str] = Field(
+        ...,
+        min_length=1,
+        description="base URLs of the API, each ending in /v1 (e.g. http://gpu-node-1:8000/v1); the stage spreads "
+        "requests over them (fewest in flight first)",
+    )
+    served_model: str | None = Field(
+        None, description="the name the servers know the model by (vLLM --served-model-name); null: the model setting"
+    )
+    api_key_env: str | None = Field(
+        "PARADIFFUSION_CAPTION_API_KEY",
+        description="name of the environment variable holding the API key (the key itself is never written to a "
+        "config or log); unset or empty variable: no Authorization header",
+    )
+    engine: str | None = Field(
+        None,
+        description="engine label recorded with each caption when the server does not report one "
+        "(transformers serve does not; vLLM, lmdeploy and SGLang do)",
+    )
+    concurrency: int = Field(16, ge=1, le=4096, description="requests in flight per endpoint (over all actors)")
+    connect_timeout_s: float = Field(10.0, gt=0, le=600)
+    timeout_s: float = Field(600.0, gt=0, le=7200, description="seconds one request may take (read timeout)")
+    retries: int = Field(5, ge=0, le=100, description="retries of a request that failed (429, 5xx, timeout, no route)")
+    backoff_s: float = Field(1.0, ge=0, le=600, description="first wait before a retry; doubles each retry")
+    max_backoff_s: float = Field(60.0, ge=0, le=3600, description="longest wait (a Retry-After header wins over it)")
+    max_consecutive_failures: int = Field(
+        20,
+        ge=1,
+        le=100_000,
+        description="requests in a row that failed after their retries: the stage stops, rows in flight stay pending",
+    )
+    image_format: Literal["png", "jpeg"] = Field(
+        "png", description="how images travel as data URLs: png (lossless: the server sees our pixels) or jpeg"
+    )
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    extra_body: dict = Field(
+        default_factory=dict, description="engine-specific request fields sent as they are (e.g. {top_k: 1})"
+    )
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        out = []
+        for url in v:
+            u = url.strip().rstrip("/")
+            if not re.match(r"^https?://[^/\s]+", u):
+                raise ValueError(f"endpoint {url!r} is not an http(s) URL (e.g. http://gpu-node-1:8000/v1)")
+            out.append(u)
+        if len(set(out)) != len(out):
+            raise ValueError("an endpoint is listed twice")
+        return out
+
+
 class CaptionerSpec(StrictModel):
     """One vision-language model and how to load it."""
 
-    type: Literal["transformers", "cogvlm", "cogvlm_remote"] = Field(
+    type: Literal["transformers", "cogvlm", "cogvlm_remote", "openai"] = Field(
         "transformers",
         description="transformers: any AutoModelForImageTextToText with a processor chat template; "
         "cogvlm: CogVLM / CogVLM2 implemented natively (no remote code; the family comes from config.json); "
-        "cogvlm_remote: their Hub remote code (opt-in; pinned model and tokenizer revisions only)",
+        "cogvlm_remote: their Hub remote code (opt-in; pinned model and tokenizer revisions only); "
+        "openai: a model served by an engine (vLLM, lmdeploy, SGLang, transformers serve) over the OpenAI API",
     )
-    model: str = Field(..., min_length=1, description="Hugging Face id or local folder")
+    model: str = Field(
+        ..., min_length=1, description="Hugging Face id or local folder (openai: what the server serves)"
+    )
+    server: ServerSettings | None = Field(None, description="type openai only: the endpoints and how to call them")
     revision: str | None = Field(
         None,
         description="commit SHA on the Hub; required (40 hex digits) for remote code "
@@ -66,6 +126,10 @@ class CaptionerSpec(StrictModel):
 
     @model_validator(mode="after")
     def _remote_code_is_pinned(self) -> CaptionerSpec:
+        if self.type == "openai" and self.server is None:
+            raise ValueError("type openai needs server.endpoints (the base URLs of the serving engines)")
+        if self.type != "openai" and self.server is not None:
+            raise ValueError(f"server is for type openai only (this captioner is type {self.type})")
         if self.type == "cogvlm" and self.trust_remote_code:
             raise ValueError(
                 "type cogvlm runs the native CogVLM code and never remote code: drop trust_remote_code, "
@@ -248,6 +312,12 @@ class CaptionConfig(StrictModel):
                 f"caption.captioner = {self.captioner!r} is not in caption.captioners "
                 f"(one of: {', '.join(self.captioners) or 'none defined'})"
             )
+        spec = self.captioners[self.captioner]
+        if spec.type == "openai" and self.generation.num_beams > 1:
+            raise ValueError(
+                f"caption.generation.num_beams = {self.generation.num_beams}: the OpenAI API has no beam search "
+                f"(captioner {self.captioner!r} is type openai); use num_beams: 1"
+            )
         if self.prompt not in self.prompts:
             raise ValueError(
                 f"caption.prompt = {self.prompt!r} is not in caption.prompts (one of: {', '.join(self.prompts)})"
@@ -264,4 +334,9 @@ class CaptionConfig(StrictModel):
 
     @property
     def effective_batch_size(self) -> int:
-        return self.spec.batch_size or self.batch_size
+        spec = self.spec
+        if spec.batch_size is None and spec.server is not None:
+            # a served captioner's batch is the requests one actor keeps in flight; the batch waits for its
+            # slowest request, so it holds several rounds of the endpoints' concurrency
+            return min(4096, max(self.batch_size, 4 * spec.server.concurrency * len(spec.server.endpoints)))
+        return spec.batch_size or self.batch_size

@@ -20,6 +20,7 @@ import json
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -107,7 +108,7 @@ def _batches(rows: list[dict], size: int) -> Iterator[dict]:
 def run_local(chunks: list[Chunk], c: CaptionConfig, cfg: RootConfig, info: dict) -> Iterator[dict]:
     """Decode and caption in this process, chunk by chunk (tests, benchmarks, no Ray)."""
     info["ran_on"] = "this process (executor: local)"
-    worker = CaptionWorker(c.spec.model_dump(mode="json"), c.generation.model_dump(mode="json"), c.prompt_text)
+    worker = CaptionWorker(worker_spec(c, 1), c.generation.model_dump(mode="json"), c.prompt_text)
     for ch in chunks:
         rows = list(_decoded_rows(ch.to_dict(), c.image))
         for batch in _batches(rows, c.effective_batch_size):
@@ -118,10 +119,18 @@ def actor_pool_size(cluster_gpus: float, c: CaptionConfig) -> tuple[int, float]:
     """``(actors, GPUs per actor)``: by default one actor per GPU slot (``actors_per_gpu`` slots a GPU,
     each asking for ``1/actors_per_gpu`` of it); one CPU actor when there is no GPU or the model is on CPU."""
     r = c.resources
-    use_gpu = cluster_gpus > 0 and c.spec.device != "cpu"
+    use_gpu = cluster_gpus > 0 and c.spec.device != "cpu" and c.spec.type != "openai"  # a served model: no GPU here
     num_gpus = 1.0 / r.actors_per_gpu if use_gpu else 0.0
     actors = r.num_actors or (max(1, int(cluster_gpus * r.actors_per_gpu)) if use_gpu else 1)
     return actors, num_gpus
+
+
+def worker_spec(c: CaptionConfig, actors: int) -> dict:
+    """The captioner settings each actor gets (a served captioner's concurrency is shared by the actors)."""
+    spec = c.spec.model_dump(mode="json")
+    if spec.get("server"):
+        spec["server"]["concurrency"] = max(1, -(-spec["server"]["concurrency"] // actors))
+    return spec
 
 
 def run_ray(chunks: list[Chunk], c: CaptionConfig, cfg: RootConfig, info: dict) -> Iterator[dict]:
@@ -147,6 +156,7 @@ def run_ray(chunks: list[Chunk], c: CaptionConfig, cfg: RootConfig, info: dict) 
         r.cpus_per_actor,
         c.effective_batch_size,
     )
+    spec = worker_spec(c, actors)
     ds = ray.data.from_items([ch.to_dict() for ch in chunks], override_num_blocks=max(1, len(chunks)))
     decode_compute = ray.data.TaskPoolStrategy(size=r.max_decode_tasks) if r.max_decode_tasks else None
     from paradiffusion.storage import worker_storage_options
@@ -160,7 +170,7 @@ def run_ray(chunks: list[Chunk], c: CaptionConfig, cfg: RootConfig, info: dict) 
     ds = ds.map_batches(
         CaptionWorker,
         fn_constructor_kwargs={
-            "spec": c.spec.model_dump(mode="json"),
+            "spec": spec,
             "generation": c.generation.model_dump(mode="json"),
             "prompt": c.prompt_text,
         },
@@ -182,19 +192,20 @@ EXECUTORS = {"local": run_local, "ray": run_ray}
 class ChunkWriter:
     """Collects caption rows by chunk; a complete chunk becomes one committed shard."""
 
-    def __init__(self, table: Table, chunks: list[Chunk], c: CaptionConfig, summary: StageSummary):
+    def __init__(self, table: Table, chunks: list[Chunk], c: CaptionConfig, summary: StageSummary, ident: SetIdentity):
         self.table, self.c, self.summary = table, c, summary
         self.expected = {ch.name: len(ch.keys) for ch in chunks}
         self.pending: dict[str, list[dict]] = defaultdict(list)
-        spec = c.spec
         self.common = {
-            "model_id": spec.model,
-            "model_revision": spec.revision,
+            "model_id": ident.model_id,
+            "model_revision": ident.revision,
+            "engine": ident.engine,
             "prompt_id": c.prompt,
             "prompt_hash": prompt_hash(c.prompt_text),
             "generation": json.dumps(c.generation.model_dump(mode="json"), sort_keys=True),
         }
         self.written = 0
+        self.rows_written = 0
         self.tokens = 0
 
     def add(self, row: dict) -> None:
@@ -237,14 +248,62 @@ class ChunkWriter:
             name, rows_to_table(out, CAPTIONS), meta={"model_id": self.common["model_id"], "prompt_id": self.c.prompt}
         )
         self.written += 1
+        self.rows_written += len(out)
 
     def unfinished(self) -> dict[str, int]:
         return {k: len(v) for k, v in self.pending.items()}
 
 
 # --------------------------------------------------------------------------- the stage
+@dataclass(frozen=True)
+class SetIdentity:
+    """Who made the captions: the model id and revision the rows record (and the engine of a served model)."""
+
+    model_id: str
+    revision: str | None
+    engine: str | None = None
+    tag: str = ""  # what shard names start with (the model id; a served model's ends with its engine)
+
+    @property
+    def shard_tag(self) -> str:
+        return self.tag or self.model_id
+
+
+def set_identity(name: str, c: CaptionConfig) -> SetIdentity:
+    """The configured model; for ``type: openai``, what the endpoints report (checked before any work)."""
+    spec = c.spec
+    if spec.type != "openai":
+        return SetIdentity(spec.model, spec.revision)
+    from captioning.openai_client import EndpointError, probe_endpoints
+
+    try:
+        served = probe_endpoints(spec, f"caption.captioners.{name}")
+    except EndpointError as exc:
+        raise ConfigError(str(exc)) from None
+    log.info("endpoints serve %s @ %s (%s)", served.model_id, served.revision or "-", served.engine)
+    # shard names keep the end of a long id: the engine goes last so a served set never shares a native set's prefix
+    tag = f"{served.model_id.split(':', 1)[1]}-{served.model_id.split(':', 1)[0]}"
+    return SetIdentity(served.model_id, served.revision, served.engine, tag)
+
+
+def _stopped_reason(exc: BaseException) -> str | None:
+    """The message of an :class:`EndpointsFailing` raised by a worker (maybe wrapped by Ray), else None."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ == "EndpointsFailing":
+            return str(e)
+        for line in str(e).splitlines():
+            if "EndpointsFailing: " in line:
+                return line.split("EndpointsFailing: ", 1)[1].strip()
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _plan(
     c: CaptionConfig,
+    ident: SetIdentity,
     images_url: str,
     scores_url: str,
     done: set[str],
@@ -297,7 +356,7 @@ def _plan(
             row_group_of[shard] = key_row_groups(shard_urls[shard])
         except Exception as exc:  # noqa: BLE001 - the decode step reports the unreadable shard per key
             log.warning("cannot index %s (%s); its chunks will read the whole shard", shard_urls[shard], exc)
-    tag = caption_tag(c.spec.model, c.spec.revision, c.prompt, prompt_hash(c.prompt_text))
+    tag = caption_tag(ident.shard_tag, ident.revision, c.prompt, prompt_hash(c.prompt_text))
     return plan_chunks(tag, by_shard, shard_urls, c.image, c.chunk_rows, row_group_of)
 
 
@@ -348,14 +407,15 @@ def run_caption(cfg: RootConfig, recaption: bool = False, limit: int | None = No
             check_checkpoint(folder, read_config(folder))
         except CheckpointError as exc:
             raise ConfigError(f"caption.captioners.{c.captioner}.model: {exc}") from None
+    ident = set_identity(c.captioner, c)  # an unreachable endpoint or another model stops here, before any work
     table = Table(out_url, CAPTIONS)
     stale = table.clean_tmp()
     if stale:
         log.info("removed %d unfinished file(s) left by a killed run", stale)
-    prefix = tag_prefix(spec.model, spec.revision, phash)
+    prefix = tag_prefix(ident.shard_tag, ident.revision, phash)
     dedupe(table, prefix)
-    done = done_keys(read_state(table, prefix), spec.model, spec.revision, phash)
-    chunks = _plan(c, images_url, scores_url, done, recaption, limit, summary)
+    done = done_keys(read_state(table, prefix), ident.model_id, ident.revision, phash)
+    chunks = _plan(c, ident, images_url, scores_url, done, recaption, limit, summary)
     n_todo = sum(len(ch.keys) for ch in chunks)
     # No stage fingerprint: several models, prompts and settings legitimately share this table.
     table.save_config(cfg, "caption")
@@ -366,22 +426,32 @@ def run_caption(cfg: RootConfig, recaption: bool = False, limit: int | None = No
         n_todo,
         len(chunks),
     )
-    writer = ChunkWriter(table, chunks, c, summary)
+    writer = ChunkWriter(table, chunks, c, summary, ident)
     info: dict = {}
+    stopped = None
     t0 = time.perf_counter()
     if chunks:
         rows = EXECUTORS[c.resources.executor](chunks, c, cfg, info)
-        for row in progress(rows, total=n_todo, desc="caption", unit="img"):
-            writer.add(row)
+        try:
+            for row in progress(rows, total=n_todo, desc="caption", unit="img"):
+                writer.add(row)
+        except Exception as exc:
+            stopped = _stopped_reason(exc)
+            if stopped is None:
+                raise
+            log.error("stopped: %s", stopped)
     gen_s = time.perf_counter() - t0
     left = writer.unfinished()
-    if left:  # would be a bug: every chunk row comes back; never let it pass silently
+    if stopped:  # the endpoints failed: what was not committed stays pending for the next run
+        summary.extra["stopped"] = stopped
+        summary.extra["pending"] = n_todo - writer.rows_written
+    elif left:  # would be a bug: every chunk row comes back; never let it pass silently
         summary.reject("lost_in_pipeline", sum(left.values()))
         log.error("chunks with missing rows were not written: %s", left)
     dedupe(table, prefix)  # a retried error or a recaption replaces the older row of its key
     summary.extra.update(
         {
-            "captioner": f"{spec.model}@{spec.revision or '-'}",
+            "captioner": f"{ident.model_id}@{ident.revision or '-'}" + (f" ({ident.engine})" if ident.engine else ""),
             "prompt": c.prompt,
             "captioned": summary.n_out,
             "shards_written": writer.written,

@@ -63,6 +63,7 @@ CAPTIONS = pa.schema(
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
         pa.field("flags", pa.list_(pa.string())),  # quality flags (captioning/quality.py)
         pa.field("error", pa.string()),  # why there is no caption (finish_reason "error"); null otherwise
+        pa.field("engine", pa.string()),  # the serving engine ("vllm 0.32.0") of a type openai captioner; else null
     ]
 )
 

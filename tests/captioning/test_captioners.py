@@ -28,10 +28,10 @@ def test_finish_reason():
 
 
 def test_registry_names_match_config_choices():
-    assert set(CAPTIONERS) == {"transformers", "cogvlm", "cogvlm_remote"}
+    assert set(CAPTIONERS) == {"transformers", "cogvlm", "cogvlm_remote", "openai"}
     with pytest.raises(ConfigError) as err:
         load_config([], ["caption.captioners.cogvlm.type=vllm"])
-    assert "'transformers', 'cogvlm', 'cogvlm_remote'" in str(err.value)
+    assert "'transformers', 'cogvlm', 'cogvlm_remote', 'openai'" in str(err.value)
 
 
 def test_transformers_captioner_batched_equals_one_at_a_time(tiny_vlm):
