@@ -38,7 +38,15 @@ PYTHON_PLATFORM = "x86_64-manylinux_2_28"
 #: Packages with no wheel on PyPI, built from source after the wheels are installed, without build
 #: isolation (deepspeed's setup.py imports the torch installed before it; the others are old pure-Python
 #: sdists that need only the locked setuptools). Every other package must come as a wheel.
-FROM_SOURCE = ("deepspeed", "attr", "drf-flex-fields", "drf-generators", "ordered-set", "django-ranged-fileresponse")
+FROM_SOURCE = (
+    "deepspeed",
+    "jsonpath-rw",
+    "attr",
+    "drf-flex-fields",
+    "drf-generators",
+    "ordered-set",
+    "django-ranged-fileresponse",
+)
 #: The project itself: installed editable, never in a lock.
 PROJECT = "paradiffusion-toolkit"
 
