@@ -80,5 +80,7 @@ def test_training_cache_and_generate_share_the_llm_states(tiny_models, tmp_path)
         eps_low = unet(x, step, encoder_hidden_states=low).sample
         d_eps = float((eps_low - eps).abs().max())
     print(json.dumps({"max_abs_states": d_states, "states_scale": scale, "max_abs_eps": d_eps}))
-    assert 0 < d_states <= 2e-2 * scale  # bf16 keeps 8 bits of mantissa: ~4e-3 relative a layer
-    assert 0 < d_eps <= 5e-2
+    # measured on the tiny model (2-layer Llama, width 64): states 2.9e-2 (0.7 % of their largest, 4.2),
+    # one UNet step's output 8.4e-4; bounded at about twice that
+    assert 0 < d_states <= 1.5e-2 * scale
+    assert 0 < d_eps <= 2e-3
