@@ -464,8 +464,9 @@ class Trainer:
         for r in rows:
             if r["nonfinite"]:
                 self._diverged(r, rows[-1]["step"])
-            if r["norm_known"] and not r["skipped"] and not math.isfinite(r["grad_norm"]):
-                # a non-finite gradient DeepSpeed applied (its overflow check off): the weights are bad now
+            if r["norm_known"] and not r["skipped"] and not (math.isfinite(r["grad_norm"]) and r["grad_norm"] >= 0):
+                # a non-finite gradient DeepSpeed applied (its overflow check off; its norm helpers say -1 for
+                # inf/NaN): the weights are bad now
                 self._diverged(r, rows[-1]["step"], what=f"the gradient norm is {r['grad_norm']} (the loss is finite)")
             self.history.append((r["step"], r["loss"]))
             self._samples += r["samples"]

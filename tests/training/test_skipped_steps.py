@@ -114,3 +114,18 @@ def test_more_skipped_steps_in_a_row_than_allowed_stop_the_run(tiny_models, tmp_
         t.train()
     assert t.step == 5 and [s for s, _ in t.history] == [1, 2, 3, 4, 5]  # read before stopping: all finite
     assert not (tmp_path / "train" / "stage1" / "export").exists()
+
+
+def test_without_deepspeeds_check_a_bad_gradient_stops_the_run_at_the_next_read(tiny_models, tmp_path):
+    """bf16 with train.deepspeed.check_grad_overflow false: DeepSpeed applies a non-finite
+    gradient instead of skipping the step; the trainer reads the gradient norm with the loss and
+    stops there, naming the step, with nothing saved from it on."""
+    write_image_shards(tmp_path / "images", n_shards=1, per_shard=6)
+    cfg = tiny_config(tiny_models, tmp_path, max_steps=6, **{"logging.every_steps": 4, "checkpoint.every_steps": 2})
+    cfg.train.deepspeed.precision, cfg.train.deepspeed.check_grad_overflow = "bf16", False
+    t = type("Run", (_BadGradients,), {"bad_steps": (3,)})(cfg, 1)
+    with pytest.raises(TrainingDiverged, match=r"at step 3 .*last good checkpoint is .*step-00000002"):
+        t.train()
+    assert t.step == 4 and t.skipped_steps == []  # not skipped: applied, then seen at the read of step 4
+    assert [s for s, _ in CheckpointDir(str(tmp_path / "train" / "stage1" / "checkpoints")).committed()] == [2]
+    assert not (tmp_path / "train" / "stage1" / "export").exists()
