@@ -20,8 +20,13 @@ same process on the same GPU (``--paths``):
 - ``ours_compile``: as ``ours_nogc`` with ``compile.unet`` (and ``compile.llm`` in stage 2);
 - ``ours_compile_gc``: as ``ours_compile`` with UNet gradient checkpointing on.
 
-Each result also counts the host syncs of a timed step (``torch.cuda.set_sync_debug_mode``
-warnings: the trainer's own code makes none; what remains is DeepSpeed's and the libraries').
+Each result also counts the host syncs of one step beside its speed: ``host_syncs_per_step``
+(``torch.cuda.set_sync_debug_mode("warn")``: every synchronizing CUDA call, whoever makes it)
+with ``sync_sources`` (file:line of each warning), and ``host_reads_per_step`` with their
+sources as :class:`training.syncs.HostReads` sees them (the count the CPU test pins: reads of
+host-side tensors such as torch AdamW's step counters are in it and are no wait on a GPU).
+The LLM is built in ``--llm-dtype`` (float32: ``train.model.llm_dtype``'s default, what the
+release samples with; bfloat16 to compare).
 
 Model FLOPs (MFU numerator) exclude activation recompute: FlopCounterMode counts one
 forward of the LLM and of the UNet per sample, F_llm and F_unet; a training step is
@@ -69,6 +74,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--one", default=None, help="stage:path: measure only this, in this process (what main() runs)")
     ap.add_argument("--size", default="1024x640", help="image width x height (the release samples 1024x640)")
     ap.add_argument("--tokens", default="256,512", help="caption tokens in stage 1,2 (the stages' max_length)")
+    ap.add_argument("--llm-dtype", default="float32", choices=["float32", "bfloat16"], help="train.model.llm_dtype")
     return ap.parse_args()
 
 
@@ -133,7 +139,7 @@ def build(stage: int, llm: bool = True, unet_gc: bool = True):
     sz = sizes(stage)
     torch.manual_seed(0)
     with torch.device(DEV):
-        text = LlamaModel(LlamaConfig(**sz["llm"])).to(DT) if llm else None
+        text = LlamaModel(LlamaConfig(**sz["llm"])).to(getattr(torch, A.llm_dtype)) if llm else None
         unet = UNet2DConditionModel(**sz["unet"]).to(DT)
     check_text_path(sz["llm"]["hidden_size"], unet, None)
     if text is not None:
@@ -224,6 +230,8 @@ def ours_step_fn(model, sz, stage, cache: bool, compile_unet: bool):
             self.tokenizer = Tok()
             self.text_cache = None
             self.empty_text = (torch.randn(sz["tokens"], sz["llm"]["hidden_size"], dtype=DT), 1)
+            self.llm_dtype = getattr(torch, A.llm_dtype)
+            kept = self._frozen_llm_weights(model)  # as setup: the frozen LLM stays in llm_dtype
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-5, fused=DEV.type == "cuda")
             self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
@@ -233,6 +241,7 @@ def ours_step_fn(model, sz, stage, cache: bool, compile_unet: bool):
                 config=self.ds_config,
             )
             self.model = self.engine.module
+            self._restore_frozen_llm(kept)
             self.ema = None
 
     cfg = PipelinesConfig.model_validate(
@@ -266,20 +275,28 @@ def ours_step_fn(model, sz, stage, cache: bool, compile_unet: bool):
     return step
 
 
-def host_syncs(step) -> int | None:
-    """Host syncs of one step (CUDA only): torch warns on each synchronizing call in debug mode."""
-    if DEV.type != "cuda":
-        return None
+def host_syncs(step) -> tuple[int | None, dict, dict]:
+    """Host syncs of one step: (count, {file:line: n}) from torch's sync debug mode (CUDA only; it
+    warns on each synchronizing call), and the host reads training.syncs.HostReads counts, by source."""
     import warnings
+    from collections import Counter
 
-    with warnings.catch_warnings(record=True) as seen:
+    from training.syncs import HostReads
+
+    if DEV.type != "cuda":
+        with HostReads() as reads:
+            step()
+        return None, {}, dict(reads.take())
+    with warnings.catch_warnings(record=True) as seen, HostReads() as reads:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             step()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message) for w in seen)
+    syncs = [w for w in seen if "synchroniz" in str(w.message)]
+    where = Counter(f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in syncs)
+    return len(syncs), dict(where), dict(reads.take())
 
 
 def measure(name: str, stage: int, path: str) -> None:
@@ -300,7 +317,7 @@ def measure(name: str, stage: int, path: str) -> None:
         step()
     sync()
     warm_s = time.perf_counter() - t_warm
-    syncs = host_syncs(step) if path != "plain" else None
+    syncs, sync_sources, reads = host_syncs(step) if path != "plain" else (None, {}, {})
     if DEV.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -321,6 +338,10 @@ def measure(name: str, stage: int, path: str) -> None:
         compiled=comp,
         warmup_s=round(warm_s, 1),
         host_syncs_per_step=syncs,
+        sync_sources=sync_sources,
+        host_reads_per_step=sum(reads.values()) if path != "plain" else None,
+        host_read_sources=reads,
+        llm_dtype=A.llm_dtype if not cache else None,
         unet_params_M=round(sum(p.numel() for p in model.unet.parameters()) / 1e6),
         model_gflop_per_sample=round(per_sample / 1e9, 3),
         mfu=round(per_sample * sps / PEAK, 3),

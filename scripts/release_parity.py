@@ -21,8 +21,10 @@ fetches anything.
 pipeline (in ``PARADIFFUSION_RELEASE_PYTHON``, CPU, fp32) and through
 ``training.pipeline.ParaDiffusionPipeline`` (here), and reports the largest absolute
 difference of the token ids, the text embeddings (unconditional "" and prompts), the
-final latents and the decoded images (floats in [0, 1]); it fails when one is above
-``--tolerance`` (1e-4). ``record-fixture`` stores the release's outputs for the fixed tiny
+final latents and the decoded images (floats in [0, 1]); it fails when one is above its
+absolute bound (:data:`BOUNDS`: 1e-4 for the text states and images; for the latents the
+noise level of the release's own arithmetic, measured between two runs of the release with 1
+and 2 torch threads, which ``record-fixture`` records and ``noise`` prints). ``record-fixture`` stores the release's outputs for the fixed tiny
 checkpoint of :func:`paradiffusion.testing.tiny_diffusion.build_tiny_release`, so the test
 suite checks our side against them without the release's environment. See
 docs/release_parity.md for the environment used and the measured differences.
@@ -43,6 +45,15 @@ REPO = Path(__file__).resolve().parents[1]
 RELEASE_FILE = "pipeline_stable_diffusion_llama.py"
 FIXTURE = REPO / "tests" / "training" / "fixtures" / "release_parity"
 TOLERANCE = 1e-4
+#: Absolute bounds per output. The latents' is at the noise level of the reference itself:
+#: NOISE_FACTOR x the largest difference between two runs of the release's pipeline (1 and 2
+#: torch threads: another order of the float sums) on the fixture's settings. Until a fixture
+#: records its own (``reference_noise``), LATENT_NOISE is used: measured by that method on our
+#: side of the same arithmetic (ParaDiffusionPipeline, the fixture's settings, 2026-12-07:
+#: 9.7e-5; ours against the recorded release: 1.95e-4; docs/release_parity.md).
+LATENT_NOISE = 9.7e-5
+NOISE_FACTOR = 4
+BOUNDS = {"embeds": TOLERANCE, "latents": NOISE_FACTOR * LATENT_NOISE, "images": TOLERANCE}
 
 #: Prompts of the comparison: a short one, a paragraph longer than 256 tokens (cut, as the
 #: release cuts it), and one that starts with spaces (transformers 5 tokenizes that
@@ -115,7 +126,7 @@ def release_side(model: str, release_dir: str, settings: dict, out: str) -> None
     from pipeline_stable_diffusion_llama import StableDiffusionLlamaPipeline
     from transformers import AutoTokenizer, LlamaModel
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(settings.get("threads", 1)))
     parts = model_parts(model)
     text_encoder = LlamaModel.from_pretrained(parts["llm"])  # fp32, as in demo.py
     if parts["lora"]:
@@ -239,10 +250,22 @@ def our_side(model: str, settings: dict) -> dict:
     }
 
 
-def differences(ours: dict, release: dict) -> dict:
-    """Largest absolute difference per output (ids: count of differing ids)."""
+def bounds(meta: dict | None = None) -> dict:
+    """The absolute bound per output: :data:`BOUNDS`, the latents' from a fixture's recorded
+    ``reference_noise`` when it has one (NOISE_FACTOR x it)."""
+    b = dict(BOUNDS)
+    noise = (meta or {}).get("reference_noise", {}).get("latents", {}).get("max_abs_diff")
+    if noise is not None:
+        b["latents"] = NOISE_FACTOR * max(float(noise), 1e-6)
+    return b
+
+
+def differences(ours: dict, release: dict, limits: dict | None = None) -> dict:
+    """Largest absolute difference per output (ids: count of differing ids), each against its
+    absolute bound (``limits``, default :data:`BOUNDS`)."""
     import numpy as np
 
+    limits = limits or BOUNDS
     out = {}
     for key in ("input_ids", "embeds", "latents", "images", "timesteps"):
         a, b = np.asarray(ours[key]), np.asarray(release[key])
@@ -255,16 +278,14 @@ def differences(ours: dict, release: dict) -> dict:
         else:
             d = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
             scale = float(np.abs(b).max())
-            if key == "latents":  # a random model's latents reach ~60: judged relative to their size
-                out[key] = {
-                    "max_abs_diff": d,
-                    "max_abs_value": scale,
-                    "relative": d / scale,
-                    "ok": d / scale <= TOLERANCE,
-                }
-            else:
-                out[key] = {"max_abs_diff": d, "max_abs_value": scale, "ok": d <= TOLERANCE}
+            out[key] = {"max_abs_diff": d, "max_abs_value": scale, "bound": limits[key], "ok": d <= limits[key]}
     return out
+
+
+def reference_noise(model: str, settings: dict, release_dir: str, release_python: str, first: dict) -> dict:
+    """The release's own run-to-run noise: ``first`` (its run with 1 thread) against a run with 2."""
+    again = run_release(model, {**settings, "threads": 2}, release_dir, release_python)
+    return differences(first["arrays"], again["arrays"], {k: float("inf") for k in BOUNDS})
 
 
 def report(diff: dict) -> bool:
@@ -272,7 +293,7 @@ def report(diff: dict) -> bool:
     for key, v in diff.items():
         detail = ", ".join(f"{k}={v[k]:.3g}" if isinstance(v[k], float) else f"{k}={v[k]}" for k in v if k != "ok")
         print(f"  {key:10s} {'ok  ' if v['ok'] else 'FAIL'} {detail}")
-    print(f"EQUAL within {TOLERANCE:g}" if ok else f"DIFFERENT (tolerance {TOLERANCE:g})")
+    print("EQUAL within the bounds" if ok else "DIFFERENT (beyond a bound)")
     return ok
 
 
@@ -321,13 +342,15 @@ def record_fixture(release_dir: str, release_python: str, out: Path = FIXTURE) -
         model = build_tiny_release(Path(tmp) / "tiny_release")
         settings = fixture_settings()
         rel = run_release(model, settings, release_dir, release_python)
+        noise = reference_noise(model, settings, release_dir, release_python, rel)
         ours = our_side(model, settings)
-        diff = differences(ours, rel["arrays"])
+        diff = differences(ours, rel["arrays"], bounds({"reference_noise": noise}))
         meta = {
             "what": "outputs of the release's StableDiffusionLlamaPipeline on build_tiny_release(seed=0)",
             "settings": settings,
             "checkpoint_sha256": checkpoint_digest(model),
             "release": {k: rel[k] for k in ("commit", "pipeline_sha256", "versions", "max_length")},
+            "reference_noise": noise,  # the release against itself (1 vs 2 threads): the latents' bound
             "ours_at_recording": diff,
         }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -384,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in DEFAULTS.items():
         c.add_argument(f"--{k}", type=type(v), default=v)
     c.add_argument("--json", help="write the differences here")
+    c.add_argument("--noise", action="store_true", help="also run the release with 2 threads: its own noise level")
     _release_args(c)
     r = sub.add_parser("record-fixture", help="store the release's outputs on the tiny checkpoint for the tests")
     r.add_argument("--out", default=str(FIXTURE))
@@ -418,7 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"prompts": args.prompt or PROMPTS, **{k: getattr(args, k) for k in DEFAULTS}}
     rel = run_release(model, settings, args.release_dir, args.release_python)
     ours = our_side(model, settings)
-    diff = differences(ours, rel["arrays"])
+    noise = reference_noise(model, settings, args.release_dir, args.release_python, rel) if args.noise else None
+    diff = differences(ours, rel["arrays"], bounds({"reference_noise": noise} if noise else None))
+    if noise:
+        print("the release against itself (1 vs 2 threads): " + ", ".join(
+            f"{k} {v['max_abs_diff']:.3g}" for k, v in noise.items() if "max_abs_diff" in v))  # fmt: skip
     print(f"release {rel['commit'] or '(not a git checkout)'} {RELEASE_FILE} sha256 {rel['pipeline_sha256'][:12]}")
     print("release environment: " + ", ".join(f"{k} {v}" for k, v in rel["versions"].items()))
     print(

@@ -66,6 +66,12 @@ class ModelConfig(StrictModel):
         description="release: captions EOS-padded to the stage's max_length, no mask for the UNet (what the official "
         "weights were trained with); masked: padded to the longest caption, mask passed to the UNet",
     )
+    llm_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="the dtype the LLM computes text states in, the same in training (its frozen weights stay in it "
+        "under bf16 DeepSpeed), in cache-text and in generate (the export's paradiffusion.json records it); float32: "
+        "what the release samples with; bfloat16 halves the LLM's memory",
+    )
     vae: str = Field("madebyollin/sdxl-vae-fp16-fix", description="AutoencoderKL: HF id or local folder.")
     scheduler: str | None = Field(None, description="Folder with a DDPM scheduler config; null: the SD schedule.")
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
@@ -140,6 +146,12 @@ class OptimConfig(StrictModel):
     eps: float = Field(1e-8, gt=0)
     warmup_steps: int = Field(500, ge=0)
     schedule: Literal["constant", "cosine", "linear"] = "constant"
+    max_skipped_steps: int = Field(
+        3,
+        ge=0,
+        description="optimizer steps DeepSpeed may skip in a row (non-finite gradients with a finite loss) before "
+        "the run stops; every skipped step is counted in metrics.jsonl and the summary either way",
+    )
 
 
 class DeepSpeedConfig(StrictModel):
@@ -148,6 +160,12 @@ class DeepSpeedConfig(StrictModel):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     gradient_clipping: float = Field(1.0, ge=0)
+    check_grad_overflow: bool = Field(
+        True,
+        description="bf16: DeepSpeed checks the gradients every step and skips a step whose gradients are not "
+        "finite (counted; optim.max_skipped_steps); false: 2 fewer host syncs per step, and a non-finite gradient "
+        "is applied instead, then stops the run at the next read (logging.every_steps) with nothing saved from it",
+    )
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU")
     overlap_comm: bool = True
 
@@ -337,16 +355,23 @@ class TrainConfig(StrictModel):
 class GenerateConfig(StrictModel):
     """The ``generate:`` section: text to image with an export or the official weights."""
 
+    preset: Literal["default", "release"] = Field(
+        "default",
+        description="release: sample as the release's demo does, so the official weights give its image: UNet and "
+        "VAE in fp16 on a GPU (dtype: auto), seed 45 for every prompt (seed left unset), the noise drawn on the "
+        "pipeline's device (a CUDA generator on a GPU) in the UNet's dtype and the latents stepped in it; "
+        "default: ours (fp32 noise from a CPU generator, seed + prompt index, bf16 on GPU)",
+    )
     model: str | None = Field(None, description="export folder or HF id (weijiawu/ParaDiffusion); null: stage-3 export")
     llm: str | None = Field(None, description="override the LLM id/path the export names")
     vae: str | None = Field(None, description="override the VAE id/path the export names")
     output: str | None = Field(None, description="folder for PNGs; null: <data_root>/generated")
-    width: int = Field(1024, ge=8, description="the release samples 1024 wide x 640 high")
-    height: int = Field(640, ge=8)
+    width: int = Field(1024, ge=8, description="the release samples 1024 wide x 640 high; a multiple of 8")
+    height: int = Field(640, ge=8, description="a multiple of 8 (the VAE's downsampling), as the release accepts")
     num_inference_steps: int = Field(100, ge=1)
     guidance_scale: float = Field(7.5, ge=1.0)
     negative_prompt: str = ""
-    seed: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0, description="null: 0 (prompt i: seed + i), or 45 with preset release")
     max_length: int | None = Field(
         None,
         ge=8,
@@ -357,9 +382,11 @@ class GenerateConfig(StrictModel):
         None, description="null: as the model was trained (paradiffusion.json; release for the official weights)"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="UNet and VAE; auto: bf16 on GPU, fp32 on CPU"
+        "auto", description="UNet and VAE; auto: bf16 on GPU (preset release: fp16), fp32 on CPU"
     )
-    llm_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="the text encoder's dtype (the release keeps it in fp32; bf16 halves its memory)"
+    llm_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="the text encoder's dtype; null: the one the model was trained with (paradiffusion.json's "
+        "llm_dtype; float32 for the release and for exports that do not record it)",
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")

@@ -6,7 +6,8 @@ rank holds a contiguous piece (a "fragment") of the flattened masters; under ZeR
 of every parameter; without ZeRO (stage 0) the whole set, replicated. The bf16 module
 weights are a rounding of the masters: an EMA built from them, or an export written from
 them, loses what bf16 cannot hold (an EMA update ``(1 - decay) * (w - ema)`` is far below
-bf16's resolution near the weight, so a bf16 EMA stalls; see ``tests/training/test_ema.py``).
+bf16's resolution near the weight, so a bf16 EMA stalls; see
+``tests/training/test_precision.py::test_ema_of_bf16_training_moves_like_the_fp32_reference``).
 
 So this module reads the masters where DeepSpeed keeps them, rank by rank:
 

@@ -61,6 +61,7 @@ def export_model(
     lora_from: str | Path | None = None,
     ema: bool = False,
     weights: dict[str, torch.Tensor] | None = None,
+    llm_dtype: str = "float32",
 ) -> Path:
     """Write ``model`` to ``out`` (replacing an older export atomically); returns ``out``.
 
@@ -69,6 +70,8 @@ def export_model(
     parameters by their name in ``model`` (``unet.*``, ``projection.*``, ``llm.*lora*``), the
     trainer's EMA or fp32 master weights; they are written instead of the module's own
     (bf16) ones, so the UNet, projection and LoRA of an export all come from the same source.
+    ``llm_dtype``: the dtype the LLM computed the text states in during training, recorded so
+    that ``generate`` samples with the same states.
     """
     from diffusers import DDPMScheduler
 
@@ -100,6 +103,7 @@ def export_model(
         "llm_revision": llm_revision,
         "vae": vae,
         "max_length": max_length,
+        "llm_dtype": llm_dtype,
         "conditioning": model.conditioning,
         "text_projection": "linear" if model.has_projection else "none",
         "format": EXPORT_FORMAT,

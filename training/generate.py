@@ -19,6 +19,31 @@ def _slug(text: str, n: int = 40) -> str:
     return s or "prompt"
 
 
+#: demo.py's seed: every prompt of the release's demo starts from it.
+RELEASE_SEED = 45
+
+
+def sampling_plan(gc, device: torch.device) -> dict:
+    """How ``generate`` samples under ``generate.preset``: ``dtype`` (UNet and VAE), ``seeds``
+    (prompt index -> seed), ``generator_device``, ``latent_dtype`` (the noise's and the latents').
+
+    ``release`` does what the release's demo does: fp16 UNet and VAE on a GPU, one seed (45) for
+    every prompt, the noise drawn by a generator on the pipeline's device (CUDA on a GPU) in the
+    UNet's dtype, the latents stepped in it. Settings given explicitly (``seed``, ``dtype``) win.
+    """
+    from training.pipeline import default_device_dtype
+
+    if gc.preset == "release":
+        auto = gc.dtype == "auto"
+        _, dtype = default_device_dtype(device, "float16" if auto and device.type == "cuda" else gc.dtype)
+        seed = gc.seed if gc.seed is not None else RELEASE_SEED
+        return {"dtype": dtype, "seeds": lambda i: seed, "generator_device": device, "latent_dtype": dtype}
+    _, dtype = default_device_dtype(device, gc.dtype)
+    seed = gc.seed or 0
+    return {"dtype": dtype, "seeds": lambda i: seed + i, "generator_device": torch.device("cpu"),
+            "latent_dtype": torch.float32}  # fmt: skip
+
+
 def generate(cfg: RootConfig, prompts: list[str]) -> list[Path]:
     """Generate one PNG per prompt into ``generate.output``; returns the files written.
 
@@ -33,15 +58,18 @@ def generate(cfg: RootConfig, prompts: list[str]) -> list[Path]:
     root = cfg.project.data_root
     model = gc.model or join(root, "train", "stage3", "export")
     out = Path(gc.output or join(root, "generated"))
-    device, dtype = default_device_dtype(gc.device, gc.dtype)
+    device, _ = default_device_dtype(gc.device, gc.dtype)
+    plan = sampling_plan(gc, device)
+    dtype = plan["dtype"]
     settings = {
+        **({"preset": gc.preset} if gc.preset != "default" else {}),  # (file names of default runs unchanged)
         "model": model,
         "width": gc.width,
         "height": gc.height,
         "num_inference_steps": gc.num_inference_steps,
         "guidance_scale": gc.guidance_scale,
         "negative_prompt": gc.negative_prompt,
-        "seed": gc.seed,
+        "seed": plan["seeds"](0),
         "dtype": str(dtype).removeprefix("torch."),
         "llm_dtype": gc.llm_dtype,
         "max_length": gc.max_length,
@@ -84,9 +112,13 @@ def generate(cfg: RootConfig, prompts: list[str]) -> list[Path]:
             llm_dtype=gc.llm_dtype,
         )
         # what the model folder said (paradiffusion.json, or the release's settings): in the PNGs
-        settings.update(max_length=pipe.max_length, conditioning=pipe.conditioning)
+        settings.update(
+            max_length=pipe.max_length,
+            conditioning=pipe.conditioning,
+            llm_dtype=str(next(pipe.llm.parameters()).dtype).removeprefix("torch."),
+        )
         for i, p, f in progress(todo, total=len(todo), desc="generate", unit="img"):
-            g = torch.Generator().manual_seed(gc.seed + i)
+            g = torch.Generator(device=plan["generator_device"]).manual_seed(plan["seeds"](i))
             img = pipe(
                 p,
                 negative_prompt=gc.negative_prompt,
@@ -95,10 +127,11 @@ def generate(cfg: RootConfig, prompts: list[str]) -> list[Path]:
                 num_inference_steps=gc.num_inference_steps,
                 guidance_scale=gc.guidance_scale,
                 generator=g,
+                latent_dtype=plan["latent_dtype"],
             )[0]
             meta = PngInfo()
             meta.add_text("prompt", p)
-            meta.add_text("parameters", json.dumps({**settings, "seed": gc.seed + i}))
+            meta.add_text("parameters", json.dumps({**settings, "seed": plan["seeds"](i)}))
             tmp = f.with_suffix(".png.tmp")
             img.save(tmp, format="PNG", pnginfo=meta)
             tmp.replace(f)

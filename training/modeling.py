@@ -239,17 +239,24 @@ class ParaDiffusionModel(nn.Module):
         dtype = self.projection.weight.dtype if self.has_projection else self.unet.dtype
         return self.projection(hidden.to(dtype))
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``projection(LlamaModel(ids, mask).last_hidden_state)`` in the UNet's dtype: its cross-attention input."""
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, llm_mask: torch.Tensor | None | str = "2d"
+    ) -> torch.Tensor:
+        """``projection(LlamaModel(ids, mask).last_hidden_state)`` in the UNet's dtype: its cross-attention input.
+
+        ``llm_mask``: the LLM's own attention mask built beforehand on the host by
+        :func:`llm_attention_mask` (a tensor, or None for "no mask: causal"); the default "2d"
+        lets the LLM build it from ``attention_mask`` (which reads the mask on the device)."""
         if self.llm is None:
             raise RuntimeError(
                 "this model was built without its LLM (a text cache feeds it): pass encoder_hidden_states"
             )
+        mask = attention_mask if isinstance(llm_mask, str) else llm_mask
         if self.llm_trainable:
-            hidden = self.llm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.llm(input_ids=input_ids, attention_mask=mask).last_hidden_state
         else:
             with torch.no_grad():
-                hidden = self.llm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                hidden = self.llm(input_ids=input_ids, attention_mask=mask).last_hidden_state
         return self.project(hidden)
 
     def forward(
@@ -259,17 +266,38 @@ class ParaDiffusionModel(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
+        llm_mask: torch.Tensor | None | str = "2d",
     ) -> torch.Tensor:
         if encoder_hidden_states is not None:  # the LLM's states, cached: only the projection (if any) runs here
             cond = self.project(encoder_hidden_states)
         else:
-            cond = self.encode_text(input_ids, attention_mask)
+            cond = self.encode_text(input_ids, attention_mask, llm_mask)
         return self.unet(
             noisy_latents.to(cond.dtype),
             timesteps,
             encoder_hidden_states=cond,
             encoder_attention_mask=self.unet_mask(attention_mask),
         ).sample
+
+
+def llm_attention_mask(llm, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """The LLM's attention mask for a 2D ``attention_mask`` on the host, built there by transformers'
+    own ``create_causal_mask``: the very mask the LLM's forward builds from the 2D one (so its
+    states are the same numbers), without the forward reading the mask's values on the device
+    (transformers checks ``padding_mask.all()`` to choose SDPA's ``is_causal``: a wait for the GPU
+    in every step of stage 2). None where transformers uses ``is_causal`` (no padding)."""
+    from transformers.masking_utils import create_causal_mask
+
+    from training.syncs import host_side
+
+    b, n = attention_mask.shape
+    dtype = llm.get_input_embeddings().weight.dtype  # the dtype of the embeddings the forward masks
+    shape_only = torch.empty((b, n, 0), dtype=dtype)  # create_causal_mask reads its shape, dtype, device
+    with host_side():  # its reads of the mask are of a host tensor
+        return create_causal_mask(
+            config=llm.config, inputs_embeds=shape_only, attention_mask=attention_mask, cache=None,
+            position_ids=torch.arange(n)[None],
+        )  # fmt: skip
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -294,7 +322,11 @@ def check_text_path(hidden: int, unet, projection: nn.Module | None, where: str 
 
 
 def build_model(
-    train_cfg, stage_cfg, dtype: torch.dtype = torch.float32, text_hidden_size: int | None = None
+    train_cfg,
+    stage_cfg,
+    dtype: torch.dtype = torch.float32,
+    text_hidden_size: int | None = None,
+    llm_dtype: torch.dtype | None = None,
 ) -> tuple[ParaDiffusionModel, object]:
     """Build the stage's model and tokenizer from the config; sets what is trainable.
 
@@ -305,7 +337,8 @@ def build_model(
 
     ``text_hidden_size`` set: a text cache gives the LLM's states, so neither the LLM nor
     its tokenizer is loaded (the model's ``llm`` and the returned tokenizer are None);
-    the LLM's width comes from the cache. Gradient checkpointing and ``torch.compile``
+    the LLM's width comes from the cache. ``llm_dtype``: the LLM's weights (None: ``dtype``),
+    ``dtype``: the UNet's and the projection's. Gradient checkpointing and ``torch.compile``
     follow the stage's ``gradient_checkpointing`` and ``compile`` blocks.
     """
     mcfg = train_cfg.model
@@ -319,7 +352,9 @@ def build_model(
     tokenizer = llm = None
     if text_hidden_size is None:
         tokenizer = load_tokenizer(mcfg.llm, mcfg.llm_revision)
-        llm = load_frozen_llm(mcfg.llm, mcfg.llm_revision, dtype, None if stage_cfg.train_lora else lora_dir)
+        llm = load_frozen_llm(
+            mcfg.llm, mcfg.llm_revision, llm_dtype or dtype, None if stage_cfg.train_lora else lora_dir
+        )
         if stage_cfg.train_lora:
             if lora_dir is not None:
                 from peft import PeftModel

@@ -10,7 +10,7 @@ the same numbers): the LLM in fp32, its last hidden states (through the projecti
 the model has one) as the UNet's cross-attention input; DPM-Solver multistep built from
 the ``scheduler/`` config with ``steps_offset=1`` and ``clip_sample=False`` forced, 100
 steps, classifier-free guidance 7.5 with the empty string as the unconditional prompt,
-1024 wide x 640 high by default (any size that is a multiple of the latent grid works).
+1024 wide x 640 high by default (any multiple of the VAE's 8, as the release accepts).
 The release ran diffusers 0.20 (its README's version), whose DPM-Solver takes the last
 step to timestep 0 (``final_sigmas_type="sigma_min"`` in today's diffusers, whose default
 "zero" ends elsewhere); that is pinned here, with the other options 0.20 did not have off.
@@ -95,18 +95,25 @@ def default_device_dtype(device=None, torch_dtype=None) -> tuple[torch.device, t
 
 
 def model_settings(root: str | Path) -> dict:
-    """How a model folder conditions on text: ``max_length``, ``conditioning``, ``text_projection``.
+    """How a model folder conditions on text: ``max_length``, ``conditioning``, ``text_projection``, ``llm_dtype``.
 
     From ``paradiffusion.json`` when there is one (an export written before format 2 was
     trained with masked conditioning and a projection); the release's settings otherwise.
     """
     info_file = Path(root) / "paradiffusion.json"
     if not info_file.is_file():
-        return {"max_length": RELEASE_MAX_LENGTH, "conditioning": "release", "text_projection": "none"}
+        return {
+            "max_length": RELEASE_MAX_LENGTH,
+            "conditioning": "release",
+            "text_projection": "none",
+            "llm_dtype": "float32",
+        }
     info = json.loads(info_file.read_text())
     old = info.get("format", 1) < 2
     return {
         "max_length": int(info.get("max_length", RELEASE_MAX_LENGTH)),
+        # the dtype training computed the text states in (exports before it was recorded: fp32, as sampled)
+        "llm_dtype": info.get("llm_dtype", "float32"),
         "conditioning": info.get("conditioning", "masked" if old else "release"),
         "text_projection": info.get("text_projection", "linear" if old else "none"),
     }
@@ -160,8 +167,9 @@ class ParaDiffusionPipeline:
 
         ``llm`` / ``vae`` replace where the LLM / VAE come from (e.g. a local copy of
         Llama-2-7b-hf). ``torch_dtype`` (UNet, VAE, projection) None: bf16 on GPU, fp32 on
-        CPU. ``llm_dtype`` None: fp32, as the release. ``max_length`` / ``conditioning``
-        None: as :func:`model_settings` reads them from the folder.
+        CPU. ``llm_dtype`` None: the one the model was trained with (``paradiffusion.json``;
+        fp32 for the release). ``max_length`` / ``conditioning`` None: as :func:`model_settings`
+        reads them from the folder.
         """
         from training.modeling import build_unet, load_llm, load_tokenizer, load_vae
 
@@ -193,7 +201,7 @@ class ParaDiffusionPipeline:
         if not (root / "unet").is_dir():
             raise FileNotFoundError(f"{root}: no unet/ folder; is this an export or the ParaDiffusion release?")
         tokenizer = load_tokenizer(llm_src, info.get("llm_revision"))
-        text_model = load_llm(llm_src, info.get("llm_revision"), dtype=_dtype(llm_dtype, torch.float32))
+        text_model = load_llm(llm_src, info.get("llm_revision"), dtype=_dtype(llm_dtype or settings["llm_dtype"], None))
         if (root / LORA_DIR).is_dir():
             # Applied, not merged, as the release's demo does: merging W + BA first rounds
             # differently (4.5e-5 on the tiny parity model's text states against 3e-6).
@@ -257,10 +265,10 @@ class ParaDiffusionPipeline:
 
     @property
     def latent_multiple(self) -> int:
-        """Image sides must be multiples of this (VAE downsampling x UNet downsampling)."""
-        vae_f = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        unet_f = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        return vae_f * unet_f
+        """Image sides must be multiples of this: the VAE's downsampling (8 for the release's VAE, whose
+        pipeline accepts every multiple of 8). The UNet takes any latent size: diffusers passes the
+        skip connections' sizes to its upsamplers when a side is not a multiple of its own downsampling."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
@@ -286,11 +294,15 @@ class ParaDiffusionPipeline:
         guidance_scale: float = 7.5,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
+        latent_dtype: torch.dtype = torch.float32,
     ):
         """Generate one image per prompt.
 
         ``output_type``: ``pil`` (PIL images of ``width x height``), ``np`` (float array NHWC
-        in [0, 1]) or ``latent`` (the final latents, before the VAE).
+        in [0, 1]) or ``latent`` (the final latents, before the VAE). ``latent_dtype``: the
+        dtype the noise is drawn in (on ``generator``'s device) and the latents are stepped in;
+        fp32 by default, the UNet's dtype to do what the release does in half precision
+        (``generate.preset: release``).
         """
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type {output_type!r}: one of pil, np, latent")
@@ -298,22 +310,21 @@ class ParaDiffusionPipeline:
         negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negs) != len(prompts):
             raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
-        m = self.latent_multiple
-        if height % m or width % m:
-            raise ValueError(f"height and width must be multiples of {m}; got {height}x{width}")
+        vae_f = self.latent_multiple
+        if height % vae_f or width % vae_f:
+            raise ValueError(f"height and width must be multiples of {vae_f}; got {height}x{width}")
         cfg = guidance_scale > 1.0
         cond, mask, _ = self.encode(negs + prompts if cfg else prompts)
-        vae_f = 2 ** (len(self.vae.config.block_out_channels) - 1)
         shape = (len(prompts), self.unet.config.in_channels, height // vae_f, width // vae_f)
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        latents = torch.randn(shape, generator=generator, device=gen_device).to(self.device, torch.float32)
+        latents = torch.randn(shape, generator=generator, device=gen_device, dtype=latent_dtype).to(self.device)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         latents = latents * self.scheduler.init_noise_sigma
         for t in self.scheduler.timesteps:
             inp = torch.cat([latents] * 2) if cfg else latents
             inp = self.scheduler.scale_model_input(inp, t)
             pred = self.unet(inp.to(self.dtype), t, encoder_hidden_states=cond, encoder_attention_mask=mask).sample
-            pred = pred.float()
+            pred = pred.to(latent_dtype)
             if cfg:
                 uncond, text = pred.chunk(2)
                 pred = uncond + guidance_scale * (text - uncond)

@@ -16,10 +16,10 @@ test_text_cache.py`` checks it). Rebuilding them would need the LLM's keys and v
 every layer, far more than the states themselves. So a ``release`` row holds the whole
 padded sequence, ``max_length`` x hidden, as the UNet saw it: at Llama-2-7B's 4096 in bf16,
 8 KiB a token, 2 MiB a caption at 256 tokens, 4 MiB at 512 (stage 3: 3,100 images x ~2
-texts x 4 MiB = 25 GB). The states are kept in the dtype the stage trains in (bf16 on GPUs,
-fp32 on CPU), computed as the stage would (the LLM loaded in that dtype, the stage-2 LoRA
-merged for stage 3), so a stage trained from the cache computes the same loss as one that
-runs the LLM (a test checks it in fp32).
+texts x 4 MiB = 25 GB; twice that in fp32). The states are kept in ``train.model.llm_dtype``
+(fp32 by default: what the release samples with), computed as the stage would (the LLM loaded
+in that dtype, the stage-2 LoRA merged for stage 3), so a stage trained from the cache computes
+the same loss as one that runs the LLM and samples from the same states (tests check both).
 
 Layout: a ``Table`` (``part-*.parquet`` + commit markers) of rows ``text_hash`` (sha256 of
 the caption's UTF-8 text), ``n_tokens``, ``length`` (positions stored), ``states`` (C-order
@@ -76,7 +76,7 @@ _CHECKED = {
     "lora_sha256": "train.stage{n}.init_from (the stage-2 LoRA merged into the LLM)",
     "max_length": "train.stage{n}.max_length",
     "conditioning": "train.model.conditioning",
-    "dtype": "train.deepspeed.precision (the dtype the stage trains in)",
+    "dtype": "train.model.llm_dtype (the dtype the LLM computes text states in)",
 }
 
 
@@ -88,11 +88,9 @@ def text_cache_path(cfg: RootConfig, stage: int) -> str:
     return cfg.train.stage(stage).data.text_cache or join(cfg.project.data_root, "text_cache", f"stage{stage}")
 
 
-def training_dtype(cfg: RootConfig, on_gpu: bool | None = None) -> torch.dtype:
-    """The dtype a stage trains in (and so runs its LLM in): ``train.deepspeed.precision``."""
-    p = cfg.train.deepspeed.precision
-    gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-    return torch.bfloat16 if p == "bf16" or (p == "auto" and gpu) else torch.float32
+def llm_dtype(cfg: RootConfig) -> torch.dtype:
+    """The dtype the LLM computes text states in, in training, here and in ``generate``: ``train.model.llm_dtype``."""
+    return getattr(torch, cfg.train.model.llm_dtype)
 
 
 def _model_folder(path: str, revision: str | None) -> Path | None:
@@ -337,7 +335,7 @@ def cache_text(cfg: RootConfig, stage: int, batch_size: int = 16) -> StageSummar
         )
     out = Table(text_cache_path(cfg, stage), TEXT_CACHE)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = training_dtype(cfg, device.type == "cuda")
+    dtype = llm_dtype(cfg)  # as the stage runs its LLM (training/trainer.py) and generate samples with it
     data = BucketedImageData(
         paths["images"], 1, sc.data.resolution, caption_source=sc.data.caption_source, captions_url=paths["captions"],
         caption_model_id=sc.data.caption_model_id, caption_prompt_id=sc.data.caption_prompt_id,

@@ -36,7 +36,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,13 +47,27 @@ import torch.nn.functional as F
 from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.log import get_logger
 from paradiffusion.stage import StageSummary, announce, progress
-from paradiffusion.storage import Table, download_folder, is_url, join, upload_folder
+from paradiffusion.storage import Table, download_folder, join, upload_folder
+from training.checkpoints import (  # noqa: F401 - re-exported: the trainer's checkpoint names
+    COMMIT_MARKER,
+    CheckpointDir,
+    _load_trained_only,
+    _rng_state,
+    _set_rng_state,
+    _truncate_metrics,
+)
 from training.config import StageConfig, TrainConfig
 from training.ema import is_partitioned
+from training.runtime import (  # noqa: F401 - re-exported: callers import these from training.trainer
+    _lr_lambda,
+    deepspeed_config,
+    fetch_init_from,
+    init_distributed,
+    stage_paths,
+    staging_folder,
+)
 
 log = get_logger("training")
-
-COMMIT_MARKER = "COMMITTED"
 #: Why a row of the images table is not trained on (the data loader's counters).
 SKIP_REASONS = tuple(
     f"skipped: {r}"
@@ -70,142 +83,8 @@ SKIP_REASONS = tuple(
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the run stopped without saving the bad state."""
-
-
-# ---------------------------------------------------------------------------- paths
-def stage_paths(cfg: RootConfig, stage: int) -> dict[str, str | None]:
-    """Resolved input/output paths of a stage (``null`` config paths derived from data_root)."""
-    root = cfg.project.data_root
-    sc = cfg.train.stage(stage)
-    out = sc.output or join(root, "train", f"stage{stage}")
-    captions = sc.data.captions
-    if captions is None and sc.data.caption_source == "captions":
-        captions = join(root, "captions")
-    if captions is None and sc.data.caption_source == "table":
-        captions = join(root, "small_train")  # what `make annotations-approved` writes
-    init = sc.init_from
-    if init is None and stage > 1:
-        prev = cfg.train.stage(stage - 1).output or join(root, "train", f"stage{stage - 1}")
-        init = join(prev, "export")
-    scores = sc.data.scores
-    if scores is None and Table(join(root, "scores")).exists():
-        scores = join(root, "scores")
-    # A URL output or init_from (object storage): the run works in a local staging folder, since
-    # DeepSpeed writes checkpoints and the loaders read exports from a file system; the trainer
-    # copies committed checkpoints and the export to the URL, and fetches a URL init_from first.
-    out_url = init_url = None
-    if is_url(out):
-        out_url, out = out, staging_folder(cfg, out)
-    if init and is_url(init):
-        init_url, init = init, staging_folder(cfg, init)
-    return {
-        "output": out,
-        "output_url": out_url,
-        "images": sc.data.images or join(root, "images"),
-        "captions": captions,
-        "scores": scores,
-        "init_from": init,
-        "init_from_url": init_url,
-    }
-
-
-def fetch_init_from(paths: dict, stage: int) -> None:
-    """Fetch a URL ``init_from`` (the previous stage's export on object storage) into its local
-    staging folder: local rank 0 copies it (unless the same export is there already), the other
-    ranks of the node wait for it."""
-    url = paths.get("init_from_url")
-    if not url:
-        return
-    import fsspec
-
-    local = Path(paths["init_from"])
-    marker = local / "paradiffusion.json"
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        _wait_for(marker)
-        return
-    fs, root = fsspec.core.url_to_fs(url)
-    remote_marker = join(root, "paradiffusion.json")
-    if not fs.exists(remote_marker):
-        raise ConfigError(
-            f"train.stage{stage}.init_from = {url}: no committed export there (no paradiffusion.json); run "
-            f"`make train-stage{stage - 1}` first"
-        )
-    if marker.is_file() and marker.read_bytes() == fs.cat_file(remote_marker):
-        return  # fetched before
-    t0 = time.time()
-    download_folder(url, local, "paradiffusion.json")
-    log.info("fetched %s -> %s (%.1f s)", url, local, time.time() - t0)
-
-
-def staging_folder(cfg: RootConfig, url: str) -> str:
-    """The local folder where a run (or an export) whose home is ``url`` lives on this machine."""
-    import hashlib
-
-    base = cfg.train.staging_dir or os.path.join(os.path.expanduser("~"), ".cache", "paradiffusion", "train-staging")
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    return os.path.join(base, f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}")
-
-
-def _wait_for(path: Path, timeout_s: float = 3600.0) -> None:
-    """Wait until another process on this node has fetched ``path`` (a staged export)."""
-    deadline = time.time() + timeout_s
-    while not path.is_file():
-        if time.time() > deadline:
-            raise TimeoutError(f"{path} did not appear within {timeout_s:.0f}s (local rank 0 fetches it)")
-        time.sleep(1.0)
-
-
-# ---------------------------------------------------------------------------- distributed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """Join the process group: NCCL on GPUs, gloo on CPU. A plain process becomes rank 0 of 1."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # not started by a launcher: a world of one
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-
-
-def deepspeed_config(train: TrainConfig, stage: StageConfig, on_gpu: bool) -> dict:
-    """The DeepSpeed JSON config, built from pipelines.yaml (so there is one source of truth)."""
-    ds = train.deepspeed
-    bf16 = ds.precision == "bf16" or (ds.precision == "auto" and on_gpu)
-    zero: dict = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm and on_gpu}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-    if ds.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
-        "train_micro_batch_size_per_gpu": stage.micro_batch_size,
-        "gradient_accumulation_steps": stage.gradient_accumulation,
-        "gradient_clipping": ds.gradient_clipping,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 10**12,
-        "wall_clock_breakdown": False,
-    }
-
-
-def _lr_lambda(warmup: int, total: int, schedule: str):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        frac = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1.0 - frac
-
-    return f
+    """The loss or the gradients became NaN or infinite, or DeepSpeed skipped more than
+    ``optim.max_skipped_steps`` optimizer steps in a row; the run stopped without saving the bad state."""
 
 
 def caption_dropout(seed: int, rank: int, step: int, micro: int, n: int, p: float) -> np.ndarray:
@@ -219,46 +98,6 @@ def _step_generator(seed: int, rank: int, step: int, micro: int, device: torch.d
     g = torch.Generator(device=device)
     g.manual_seed(int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0]))
     return g
-
-
-# ---------------------------------------------------------------------------- checkpoints
-class CheckpointDir:
-    """Committed checkpoints under ``<output>/checkpoints``: list, newest, prune, clean."""
-
-    def __init__(self, root: str):
-        self.root = Path(root)
-
-    def committed(self) -> list[tuple[int, Path]]:
-        if not self.root.is_dir():
-            return []
-        out = []
-        for d in self.root.glob("step-*"):
-            if (d / COMMIT_MARKER).is_file():
-                try:
-                    out.append((int(d.name.split("-", 1)[1]), d))
-                except ValueError:
-                    continue
-        return sorted(out)
-
-    def newest(self) -> tuple[int, Path] | None:
-        c = self.committed()
-        return c[-1] if c else None
-
-    def clean_uncommitted(self) -> list[Path]:
-        """Remove temp folders and step folders without a marker (a killed or failed save)."""
-        removed = []
-        if not self.root.is_dir():
-            return removed
-        for d in self.root.iterdir():
-            if d.is_dir() and (d.name.startswith(".tmp-") or not (d / COMMIT_MARKER).is_file()):
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(d)
-        return removed
-
-    def prune(self, keep: int) -> None:
-        for _, d in self.committed()[:-keep]:
-            (d / COMMIT_MARKER).unlink(missing_ok=True)  # uncommit first: a crash mid-delete leaves no half
-            shutil.rmtree(d, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -301,6 +140,9 @@ class Trainer:
             torch.set_num_threads(self.tcfg.launch.cpu_threads)
         self.ds_config = deepspeed_config(self.tcfg, self.scfg, on_gpu)
         self.dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+        # The LLM computes text states in train.model.llm_dtype, here, in cache-text and in generate (the
+        # export records it): the UNet trains on the states it will sample with.
+        self.llm_dtype = getattr(torch, self.tcfg.model.llm_dtype)
         mc = self.tcfg.model
         sc = self.scfg
         seed = self.cfg.project.seed
@@ -312,14 +154,16 @@ class Trainer:
             from training.text_cache import TextCache, cache_key, check_cache
 
             self.text_cache = TextCache(sc.data.text_cache)
-            check_cache(self.text_cache.settings, cache_key(self.cfg, stage, self.dtype), sc.data.text_cache, stage)
+            check_cache(self.text_cache.settings, cache_key(self.cfg, stage, self.llm_dtype), sc.data.text_cache, stage)
         stage_for_model = sc.model_copy(update={"init_from": self.paths["init_from"]})
         model, self.tokenizer = build_model(
             self.tcfg,
             stage_for_model,
             dtype=self.dtype,
             text_hidden_size=self.text_cache.hidden_size if self.text_cache is not None else None,
+            llm_dtype=self.llm_dtype,
         )
+        frozen_llm = self._frozen_llm_weights(model)
         self.vae = load_vae(mc.vae, dtype=self.dtype).to(self.device)
         if mc.scheduler:
             sched = DDPMScheduler.from_pretrained(mc.scheduler)
@@ -375,7 +219,7 @@ class Trainer:
                     f"{missing[0][:80]!r}; run `make cache-text STAGE={stage}` again (it adds only the missing ones)"
                 )
             states, n = self.text_cache.batch([""])
-            self.empty_text = (states[0].to(self.device, self.dtype), n[0])  # kept on the device
+            self.empty_text = (states[0].to(self.device), n[0])  # kept on the device, in the cache's dtype
         params = trainable_parameters(model)
         opt = torch.optim.AdamW(
             params, lr=sc.optim.lr, betas=sc.optim.betas, eps=sc.optim.eps, weight_decay=sc.optim.weight_decay
@@ -386,6 +230,7 @@ class Trainer:
             model=model, optimizer=opt, lr_scheduler=lr_sched, config=self.ds_config
         )
         self.model = self.engine.module
+        self._restore_frozen_llm(frozen_llm)
         self.ema = None
         if sc.ema.enabled:  # fp32, from the master weights: training/ema.py
             from training.ema import ShardedEMA, master_fragments
@@ -425,6 +270,25 @@ class Trainer:
             # them: metrics.jsonl keeps each step once, TensorBoard hides events from step+1 on.
             _truncate_metrics(Path(self.paths["output"]) / "metrics.jsonl", self.step)
             self.writer = SummaryWriter(join(self.paths["output"], "tensorboard"), purge_step=self.step + 1)
+
+    def _frozen_llm_weights(self, model) -> dict[str, torch.Tensor]:
+        """The frozen LLM weights (held, not copied) when DeepSpeed would cast them to bf16: its bf16 engine
+        casts every parameter of the module, so they are put back after it (:meth:`_restore_frozen_llm`)."""
+        if model.llm is None or self.dtype == self.llm_dtype:
+            return {}
+        if self.tcfg.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                f"train.model.llm_dtype: {self.tcfg.model.llm_dtype} with bf16 training and "
+                "train.deepspeed.zero_stage: 3 (ZeRO-3 partitions the LLM in the training dtype); set llm_dtype: "
+                f"bfloat16 (the export records it and generate samples with it), zero_stage: 2, or a text cache "
+                f"(train.stage{self.stage}.data.text_cache) so the LLM is not loaded"
+            )
+        return {n: p.data for n, p in model.llm.named_parameters() if not p.requires_grad}
+
+    def _restore_frozen_llm(self, kept: dict[str, torch.Tensor]) -> None:
+        for n, p in self.model.llm.named_parameters() if kept else ():
+            if n in kept:
+                p.data = kept[n].to(self.device)
 
     def _frozen_fingerprint(self) -> dict:
         """Count, sum and sum of squares of the frozen parameters (all ranks): checkpoints leave
@@ -516,9 +380,13 @@ class Trainer:
                 self.tcfg.model.conditioning,
             )
             return {"encoder_hidden_states": states, "attention_mask": mask.to(dev, non_blocking=True)}
+        from training.modeling import llm_attention_mask
+
         captions = ["" if d else c for c, d in zip(batch["captions"], dropped.tolist(), strict=True)]
         ids, mask = tokenize(self.tokenizer, captions, self.scfg.max_length, self.tcfg.model.conditioning)
-        return {"input_ids": ids.to(dev, non_blocking=True), "attention_mask": mask.to(dev, non_blocking=True)}
+        llm_mask = llm_attention_mask(self.model.llm, mask)  # on the host: the LLM reads no mask on the device
+        return {"input_ids": ids.to(dev, non_blocking=True), "attention_mask": mask.to(dev, non_blocking=True),
+                "llm_mask": llm_mask.to(dev, non_blocking=True) if llm_mask is not None else None}  # fmt: skip
 
     def train_step(self, batches: Iterator[dict]) -> dict:
         """One optimiser step: ``gradient_accumulation`` micro-batches through forward/backward.
@@ -526,8 +394,9 @@ class Trainer:
         Returns device tensors, read nowhere here: ``loss`` (this rank's mean over the
         micro-batches), ``nonfinite`` (true when a micro-batch's loss was NaN or infinite),
         ``grad_norm`` (DeepSpeed's, or None); and host values: ``lr`` (the one the step used),
-        ``rank_samples``, ``keys``. :meth:`_flush` reads the device values every few steps."""
+        ``skipped`` (DeepSpeed skipped the optimizer step), ``rank_samples``, ``keys``. :meth:`_flush` reads the device values every few steps."""
         lr = float(self.engine.get_lr()[0])  # a host number: read before the step, the scheduler moves in step()
+        skipped_before = self.engine.skipped_steps  # a host counter DeepSpeed keeps (its overflow check)
         losses, keys = [], []
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         for micro in range(self.scfg.gradient_accumulation):
@@ -548,6 +417,8 @@ class Trainer:
             "loss": torch.stack(losses).mean().float(),
             "nonfinite": nonfinite,
             "grad_norm": norm,
+            # DeepSpeed skipped this optimizer step (non-finite gradients): the weights did not move
+            "skipped": self.engine.skipped_steps > skipped_before,
             "lr": lr,
             "rank_samples": len(keys),
             "keys": keys,
@@ -588,16 +459,21 @@ class Trainer:
             norm = next(read_norms) if isinstance(n, torch.Tensor) else (float(n) if n is not None else float("nan"))
             rows.append({"step": p["step"], "loss": read[0][i] / self.world_size, "nonfinite": read[1][i] > 0,
                          "samples": int(read[2][i]), "grad_norm": norm, "lr": p["lr"], "keys": p["keys"][:4],
-                         "time": p["time"]})  # fmt: skip
+                         "time": p["time"], "skipped": p["skipped"], "skipped_steps": p["skipped_steps"],
+                         "norm_known": n is not None})  # fmt: skip
         for r in rows:
             if r["nonfinite"]:
                 self._diverged(r, rows[-1]["step"])
+            if r["norm_known"] and not r["skipped"] and not (math.isfinite(r["grad_norm"]) and r["grad_norm"] >= 0):
+                # a non-finite gradient DeepSpeed applied (its overflow check off; its norm helpers say -1 for
+                # inf/NaN): the weights are bad now
+                self._diverged(r, rows[-1]["step"], what=f"the gradient norm is {r['grad_norm']} (the loss is finite)")
             self.history.append((r["step"], r["loss"]))
             self._samples += r["samples"]
         pending.clear()
         return rows
 
-    def _diverged(self, bad: dict, last: int) -> None:
+    def _diverged(self, bad: dict, last: int, what: str | None = None) -> None:
         newest = self.ckpt.newest()
         where = f"the last good checkpoint is {newest[1]}" if newest else "no checkpoint was written yet"
         ran = (
@@ -606,10 +482,24 @@ class Trainer:
             if last > bad["step"]
             else ""
         )
+        what = what or f"loss is {bad['loss']}"
         raise TrainingDiverged(
-            f"loss is {bad['loss']} at step {bad['step']} (a rank saw a non-finite loss; this rank's keys: "
+            f"{what} at step {bad['step']} (a rank saw a non-finite loss or gradient; this rank's keys: "
             f"{bad['keys']}...). Nothing from step {bad['step']} on was saved{ran}; {where}. Lower "
             f"train.stage{self.stage}.optim.lr, raise warmup_steps or check the data, then rerun to resume."
+        )
+
+    def _too_many_skipped(self, streak: list[int], pending: list[dict]) -> None:
+        """DeepSpeed skipped more than ``optim.max_skipped_steps`` optimizer steps in a row: read the
+        pending steps first (a non-finite loss among them is the better message), then stop."""
+        self._flush(pending)
+        newest = self.ckpt.newest()
+        where = f"the last good checkpoint is {newest[1]}" if newest else "no checkpoint was written yet"
+        limit = self.scfg.optim.max_skipped_steps
+        raise TrainingDiverged(
+            f"DeepSpeed skipped {len(streak)} optimizer steps in a row (steps {streak[0]}-{streak[-1]}; more than "
+            f"train.stage{self.stage}.optim.max_skipped_steps = {limit}): their gradients were not finite while "
+            f"the loss was, and the weights did not move in those steps; {where}. Check the data and lower train.stage{self.stage}.optim.lr, then rerun to resume."
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -750,9 +640,10 @@ class Trainer:
         for k in ("loss", "lr", "grad_norm"):
             self.writer.add_scalar(f"train/{k}", m[k], self.step)
         self.writer.add_scalar("train/samples_per_s", samples_per_s, self.step)
+        self.writer.add_scalar("train/skipped_steps", m["skipped_steps"], self.step)
         row = {
             "step": self.step,
-            **{k: m[k] for k in ("loss", "lr", "grad_norm", "samples")},
+            **{k: m[k] for k in ("loss", "lr", "grad_norm", "samples", "skipped", "skipped_steps")},
             "samples_per_s": samples_per_s,
         }
         with open(Path(self.paths["output"]) / "metrics.jsonl", "a") as f:
@@ -856,10 +747,21 @@ class Trainer:
         t0 = last_read = time.time()
         lc, ck = sc.logging, sc.checkpoint
         pending: list[dict] = []  # steps not read from the device yet
+        streak: list[int] = []  # the steps DeepSpeed skipped in a row, up to now
+        self.skipped_steps: list[int] = []  # the steps it skipped in this run
         for _ in bar:
             m = self.train_step(batches)
             self.step += 1
-            m.update(step=self.step, time=time.time())
+            m.update(step=self.step, time=time.time(), skipped_steps=self.engine.skipped_steps)
+            if m["skipped"]:  # a host flag: DeepSpeed read its overflow check already
+                streak.append(self.step)
+                self.skipped_steps.append(self.step)
+                log.warning("step %d: DeepSpeed skipped the optimizer step (non-finite gradients)", self.step)
+                if len(streak) > sc.optim.max_skipped_steps:
+                    pending.append(m)
+                    self._too_many_skipped(streak, pending)
+            else:
+                streak = []
             rank_samples += m["rank_samples"]
             if len(self.keys_seen) < 1000:
                 self.keys_seen.extend(m["keys"])
@@ -900,6 +802,10 @@ class Trainer:
                 "first_loss": self.history[0][1] if self.history else None,
                 "last_loss": self.history[-1][1] if self.history else None,
                 "samples_per_s": round(trained / elapsed, 2) if elapsed > 0 and trained else None,
+                # optimizer steps DeepSpeed skipped (non-finite gradients): this run's, and the run's total
+                "skipped_steps_this_run": len(self.skipped_steps),
+                "skipped_steps_first": self.skipped_steps[:20],
+                "skipped_steps_total": self.engine.skipped_steps,
                 "export": str(export_dir),
                 "checkpoint": str(self.ckpt.newest()[1]) if self.ckpt.newest() else None,
             }
@@ -968,61 +874,10 @@ class Trainer:
             vae=self.tcfg.model.vae,
             scheduler_config=dict(self.noise_scheduler.config),
             max_length=self.scfg.max_length,
+            llm_dtype=self.tcfg.model.llm_dtype,
             stage=self.stage,
             step=self.step,
             lora_from=lora_from,
             ema=use_ema,
             weights=weights,
         )
-
-
-def _load_trained_only(src: dict, dst: torch.nn.Module) -> None:
-    """Load a checkpoint's module state that holds the trained parameters only (DeepSpeed's
-    ``custom_load_fn``): every key missing must be a frozen parameter, no key unknown."""
-    result = dst.load_state_dict(src, strict=False)
-    frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
-    missing = [k for k in result.missing_keys if k not in frozen]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]} "
-            "(was it written with another train.model or LoRA config?)"
-        )
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the rows of ``metrics.jsonl`` up to ``step`` (and no torn last line), atomically."""
-    if not path.is_file():
-        return
-    keep, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            dropped += 1
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            keep.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
-        log.info("metrics.jsonl: dropped %d row(s) after step %d (run again from the checkpoint)", dropped, step)
-
-
-def _rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if st.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])

@@ -113,9 +113,15 @@ def test_bf16_training_exports_fp32_master_weights_and_fp32_ema(tiny_models, tmp
     cfg.train.stage1.train_lora, cfg.train.stage1.max_length = True, 32  # LoRA trains too: in the EMA
     cfg.train.deepspeed.precision = "bf16"
     cfg.train.deepspeed.zero_stage = zero_stage
+    if zero_stage == 3:  # ZeRO-3 partitions the LLM in the training dtype: the bf16 LLM, recorded in the export
+        cfg.train.model.llm_dtype = "bfloat16"
     t = _Recorder(cfg, 1)
     t.train()
-    assert t.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in t.model.parameters())
+    assert t.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in t.model.parameters() if p.requires_grad)
+    # the frozen LLM weights stay in train.model.llm_dtype (fp32 by default) under bf16 DeepSpeed
+    assert {p.dtype for p in t.model.llm.parameters() if not p.requires_grad} == {
+        torch.float32 if zero_stage == 2 else torch.bfloat16
+    }
     assert any("lora_A" in n for n in t.names) and any(n.startswith("unet.") for n in t.names)
     params = dict(t.model.named_parameters())
     masters = {n: safe_get_full_fp32_param(params[n]).detach() for n in t.names}

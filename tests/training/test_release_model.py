@@ -79,7 +79,8 @@ def test_config_defaults_are_the_releases(tmp_path):
     assert cfg.train.model.text_projection == "none" and cfg.train.model.conditioning == "release"
     assert DEFAULT_UNET["cross_attention_dim"] == 4096 and "addition_embed_type" not in DEFAULT_UNET
     assert (cfg.generate.width, cfg.generate.height) == (1024, 640)
-    assert cfg.generate.llm_dtype == "float32" and cfg.generate.conditioning is None
+    assert cfg.train.model.llm_dtype == "float32"  # the LLM computes text states in fp32, as the release samples
+    assert cfg.generate.llm_dtype is None and cfg.generate.conditioning is None  # None: as the model was trained
     for override, needle in [
         ("train.model.conditioning=padded", "'release', 'masked'"),
         ("train.model.text_projection=mlp", "'none', 'linear'"),
@@ -138,7 +139,12 @@ def test_exports_record_how_they_condition(exports):
 
 def test_an_export_from_before_format_2_keeps_masked_conditioning(tmp_path):
     (tmp_path / "paradiffusion.json").write_text(json.dumps({"llm": "x", "vae": "y", "max_length": 512}))
-    assert model_settings(tmp_path) == {"max_length": 512, "conditioning": "masked", "text_projection": "linear"}
+    assert model_settings(tmp_path) == {
+        "max_length": 512,
+        "conditioning": "masked",
+        "text_projection": "linear",
+        "llm_dtype": "float32",  # not recorded then: fp32, as generate sampled it
+    }
     assert model_settings(tmp_path / "official")["conditioning"] == "release"  # no paradiffusion.json
 
 

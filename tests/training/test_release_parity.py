@@ -65,12 +65,29 @@ def test_the_tiny_checkpoint_is_the_recorded_one(harness, tiny_release, recorded
 
 def test_ours_equals_the_releases_recorded_outputs(harness, ours, recorded):
     n = len(recorded["meta"]["settings"]["prompts"])
-    diff = harness.differences(harness.compact(ours, n), recorded["arrays"])
+    limits = harness.bounds(recorded["meta"])
+    diff = harness.differences(harness.compact(ours, n), recorded["arrays"], limits)
     assert all(d["ok"] for d in diff.values()), diff
     assert diff["embeds"]["max_abs_diff"] <= 1e-4 and diff["images"]["max_abs_diff"] <= 1e-4
+    assert diff["latents"]["max_abs_diff"] <= limits["latents"] <= 1e-3  # absolute, at the reference's noise level
     assert recorded["arrays"]["input_ids"].shape == (1 + n, 256)  # "" and the prompts, padded to 256
     images = recorded["arrays"]["images"]
     assert ((images > 0.01) & (images < 0.99)).mean() > 0.5  # mostly unclamped: the comparison has teeth
+
+
+def test_latents_are_compared_absolutely(harness, ours, recorded):
+    """1e-3 added to the largest latent (about 60 on a random model) fails: the latents are judged
+    by an absolute bound, not relative to their size."""
+    import numpy as np
+
+    n = len(recorded["meta"]["settings"]["prompts"])
+    moved = harness.compact(ours, n)
+    lat = np.array(moved["latents"], dtype=np.float64)
+    i = np.unravel_index(np.abs(lat).argmax(), lat.shape)
+    assert abs(lat[i]) > 10
+    lat[i] += 1e-3
+    diff = harness.differences({**moved, "latents": lat}, recorded["arrays"], harness.bounds(recorded["meta"]))
+    assert not diff["latents"]["ok"] and diff["latents"]["max_abs_diff"] >= 1e-3 - 5e-4
 
 
 def test_the_comparison_tells_the_release_settings_apart(harness, tiny_release, recorded):
@@ -147,10 +164,11 @@ def test_release_code_equals_ours_live(harness, tiny_release, recorded, ours):
     release_dir, python = _release_env()
     settings = recorded["meta"]["settings"]
     rel = harness.run_release(tiny_release, settings, release_dir, python)
-    diff = harness.differences(ours, rel["arrays"])
-    assert all(d["ok"] for d in diff.values()), diff
+    noise = harness.reference_noise(tiny_release, settings, release_dir, python, rel)  # the release against itself
+    diff = harness.differences(ours, rel["arrays"], harness.bounds({"reference_noise": noise}))
+    assert all(d["ok"] for d in diff.values()), (diff, noise)
     n = len(settings["prompts"])
-    again = harness.differences(harness.compact(rel["arrays"], n), recorded["arrays"])
+    again = harness.differences(harness.compact(rel["arrays"], n), recorded["arrays"], harness.bounds(recorded["meta"]))
     assert all(d["ok"] for d in again.values()), ("the recorded fixture no longer matches the release", again)
 
 
@@ -171,7 +189,10 @@ def test_our_stage3_export_through_the_release_code(harness, tiny_models, tmp_pa
     assert (info["conditioning"], info["max_length"]) == ("release", 32) and (export / "text_encoder_lora").is_dir()
     settings = {**recorded_settings(harness), "steps": 20}
     rel = harness.run_release(str(export), settings, release_dir, python)
-    diff = harness.differences(harness.our_side(str(export), settings), rel["arrays"])
+    noise = harness.reference_noise(str(export), settings, release_dir, python, rel)
+    diff = harness.differences(
+        harness.our_side(str(export), settings), rel["arrays"], harness.bounds({"reference_noise": noise})
+    )
     assert all(d["ok"] for d in diff.values()), diff
     assert rel["max_length"] == 32  # the release's tokenizer was told the export's max_length
 

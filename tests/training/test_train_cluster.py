@@ -40,6 +40,8 @@ def test_two_ranks_under_the_deepspeed_launcher(tiny_models, tmp_path, zero_stag
     for s in ("train.launch.launcher=deepspeed", "train.launch.num_gpus=2", f"train.deepspeed.zero_stage={zero_stage}",
               "train.deepspeed.precision=bf16", f"train.launch.master_port={29529 + zero_stage}"):  # fmt: skip
         cmd += ["--set", s]
+    if zero_stage == 3:  # ZeRO-3 partitions the LLM in the training dtype: the bf16 LLM (recorded in the export)
+        cmd += ["--set", "train.model.llm_dtype=bfloat16"]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     out = tmp_path / "train" / "stage1"
