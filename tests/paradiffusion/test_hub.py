@@ -486,10 +486,13 @@ def test_a_ray_cluster_job_gets_the_model_cache_and_offline_mode(monkeypatch, tm
         hub.go_offline()
         init_ray(RayConfig(address="10.0.0.1:6379"))
         assert os.environ["TORCH_HOME"] == str(tmp_path / "m" / "torch")
+    from paradiffusion.offline import NO_PHONE_HOME
+
     assert calls["runtime_env"]["env_vars"] == {  # (beside it, maybe the storage settings' worker setup hook)
         "HF_HUB_CACHE": str(tmp_path / "m" / "hub"),
         "TORCH_HOME": str(tmp_path / "m" / "torch"),
         "HF_HUB_OFFLINE": "1",
+        **NO_PHONE_HOME,  # the libraries' opt-outs of calls home reach the cluster's workers too
     }
     assert set(calls["runtime_env"]) <= {"env_vars", "worker_process_setup_hook"}
     assert os.environ.get("TORCH_HOME") != str(tmp_path / "m" / "torch")  # restored after the command
