@@ -10,7 +10,7 @@ ranks, the voting server. Workers of a Ray cluster on other nodes get them throu
 runtime environment (:mod:`paradiffusion.raycluster`). Importing :mod:`paradiffusion` applies them.
 
 Downloads the user asks for (``paradiffusion models fetch``, ``download``) are not affected.
-``tests/pipelines/test_demo_offline.py`` runs the demo with every outbound connection refused and
+``tests/pipelines/test_demo_s3.py`` runs the demo with every outbound connection refused and
 recorded, and checks that nothing tried.
 """
 

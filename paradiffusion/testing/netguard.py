@@ -63,6 +63,14 @@ if _LOG:
 """
 
 
+#: The one call we cannot switch off. Ray 2.60 starts a dashboard process with every ray.init (with
+#: include_dashboard=False too, to run its UsageStatsHead module), and that module asks the cloud
+#: instance-metadata endpoints which cloud it runs on before it looks at RAY_USAGE_STATS_ENABLED
+#: (ray/dashboard/modules/usage_stats/usage_stats_head.py `run` -> usage_lib.get_cluster_config_to_report).
+#: Link-local / in-cloud names, answered inside the host's own network, 1 s time-out each; never the internet.
+RAY_CLOUD_PROBE = ("169.254.169.254", "metadata.google.internal")
+
+
 class RecordingProxy:
     """An HTTP proxy on 127.0.0.1 that answers every request 403 and keeps its request line."""
 

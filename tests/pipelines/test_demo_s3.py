@@ -1,5 +1,7 @@
 """`paradiffusion demo` with its data root on S3 (moto's server on 127.0.0.1): every stage runs,
-its tables are committed on S3, and a planted credential appears in no output."""
+its tables are committed on S3, a planted credential appears in no output, and no process of the
+run tries to reach another machine (outbound connections refused and recorded: see
+tests/pipelines/test_demo_offline.py, which checks the recorder itself)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from paradiffusion.offline import NO_PHONE_HOME
+from paradiffusion.testing.netguard import RAY_CLOUD_PROBE, RecordingProxy, guarded_env, local_hosts, read_log
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,7 +31,7 @@ def _files(*roots: Path):
 
 
 @pytest.mark.slow
-def test_demo_on_s3_runs_every_stage_and_leaks_no_credential(tmp_path, s3_server):
+def test_demo_on_s3_runs_every_stage_leaks_no_credential_and_calls_nobody(tmp_path, s3_server):
     s3fs = pytest.importorskip("s3fs")
     secret = f"PLANTED-SECRET-{uuid.uuid4().hex}"  # in the environment, as a user sets it
     token = f"PLANTED-TOKEN-{uuid.uuid4().hex}"  # in the config, through --set
@@ -34,9 +39,11 @@ def test_demo_on_s3_runs_every_stage_and_leaks_no_credential(tmp_path, s3_server
     bucket = s3_server.make_bucket(f"demo-{uuid.uuid4().hex[:10]}")
     out = tmp_path / "demo"
     scratch = Path(tempfile.mkdtemp(prefix="pd-s3-", dir="/tmp"))  # TMPDIR of the run: stage logs, Ray's session
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_")) and k not in NO_PHONE_HOME}
+    proxy = RecordingProxy().__enter__()
+    env = guarded_env(tmp_path / "guard", proxy.url, base=env)
     env.update(
-        PYTHONPATH=str(REPO),
+        PYTHONPATH=f"{tmp_path / 'guard'}{os.pathsep}{REPO}",
         AWS_ENDPOINT_URL=s3_server.endpoint_url,
         AWS_ACCESS_KEY_ID=key,
         AWS_SECRET_ACCESS_KEY=secret,
@@ -81,5 +88,12 @@ def test_demo_on_s3_runs_every_stage_and_leaks_no_credential(tmp_path, s3_server
         # what the saved configs say instead
         cfg_text = fs.cat(f"{data}/scores/_config.yaml").decode()
         assert "token: '**********'" in cfg_text and "storage.token=***" in cfg_text
+
+        # nothing called out of the machine (the one named exception: Ray's cloud-metadata probe)
+        starts, attempts = read_log(tmp_path / "guard", local_hosts())
+        outside = [q for q in proxy.requests if not any(host in q for host in RAY_CLOUD_PROBE)]
+        assert outside == [] and attempts == [], (outside, attempts[:20])
+        assert len(starts) >= 5, starts  # the recorder ran in the run's child processes too
     finally:
+        proxy.__exit__(None, None, None)
         shutil.rmtree(scratch, ignore_errors=True)
