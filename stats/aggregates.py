@@ -163,9 +163,7 @@ def _fingerprint_raw(src) -> list:
     for f in src.files:
         fs, path = fsspec.core.url_to_fs(f)
         info = fs.info(path)
-        out.append(
-            [f, info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")]
-        )
+        out.append([f, info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")])
     return out
 
 
@@ -215,7 +213,12 @@ def refresh_keyed(con, out: Path, state, sources, cfg) -> tuple[str, bool, float
                 f"FROM {_files_sql(state.files['captions'])}",
             )
         )
-        lean.append(("l_pv", _pv_sql(_files_sql(part_files(state.folders["captions"], sorted(state.idents["captions"]), "sets")))))
+        lean.append(
+            (
+                "l_pv",
+                _pv_sql(_files_sql(part_files(state.folders["captions"], sorted(state.idents["captions"]), "sets"))),
+            )
+        )
         lean.append(("vlm_captions", f"SELECT v.source, p.* FROM captions p JOIN l_pv v ON {SET_JOIN}"))
     if "images" in have:
         lean.append(("images", f"SELECT hash(key) AS key, status FROM {files_sql(sources['images'].files)}"))
@@ -224,7 +227,10 @@ def refresh_keyed(con, out: Path, state, sources, cfg) -> tuple[str, bool, float
     if "annotations" in have:
         email = "" if "annotator_email" in sources["annotations"].columns else ", NULL::VARCHAR AS annotator_email"
         lean.append(
-            ("annotations", f"SELECT * REPLACE (hash(key) AS key){email} FROM {files_sql(sources['annotations'].files)}")
+            (
+                "annotations",
+                f"SELECT * REPLACE (hash(key) AS key){email} FROM {files_sql(sources['annotations'].files)}",
+            )
         )
         lean.append(("annotation_texts", texts_sql("annotations")))
         lean.append(("annotations_approved", approved_sql("annotations", cfg.annotations.train_rule)))
@@ -236,7 +242,7 @@ def refresh_keyed(con, out: Path, state, sources, cfg) -> tuple[str, bool, float
         if "captions" in have:
             parts.append(
                 "SELECT c.source, c.key, s.short_side FROM vlm_captions c LEFT JOIN scores s USING (key) "
-                f"WHERE coalesce(c.n_words, 0) > 0 AND c.finish_reason IS DISTINCT FROM 'error'"
+                "WHERE coalesce(c.n_words, 0) > 0 AND c.finish_reason IS DISTINCT FROM 'error'"
             )
         if "annotations" in have:
             parts.append(

@@ -67,8 +67,7 @@ def canned_queries(length_buckets: list[int], keywords: list[str], have: set[str
     """
     agg = _agg_sql(length_buckets, keywords, have) if "agg_sets" in have or "agg_alt" in have else {}
     return [
-        Query(q.name, q.title, q.sql, q.needs, agg.get(q.name))
-        for q in _raw_queries(length_buckets, keywords, have)
+        Query(q.name, q.title, q.sql, q.needs, agg.get(q.name)) for q in _raw_queries(length_buckets, keywords, have)
     ]
 
 
@@ -262,7 +261,9 @@ def _agg_sql(length_buckets: list[int], keywords: list[str], have: set[str]) -> 
         if vlm:
             counts.append(f"SELECT v.source, sum(p.words_rows), sum(p.words_sum) {sets_by_source} GROUP BY v.source")
         if ann:
-            counts.append(f"SELECT 'annotations_approved', count(*), sum({words_sql('text')}) FROM annotations_approved")
+            counts.append(
+                f"SELECT 'annotations_approved', count(*), sum({words_sql('text')}) FROM annotations_approved"
+            )
         out["table1"] = (
             "WITH c AS (" + " UNION ALL ".join(counts) + ") "
             "SELECT k.source, k.images, c.captions, round(k.ss_sum / nullif(k.ss_n, 0), 1) AS mean_short_side, "
@@ -283,7 +284,9 @@ def _agg_sql(length_buckets: list[int], keywords: list[str], have: set[str]) -> 
             "round(100.0 * n / sum(n) OVER (PARTITION BY source), 1) AS pct FROM b ORDER BY source, bucket"
         )
         if kws:
-            kw_parts = ["SELECT 'alt_text' AS source, rows AS captions" + "".join(f", {c}" for c in kws) + " FROM agg_alt"]
+            kw_parts = [
+                "SELECT 'alt_text' AS source, rows AS captions" + "".join(f", {c}" for c in kws) + " FROM agg_alt"
+            ]
             if vlm:
                 kw_parts.append(
                     "SELECT v.source, p.words_rows" + "".join(f", p.{c}" for c in kws) + f" {sets_by_source}"

@@ -234,11 +234,7 @@ def build_views(
             f"SELECT 'alt_text' AS source, s.key, s.caption, {words_sql('s.caption')} AS n_words, "
             f"{size} FROM scores s WHERE s.kept"
         ]
-        alt_kw = (
-            files_sql(derived["scores"])
-            if "scores" in derived
-            else "scores"
-        )
+        alt_kw = files_sql(derived["scores"]) if "scores" in derived else "scores"
         kw_alt = ", ".join(
             (keyword_column(w) if "scores" in derived else f"{keyword_sql('caption', w)} AS {keyword_column(w)}")
             for w in keywords
