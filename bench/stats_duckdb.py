@@ -518,7 +518,7 @@ def bench_size(rows: int, args, root: Path) -> dict:
         if detail:
             tr, _, rpeak, rres = _time(lambda q=q: run_query(con, q, partials=False), 1)
             check_same(name, res, rres, "the raw views")
-        if detail and name in ("keywords", "words_from_text"):
+        if detail and name in args.live:
             tl, _, lpeak, lres = _time(lambda q=q: run_query(live, q, partials=False), 1)
             check_same(name, res, lres, "the text read live")
         if run_pd:
@@ -653,6 +653,12 @@ def main() -> int:
         type=lambda s: [int(float(x)) for x in s.split(",")],
         default=None,
         help="sizes at which the raw views, the live text and pandas run too (default: every size)",
+    )
+    ap.add_argument(
+        "--live",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["keywords", "words_from_text"],
+        help="text queries also timed reading the text live (stats.derived: false)",
     )
     ap.add_argument("--incremental", action="store_true", help="at the largest size: add 1 %% rows, rebuild, time it")
     ap.add_argument("--json", help="write the results here")

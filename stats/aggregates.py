@@ -46,7 +46,7 @@ PARTS: dict[str, tuple[str, ...]] = {
 SET_COLS = "model_id, model_revision, prompt_id, prompt_hash"
 HAS_WORDS = "coalesce(n_words, 0) > 0 AND finish_reason IS DISTINCT FROM 'error'"
 #: Bumped when the key-level pass changes.
-KEYED_VERSION = 1
+KEYED_VERSION = 2
 
 
 def _q(s: str) -> str:
@@ -184,7 +184,7 @@ def refresh_keyed(con, out: Path, state, sources, cfg) -> tuple[str, bool, float
     name and renamed, ``keyed.json`` last.
     """
     from captioning.small.texts import approved_sql, texts_sql
-    from stats.queries import CAPTIONER_PAIRS_SQL, funnel_sql
+    from stats.queries import captioner_pairs_sql, funnel_sql
     from stats.views import files_sql
 
     t0 = time.perf_counter()
@@ -236,30 +236,42 @@ def refresh_keyed(con, out: Path, state, sources, cfg) -> tuple[str, bool, float
         lean.append(("annotations_approved", approved_sql("annotations", cfg.annotations.train_rule)))
     for name, sql in lean:
         con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {sql}")
+    # one row per (caption set, key), grouped once and shared by Table 1, captioners and the pairs
+    if "captions" in have:
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE sk AS SELECT v.source, p.key, p.hw, p.ne, p.words FROM ("
+            f"SELECT {SET_COLS}, key, bool_or(hw) AS hw, count(*) FILTER (ne) AS ne, "
+            "arg_max(n_words, created_at) FILTER (ne) AS words FROM ("
+            "SELECT *, coalesce(n_words, 0) > 0 AND finish_reason IS DISTINCT FROM 'error' AS hw, "
+            "finish_reason IS DISTINCT FROM 'error' AS ne FROM captions) GROUP BY ALL) p "
+            f"JOIN l_pv v ON {SET_JOIN}"
+        )
+    if "scores" in have:
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE sg AS SELECT key, any_value(short_side) AS short_side FROM scores GROUP BY key"
+        )
     results: dict[str, str] = {}
     if "scores" in have:
-        parts = ["SELECT 'alt_text' AS source, key, short_side FROM scores WHERE kept"]
+        parts = [
+            "SELECT 'alt_text' AS source, key, any_value(short_side) AS short_side FROM scores WHERE kept GROUP BY key"
+        ]
         if "captions" in have:
-            parts.append(
-                "SELECT c.source, c.key, s.short_side FROM vlm_captions c LEFT JOIN scores s USING (key) "
-                "WHERE coalesce(c.n_words, 0) > 0 AND c.finish_reason IS DISTINCT FROM 'error'"
-            )
+            parts.append("SELECT k.source, k.key, s.short_side FROM sk k LEFT JOIN sg s USING (key) WHERE k.hw")
         if "annotations" in have:
             parts.append(
-                "SELECT 'annotations_approved', a.key, s.short_side FROM annotations_approved a "
-                "LEFT JOIN scores s USING (key)"
+                "SELECT 'annotations_approved', a.key, s.short_side FROM (SELECT DISTINCT key FROM annotations_approved) a "
+                "LEFT JOIN sg s USING (key)"
             )
         results["table1"] = (
             "SELECT source, count(*) AS images, sum(short_side) AS ss_sum, count(short_side) AS ss_n FROM ("
-            "SELECT source, key, any_value(short_side) AS short_side FROM ("
             + " UNION ALL ".join(parts)
-            + ") GROUP BY source, key) GROUP BY source"
+            + ") GROUP BY source"
         )
     else:
         results["table1"] = "SELECT NULL::VARCHAR AS source, 0 AS images, 0 AS ss_sum, 0 AS ss_n WHERE false"
     if "captions" in have:
-        results["captioners"] = "SELECT source, count(DISTINCT key) AS images FROM vlm_captions GROUP BY source"
-        results["pairs"] = CAPTIONER_PAIRS_SQL
+        results["captioners"] = "SELECT source, count(*) AS images FROM sk GROUP BY source"
+        results["pairs"] = captioner_pairs_sql("SELECT key, source, words FROM sk WHERE ne > 0")
     else:
         results["captioners"] = "SELECT NULL::VARCHAR AS source, 0 AS images WHERE false"
         results["pairs"] = "SELECT NULL::VARCHAR AS source_a, NULL::VARCHAR AS source_b WHERE false"

@@ -21,16 +21,23 @@ class Query:
     agg_sql: str | None = None
 
 
-#: Caption set against caption set on their common images (the newest non-error row of a key).
-CAPTIONER_PAIRS_SQL = (
-    "WITH c AS (SELECT key, source, n_words AS words FROM vlm_captions "
-    " WHERE finish_reason IS DISTINCT FROM 'error' "
-    " QUALIFY row_number() OVER (PARTITION BY key, source ORDER BY created_at DESC) = 1) "
-    "SELECT a.source AS source_a, b.source AS source_b, count(*) AS common_images, "
-    "round(avg(a.words), 1) AS mean_words_a, round(avg(b.words), 1) AS mean_words_b, "
-    "round(avg(abs(a.words - b.words)), 1) AS mean_abs_diff, "
-    "round(100 * avg((a.words > b.words)::INT), 1) AS pct_a_longer "
-    "FROM c a JOIN c b ON a.key = b.key AND a.source < b.source GROUP BY ALL ORDER BY source_a, source_b"
+def captioner_pairs_sql(latest: str) -> str:
+    """Caption set against caption set on their common images; ``latest`` gives one row per
+    (key, source): the words of the newest non-error caption."""
+    return (
+        f"WITH c AS ({latest}) "
+        "SELECT a.source AS source_a, b.source AS source_b, count(*) AS common_images, "
+        "round(avg(a.words), 1) AS mean_words_a, round(avg(b.words), 1) AS mean_words_b, "
+        "round(avg(abs(a.words - b.words)), 1) AS mean_abs_diff, "
+        "round(100 * avg((a.words > b.words)::INT), 1) AS pct_a_longer "
+        "FROM c a JOIN c b ON a.key = b.key AND a.source < b.source GROUP BY ALL ORDER BY source_a, source_b"
+    )
+
+
+#: The newest non-error caption's words per (key, caption set), over the raw rows.
+LATEST_WORDS_SQL = (
+    "SELECT key, source, arg_max(n_words, created_at) AS words FROM vlm_captions "
+    "WHERE finish_reason IS DISTINCT FROM 'error' GROUP BY key, source"
 )
 
 
@@ -143,7 +150,7 @@ def _raw_queries(length_buckets: list[int], keywords: list[str], have: set[str])
         Query(
             "captioner_pairs",
             "Caption set against caption set on the images both captioned",
-            CAPTIONER_PAIRS_SQL,
+            captioner_pairs_sql(LATEST_WORDS_SQL),
             ("vlm_captions",),
         ),
         Query(
