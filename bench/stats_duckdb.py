@@ -515,7 +515,7 @@ def bench_size(rows: int, args, root: Path) -> dict:
     for name, q in queries.items():
         td, cpu, peak, res = _time(lambda q=q: run_query(con, q), args.repeat)
         tr = rpeak = tl = lpeak = None
-        if detail:
+        if detail and (args.raw is None or name in args.raw):
             tr, _, rpeak, rres = _time(lambda q=q: run_query(con, q, partials=False), 1)
             check_same(name, res, rres, "the raw views")
         if detail and name in args.live:
@@ -659,6 +659,12 @@ def main() -> int:
         type=lambda s: [x for x in s.split(",") if x],
         default=["keywords", "words_from_text"],
         help="text queries also timed reading the text live (stats.derived: false)",
+    )
+    ap.add_argument(
+        "--raw",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=None,
+        help="queries also timed over the raw views (default: all of them)",
     )
     ap.add_argument("--incremental", action="store_true", help="at the largest size: add 1 %% rows, rebuild, time it")
     ap.add_argument("--json", help="write the results here")
