@@ -580,7 +580,7 @@ def bench_size(rows: int, args, root: Path) -> dict:
         print(
             f"\nincremental: +{extra:,} caption rows (+1 %) in 1 new shard (+ {extra // 2:,} scored images): "
             f"{sum(state.computed.values())} shard(s) read, build {i_wall:.1f} s wall ({i_cpu:.1f} CPU s) = "
-            f"{100 * i_wall / b_wall:.1f} % of the first build; every query equal to a full scan afterwards",
+            f"{100 * i_wall / b_wall:.1f} % of the first build; the queries checked against a full scan afterwards agree",
             flush=True,
         )
     return out
