@@ -46,7 +46,7 @@ PARTS: dict[str, tuple[str, ...]] = {
 SET_COLS = "model_id, model_revision, prompt_id, prompt_hash"
 HAS_WORDS = "coalesce(n_words, 0) > 0 AND finish_reason IS DISTINCT FROM 'error'"
 #: Bumped when the key-level pass changes.
-KEYED_VERSION = 2
+KEYED_VERSION = 3
 
 
 def _q(s: str) -> str:
@@ -66,7 +66,7 @@ def partial_sql(table: str, part: str, rows: str, keywords: list[str]) -> str:
         if part == "sets":
             kw = "".join(f", sum({c}::BIGINT) FILTER ({HAS_WORDS}) AS {c}" for c in kws)
             return (
-                f"SELECT {SET_COLS}, count(*) AS rows, min(created_at) AS first_used, "
+                f"SELECT {SET_COLS}, sid, count(*) AS rows, min(created_at) AS first_used, "
                 "count(n_words) AS n_words_n, sum(n_words) AS n_words_sum, count(seconds) AS seconds_n, "
                 "sum(seconds::DOUBLE) AS seconds_sum, count(finish_reason) AS finish_n, "
                 "count(*) FILTER (finish_reason = 'length') AS length_n, "
@@ -120,8 +120,9 @@ def _pv_sql(sets: str) -> str:
     return (
         f"SELECT {source_label_sql()} AS source, * FROM (SELECT model_id, model_revision, prompt_id, "
         "prompt_hash, dense_rank() OVER (PARTITION BY model_id, coalesce(model_revision, ''), prompt_id "
-        "ORDER BY first_used, prompt_hash) AS prompt_version, first_used, captions FROM ("
-        f"SELECT {SET_COLS}, min(first_used) AS first_used, sum(rows)::BIGINT AS captions FROM {sets} GROUP BY ALL))"
+        "ORDER BY first_used, prompt_hash) AS prompt_version, first_used, captions, sid FROM ("
+        f"SELECT {SET_COLS}, sid, min(first_used) AS first_used, sum(rows)::BIGINT AS captions FROM {sets} "
+        "GROUP BY ALL))"
     )
 
 
@@ -209,7 +210,7 @@ def refresh_keyed(con, out: Path, state, sources, cfg) -> tuple[str, bool, float
         lean.append(
             (
                 "captions",
-                f"SELECT kh AS key, {SET_COLS}, n_words, finish_reason, created_at "
+                f"SELECT kh AS key, sid, {SET_COLS}, n_words, finish_reason, created_at "
                 f"FROM {_files_sql(state.files['captions'])}",
             )
         )
@@ -240,11 +241,11 @@ def refresh_keyed(con, out: Path, state, sources, cfg) -> tuple[str, bool, float
     if "captions" in have:
         con.execute(
             "CREATE OR REPLACE TEMP TABLE sk AS SELECT v.source, p.key, p.hw, p.ne, p.words FROM ("
-            f"SELECT {SET_COLS}, key, bool_or(hw) AS hw, count(*) FILTER (ne) AS ne, "
+            "SELECT sid, key, bool_or(hw) AS hw, count(*) FILTER (ne) AS ne, "
             "arg_max(n_words, created_at) FILTER (ne) AS words FROM ("
             "SELECT *, coalesce(n_words, 0) > 0 AND finish_reason IS DISTINCT FROM 'error' AS hw, "
             "finish_reason IS DISTINCT FROM 'error' AS ne FROM captions) GROUP BY ALL) p "
-            f"JOIN l_pv v ON {SET_JOIN}"
+            "JOIN l_pv v USING (sid)"
         )
     if "scores" in have:
         con.execute(

@@ -54,7 +54,7 @@ TEXT_TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 #: Bumped when the cache's columns or partials change: every shard is computed again.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def keyword_column(word: str) -> str:
@@ -138,6 +138,8 @@ def refresh(con, stats_dir: str | Path, tables: dict[str, str], keywords: list[s
                 select[cols.index("n_words")] = f"{words_sql(text)} AS n_words"  # what the views count then
             # the key as a 64-bit hash: the key-level pass joins and counts these, not strings
             select.append("hash(key) AS kh")
+            if name == "captions":  # the caption set as one number: the key-level pass groups by (sid, kh)
+                select.append("hash(model_id, model_revision, prompt_id, prompt_hash) AS sid")
             select.append(f"{words_sql(text)} AS words" if text in have else "0 AS words")
             for w in want_kw:
                 select.append(f"{keyword_sql(text, w) if text in have else 'false'} AS {keyword_column(w)}")
