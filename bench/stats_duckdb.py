@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import shutil
 import sys
@@ -51,6 +52,7 @@ WORDS = (
     "looking walking parked placed covered filled surrounded"
 ).split()
 MODELS = [("THUDM/cogvlm-chat-hf", "paper"), ("llava-hf/llava-1.5-7b-hf", "paper")]
+CAPTION_POOL = 65536
 EDITED_FROM_SHARD = 8  # captions shards of model 0 from here on use an edited prompt text (prompt_hash h2)
 
 
@@ -71,6 +73,16 @@ def generate(root: Path, rows: int, shard_rows: int, seed: int = 0) -> None:
     """``rows`` caption rows (two captioners, half of the keys each plus a 20 % overlap) and scores."""
     rng = np.random.default_rng(seed)
     pool, pool_lens = _sentences(rng, 8192)
+    # captions are drawn from a pool of distinct ones (joining sentences row by row made generating
+    # 10 M rows take longer than the benchmark): 64 Ki captions of ~640 characters, far more than
+    # Parquet's dictionary page holds, so the text is stored plainly as real captions are
+    k_sent = np.clip(rng.poisson(9.3, CAPTION_POOL), 1, 30)
+    choice = rng.integers(0, len(pool), k_sent.sum())
+    bounds = np.concatenate([[0], np.cumsum(k_sent)])
+    cap_pool = np.array(
+        [" ".join(pool[j] for j in choice[bounds[i] : bounds[i + 1]]) for i in range(CAPTION_POOL)], dtype=object
+    )
+    cap_words = np.add.reduceat(pool_lens[choice], bounds[:-1])
     n_keys = int(rows / 1.2) + 1
     scores_t = Table(str(root / "scores"), SCORES)
     caps_t = Table(str(root / "captions"), CAPTIONS)
@@ -104,11 +116,8 @@ def generate(root: Path, rows: int, shard_rows: int, seed: int = 0) -> None:
         # model 0 captions keys 0.., model 1 starts at 80 % of the keys: a 20 % overlap
         base = (done // 2) if model == 0 else int(n_keys * 0.8) - (done // 2)
         idx = (base + np.arange(n)) % n_keys
-        k_sent = np.clip(rng.poisson(9.3, n), 1, 30)
-        choice = rng.integers(0, len(pool), k_sent.sum())
-        bounds = np.concatenate([[0], np.cumsum(k_sent)])
-        texts = [" ".join(pool[j] for j in choice[bounds[i] : bounds[i + 1]]) for i in range(n)]
-        n_words = np.add.reduceat(pool_lens[choice], bounds[:-1])
+        pick = rng.integers(0, CAPTION_POOL, n)
+        texts, n_words = cap_pool[pick], cap_words[pick]
         flags = [["repetition"] if r < 0.03 else (["too_short"] if r < 0.05 else []) for r in rng.random(n)]
         failed = rng.random(n) < 0.005  # failed generations: no caption, no words
         edited = model == 0 and s >= EDITED_FROM_SHARD
@@ -139,7 +148,7 @@ def generate(root: Path, rows: int, shard_rows: int, seed: int = 0) -> None:
 def _read(root: Path, table: str, columns: list[str]):
     import pandas as pd
 
-    return pd.read_parquet(sorted(str(p) for p in (root / table).glob("part-*.parquet")), columns=columns)
+    return pd.read_parquet(Table(str(root / table)).files(), columns=columns)  # the committed shards
 
 
 def _words(s):
@@ -271,144 +280,439 @@ def pd_keywords(root, keywords):
     return out
 
 
-# --------------------------------------------------------------------------- run
-def _time(fn, repeat: int) -> tuple[float, object]:
-    """Best wall time of ``repeat`` runs (and the last result); the CPU seconds of that run are in
-    ``_time.cpu``: on a shared machine the wall time grows with the load, the CPU time does not."""
+# --------------------------------------------------------------------------- measuring
+def _peak_reset() -> None:
+    """Reset this process's peak RSS (Linux: VmHWM), so the next reading is one query's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_gib() -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
+
+
+def _time(fn, repeat: int) -> tuple[float, float, float | None, object]:
+    """Best wall time of ``repeat`` runs, its CPU seconds, the peak RSS (GiB) over the runs, the
+    last result. On a shared machine the wall time grows with the load, the CPU time much less."""
     best, out = (float("inf"), 0.0), None
+    _peak_reset()
     for _ in range(repeat):
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         best = min(best, (time.perf_counter() - t0, time.process_time() - c0))
-    _time.cpu = best[1]
-    return best[0], out
+    return best[0], best[1], _peak_gib(), out
+
+
+def _pandas_child(fn, conn) -> None:
+    try:
+        t0 = time.perf_counter()
+        res = fn()
+        conn.send(("ok", time.perf_counter() - t0, _peak_gib(), res))
+    except MemoryError:
+        conn.send(("oom", None, _peak_gib(), None))
+    except Exception as exc:  # noqa: BLE001 - reported as the result
+        conn.send(("error", None, _peak_gib(), repr(exc)))
+
+
+def run_pandas(fn, budget_gib: float, timeout_s: float) -> tuple[str, float | None, float | None, object]:
+    """One pandas query in a forked child watched from here: killed past ``budget_gib`` of RSS
+    ("out of memory at N GiB") or ``timeout_s`` ("over N s"), so the baseline can never take the
+    machine (or this benchmark) down with it. Returns (status, seconds, peak GiB, result)."""
+    import multiprocessing as mp
+
+    import psutil
+
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_pandas_child, args=(fn, child))
+    p.start()
+    proc = psutil.Process(p.pid)
+    t0, peak = time.perf_counter(), 0.0
+    while p.is_alive():
+        if parent.poll(0.1):
+            status, secs, child_peak, res = parent.recv()
+            p.join()
+            return status, secs, child_peak, res
+        try:
+            peak = max(peak, proc.memory_info().rss / 2**30)
+        except psutil.NoSuchProcess:
+            break
+        if peak > budget_gib or time.perf_counter() - t0 > timeout_s:
+            p.kill()
+            p.join()
+            return ("oom" if peak > budget_gib else "timeout"), None, peak, None
+    if parent.poll(1):
+        return parent.recv()
+    return "error", None, peak, f"exit code {p.exitcode}"
+
+
+def _pandas_cell(status, secs, budget, timeout) -> str:
+    if status == "ok":
+        return f"{secs:.2f}"
+    if status == "oom":
+        return f"out of memory at {budget:g} GiB"
+    if status == "timeout":
+        return f"over {timeout:g} s"
+    return "error"
+
+
+def build(cfg, root: Path, threads: int | None):
+    """What `make stats` does before its queries: the per-shard caches and partials, then the
+    key-level pass. Returns (state, keyed folder, wall s, CPU s, peak GiB)."""
+    from paradiffusion.storage import duckdb_connect
+    from stats import aggregates, derived
+    from stats.run import configure
+    from stats.views import find_sources
+
+    sources = find_sources(cfg)
+    out = root / "stats"
+    _peak_reset()
+    t0, c0 = time.perf_counter(), time.process_time()
+    with duckdb_connect() as con:
+        configure(con, cfg.stats, out)
+        tables = {n: sources[n].url for n in derived.TEXT_TABLES if sources[n].exists}
+        state = derived.refresh(con, out, tables, cfg.stats.keywords)
+        keyed, _, _ = aggregates.refresh_keyed(con, out, state, sources, cfg)
+    return sources, state, keyed, time.perf_counter() - t0, time.process_time() - c0, _peak_gib()
+
+
+def add_rows(root: Path, rows: int, first_shard: int, seed: int = 1) -> None:
+    """``rows`` more caption rows (both captioners) in new shards, plus new scored images for
+    half of them: what a day of captioning adds."""
+    rng = np.random.default_rng(seed)
+    pool, pool_lens = _sentences(rng, 2048)
+    caps_t = Table(str(root / "captions"), CAPTIONS)
+    scores_t = Table(str(root / "scores"), SCORES)
+    keys = np.char.add("n", np.arange(rows).astype(str))
+    new_img = keys[: rows // 2]
+    scores_t.write_shard(
+        f"{first_shard:05d}",
+        pa.table(
+            {
+                "key": new_img,
+                "shard": np.full(len(new_img), "new"),
+                "caption": [pool[i] for i in rng.integers(0, len(pool), len(new_img))],
+                "width": rng.integers(256, 2048, len(new_img)).astype(np.int32),
+                "height": rng.integers(256, 2048, len(new_img)).astype(np.int32),
+                "aesthetic": rng.normal(5.5, 1, len(new_img)).astype(np.float32),
+                "kept": np.ones(len(new_img), bool),
+                "reject_reason": pa.nulls(len(new_img), pa.string()),
+            }
+        ),
+    )
+    k_sent = np.clip(rng.poisson(9.3, rows), 1, 30)
+    choice = rng.integers(0, len(pool), k_sent.sum())
+    bounds = np.concatenate([[0], np.cumsum(k_sent)])
+    t = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+    caps_t.write_shard(
+        f"{first_shard:05d}",
+        pa.Table.from_pydict(
+            {
+                "key": keys,
+                "caption": [" ".join(pool[j] for j in choice[bounds[i] : bounds[i + 1]]) for i in range(rows)],
+                "n_words": np.add.reduceat(pool_lens[choice], bounds[:-1]).astype(np.int32),
+                "model_id": np.where(np.arange(rows) % 2 == 0, MODELS[0][0], MODELS[1][0]),
+                "prompt_id": np.full(rows, "paper"),
+                "prompt_hash": np.where(np.arange(rows) % 2 == 0, "h2", "h"),
+                "finish_reason": np.full(rows, "stop"),
+                "seconds": rng.gamma(2, 1.5, rows).astype(np.float32),
+                "created_at": pa.array([t] * rows, pa.timestamp("us", tz="UTC")),
+                "flags": [[] for _ in range(rows)],
+            }
+        ),
+    )
+
+
+def check_same(name: str, fast, other, what: str) -> None:
+    assert fast.rows == other.rows, (name, f"the partials and {what} disagree")
+
+
+def check_pandas(name, res, pres, kw) -> None:
+    """The numbers pandas computed, against DuckDB's (a subset of the columns, as before)."""
+    from stats import derived
+
+    if name == "table1":
+        t1 = {r[0]: r for r in res.rows}
+        for src, row in pres.iterrows():
+            got = t1[src]
+            assert got[1] == row["images"] and got[2] == row["captions"], (src, got, row)
+            assert abs(got[3] - row["mean_short_side"]) < 0.051 and abs(got[4] - row["mean_words"]) < 0.051
+    elif name == "prompt_versions":
+        assert {r[0] for r in res.rows} == {s for s, _ in pres.index}, "prompt versions disagree"
+    elif name == "funnel":
+        f = {r[1]: r[2] for r in res.rows}
+        assert (f["scored by the filter"], f["kept by the filter"]) == (pres["scored"], pres["kept"])
+        assert f["captioned (a VLM caption with words)"] == pres["captioned"], "funnel disagrees"
+    elif name == "captioner_pairs":
+        pairs = {(r[0], r[1]): r[2] for r in res.rows}
+        for (a, b), row in pres.iterrows():
+            assert pairs[(a, b)] == row["common"], ("captioner_pairs disagree", a, b)
+    elif name == "keywords":
+        kwd = {r[0]: r for r in res.rows}
+        col = res.columns.index("pct_" + derived.keyword_column(kw[0])[3:])
+        for src, v in pres[kw[0]].items():
+            assert abs(kwd[src][col] - v) < 0.051, ("keywords disagree", src, kwd[src][col], v)
+    elif name == "words_from_text":
+        wt = {r[0]: r[2] for r in res.rows}
+        for src, v in pres.items():
+            assert abs(wt[src] - v) < 0.006, ("words_from_text disagree", src, wt[src], v)
+
+
+def bench_size(rows: int, args, root: Path, save=lambda out: None) -> dict:
+    from stats.queries import Query, canned_queries
+    from stats.run import add_mean_nouns, connect, run_query
+    from stats.views import build_views
+
+    if not (root / "captions" / "_done").exists():
+        t0 = time.perf_counter()
+        generate(root, rows, args.shard_rows)
+        print(f"generated {rows:,} caption rows in {time.perf_counter() - t0:.0f} s under {root}", flush=True)
+    size = sum(f.stat().st_size for f in root.rglob("*.parquet") if "stats" not in f.parts)
+    sets = [f"project.data_root={root}", f"stats.memory_limit={args.memory_limit}"]
+    if args.threads:
+        sets.append(f"stats.threads={args.threads}")
+    cfg = load_config([], sets)
+    edges, kw = cfg.stats.length_buckets, cfg.stats.keywords
+    shutil.rmtree(root / "stats", ignore_errors=True)
+    load0 = os.getloadavg()[0]
+    sources, state, keyed, b_wall, b_cpu, b_peak = build(cfg, root, args.threads)
+    n_shards = sum(state.computed.values())
+    cache_mb = sum(f.stat().st_size for f in (root / "stats" / "derived").rglob("*.parquet")) / 1e6
+    print(
+        f"\n## {rows:,} caption rows ({size / 1e6:.0f} MB of Parquet, {n_shards} shards; load average {load0:.1f})\n"
+        f"first build (every shard's text and partials once, then the key-level pass): {b_wall:.1f} s wall, "
+        f"{b_cpu:.1f} CPU s, peak RSS {b_peak:.2f} GiB; cache {cache_mb:.0f} MB",
+        flush=True,
+    )
+    out = {"rows": rows, "parquet_mb": size / 1e6, "build_s": b_wall, "build_cpu_s": b_cpu, "build_peak_gib": b_peak}
+    from stats import aggregates
+
+    views = build_views(cfg, sources, state.files) + aggregates.agg_views(state, keyed)
+    con = connect(views, sc=cfg.stats, out=root / "stats")
+    have = {n for n, _ in views}
+    queries = {q.name: q for q in canned_queries(edges, kw, have) if q.name in PANDAS_QUERIES}
+    queries["words_from_text"] = Query("words_from_text", "ad hoc", WORDS_FROM_TEXT, ())
+    fns = pandas_fns(root, edges, kw)
+    detail = rows in args.detail_rows
+    run_pd = detail and rows <= args.pandas_max_rows
+    out["queries"] = {}
+    # 1. every canned query over the merged partials (the goal: each under 2 s)
+    print("\n| query | partials (s) | CPU (s) | peak RSS (GiB) |\n|---|---|---|---|", flush=True)
+    for name, q in queries.items():
+        td, cpu, peak, _ = _time(lambda q=q: run_query(con, q), args.repeat)
+        print(f"| {name} | {td:.3f} | {cpu:.2f} | {peak:.2f} |", flush=True)
+        out["queries"][name] = {"partials_s": td, "partials_cpu_s": cpu, "partials_peak_gib": peak}
+    t0 = time.perf_counter()
+    res = run_query(con, queries["table1"])
+    add_mean_nouns(con, res, cfg, sources["captions"].columns)
+    out["table1_with_nouns_s"] = time.perf_counter() - t0
+    print(f"table1 with mean nouns: {out['table1_with_nouns_s']:.2f} s", flush=True)
+    save(out)
+    # 2. +1 % rows, the rebuild timed (the data then stays at the larger size for the comparisons)
+    if args.incremental and rows == max(args.rows):
+        extra = max(1, rows // 100)
+        next_shard = len(Table(str(root / "captions")).done_shards()) + 1000
+        add_rows(root, extra, next_shard)
+        sources, state, keyed, i_wall, i_cpu, i_peak = build(cfg, root, args.threads)
+        views = build_views(cfg, sources, state.files) + aggregates.agg_views(state, keyed)
+        con = connect(views, sc=cfg.stats, out=root / "stats")
+        out["incremental"] = {
+            "rows_added": extra,
+            "shards_read": sum(state.computed.values()),
+            "build_s": i_wall,
+            "build_cpu_s": i_cpu,
+            "ratio": i_wall / b_wall,
+            "cpu_ratio": i_cpu / b_cpu,
+        }
+        print(
+            f"\nincremental: +{extra:,} caption rows (+1 %) in 1 new shard (+ {extra // 2:,} scored images): "
+            f"{sum(state.computed.values())} shard(s) read, build {i_wall:.1f} s wall ({i_cpu:.1f} CPU s) = "
+            f"{100 * i_wall / b_wall:.1f} % of the first build's wall time, {100 * i_cpu / b_cpu:.1f} % of its CPU time",
+            flush=True,
+        )
+        save(out)
+    if not detail:
+        return out
+    # 3. the same queries over the raw views, the text read live, and pandas; every answer compared
+    live = connect(build_views(cfg, sources), sc=cfg.stats, out=root / "stats")  # stats.derived: false
+    print(
+        "\n| query | partials (s) | raw views (s) | peak RSS (GiB) | text read live (s) | peak RSS (GiB) | "
+        "pandas (s) | pandas peak RSS (GiB) |\n|---|---|---|---|---|---|---|---|",
+        flush=True,
+    )
+    for name, q in queries.items():
+        res = run_query(con, q)
+        tr = rpeak = tl = lpeak = None
+        if args.raw is None or name in args.raw:
+            tr, _, rpeak, rres = _time(lambda q=q: run_query(con, q, partials=False), 1)
+            check_same(name, res, rres, "the raw views")
+        if name in args.live:
+            tl, _, lpeak, lres = _time(lambda q=q: run_query(live, q, partials=False), 1)
+            check_same(name, res, lres, "the text read live")
+        if run_pd:
+            status, tp, ppeak, pres = run_pandas(fns[name], args.pandas_budget_gib, args.pandas_timeout)
+            if status == "ok":
+                check_pandas(name, res, pres, kw)
+            pcell = _pandas_cell(status, tp, args.pandas_budget_gib, args.pandas_timeout)
+            ppcell = f"{ppeak:.2f}" if ppeak else "-"
+        else:
+            status, tp, ppeak, pcell, ppcell = "skipped", None, None, "not run", "-"
+        print(
+            f"| {name} | {res.seconds:.3f} | {f'{tr:.2f}' if tr is not None else '-'} | "
+            f"{f'{rpeak:.2f}' if rpeak is not None else '-'} | "
+            f"{f'{tl:.2f}' if tl is not None else '-'} | {f'{lpeak:.2f}' if lpeak is not None else '-'} | "
+            f"{pcell} | {ppcell} |",
+            flush=True,
+        )
+        out["queries"][name].update(
+            {
+                "raw_s": tr,
+                "raw_peak_gib": rpeak,
+                "live_s": tl,
+                "live_peak_gib": lpeak,
+                "pandas": status,
+                "pandas_s": tp,
+                "pandas_peak_gib": ppeak,
+            }
+        )
+        save(out)
+    out["load_after"] = os.getloadavg()[0]
+    print(
+        "\nthe partials give the raw views' rows (where timed) and the live text's; pandas agrees where it ran; "
+        f"load average {load0:.1f} -> {out['load_after']:.1f}",
+        flush=True,
+    )
+    return out
+
+
+#: The canned queries timed (download and annotation progress need tables the generator does not write).
+PANDAS_QUERIES = (
+    "table1",
+    "length_histogram",
+    "prompt_versions",
+    "funnel",
+    "reject_reasons",
+    "quality_flags",
+    "captioners",
+    "captioner_pairs",
+    "keywords",
+)
+
+
+def pandas_fns(root: Path, edges, kw) -> dict:
+    return {
+        "table1": lambda: pd_table1(root),
+        "length_histogram": lambda: pd_length_histogram(root, edges),
+        "prompt_versions": lambda: pd_prompt_versions(root),
+        "funnel": lambda: pd_funnel(root),
+        "reject_reasons": lambda: pd_reject_reasons(root),
+        "quality_flags": lambda: pd_quality_flags(root),
+        "captioners": lambda: pd_captioners(root),
+        "captioner_pairs": lambda: pd_captioner_pairs(root),
+        "keywords": lambda: pd_keywords(root, kw),
+        "words_from_text": lambda: pd_words_from_text(root),
+    }
+
+
+def plot_growth(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["rows"] / 1e6 for r in results]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in results[0]["queries"]:
+        if name not in PANDAS_QUERIES:
+            continue  # words_from_text is an ad-hoc check over the per-row cache, not a canned query
+        ax.plot(xs, [r["queries"][name]["partials_s"] for r in results], marker="o", label=name)
+    ax.set_yscale("log")
+    ax.axhline(2.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("caption rows (millions)")
+    ax.set_ylabel("query wall time (s, log scale; dashed: the 2 s goal)")
+    ax.set_title("Canned stats queries over the merged partials")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=1_000_000, help="caption rows to generate")
+    ap.add_argument(
+        "--rows",
+        type=lambda s: [int(float(x)) for x in s.split(",")],
+        default=[1_000_000],
+        help="caption rows to generate; several (1e6,3e6,1e7) give the growth curve",
+    )
     ap.add_argument("--shard-rows", type=int, default=100_000)
-    ap.add_argument("--repeat", type=int, default=3, help="runs per query; the best is reported")
-    ap.add_argument("--pandas-repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per query over the partials; the best is reported")
     ap.add_argument("--dir", help="use / keep this folder (default: a temp folder, removed at the end)")
     ap.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
+    ap.add_argument("--memory-limit", default="4GB", help="stats.memory_limit for every DuckDB connection")
+    ap.add_argument("--pandas-budget-gib", type=float, default=6.0, help="a pandas query past this RSS is stopped")
+    ap.add_argument("--pandas-timeout", type=float, default=300.0, help="a pandas query past this is stopped")
+    ap.add_argument("--pandas-max-rows", type=int, default=10**9, help="no pandas baseline above this size")
+    ap.add_argument(
+        "--detail-rows",
+        type=lambda s: [int(float(x)) for x in s.split(",")],
+        default=None,
+        help="sizes at which the raw views, the live text and pandas run too (default: every size)",
+    )
+    ap.add_argument(
+        "--live",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["keywords", "words_from_text"],
+        help="text queries also timed reading the text live (stats.derived: false)",
+    )
+    ap.add_argument(
+        "--raw",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=None,
+        help="queries also timed over the raw views (default: all of them)",
+    )
+    ap.add_argument("--incremental", action="store_true", help="at the largest size: add 1 %% rows, rebuild, time it")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--plot", help="write the growth curve (PNG) here")
     args = ap.parse_args()
+    if args.detail_rows is None:
+        args.detail_rows = args.rows
 
-    import duckdb
+    import pandas  # noqa: F401 - imported once here, not in every forked pandas child
 
-    from stats import derived
-    from stats.queries import Query, canned_queries
-    from stats.run import add_mean_nouns, connect, run_query
-    from stats.views import build_views, find_sources
-
-    root = Path(args.dir or tempfile.mkdtemp(prefix="stats-bench-"))
+    base = Path(args.dir or tempfile.mkdtemp(prefix="stats-bench-"))
+    print(f"cores: {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}; DuckDB memory limit {args.memory_limit}")
+    results = []
     try:
-        if not (root / "captions" / "_done").exists():
-            t0 = time.perf_counter()
-            generate(root, args.rows, args.shard_rows)
-            print(f"generated {args.rows:,} caption rows in {time.perf_counter() - t0:.0f} s under {root}")
-        size = sum(f.stat().st_size for f in root.rglob("*.parquet") if "derived" not in f.parts)
-        print(f"parquet on disk: {size / 1e6:.0f} MB; cores: {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}")
-        load_before = os.getloadavg()[0]
-        cfg = load_config([], [f"project.data_root={root}"])
-        sources = find_sources(cfg)
-        edges, kw = cfg.stats.length_buckets, cfg.stats.keywords
+        for rows in args.rows:
 
-        # the derived cache: every shard's text read once (what `make stats` does before its queries)
-        cache = root / "stats"
-        shutil.rmtree(cache / "derived", ignore_errors=True)
-        with duckdb.connect() as dcon:
-            if args.threads:
-                dcon.execute(f"SET threads = {args.threads}")
-            tables = {n: str(root / n) for n in derived.TEXT_TABLES}
-            c0 = time.process_time()
-            state = derived.refresh(dcon, cache, tables, kw)
-            build_cpu = time.process_time() - c0
-            again = derived.refresh(dcon, cache, tables, kw)
-        print(
-            f"derived cache: read the text of {sum(state.computed.values())} shards once in {state.seconds:.2f} s "
-            f"({build_cpu:.1f} CPU s) "
-            f"(a rerun with nothing new: {again.seconds:.2f} s); "
-            f"{sum(f.stat().st_size for f in (cache / 'derived').rglob('*.parquet')) / 1e6:.0f} MB"
-        )
-        con = connect(build_views(cfg, sources, state.folders))
-        live = connect(build_views(cfg, sources))  # stats.derived: false: the same views reading the text
-        for c in (con, live):
-            if args.threads:
-                c.execute(f"SET threads = {args.threads}")
-        have = {n for n, _ in build_views(cfg, sources)}
-        queries = {q.name: q for q in canned_queries(edges, kw, have)}
-        queries["words_from_text"] = Query("words_from_text", "ad hoc", WORDS_FROM_TEXT, ())
-        pandas_fns = {
-            "table1": lambda: pd_table1(root),
-            "length_histogram": lambda: pd_length_histogram(root, edges),
-            "prompt_versions": lambda: pd_prompt_versions(root),
-            "funnel": lambda: pd_funnel(root),
-            "reject_reasons": lambda: pd_reject_reasons(root),
-            "quality_flags": lambda: pd_quality_flags(root),
-            "captioners": lambda: pd_captioners(root),
-            "captioner_pairs": lambda: pd_captioner_pairs(root),
-            "keywords": lambda: pd_keywords(root, kw),
-            "words_from_text": lambda: pd_words_from_text(root),
-        }
-        text_queries = {"keywords", "words_from_text"}
-        print(
-            "\n| query | reads caption text | DuckDB (s) | DuckDB CPU (s) | DuckDB reading the text live (s) | "
-            "pandas (s) | DuckDB faster by |\n|---|---|---|---|---|---|---|"
-        )
-        results = {}
-        for name, pfn in pandas_fns.items():
-            td, res = _time(lambda n=name: run_query(con, queries[n]), args.repeat)
-            cpu = _time.cpu
-            tl = None
-            if name in text_queries:
-                tl, res_live = _time(lambda n=name: run_query(live, queries[n]), args.repeat)
-                assert res_live.rows == res.rows, (name, "the cache and the live text disagree")
-            tp, pres = _time(pfn, args.pandas_repeat)
-            results[name] = (res, pres)
-            print(
-                f"| {name} | {'yes (derived cache)' if name in text_queries else 'no'} | {td:.3f} | {cpu:.2f} | "
-                f"{f'{tl:.2f}' if tl is not None else '-'} | {tp:.2f} | {tp / td:.1f}x |",
-                flush=True,
-            )
-        # same answers
-        t1 = {r[0]: r for r in results["table1"][0].rows}
-        for src, row in results["table1"][1].iterrows():
-            got = t1[src]
-            assert got[1] == row["images"] and got[2] == row["captions"], (src, got, row)
-            assert abs(got[3] - row["mean_short_side"]) < 0.051 and abs(got[4] - row["mean_words"]) < 0.051, (src, got)
-        pv = {r[0] for r in results["prompt_versions"][0].rows}
-        assert pv == {s for s, _ in results["prompt_versions"][1].index}, "prompt versions disagree"
-        f = {r[1]: r[2] for r in results["funnel"][0].rows}
-        pf = results["funnel"][1]
-        assert (f["scored by the filter"], f["kept by the filter"]) == (pf["scored"], pf["kept"]), "funnel disagrees"
-        assert f["captioned (a VLM caption with words)"] == pf["captioned"], "funnel disagrees"
-        pairs = {(r[0], r[1]): r[2] for r in results["captioner_pairs"][0].rows}
-        for (a, b), row in results["captioner_pairs"][1].iterrows():
-            assert pairs[(a, b)] == row["common"], ("captioner_pairs disagree", a, b)
-        kwd = {r[0]: r for r in results["keywords"][0].rows}
-        col = results["keywords"][0].columns.index("pct_" + derived.keyword_column(kw[0])[3:])
-        for src, v in results["keywords"][1][kw[0]].items():
-            assert abs(kwd[src][col] - v) < 0.051, ("keywords disagree", src, kwd[src][col], v)
-        wt = {r[0]: r[2] for r in results["words_from_text"][0].rows}
-        for src, v in results["words_from_text"][1].items():
-            assert abs(wt[src] - v) < 0.006, ("words_from_text disagree", src, wt[src], v)
-        print(
-            "\nDuckDB and pandas agree on table1, prompt_versions, funnel, captioner_pairs, keywords and "
-            "words_from_text; the derived cache and the live text give the same rows."
-        )
-        print("sources:", ", ".join(sorted(t1)))
-        print(f"load average (1 min) before the queries {load_before:.1f}, after {os.getloadavg()[0]:.1f}")
-        t0 = time.perf_counter()
-        res = run_query(con, queries["table1"])
-        add_mean_nouns(con, res, cfg, sources["captions"].columns)
-        print(
-            f"table1 with mean nouns (POS tagging a {cfg.stats.noun_sample}-caption sample per source): "
-            f"{time.perf_counter() - t0:.2f} s"
-        )
+            def save(partial=None):
+                if args.json:
+                    Path(args.json).write_text(json.dumps([*results, *([partial] if partial else [])], indent=1))
+
+            results.append(bench_size(rows, args, base / f"rows-{rows}", save))
+            save()
+        if args.plot and len(results) > 1:
+            plot_growth(results, Path(args.plot))
+        if len(results) > 1:
+            print("\n## growth: query wall time over the partials (s)\n")
+            print("| query | " + " | ".join(f"{r['rows'] / 1e6:g} M" for r in results) + " |")
+            print("|---|" + "---|" * len(results))
+            for name in results[0]["queries"]:
+                print(f"| {name} | " + " | ".join(f"{r['queries'][name]['partials_s']:.3f}" for r in results) + " |")
+            print("| first build | " + " | ".join(f"{r['build_s']:.1f}" for r in results) + " |")
     finally:
         if not args.dir:
-            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(base, ignore_errors=True)
     return 0
 
 

@@ -35,6 +35,19 @@ class StatsConfig(StrictModel):
         "false: the word and keyword views read the text on every query.",
     )
 
+    memory_limit: str = Field(
+        "4GB",
+        pattern=r"^[0-9]+(\.[0-9]+)?\s*(MB|GB|MiB|GiB)$",
+        description="DuckDB's memory limit for every connection of the run (e.g. 4GB, 512MB); past it DuckDB "
+        "spills to <output>/.duckdb_tmp or stops with an out-of-memory error instead of growing.",
+    )
+    threads: int | None = Field(None, ge=1, le=256, description="DuckDB threads; null: one per core.")
+    partials: bool = Field(
+        True,
+        description="Answer the canned queries from per-shard partial aggregates merged at query time "
+        "(needs derived: true); false: scan the raw views every time.",
+    )
+
     @field_validator("length_buckets")
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:

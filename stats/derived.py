@@ -32,14 +32,29 @@ from paradiffusion.storage import Table
 
 log = get_logger("stats")
 
-#: table -> (text column, the other columns copied into the cache)
+#: table -> (text column, the other columns copied into the cache: every column a canned query
+#: reads, so the per-shard partial aggregates and the key-level pass never open the source shard)
 TEXT_TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "captions": (
         "caption",
-        ("key", "model_id", "model_revision", "prompt_id", "prompt_hash", "finish_reason", "n_words"),
+        (
+            "key",
+            "model_id",
+            "model_revision",
+            "prompt_id",
+            "prompt_hash",
+            "finish_reason",
+            "n_words",
+            "seconds",
+            "created_at",
+            "flags",
+        ),
     ),
-    "scores": ("caption", ("key", "kept")),
+    "scores": ("caption", ("key", "kept", "width", "height", "reject_reason")),
 }
+
+#: Bumped when the cache's columns or partials change: every shard is computed again.
+CACHE_VERSION = 3
 
 
 def keyword_column(word: str) -> str:
@@ -57,6 +72,8 @@ class DerivedState:
     """What :func:`refresh` found and did, per table."""
 
     folders: dict[str, str] = field(default_factory=dict)  # table -> cache folder (only complete ones)
+    files: dict[str, list[str]] = field(default_factory=dict)  # table -> per-row cache file of each committed shard
+    idents: dict[str, dict[str, dict]] = field(default_factory=dict)  # table -> shard -> what its cache was made from
     computed: dict[str, int] = field(default_factory=dict)  # table -> shards (re)computed this run
     reused: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -70,8 +87,13 @@ def refresh(con, stats_dir: str | Path, tables: dict[str, str], keywords: list[s
     """Bring the cache of each table in ``tables`` (name -> table folder) up to date.
 
     ``con`` is a DuckDB connection (its threads do the reading). Returns the folders that now
-    hold one cache file per committed shard.
+    hold one cache file per committed shard. Beside each shard's per-row file it writes the
+    shard's partial aggregates (:func:`stats.aggregates.write_partials`); the ``.json`` written
+    last commits all of them.
     """
+    import duckdb
+
+    from stats.aggregates import PARTS, write_partials
     from stats.views import words_sql
 
     state = DerivedState()
@@ -91,19 +113,33 @@ def refresh(con, stats_dir: str | Path, tables: dict[str, str], keywords: list[s
         for stale in present - set(done):
             (folder / f"{stale}.json").unlink(missing_ok=True)
             (folder / f"{stale}.parquet").unlink(missing_ok=True)
+            for part in PARTS[name]:
+                (folder / f"{stale}.{part}.parquet").unlink(missing_ok=True)
         computed = reused = 0
+        idents: dict[str, dict] = {}
+        markers = src.markers()
         for shard in done:
-            marker = src.marker(shard)
-            ident = {"marker": marker, "keywords": want_kw}
+            marker = markers[shard]
+            # the partials hold sums per keyword: a changed keyword list recomputes them
+            ident = {"marker": marker, "keywords": want_kw, "version": CACHE_VERSION, "duckdb": duckdb.__version__}
             meta = folder / f"{shard}.json"
-            if meta.exists() and (folder / f"{shard}.parquet").exists():
+            files = [folder / f"{shard}.parquet", *(folder / f"{shard}.{p}.parquet" for p in PARTS[name])]
+            if meta.exists() and all(f.exists() for f in files):
                 old = json.loads(meta.read_text())
-                if old.get("marker") == marker and set(want_kw) <= set(old.get("keywords", [])):
+                if old == ident:
                     reused += 1
+                    idents[shard] = ident
                     continue
+            meta.unlink(missing_ok=True)  # uncommitted while its files are replaced
             cols = [c for c in keep]
             have = set(_schema_names(src.shard_file(shard)))
             select = [c if c in have else f"NULL AS {c}" for c in cols]
+            if name == "captions" and "n_words" not in have and text in have:
+                select[cols.index("n_words")] = f"{words_sql(text)} AS n_words"  # what the views count then
+            # the key as a 64-bit hash: the key-level pass joins and counts these, not strings
+            select.append("hash(key) AS kh")
+            if name == "captions":  # the caption set as one number: the key-level pass groups by (sid, kh)
+                select.append("hash(model_id, model_revision, prompt_id, prompt_hash) AS sid")
             select.append(f"{words_sql(text)} AS words" if text in have else "0 AS words")
             for w in want_kw:
                 select.append(f"{keyword_sql(text, w) if text in have else 'false'} AS {keyword_column(w)}")
@@ -113,11 +149,15 @@ def refresh(con, stats_dir: str | Path, tables: dict[str, str], keywords: list[s
                 f"TO '{_q(str(tmp))}' (FORMAT parquet, COMPRESSION zstd)"
             )
             os.replace(tmp, folder / f"{shard}.parquet")
+            write_partials(con, name, folder, shard, want_kw)
             tmp_meta = folder / f".{shard}.json.tmp"
             tmp_meta.write_text(json.dumps(ident))
             os.replace(tmp_meta, meta)
             computed += 1
+            idents[shard] = ident
         state.folders[name] = str(folder)
+        state.files[name] = [str(folder / f"{s}.parquet") for s in done]
+        state.idents[name] = idents
         state.computed[name] = computed
         state.reused[name] = reused
         if computed:

@@ -11,12 +11,34 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Query:
-    """One canned query: a title for the report, the SQL and the views it needs."""
+    """One canned query: a title for the report, the SQL over the raw views, the views it needs,
+    and the same query over the partial aggregates (:mod:`stats.aggregates`), where it has one."""
 
     name: str
     title: str
     sql: str
     needs: tuple[str, ...]
+    agg_sql: str | None = None
+
+
+def captioner_pairs_sql(latest: str) -> str:
+    """Caption set against caption set on their common images; ``latest`` gives one row per
+    (key, source): the words of the newest non-error caption."""
+    return (
+        f"WITH c AS ({latest}) "
+        "SELECT a.source AS source_a, b.source AS source_b, count(*) AS common_images, "
+        "round(avg(a.words), 1) AS mean_words_a, round(avg(b.words), 1) AS mean_words_b, "
+        "round(avg(abs(a.words - b.words)), 1) AS mean_abs_diff, "
+        "round(100 * avg((a.words > b.words)::INT), 1) AS pct_a_longer "
+        "FROM c a JOIN c b ON a.key = b.key AND a.source < b.source GROUP BY ALL ORDER BY source_a, source_b"
+    )
+
+
+#: The newest non-error caption's words per (key, caption set), over the raw rows.
+LATEST_WORDS_SQL = (
+    "SELECT key, source, arg_max(n_words, created_at) AS words FROM vlm_captions "
+    "WHERE finish_reason IS DISTINCT FROM 'error' GROUP BY key, source"
+)
 
 
 def bucket_labels(edges: list[int]) -> list[str]:
@@ -46,8 +68,17 @@ def canned_queries(length_buckets: list[int], keywords: list[str], have: set[str
     """Every canned query, in report order; ``have`` is the set of views that exist.
 
     Images are counted as distinct keys: a source can hold two rows for one image (two approved
-    annotators under ``train_rule: each``), and Table 1 says so in ``captions``.
+    annotators under ``train_rule: each``), and Table 1 says so in ``captions``. Where the
+    partial aggregates exist (the ``agg_*`` and ``keyed_*`` views), each query carries its
+    ``agg_sql`` too: the same rows from the merged partials.
     """
+    agg = _agg_sql(length_buckets, keywords, have) if "agg_sets" in have or "agg_alt" in have else {}
+    return [
+        Query(q.name, q.title, q.sql, q.needs, agg.get(q.name)) for q in _raw_queries(length_buckets, keywords, have)
+    ]
+
+
+def _raw_queries(length_buckets: list[int], keywords: list[str], have: set[str]) -> list[Query]:
     labels = bucket_labels(length_buckets)
     label_sql = "[" + ", ".join(f"'{x}'" for x in labels) + "]"
     return [
@@ -119,14 +150,7 @@ def canned_queries(length_buckets: list[int], keywords: list[str], have: set[str
         Query(
             "captioner_pairs",
             "Caption set against caption set on the images both captioned",
-            "WITH c AS (SELECT key, source, n_words AS words FROM vlm_captions "
-            " WHERE finish_reason IS DISTINCT FROM 'error' "
-            " QUALIFY row_number() OVER (PARTITION BY key, source ORDER BY created_at DESC) = 1) "
-            "SELECT a.source AS source_a, b.source AS source_b, count(*) AS common_images, "
-            "round(avg(a.words), 1) AS mean_words_a, round(avg(b.words), 1) AS mean_words_b, "
-            "round(avg(abs(a.words - b.words)), 1) AS mean_abs_diff, "
-            "round(100 * avg((a.words > b.words)::INT), 1) AS pct_a_longer "
-            "FROM c a JOIN c b ON a.key = b.key AND a.source < b.source GROUP BY ALL ORDER BY source_a, source_b",
+            captioner_pairs_sql(LATEST_WORDS_SQL),
             ("vlm_captions",),
         ),
         Query(
@@ -220,3 +244,98 @@ def funnel_sql(have: set[str]) -> str | None:
         + " UNION ALL ".join(rows)
         + ") ORDER BY step"
     )
+
+
+def _agg_sql(length_buckets: list[int], keywords: list[str], have: set[str]) -> dict[str, str]:
+    """The canned queries over the partial aggregates: sums over every committed shard's partials,
+    labelled through the merged prompt versions, the key-level numbers joined in. Each mirrors
+    its raw query's arithmetic (``100 * (a / b)`` where the raw one takes ``100 * avg``) so the
+    rounded results are the same."""
+    from stats.aggregates import SET_JOIN
+    from stats.derived import keyword_column, keyword_sql
+    from stats.views import words_sql
+
+    labels = bucket_labels(length_buckets)
+    label_sql = "[" + ", ".join(f"'{x}'" for x in labels) + "]"
+    kws = [keyword_column(w) for w in sorted(set(keywords))]
+    vlm = "agg_sets" in have
+    alt = "agg_alt" in have
+    ann = "annotations_approved" in have
+    out: dict[str, str] = {}
+    sets_by_source = "FROM agg_sets p JOIN agg_prompt_versions v ON " + SET_JOIN
+    if alt and "keyed_table1" in have:
+        counts = ["SELECT 'alt_text' AS source, sum(rows) AS captions, sum(words_sum) AS words FROM agg_alt"]
+        if vlm:
+            counts.append(f"SELECT v.source, sum(p.words_rows), sum(p.words_sum) {sets_by_source} GROUP BY v.source")
+        if ann:
+            counts.append(
+                f"SELECT 'annotations_approved', count(*), sum({words_sql('text')}) FROM annotations_approved"
+            )
+        out["table1"] = (
+            "WITH c AS (" + " UNION ALL ".join(counts) + ") "
+            "SELECT k.source, k.images, c.captions, round(k.ss_sum / nullif(k.ss_n, 0), 1) AS mean_short_side, "
+            "round(c.words / c.captions, 1) AS mean_words FROM keyed_table1 k JOIN c USING (source) ORDER BY source"
+        )
+        lengths = ["SELECT 'alt_text' AS source, n_words, n FROM agg_alt_lengths"]
+        if vlm:
+            lengths.append(
+                "SELECT v.source, p.n_words, p.n FROM agg_lengths p JOIN agg_prompt_versions v ON " + SET_JOIN
+            )
+        if ann:
+            lengths.append(f"SELECT 'annotations_approved', {words_sql('text')}, 1 FROM annotations_approved")
+        out["length_histogram"] = (
+            "WITH l AS (" + " UNION ALL ".join(lengths) + "), "
+            f"b AS (SELECT source, {bucket_case('n_words', length_buckets)} AS bucket, sum(n)::BIGINT AS n "
+            "FROM l WHERE n_words IS NOT NULL GROUP BY ALL) "
+            f"SELECT source, bucket, {label_sql}[bucket + 1] AS words, n AS captions, "
+            "round(100.0 * n / sum(n) OVER (PARTITION BY source), 1) AS pct FROM b ORDER BY source, bucket"
+        )
+        if kws:
+            kw_parts = [
+                "SELECT 'alt_text' AS source, rows AS captions" + "".join(f", {c}" for c in kws) + " FROM agg_alt"
+            ]
+            if vlm:
+                kw_parts.append(
+                    "SELECT v.source, p.words_rows" + "".join(f", p.{c}" for c in kws) + f" {sets_by_source}"
+                )
+            if ann:
+                kw_parts.append(
+                    "SELECT 'annotations_approved', 1"
+                    + "".join(f", {keyword_sql('text', w)}::BIGINT" for w in sorted(set(keywords)))
+                    + " FROM annotations_approved"
+                )
+            pct = ", ".join(f"round(100 * (sum({c}) / sum(captions)), 1) AS pct_{c[3:]}" for c in kws)
+            out["keywords"] = (
+                "WITH k AS (" + " UNION ALL ".join(kw_parts) + ") "
+                f"SELECT source, sum(captions)::BIGINT AS captions, {pct} FROM k GROUP BY source "
+                "HAVING sum(captions) > 0 ORDER BY source"
+            )
+        out["reject_reasons"] = (
+            "SELECT reject_reason, sum(n)::BIGINT AS n, "
+            "round(100.0 * sum(n)::BIGINT / sum(sum(n)::BIGINT) OVER (), 1) AS pct "
+            "FROM agg_rejects GROUP BY reject_reason ORDER BY n DESC, reject_reason"
+        )
+    if vlm:
+        out["prompt_versions"] = (
+            "SELECT source, prompt_hash, first_used, captions FROM agg_prompt_versions "
+            "ORDER BY model_id, model_revision, prompt_id, prompt_version"
+        )
+        out["quality_flags"] = (
+            "SELECT v.source, p.flag, sum(p.n)::BIGINT AS n FROM agg_flags p JOIN agg_prompt_versions v ON "
+            + SET_JOIN
+            + " GROUP BY ALL ORDER BY source, n DESC, flag"
+        )
+        if "keyed_captioners" in have:
+            out["captioners"] = (
+                "WITH s AS (SELECT v.source, sum(p.rows)::BIGINT AS captions, sum(p.n_words_sum) AS nw, "
+                "sum(p.n_words_n) AS nn, sum(p.seconds_sum) AS ss, sum(p.seconds_n) AS sn, "
+                f"sum(p.length_n) AS ln, sum(p.finish_n) AS fn {sets_by_source} GROUP BY v.source) "
+                "SELECT s.source, s.captions, k.images, round(nw / nullif(nn, 0), 1) AS mean_words, "
+                "round(ss / nullif(sn, 0), 3) AS mean_seconds, round(100 * (ln / nullif(fn, 0)), 1) AS pct_truncated "
+                "FROM s JOIN keyed_captioners k USING (source) ORDER BY source"
+            )
+        if "keyed_pairs" in have:
+            out["captioner_pairs"] = "SELECT * FROM keyed_pairs ORDER BY source_a, source_b"
+    if "keyed_funnel" in have:
+        out["funnel"] = "SELECT * FROM keyed_funnel ORDER BY step"
+    return out

@@ -7,7 +7,9 @@ Output folder (``stats.output``, default ``<data_root>/stats``)::
     report.md        every canned query as a Markdown table, with the plots
     stats.json       the same results as JSON
     *.png            caption-length histogram, funnel
-    derived/         text-derived columns per source shard (stats.derived): the text is read once
+    derived/         per committed shard: text-derived columns and partial aggregates (stats.derived,
+                     stats.aggregates); derived/keyed/: the key-level results (distinct images, funnel)
+    .duckdb_tmp/     DuckDB's spill folder (stats.memory_limit)
     _config.yaml, _summary.json
 """
 
@@ -24,6 +26,7 @@ from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.log import get_logger
 from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, join
+from stats import aggregates as _aggregates
 from stats import derived as _derived
 from stats import nouns as _nouns
 from stats.queries import Query, bucket_labels, canned_queries
@@ -52,11 +55,26 @@ def stats_dir(cfg: RootConfig) -> str:
 STORAGE_VERSION = "v1.2.0"
 
 
-def connect(views: list[tuple[str, str]], database: str = ":memory:"):
+def configure(con, sc, out: str | Path | None = None):
+    """Bound a connection's memory (``stats.memory_limit``, spilling under ``<out>/.duckdb_tmp``)
+    and threads; insertion order is not kept (no canned query needs it, and it costs memory)."""
+    con.execute(f"SET memory_limit = '{sc.memory_limit}'")
+    if sc.threads:
+        con.execute(f"SET threads = {int(sc.threads)}")
+    if out is not None:
+        tmp = Path(out) / ".duckdb_tmp"
+        con.execute(f"SET temp_directory = '{str(tmp).replace(chr(39), chr(39) * 2)}'")
+    con.execute("SET preserve_insertion_order = false")
+    return con
+
+
+def connect(views: list[tuple[str, str]], database: str = ":memory:", sc=None, out=None):
     """A DuckDB connection with the views created (in ``database`` when it is a file)."""
     from paradiffusion.storage import duckdb_connect
 
     con = duckdb_connect()  # tables on object storage read through this run's fsspec filesystems
+    if sc is not None:
+        configure(con, sc, out)
     if database != ":memory:":
         con.execute(f"ATTACH '{database}' AS stats_db (STORAGE_VERSION '{STORAGE_VERSION}')")
         con.execute("USE stats_db")
@@ -65,9 +83,10 @@ def connect(views: list[tuple[str, str]], database: str = ":memory:"):
     return con
 
 
-def run_query(con, q: Query) -> Result:
+def run_query(con, q: Query, partials: bool = True) -> Result:
+    """Run a canned query: over the merged partials where it has them (``partials``), else the raw views."""
     t0 = time.perf_counter()
-    cur = con.execute(q.sql)
+    cur = con.execute(q.agg_sql if partials and q.agg_sql else q.sql)
     rows = cur.fetchall()
     cols = [d[0] for d in cur.description]
     return Result(q.name, q.title, cols, rows, time.perf_counter() - t0)
@@ -120,7 +139,7 @@ def _sample_captions(
     by_source: dict[str, list[tuple[int, str]]] = {}
     for source, caption, hv in rows:
         by_source.setdefault(source, []).append((hv, caption or ""))
-    return [(s, c) for s, got in by_source.items() for _, c in sorted(got)[:n]]
+    return [(s, c) for s in sorted(by_source) for _, c in sorted(by_source[s])[:n]]
 
 
 def add_mean_nouns(con, res: Result, cfg: RootConfig, caption_columns: list[str] | None = None) -> None:
@@ -262,26 +281,35 @@ def run_stats(cfg: RootConfig, only: list[str] | None = None, quiet: bool = Fals
     )
     summary = StageSummary("stats")
     out.mkdir(parents=True, exist_ok=True)
-    derived: dict[str, str] = {}
+    derived: dict[str, list[str]] = {}
+    agg: list[tuple[str, str]] = []
+    state = None
     if sc.derived:
         from paradiffusion.storage import duckdb_connect
 
         with duckdb_connect() as dcon:
-            tables = {n: join(cfg.project.data_root, n) for n in _derived.TEXT_TABLES if n in have}
+            configure(dcon, sc, out)
+            tables = {n: sources[n].url for n in _derived.TEXT_TABLES if n in have}
             state = _derived.refresh(dcon, out, tables, sc.keywords)
-        derived = state.folders
+            derived = state.files
+            # the partials answer the canned queries only when they cover every cached table present
+            if sc.partials and set(tables) and set(tables) <= set(state.files):
+                keyed_dir, recomputed, secs = _aggregates.refresh_keyed(dcon, out, state, sources, cfg)
+                agg = _aggregates.agg_views(state, keyed_dir)
+                summary.extra["keyed_recomputed"] = recomputed
+                summary.extra["keyed_seconds"] = round(secs, 2)
         summary.extra["derived_shards_read"] = sum(state.computed.values())
         summary.extra["derived_shards_reused"] = sum(state.reused.values())
         summary.extra["derived_seconds"] = round(state.seconds, 2)
-    views = build_views(cfg, sources, derived)
+    views = build_views(cfg, sources, derived) + agg
     view_names = {n for n, _ in views}
-    _write_atomic(out / "views.sql", views_sql(views, missing, derived).encode())
+    _write_atomic(out / "views.sql", views_sql(views, missing, state.folders if state else None).encode())
     if sc.write_duckdb:
         tmp = out / ".stats.duckdb.tmp"
         tmp.unlink(missing_ok=True)
         connect(views, str(tmp)).close()
         os.replace(tmp, out / "stats.duckdb")
-    con = connect(views)
+    con = connect(views, sc=sc, out=out)
     queries = canned_queries(sc.length_buckets, sc.keywords, view_names)
     results: dict[str, Result] = {}
     summary.n_in = len(queries)

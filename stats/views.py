@@ -1,8 +1,11 @@
 """DuckDB views over every Parquet table, read in place (no second copy).
 
 :func:`build_views` returns ``(name, sql)`` pairs for the tables that exist; :func:`views_sql`
-renders them as a ``views.sql`` that the duckdb CLI can ``.read``. Base views read the shard
-globs, so they see new shards without being regenerated. Derived views:
+renders them as a ``views.sql`` that the duckdb CLI can ``.read``. Base views read the
+*committed* shards only: the files are listed from the commit markers (``Table.files()``; for
+img2dataset's ``images``, the shards with their ``_stats.json``) when ``make stats`` writes the
+views, never a ``part-*`` glob, so a shard without a marker (in flight, or left by a killed run)
+is never counted. Rerun ``make stats`` after new shards are committed to see them. Derived views:
 
 - ``prompt_versions``: one row per caption set, i.e. model (+ revision) x prompt *text*. A
   prompt id whose text changed (a new ``prompt_hash``) is a new version, numbered by first use
@@ -32,23 +35,24 @@ lone "-" is not a word), so Table 1 and the histogram never read the long captio
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow.parquet as pq
 
 from paradiffusion.config import RootConfig
 from paradiffusion.images import IMAGE_COLUMNS
-from paradiffusion.storage import join
+from paradiffusion.storage import Table, join
 
-#: Base tables: view name -> (folder under data_root, shard glob inside it).
+#: Base tables: view name -> folder under data_root. ``images`` is img2dataset's output (a shard is
+#: complete when its ``_stats.json`` exists); the others are ``Table``s (committed by marker).
 BASE_TABLES = {
-    "images": ("images", "*.parquet"),
-    "scores": ("scores", "part-*.parquet"),
-    "captions": ("captions", "part-*.parquet"),
-    "candidates": ("candidates", "part-*.parquet"),
-    "annotations": ("annotations", "part-*.parquet"),
-    "small_train": ("small_train", "part-*.parquet"),
+    "images": "images",
+    "scores": "scores",
+    "captions": "captions",
+    "candidates": "candidates",
+    "annotations": "annotations",
+    "small_train": "small_train",
 }
 
 #: Columns left out of the base views (image bytes and embeddings: large, never aggregated).
@@ -76,38 +80,61 @@ def _lit(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def selected_sql(captions_glob: str, cfg: RootConfig) -> str:
+def files_sql(files: list[str]) -> str:
+    """``read_parquet`` of an explicit list of shard files (the committed ones)."""
+    return "read_parquet([" + ", ".join(_lit(f) for f in files) + "], union_by_name = true)"
+
+
+def selected_sql(files: list[str], cfg: RootConfig) -> str:
     """The selected caption per key: the captioning stage's rule (``caption.select``), so the
     view, the annotation drafts and the captioner agree."""
     from captioning.store import selected_captions_sql
 
-    return selected_captions_sql(f"read_parquet({_lit(captions_glob)}, union_by_name = true)", cfg.caption.select)
+    return selected_captions_sql(files_sql(files), cfg.caption.select)
 
 
 @dataclass
 class Source:
-    """Where one base table lives and whether it has shards."""
+    """Where one base table lives, its committed shard files and their columns."""
 
     name: str
-    glob: str
-    exists: bool
+    url: str
+    files: list[str]
     columns: list[str]
+    shards: list[str] = field(default_factory=list)  # shard names, in the order of ``files``
+
+    @property
+    def exists(self) -> bool:
+        return bool(self.files)
+
+
+def committed_files(name: str, url: str) -> list[tuple[str, str]]:
+    """``(shard, file URL)`` of the committed shards of one base table, sorted by shard."""
+    from paradiffusion.images import image_shards
+
+    if name == "images":
+        return image_shards(url)
+    t = Table(url)
+    if not t.exists():
+        return []
+    shards = sorted(t.done_shards())
+    return list(zip(shards, t.files(), strict=True))
 
 
 def find_sources(cfg: RootConfig) -> dict[str, Source]:
-    """The base tables under ``data_root`` (and ``stats.images``), with their columns (the union
-    over the shards, so a column added later is seen)."""
+    """The base tables under ``data_root`` (and ``stats.images``): their committed shard files
+    and columns (the union over the shards, so a column added later is seen)."""
     out = {}
-    for name, (folder, pattern) in BASE_TABLES.items():
+    for name, folder in BASE_TABLES.items():
         url = cfg.stats.images if name == "images" and cfg.stats.images else join(cfg.project.data_root, folder)
-        fs, path = fsspec.core.url_to_fs(url)
-        files = sorted(fs.glob(join(path, pattern))) if fs.exists(path) else []
-        cols: list[str] = []
-        for f in files[:1] if name in ("images", "scores", "captions") else files:
-            cols += [c for c in pq.read_schema(f, filesystem=fs).names if c not in cols]
         if "://" not in url:
             url = os.path.abspath(url)  # views in a .duckdb file must not depend on the working folder
-        out[name] = Source(name, join(url, pattern), bool(files), cols)
+        found = committed_files(name, url)
+        fs = fsspec.core.url_to_fs(url)[0]
+        cols: list[str] = []
+        for _, f in found[:1] if name in ("images", "scores", "captions") else found:
+            cols += [c for c in pq.read_schema(fsspec.core.url_to_fs(f)[1], filesystem=fs).names if c not in cols]
+        out[name] = Source(name, url, [f for _, f in found], cols, [s for s, _ in found])
     return out
 
 
@@ -133,12 +160,12 @@ def source_label_sql(alias: str = "") -> str:
 
 
 def build_views(
-    cfg: RootConfig, sources: dict[str, Source] | None = None, derived: dict[str, str] | None = None
+    cfg: RootConfig, sources: dict[str, Source] | None = None, derived: dict[str, list[str]] | None = None
 ) -> list[tuple[str, str]]:
     """``(view name, SELECT ...)`` for every view whose tables exist, in dependency order.
 
-    ``derived`` maps a table (``captions``, ``scores``) to its :mod:`stats.derived` cache folder;
-    without it the word and keyword views read the text.
+    ``derived`` maps a table (``captions``, ``scores``) to its :mod:`stats.derived` per-row cache
+    files (one per committed shard); without it the word and keyword views read the text.
     """
     from captioning.small.texts import approved_sql, texts_sql
     from stats.derived import keyword_column, keyword_sql
@@ -153,7 +180,7 @@ def build_views(
             continue
         drop = [c for c in src[name].columns if c in HEAVY_COLUMNS]
         exclude = f" EXCLUDE ({', '.join(drop)})" if drop else ""
-        views.append((name, f"SELECT *{exclude} FROM read_parquet({_lit(src[name].glob)}, union_by_name = true)"))
+        views.append((name, f"SELECT *{exclude} FROM {files_sql(src[name].files)}"))
     if "captions" in have:
         cols = src["captions"].columns
         rev = "model_revision" if "model_revision" in cols else "NULL::VARCHAR"
@@ -181,15 +208,15 @@ def build_views(
             views.append(
                 (
                     "caption_words",
-                    f"SELECT v.source, d.* FROM read_parquet({_lit(derived['captions'] + '/*.parquet')}, "
-                    "union_by_name = true) d JOIN prompt_versions v ON d.model_id = v.model_id AND "
+                    f"SELECT v.source, d.* EXCLUDE (kh) FROM {files_sql(derived['captions'])} d "
+                    "JOIN prompt_versions v ON d.model_id = v.model_id AND "
                     "d.prompt_id = v.prompt_id AND d.prompt_hash = v.prompt_hash "
                     "AND coalesce(d.model_revision, '') = coalesce(v.model_revision, '')",
                 )
             )
         else:
             views.append(("caption_words", f"SELECT *, {words_sql('caption')} AS words FROM vlm_captions"))
-        views.append(("selected_captions", selected_sql(src["captions"].glob, cfg)))
+        views.append(("selected_captions", selected_sql(src["captions"].files, cfg)))
     if "annotations" in have:
         cols = src["annotations"].columns
         base = (
@@ -207,11 +234,7 @@ def build_views(
             f"SELECT 'alt_text' AS source, s.key, s.caption, {words_sql('s.caption')} AS n_words, "
             f"{size} FROM scores s WHERE s.kept"
         ]
-        alt_kw = (
-            f"read_parquet({_lit(derived['scores'] + '/*.parquet')}, union_by_name = true)"
-            if "scores" in derived
-            else "scores"
-        )
+        alt_kw = files_sql(derived["scores"]) if "scores" in derived else "scores"
         kw_alt = ", ".join(
             (keyword_column(w) if "scores" in derived else f"{keyword_sql('caption', w)} AS {keyword_column(w)}")
             for w in keywords
@@ -253,7 +276,8 @@ def build_views(
 
 
 def views_sql(views: list[tuple[str, str]], missing: list[str], derived: dict[str, str] | None = None) -> str:
-    """The ``views.sql`` text: ``duckdb -c ".read views.sql" -c "SELECT ..."``."""
+    """The ``views.sql`` text: ``duckdb -c ".read views.sql" -c "SELECT ..."``; ``derived`` maps a
+    table to its cache folder (named in a comment)."""
     lines = [
         "-- DuckDB views over the ParaDiffusion tables, read in place. Written by `paradiffusion stats`.",
         '-- Use: duckdb -c ".read views.sql" -c "SELECT source, count(DISTINCT key) FROM caption_sources GROUP BY 1"',

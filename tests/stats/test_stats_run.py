@@ -169,10 +169,9 @@ def test_derived_cache_gives_the_same_answers_and_is_reused(stats_cfg, tables):
     summary = json.loads((root / "stats" / "_summary.json").read_text())
     assert summary["derived_shards_read"] == 4 and summary["derived_shards_reused"] == 0  # 2 captions + 2 scores
     assert sorted(p.name for p in (root / "stats" / "derived" / "captions").iterdir()) == [
-        "00000.json",
-        "00000.parquet",
-        "00001.json",
-        "00001.parquet",
+        f"{s}.{part}"
+        for s in ("00000", "00001")
+        for part in ("flags.parquet", "json", "lengths.parquet", "parquet", "sets.parquet")
     ]
     again = run_stats(stats_cfg, quiet=True)
     summary = json.loads((root / "stats" / "_summary.json").read_text())
