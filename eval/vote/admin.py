@@ -130,5 +130,8 @@ def run_vote_admin(cfg: RootConfig, args: argparse.Namespace) -> int:
         print(json.dumps(store.progress(), indent=2))
     elif args.action == "export":
         url, n = export_votes(store, str(store.path.parent))
-        print(f"{n} votes -> {url} (DuckDB: SELECT * FROM read_parquet('{url}/part-*.parquet'))", file=sys.stderr)
+        from paradiffusion.storage import Table
+
+        # the committed shard list from the markers, never a glob (which would see a shard in flight)
+        print(f"{n} votes -> {url} (DuckDB: SELECT * FROM {Table(url).sql_source()})", file=sys.stderr)
     return 0

@@ -134,8 +134,8 @@ def build_pairs(
 
 def export_votes(store, folder: str) -> tuple[str, int]:
     """Write every vote to ``<folder>/export`` (one committed Parquet shard, replaced on
-    each export) and return the table URL and the row count. Query it with DuckDB:
-    ``SELECT * FROM read_parquet('<folder>/export/part-*.parquet')``."""
+    each export) and return the table URL and the row count. Query it with DuckDB over the
+    committed shards: ``SELECT * FROM {Table(url).sql_source()}``."""
     from eval.schemas import VOTES
 
     table = Table(f"{folder.rstrip('/')}/export", schema=VOTES)
