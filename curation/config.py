@@ -173,6 +173,11 @@ class FilterModelsConfig(StrictModel):
         description="LAION improved aesthetic predictor weights (path or URL; loaded with weights_only); "
         "null: no aesthetic score",
     )
+    nsfw: str | None = Field(
+        None,
+        description="LAION CLIP-based NSFW detector (ViT-L/14 embeddings) converted to safetensors with "
+        "`python -m curation.safety.nsfw convert` (path or URL); null: no NSFW score",
+    )
     device: str = Field("auto", description="'auto' (CUDA when the actor has a GPU, else CPU), 'cpu', 'cuda', ...")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp16", description="model dtype on GPU; on CPU the models always run in fp32"
@@ -223,6 +228,13 @@ class FilterThresholdsConfig(StrictModel):
         le=1.0,
         description="a cosine, -1 to 1: cosine(image, alt text). LAION-5B kept ViT-B/32 >= 0.28; ViT-L/14 scores "
         "run lower, so calibrate on your data",
+    )
+    nsfw_max: float | None = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="NSFW probability (filter.models.nsfw) above this rejects (reason `nsfw`); 0.5 is the detector's "
+        "decision boundary, Stable Diffusion 2 trained on punsafe <= 0.1 (stricter); null: off",
     )
     dedup: Literal["off", "exact", "near"] = Field(
         "exact", description="'exact': same bytes or same decoded pixels; 'near': also embedding cosine >= near_dup_min"

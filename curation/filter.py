@@ -127,6 +127,11 @@ def validate(cfg: RootConfig) -> None:
             f"filter.models.aesthetic = {m.aesthetic!r}: file not found (allowed: a local .pth/.safetensors file, "
             "an http(s) or fsspec URL, or null)"
         )
+    if m.nsfw is not None and "://" not in m.nsfw and not os.path.isfile(m.nsfw):
+        raise ConfigError(
+            f"filter.models.nsfw = {m.nsfw!r}: file not found (allowed: converted weights, see "
+            "`python -m curation.safety.nsfw convert`, an http(s) or fsspec URL, or null)"
+        )
     if m.device not in ("auto", "cpu") and not m.device.startswith(("cuda", "mps", "xpu")):
         raise ConfigError(f"filter.models.device = {m.device!r}: allowed 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
 
@@ -240,6 +245,9 @@ class Scorer:
         precision = m.precision if device.type != "cpu" else "fp32"
         self.clip = load_clip(m.clip_model, m.clip_pretrained, device=str(device), precision=precision)
         self.aesthetic = load_aesthetic(m.aesthetic, device=str(device)) if m.aesthetic else None
+        from curation.safety.nsfw import load_nsfw
+
+        self.nsfw = load_nsfw(m.nsfw, device=str(device)) if m.nsfw else None
         self.filters = model_filters(cfg.thresholds)
         self.keep_embeddings = keep_embeddings
         self.batch_size = cfg.batch_size
@@ -254,6 +262,7 @@ class Scorer:
         txt_emb = np.full((n, dim), np.nan, np.float32)
         aesthetic = np.full(n, np.nan, np.float32)
         clip = np.full(n, np.nan, np.float32)
+        nsfw = np.full(n, np.nan, np.float32)
         for s in range(0, len(idx), self.batch_size):
             part = idx[s : s + self.batch_size]
             ie = self.clip.encode_images(batch[_PIXELS][part])
@@ -262,16 +271,22 @@ class Scorer:
             clip[part] = clip_scores(ie, te)
             if self.aesthetic is not None:
                 aesthetic[part] = self.aesthetic.score(ie)
+            if self.nsfw is not None:  # the same image embedding: a 768x64 MLP more
+                nsfw[part] = self.nsfw.score(ie)
         reasons, details = _objects(batch["reject_reason"]), _objects(batch["reject_detail"])
         for i in idx:
             rej = first_rejection(
                 self.filters,
-                {"aesthetic": float(aesthetic[i]) if self.aesthetic else None, "clip_score": float(clip[i])},
+                {
+                    "aesthetic": float(aesthetic[i]) if self.aesthetic else None,
+                    "clip_score": float(clip[i]),
+                    "nsfw": float(nsfw[i]) if self.nsfw is not None else None,
+                },
             )
             if rej is not None:
                 reasons[i], details[i] = rej
         out = {k: v for k, v in batch.items() if k not in (_PIXELS, _TOKENS)}
-        out.update(reject_reason=reasons, reject_detail=details, aesthetic=aesthetic, clip_score=clip)
+        out.update(reject_reason=reasons, reject_detail=details, aesthetic=aesthetic, clip_score=clip, nsfw=nsfw)
         if self.keep_embeddings:
             out["image_embedding"], out["text_embedding"] = img_emb, txt_emb
         return out
@@ -311,7 +326,7 @@ def batch_to_table(batch: dict[str, np.ndarray]) -> pa.Table:
         cols[name] = [None if _missing(v) else str(v) for v in batch[name]]
     cols["width"] = _nullable(batch["width"], -1)
     cols["height"] = _nullable(batch["height"], -1)
-    for name in ("language_score", "aesthetic", "clip_score"):
+    for name in ("language_score", "aesthetic", "clip_score", "nsfw"):
         cols[name] = _nullable(np.asarray(batch[name], np.float32), None)
     cols["kept"] = [r is None for r in cols["reject_reason"]]
     for name in ("image_embedding", "text_embedding"):
@@ -480,6 +495,7 @@ from curation.filter_settings import (  # noqa: E402 - re-exported: the stage's 
     decision_settings,
     measure_settings,
     plan_measured,
+    read_measured,
     recheck,
 )
 
@@ -583,7 +599,7 @@ def decide(
             if shard in redo
             else ["key", "reject_reason", "sha256", "pixel_hash"]
         )
-        rows = pq.read_table(work.shard_file(shard), filesystem=work.fs, columns=cols)
+        rows = read_measured(work, shard, cols)
         if shard in redo:
             reasons, details, _ = recheck(rows, f)
             measured[shard] = _Measured(reasons, details)
@@ -622,7 +638,7 @@ def decide(
         if out.is_done(shard) and out.marker(shard).get("decision_digest") == digest:
             continue
         names = [n for n in SCORES.names if f.save_embeddings or n not in ("image_embedding", "text_embedding")]
-        rows = pq.read_table(work.shard_file(shard), filesystem=work.fs, columns=names)
+        rows = read_measured(work, shard, names)
         if shard in expected_rows and rows.num_rows != expected_rows[shard]:
             raise RuntimeError(f"shard {shard}: {rows.num_rows} measured rows for {expected_rows[shard]} input rows")
         m = measured.get(shard)
@@ -699,6 +715,7 @@ def run_filter(cfg: RootConfig, args: argparse.Namespace | None = None) -> int:
             "runner": f.runner if f.runner == "local" else "Ray Data (decode tasks -> model actor pool)",
             "CLIP": f"{f.models.clip_model}{'' if is_local else f' ({f.models.clip_pretrained})'}, input {image_size}px",
             "aesthetic": f.models.aesthetic or "off",
+            "NSFW": f"{f.models.nsfw}, reject above {t.nsfw_max}" if f.models.nsfw else "off (filter.models.nsfw)",
             "safety": f"lists: {safety.describe()} (download.denylists / opt_outs)",
             "thresholds": (
                 f"short side >= {t.min_short_side}, aspect <= {t.max_aspect_ratio}, alt text >= "

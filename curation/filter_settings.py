@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from curation.config import FilterConfig
 from curation.decode import REJECT_ANIMATED, REJECT_BOMB
-from curation.filters import REJECT_DOWNLOAD, cheap_filters, first_rejection, model_filters
+from curation.filters import REJECT_DOWNLOAD, REJECT_NSFW, cheap_filters, first_rejection, model_filters
 from curation.safety import SAFETY_REASONS
 from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.schemas import REJECT_DECODE
@@ -29,7 +29,7 @@ from paradiffusion.storage import Table
 DECODE_REASONS = frozenset({REJECT_DOWNLOAD, REJECT_DECODE, REJECT_BOMB, REJECT_ANIMATED, *SAFETY_REASONS})
 #: What pass 2 reads of a measured shard to re-apply changed checks.
 _CHECK_COLUMNS = ["key", "reject_reason", "reject_detail", "width", "height", "caption", "language",
-                  "language_score", "aesthetic", "clip_score"]  # fmt: skip
+                  "language_score", "aesthetic", "clip_score", "nsfw"]  # fmt: skip
 
 
 def measure_settings(f: FilterConfig, image_size: int, lists: dict | None = None) -> dict:
@@ -41,6 +41,7 @@ def measure_settings(f: FilterConfig, image_size: int, lists: dict | None = None
             "clip_model": m.clip_model,
             "clip_pretrained": m.clip_pretrained,
             "aesthetic": m.aesthetic,
+            **({"nsfw": m.nsfw} if m.nsfw else {}),  # absent when off: older records stay comparable
             "precision": m.precision,
         },
         "decode": f.decode.model_dump(mode="json"),
@@ -121,8 +122,8 @@ def recheck(rows: pa.Table, checks: FilterConfig) -> tuple[list, list, int]:
     reasons, details = list(d["reject_reason"]), list(d["reject_detail"])
     unscored = 0
     for i in range(rows.num_rows):
-        if reasons[i] in DECODE_REASONS:
-            continue
+        if reasons[i] in DECODE_REASONS and not (reasons[i] == REJECT_NSFW and d["nsfw"][i] is not None):
+            continue  # decided before the models (an NSFW head's verdict is re-decided from its score)
         row = {k: d[k][i] for k in _CHECK_COLUMNS}
         rej = first_rejection(cheap, row)
         if rej is None:
@@ -132,6 +133,20 @@ def recheck(rows: pa.Table, checks: FilterConfig) -> tuple[list, list, int]:
             rej = first_rejection(model, row)
         reasons[i], details[i] = rej if rej is not None else (None, None)
     return reasons, details, unscored
+
+
+def read_measured(work: Table, shard: str, columns: list[str]) -> pa.Table:
+    """``columns`` of a measured shard; a column the shard was written without (added to the
+    schema since, like ``nsfw``) comes back as nulls."""
+    from paradiffusion.schemas import SCORES
+
+    path = work.shard_file(shard)
+    have = set(pq.read_schema(path, filesystem=work.fs).names)
+    t = pq.read_table(path, filesystem=work.fs, columns=[c for c in columns if c in have])
+    for c in columns:
+        if c not in have:
+            t = t.append_column(SCORES.field(c), pa.nulls(t.num_rows, SCORES.field(c).type))
+    return t.select(columns)
 
 
 @dataclass
@@ -161,7 +176,7 @@ def plan_measured(work: Table, cfg: RootConfig, image_size: int, lists: dict | N
             continue
         if rec.get("checks") == want_c:
             continue
-        rows = pq.read_table(work.shard_file(shard), filesystem=work.fs, columns=_CHECK_COLUMNS)
+        rows = read_measured(work, shard, _CHECK_COLUMNS)
         _, _, unscored = recheck(rows, f)
         if unscored:
             diff = settings_diff(rec.get("checks"), want_c, prefix="filter.thresholds.")
