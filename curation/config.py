@@ -178,6 +178,11 @@ class FilterModelsConfig(StrictModel):
         description="LAION CLIP-based NSFW detector (ViT-L/14 embeddings) converted to safetensors with "
         "`python -m curation.safety.nsfw convert` (path or URL); null: no NSFW score",
     )
+    watermark: str | None = Field(
+        None,
+        description="LAION watermark detector weights (watermark_model_v1.pt: timm efficientnet_b3a + its head; "
+        "path or URL, loaded weights-only); null: no watermark score (the CPU default: an EfficientNet per image)",
+    )
     device: str = Field("auto", description="'auto' (CUDA when the actor has a GPU, else CPU), 'cpu', 'cuda', ...")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp16", description="model dtype on GPU; on CPU the models always run in fp32"
@@ -235,6 +240,13 @@ class FilterThresholdsConfig(StrictModel):
         le=1.0,
         description="NSFW probability (filter.models.nsfw) above this rejects (reason `nsfw`); 0.5 is the detector's "
         "decision boundary, Stable Diffusion 2 trained on punsafe <= 0.1 (stricter); null: off",
+    )
+    watermark_max: float | None = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="watermark probability (filter.models.watermark) above this rejects (reason `watermark`); "
+        "Stable Diffusion 1 trained on pwatermark < 0.5; null: off",
     )
     dedup: Literal["off", "exact", "near"] = Field(
         "exact", description="'exact': same bytes or same decoded pixels; 'near': also embedding cosine >= near_dup_min"

@@ -74,6 +74,7 @@ WORK_SUBDIR = "_measure"
 _PIXELS = "pixels"
 _NEEDS_MODEL = "needs_model"
 _TOKENS = "tokens"
+_WM_PIXELS = "watermark_pixels"  # (N, 256, 256, 3) uint8 when filter.models.watermark is set
 _INPUT_COLUMNS = ("key", "url", "caption", "status", "error_message")
 
 
@@ -132,6 +133,11 @@ def validate(cfg: RootConfig) -> None:
             f"filter.models.nsfw = {m.nsfw!r}: file not found (allowed: converted weights, see "
             "`python -m curation.safety.nsfw convert`, an http(s) or fsspec URL, or null)"
         )
+    if m.watermark is not None and "://" not in m.watermark and not os.path.isfile(m.watermark):
+        raise ConfigError(
+            f"filter.models.watermark = {m.watermark!r}: file not found (allowed: watermark_model_v1.pt as a path, "
+            "an http(s) or fsspec URL, or null)"
+        )
     if m.device not in ("auto", "cpu") and not m.device.startswith(("cuda", "mps", "xpu")):
         raise ConfigError(f"filter.models.device = {m.device!r}: allowed 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
 
@@ -151,10 +157,15 @@ def preprocess_batch(
     cfg = FilterConfig.model_validate(fcfg)
     filters = cheap_filters(cfg.thresholds)
     d = cfg.decode
-    draft = image_size if d.reduced_jpeg else None
+    wm = cfg.models.watermark is not None
+    if wm:
+        from curation.safety.watermark import SIZE as WM_SIZE
+        from curation.safety.watermark import watermark_pixels
+    draft = (max(image_size, WM_SIZE) if wm else image_size) if d.reduced_jpeg else None
     n = len(batch["key"])
     out: dict[str, list] = defaultdict(list)
     pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    wm_pixels = np.zeros((n, WM_SIZE, WM_SIZE, 3) if wm else (n, 1, 1, 3), dtype=np.uint8)
     for i in range(n):
         caption = batch["caption"][i]
         caption = None if _missing(caption) else str(caption)
@@ -203,6 +214,8 @@ def preprocess_batch(
                         row["reject_reason"], row["reject_detail"] = rej
                     else:
                         pixels[i] = resize_center_crop(dec.image, image_size)
+                        if wm:  # the same decoded image, the detector's own geometry
+                            wm_pixels[i] = watermark_pixels(dec.image)
                         needs_model = True
             except Exception as exc:  # noqa: BLE001 - one odd image must not stop the shard
                 row["reject_reason"] = REJECT_DECODE
@@ -217,6 +230,7 @@ def preprocess_batch(
     res["language_score"] = np.array([np.nan if v is None else v for v in out["language_score"]], np.float32)
     res[_NEEDS_MODEL] = np.array(out[_NEEDS_MODEL], dtype=bool)
     res[_PIXELS] = pixels
+    res[_WM_PIXELS] = wm_pixels
     # Tokenise here, on the CPU workers: open_clip's tokenizer is Python and would cost
     # the model actor about a millisecond per caption.
     tokenizer = clip_tokenizer(cfg.models.clip_model)
@@ -248,6 +262,9 @@ class Scorer:
         from curation.safety.nsfw import load_nsfw
 
         self.nsfw = load_nsfw(m.nsfw, device=str(device)) if m.nsfw else None
+        from curation.safety.watermark import load_watermark
+
+        self.watermark = load_watermark(m.watermark, str(device), precision) if m.watermark else None
         self.filters = model_filters(cfg.thresholds)
         self.keep_embeddings = keep_embeddings
         self.batch_size = cfg.batch_size
@@ -263,6 +280,7 @@ class Scorer:
         aesthetic = np.full(n, np.nan, np.float32)
         clip = np.full(n, np.nan, np.float32)
         nsfw = np.full(n, np.nan, np.float32)
+        watermark = np.full(n, np.nan, np.float32)
         for s in range(0, len(idx), self.batch_size):
             part = idx[s : s + self.batch_size]
             ie = self.clip.encode_images(batch[_PIXELS][part])
@@ -273,6 +291,8 @@ class Scorer:
                 aesthetic[part] = self.aesthetic.score(ie)
             if self.nsfw is not None:  # the same image embedding: a 768x64 MLP more
                 nsfw[part] = self.nsfw.score(ie)
+            if self.watermark is not None:
+                watermark[part] = self.watermark.score(batch[_WM_PIXELS][part])
         reasons, details = _objects(batch["reject_reason"]), _objects(batch["reject_detail"])
         for i in idx:
             rej = first_rejection(
@@ -281,12 +301,14 @@ class Scorer:
                     "aesthetic": float(aesthetic[i]) if self.aesthetic else None,
                     "clip_score": float(clip[i]),
                     "nsfw": float(nsfw[i]) if self.nsfw is not None else None,
+                    "watermark": float(watermark[i]) if self.watermark is not None else None,
                 },
             )
             if rej is not None:
                 reasons[i], details[i] = rej
-        out = {k: v for k, v in batch.items() if k not in (_PIXELS, _TOKENS)}
+        out = {k: v for k, v in batch.items() if k not in (_PIXELS, _TOKENS, _WM_PIXELS)}
         out.update(reject_reason=reasons, reject_detail=details, aesthetic=aesthetic, clip_score=clip, nsfw=nsfw)
+        out["watermark"] = watermark
         if self.keep_embeddings:
             out["image_embedding"], out["text_embedding"] = img_emb, txt_emb
         return out
@@ -326,7 +348,7 @@ def batch_to_table(batch: dict[str, np.ndarray]) -> pa.Table:
         cols[name] = [None if _missing(v) else str(v) for v in batch[name]]
     cols["width"] = _nullable(batch["width"], -1)
     cols["height"] = _nullable(batch["height"], -1)
-    for name in ("language_score", "aesthetic", "clip_score", "nsfw"):
+    for name in ("language_score", "aesthetic", "clip_score", "nsfw", "watermark"):
         cols[name] = _nullable(np.asarray(batch[name], np.float32), None)
     cols["kept"] = [r is None for r in cols["reject_reason"]]
     for name in ("image_embedding", "text_embedding"):
@@ -716,6 +738,9 @@ def run_filter(cfg: RootConfig, args: argparse.Namespace | None = None) -> int:
             "CLIP": f"{f.models.clip_model}{'' if is_local else f' ({f.models.clip_pretrained})'}, input {image_size}px",
             "aesthetic": f.models.aesthetic or "off",
             "NSFW": f"{f.models.nsfw}, reject above {t.nsfw_max}" if f.models.nsfw else "off (filter.models.nsfw)",
+            "watermark": f"{f.models.watermark}, reject above {t.watermark_max}"
+            if f.models.watermark
+            else "off (filter.models.watermark)",
             "safety": f"lists: {safety.describe()} (download.denylists / opt_outs)",
             "thresholds": (
                 f"short side >= {t.min_short_side}, aspect <= {t.max_aspect_ratio}, alt text >= "

@@ -18,7 +18,14 @@ import pyarrow.parquet as pq
 
 from curation.config import FilterConfig
 from curation.decode import REJECT_ANIMATED, REJECT_BOMB
-from curation.filters import REJECT_DOWNLOAD, REJECT_NSFW, cheap_filters, first_rejection, model_filters
+from curation.filters import (
+    REJECT_DOWNLOAD,
+    REJECT_NSFW,
+    REJECT_WATERMARK,
+    cheap_filters,
+    first_rejection,
+    model_filters,
+)
 from curation.safety import SAFETY_REASONS
 from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.schemas import REJECT_DECODE
@@ -29,7 +36,7 @@ from paradiffusion.storage import Table
 DECODE_REASONS = frozenset({REJECT_DOWNLOAD, REJECT_DECODE, REJECT_BOMB, REJECT_ANIMATED, *SAFETY_REASONS})
 #: What pass 2 reads of a measured shard to re-apply changed checks.
 _CHECK_COLUMNS = ["key", "reject_reason", "reject_detail", "width", "height", "caption", "language",
-                  "language_score", "aesthetic", "clip_score", "nsfw"]  # fmt: skip
+                  "language_score", "aesthetic", "clip_score", "nsfw", "watermark"]  # fmt: skip
 
 
 def measure_settings(f: FilterConfig, image_size: int, lists: dict | None = None) -> dict:
@@ -42,6 +49,7 @@ def measure_settings(f: FilterConfig, image_size: int, lists: dict | None = None
             "clip_pretrained": m.clip_pretrained,
             "aesthetic": m.aesthetic,
             **({"nsfw": m.nsfw} if m.nsfw else {}),  # absent when off: older records stay comparable
+            **({"watermark": m.watermark} if m.watermark else {}),
             "precision": m.precision,
         },
         "decode": f.decode.model_dump(mode="json"),
@@ -122,7 +130,8 @@ def recheck(rows: pa.Table, checks: FilterConfig) -> tuple[list, list, int]:
     reasons, details = list(d["reject_reason"]), list(d["reject_detail"])
     unscored = 0
     for i in range(rows.num_rows):
-        if reasons[i] in DECODE_REASONS and not (reasons[i] == REJECT_NSFW and d["nsfw"][i] is not None):
+        scored = {REJECT_NSFW: d["nsfw"][i], REJECT_WATERMARK: d["watermark"][i]}.get(reasons[i])
+        if reasons[i] in DECODE_REASONS and scored is None:
             continue  # decided before the models (an NSFW head's verdict is re-decided from its score)
         row = {k: d[k][i] for k in _CHECK_COLUMNS}
         rej = first_rejection(cheap, row)

@@ -54,6 +54,7 @@ REJECT_CLIP = "low_clip_score"
 REJECT_DUPLICATE = "duplicate"
 REJECT_NEAR_DUPLICATE = "near_duplicate"
 REJECT_NSFW = "nsfw"  # the same reason as an input punsafe above download.punsafe_max
+REJECT_WATERMARK = "watermark"  # the same reason as an input pwatermark above download.pwatermark_max
 
 
 class Filter:
@@ -189,6 +190,8 @@ def model_filters(t: FilterThresholdsConfig) -> list[Filter]:
     out: list[Filter] = []
     if t.nsfw_max is not None:  # first: an unsafe image is counted as such whatever its other scores
         out.append(MaxScore("nsfw", t.nsfw_max, REJECT_NSFW))
+    if t.watermark_max is not None:
+        out.append(MaxScore("watermark", t.watermark_max, REJECT_WATERMARK))
     if t.aesthetic_min is not None:
         out.append(MinScore("aesthetic", t.aesthetic_min, REJECT_AESTHETIC))
     if t.clip_score_min is not None:

@@ -1,8 +1,9 @@
-"""The NSFW score in the filter: measured on the CLIP embedding, thresholded, re-decided without model work."""
+"""The NSFW and watermark scores in the filter: measured, thresholded, re-decided without model work."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from curation.filter import run_filter
@@ -14,7 +15,8 @@ from paradiffusion.testing.tiny_clip import build_tiny_clip
 from pipelines.config import load_config
 
 
-def test_nsfw_scores_reject_above_the_threshold_and_are_redecided(tmp_path):
+@pytest.mark.slow  # three filter runs, one with an EfficientNet-B3 on CPU
+def test_nsfw_and_watermark_scores_reject_above_the_threshold_and_are_redecided(tmp_path):
     from safetensors.torch import save_file
 
     records = build_sample(tmp_path / "sample", n_synthetic=8, broken=False)
@@ -26,12 +28,16 @@ def test_nsfw_scores_reject_above_the_threshold_and_are_redecided(tmp_path):
         head.variance.fill_(0.01)
         head.linear_4.weight.mul_(20)
     save_file(head.state_dict(), tmp_path / "nsfw.safetensors")
+    from curation.safety.watermark import build_watermark_net
+
+    torch.save(build_watermark_net().state_dict(), tmp_path / "watermark_model_v1.pt")
     sets = [
         f"project.data_root={tmp_path / 'data'}",
         "filter.runner=local",
         f"filter.models.clip_model={tiny['clip_model']}",
         f"filter.models.aesthetic={tiny['aesthetic']}",
         f"filter.models.nsfw={tmp_path / 'nsfw.safetensors'}",
+        f"filter.models.watermark={tmp_path / 'watermark_model_v1.pt'}",
         "filter.thresholds.min_short_side=null",
         "filter.thresholds.max_aspect_ratio=null",
         "filter.thresholds.aesthetic_min=null",
@@ -39,15 +45,18 @@ def test_nsfw_scores_reject_above_the_threshold_and_are_redecided(tmp_path):
         "filter.thresholds.languages=[]",
         "filter.thresholds.dedup=exact",
     ]
-    assert run_filter(load_config([], [*sets, "filter.thresholds.nsfw_max=null"])) == 0
+    off = ["filter.thresholds.nsfw_max=null", "filter.thresholds.watermark_max=null"]
+    assert run_filter(load_config([], [*sets, *off])) == 0
     rows = Table(str(tmp_path / "data" / "scores")).read().to_pylist()
     scored = [r for r in rows if r["clip_score"] is not None]
     scores = np.array([r["nsfw"] for r in scored])
     assert len(scored) >= 8 and np.isfinite(scores).all() and scores.std() > 0.05
-    assert not any(r["reject_reason"] == "nsfw" for r in rows)
+    assert not any(r["reject_reason"] in ("nsfw", "watermark") for r in rows)
+    assert all(0 < r["watermark"] < 1 for r in scored)
+    assert all(r["watermark"] is None and r["nsfw"] is None for r in rows if r["clip_score"] is None)
 
     cut = float(np.median(scores))
-    assert run_filter(load_config([], [*sets, f"filter.thresholds.nsfw_max={cut}"])) == 0
+    assert run_filter(load_config([], [*sets, *off, f"filter.thresholds.nsfw_max={cut}"])) == 0
     out = Table(str(tmp_path / "data" / "scores"))
     summary = out.load_json("_summary.json")
     assert summary["shards_measured_this_run"] == 0  # re-decided from the stored scores
@@ -58,3 +67,10 @@ def test_nsfw_scores_reject_above_the_threshold_and_are_redecided(tmp_path):
         assert got == want or (want is None and got == "duplicate"), (r["key"], got, want)
         assert again[r["key"]]["nsfw"] == r["nsfw"]
     assert summary["rejected"]["nsfw"] == int((scores > cut).sum()) > 0
+
+    # every watermark score is above 0: all scored rows are re-decided as `watermark`, no model work
+    assert run_filter(load_config([], [*sets, *off, "filter.thresholds.watermark_max=0.0"])) == 0
+    summary = out.load_json("_summary.json")
+    assert summary["shards_measured_this_run"] == 0
+    third = {r["key"]: r["reject_reason"] for r in out.read().to_pylist()}
+    assert {third[r["key"]] for r in scored} == {"watermark"}
