@@ -188,7 +188,7 @@ def load_list(name: str, source: str, kind: str, column: str | None = None, max_
     if kind == "pdq":
         import numpy as np
 
-        out.pdq = np.array([bytes.fromhex(h) for h in sorted(values)], dtype=np.uint8).reshape(-1, 32)
+        out.pdq = np.frombuffer(b"".join(bytes.fromhex(h) for h in sorted(values)), dtype=np.uint8).reshape(-1, 32)
         out.entries = frozenset()
     return out
 
@@ -284,6 +284,8 @@ def pdq_hash(data: bytes) -> bytes | None:
     except Exception:  # noqa: BLE001 - undecodable bytes have no perceptual hash; the decode step reports them
         return None
     bits, _quality = pdqhash.compute(rgb)
+    # Packed most-significant bit first, in the order pdqhash returns the 256 bits. Not yet checked
+    # against hashes published as hex by hash-sharing programmes (pdqhash builds from source only).
     return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes()
 
 

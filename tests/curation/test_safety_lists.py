@@ -106,3 +106,35 @@ def test_thresholds_outside_0_1_are_config_errors_naming_the_key():
         load_config([], ["filter.thresholds.nsfw_max=-0.1"])
     with pytest.raises(ConfigError, match="kind"):
         load_config([], ['download.denylists=[{"name": "a", "path": "a.txt", "kind": "sha1"}]'])
+
+
+def test_pdq_lists_match_within_the_hamming_distance(tmp_path):
+    from curation.safety.lists import _min_hamming
+
+    base = bytes(range(32))
+    near = bytearray(base)
+    near[0] ^= 0b111  # 3 bits away
+    (tmp_path / "p.txt").write_text(base.hex() + "\n" + ("ff" * 32) + "\n")
+    lst = load_list("p", str(tmp_path / "p.txt"), "pdq", max_distance=3)
+    assert len(lst) == 2
+    assert _min_hamming(bytes(near), lst.pdq) == 3
+    assert _min_hamming(bytes(32), lst.pdq) == sum(bin(b).count("1") for b in base)
+    (tmp_path / "bad.txt").write_text(hashlib.md5(b"x").hexdigest() + "\n")
+    with pytest.raises(ConfigError, match="bad.txt:1: an MD5 digest in a list of kind 'pdq'"):
+        load_list("bad", str(tmp_path / "bad.txt"), "pdq")
+
+
+def test_pdq_of_image_bytes_when_the_package_is_installed(tmp_path):
+    pytest.importorskip("pdqhash", reason="pdqhash (optional: PDQ lists) ships as source only; not installed here")
+    import io
+
+    from PIL import Image
+
+    from curation.safety.lists import pdq_hash
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "PNG")
+    h = pdq_hash(buf.getvalue())
+    (tmp_path / "p.txt").write_text(h.hex() + "\n")
+    lists = load_lists([ListConfig(name="p", path=str(tmp_path / "p.txt"), kind="pdq", max_distance=0)])
+    assert lists.check_bytes(buf.getvalue()) == (REJECT_DENYLISTED, "p (pdq, distance 0)")
