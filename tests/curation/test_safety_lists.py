@@ -138,3 +138,15 @@ def test_pdq_of_image_bytes_when_the_package_is_installed(tmp_path):
     (tmp_path / "p.txt").write_text(h.hex() + "\n")
     lists = load_lists([ListConfig(name="p", path=str(tmp_path / "p.txt"), kind="pdq", max_distance=0)])
     assert lists.check_bytes(buf.getvalue()) == (REJECT_DENYLISTED, "p (pdq, distance 0)")
+
+
+def test_the_gpu_overlay_turns_the_watermark_model_on():
+    from pathlib import Path
+
+    from pipelines.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    cpu = load_config([str(repo / "pipelines.yaml")], [])
+    gpu = load_config([str(repo / "pipelines.yaml"), str(repo / "configs" / "filter_gpu.yaml")], [])
+    assert cpu.filter.models.watermark is None
+    assert gpu.filter.models.watermark.endswith("/watermark_model_v1.pt") and gpu.filter.thresholds.watermark_max == 0.5
