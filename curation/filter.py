@@ -349,7 +349,8 @@ def batch_to_table(batch: dict[str, np.ndarray]) -> pa.Table:
     cols["width"] = _nullable(batch["width"], -1)
     cols["height"] = _nullable(batch["height"], -1)
     for name in ("language_score", "aesthetic", "clip_score", "nsfw", "watermark"):
-        cols[name] = _nullable(np.asarray(batch[name], np.float32), None)
+        if name in batch:  # the optional models' columns may be absent from a hand-made batch
+            cols[name] = _nullable(np.asarray(batch[name], np.float32), None)
     cols["kept"] = [r is None for r in cols["reject_reason"]]
     for name in ("image_embedding", "text_embedding"):
         if name in batch:
