@@ -148,6 +148,13 @@ def test_listed_and_unsafe_rows_are_never_fetched_and_denylisted_bytes_never_wri
         if reason and reason != "connection_refused":
             assert scores[url]["reject_reason"] == reason, url
 
+    # A list that changed since the shards were measured: refused, naming the lists (the default)
+    from paradiffusion.config import ConfigError
+
+    (tmp_path / "later.txt").write_text(hashlib.md5(b"another image").hexdigest() + "\n")
+    with pytest.raises(ConfigError, match=r"download.denylists/opt_outs"):
+        run_filter(fcfg)
+
 
 def test_refusals_decide_from_the_lists_then_the_metadata(tmp_path):
     from curation.config import ListConfig
