@@ -17,6 +17,10 @@ Three measurements in one run:
    CPU per core, one model actor per core), from reading the shards to the
    committed ``scores`` table. Ray's start-up is timed apart.
 
+4. **NSFW head** (LAION's detector on the CLIP image embedding, random weights at the
+   model's embedding width), side by side: the bare loop again with ``filter.models.nsfw``
+   set, and its ms per image in the breakdown. The goal is < 3 % more CPU time.
+
 The goal is pipeline / bare >= 0.8. Usage::
 
     python bench/filter_cpu.py --n 2000             # the full run (several minutes)
@@ -110,6 +114,20 @@ def build_model(root: Path, name: str) -> dict:
     return build_random_clip(root / "models" / name, name, half=False)
 
 
+def build_nsfw(root: Path, model: dict) -> str:
+    """The NSFW head with random weights at the CLIP model's embedding width."""
+    import torch
+    from safetensors.torch import save_file
+
+    from curation.models import load_clip
+    from curation.safety.nsfw import NSFWHead
+
+    torch.manual_seed(0)
+    path = root / "models" / f"nsfw_{Path(model['clip_model']).name}.safetensors"
+    save_file(NSFWHead(load_clip(model["clip_model"], device="cpu").embed_dim).state_dict(), path)
+    return str(path)
+
+
 def filter_sets(data_root: Path, model: dict, batch_size: int, procs: int) -> list[str]:
     return [
         f"project.data_root={data_root}",
@@ -130,7 +148,7 @@ def filter_sets(data_root: Path, model: dict, batch_size: int, procs: int) -> li
 
 
 # --------------------------------------------------------------------------- 1. breakdown
-def breakdown(images: Path, model: dict, n: int) -> dict:
+def breakdown(images: Path, model: dict, n: int, nsfw: str | None = None) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
     import torch
@@ -166,6 +184,22 @@ def breakdown(images: Path, model: dict, n: int) -> dict:
         lambda: np.concatenate([clip.encode_texts(captions[i : i + 32]) for i in range(0, len(captions), 32)]),
     )
     timed("aesthetic MLP", lambda: aes.score(emb))
+    if nsfw:
+        from curation.safety.nsfw import load_nsfw
+
+        head = load_nsfw(nsfw)
+        timed("NSFW head", lambda: head.score(emb))
+    # LAION's watermark detector (off by default on CPU), random weights: its cost per image
+    from curation.safety.watermark import WatermarkModel, build_watermark_net, watermark_pixels
+
+    wm = WatermarkModel(build_watermark_net(), torch.device("cpu"))
+    few = decoded[: min(16, len(decoded))]
+    wpx = np.stack([watermark_pixels(d.image) for d in few])
+    wm.score(wpx[:8])  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(wpx), 8):
+        wm.score(wpx[i : i + 8])
+    timings["watermark model (off by default)"] = (time.perf_counter() - t0) / len(few) * 1000
     return {k: round(v, 3) for k, v in timings.items()}
 
 
@@ -248,10 +282,12 @@ def main() -> None:
     model = build_model(root, a.model)
     sets = filter_sets(root, model, a.batch_size, a.procs)
 
-    parts = breakdown(images, model, min(a.breakdown_n, a.shard_size, a.n))
+    nsfw = build_nsfw(root, model)
+    parts = breakdown(images, model, min(a.breakdown_n, a.shard_size, a.n), nsfw)
     bare_s, bare_n = bare_loop(images, sets, a.procs)
+    nsfw_s, nsfw_n = bare_loop(images, sets + [f"filter.models.nsfw={nsfw}"], a.procs)
     pipe_s, ray_start, summary = pipeline(root, images, sets)
-    assert bare_n == a.n and summary["in"] == a.n, (bare_n, summary["in"])
+    assert bare_n == a.n == nsfw_n and summary["in"] == a.n, (bare_n, nsfw_n, summary["in"])
 
     result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
@@ -264,6 +300,8 @@ def main() -> None:
         "pipeline_images_per_s": round(a.n / pipe_s, 2),
         "pipeline_seconds": round(pipe_s, 2),
         "ratio_pipeline_to_bare": round(bare_s / pipe_s, 3),
+        "bare_loop_with_nsfw_seconds": round(nsfw_s, 2),
+        "nsfw_added_fraction": round(nsfw_s / bare_s - 1, 4),
         "ray_start_seconds": round(ray_start, 2),
         "pipeline_kept": summary["out"],
         "ms_per_image_one_thread": parts,
@@ -275,15 +313,21 @@ def main() -> None:
         "CLIP image tower",
         "CLIP text tower",
         "aesthetic MLP",
+        "NSFW head",
     )
     total = sum(parts[k] for k in used)
     print(f"\nfilter CPU benchmark: {a.n} images, {a.model} (random weights), {a.procs} processes, {result['machine']}")
     print(f"  {'':34s} {'images/s':>9s} {'seconds':>8s}")
     print(f"  {'bare loop (multiprocessing)':34s} {result['bare_loop_images_per_s']:9.1f} {bare_s:8.1f}")
+    print(f"  {'bare loop + NSFW head':34s} {a.n / nsfw_s:9.1f} {nsfw_s:8.1f}")
     print(f"  {'filter stage (Ray Data)':34s} {result['pipeline_images_per_s']:9.1f} {pipe_s:8.1f}")
     print(
         f"  ratio pipeline / bare: {result['ratio_pipeline_to_bare']:.2f}   (goal >= 0.8; Ray start-up "
         f"{ray_start:.1f} s not counted)"
+    )
+    print(
+        f"  NSFW head: {100 * result['nsfw_added_fraction']:+.1f} % wall time side by side, "
+        f"{100 * parts['NSFW head'] / total:.2f} % of the per-image CPU time (goal < 3 %)"
     )
     print("\n  where the time goes (one process, one thread, ms per image):")
     for k, v in parts.items():

@@ -35,13 +35,18 @@ def _run_filter(cfg: RootConfig, args: argparse.Namespace) -> int:
 
 
 def _filter_models(cfg: RootConfig, args: argparse.Namespace | None) -> list:
-    """The CLIP model (open_clip name + tag, hf-hub: id or folder) and the aesthetic head (path or URL)."""
+    """The CLIP model (open_clip name + tag, hf-hub: id or folder), the aesthetic head, the NSFW head and the
+    watermark detector (path or URL)."""
     from paradiffusion.hub import open_clip_refs, weights_ref
 
     m = cfg.filter.models
     refs = open_clip_refs("filter.models.clip_model", m.clip_model, m.clip_pretrained, "filter.models.clip_pretrained")
     if m.aesthetic:
         refs.append(weights_ref("filter.models.aesthetic", m.aesthetic, note="LAION aesthetic predictor"))
+    if m.nsfw:
+        refs.append(weights_ref("filter.models.nsfw", m.nsfw, note="LAION CLIP-based NSFW detector (converted)"))
+    if m.watermark:
+        refs.append(weights_ref("filter.models.watermark", m.watermark, note="LAION watermark detector"))
     return refs
 
 

@@ -15,6 +15,31 @@ from paradiffusion.config import StrictModel
 URL_LIST_FORMATS = ("parquet", "csv", "tsv", "jsonl", "csv.gz", "tsv.gz", "jsonl.gz")
 
 
+class ListConfig(StrictModel):
+    """One denylist: a txt/csv/parquet file (local or fsspec URL) of URLs, domains or image hashes."""
+
+    name: str = Field(..., min_length=1, description="named in the funnel's detail (reason `denylisted`)")
+    path: str = Field(..., description="the list file: .txt (one entry a line), .csv or .parquet; local or s3://...")
+    kind: Literal["url", "domain", "md5", "sha256", "pdq"] = Field(
+        ..., description="what the entries are: URLs (normalised), domains, MD5 / SHA-256 of the bytes, PDQ hashes"
+    )
+    column: str | None = Field(
+        None, description="csv/parquet column; null: the column named like the kind, else the first"
+    )
+    max_distance: int = Field(31, ge=0, le=256, description="pdq only: Hamming distance (bits) that still matches")
+
+
+class OptOutListConfig(StrictModel):
+    """One opt-out list: URLs or domains whose owners asked not to be used (reason `opted_out`)."""
+
+    name: str = Field(..., min_length=1)
+    path: str = Field(..., description="the list file: .txt, .csv or .parquet; local or s3://...")
+    kind: Literal["url", "domain"] = Field(..., description="URLs (normalised) or domains (with their subdomains)")
+    column: str | None = Field(
+        None, description="csv/parquet column; null: the column named like the kind, else the first"
+    )
+
+
 class DownloadConfig(StrictModel):
     """``download``: fetch a URL list into img2dataset parquet shards (the ``images`` table).
 
@@ -65,6 +90,30 @@ class DownloadConfig(StrictModel):
     )
     compute_hash: Literal["md5", "sha256", "sha512"] | None = "sha256"
     extract_exif: bool = True
+
+    denylists: list[ListConfig] = Field(
+        default_factory=list,
+        description="URL / domain / MD5 / SHA-256 / PDQ lists, applied at download (never fetched, or bytes never "
+        "written) and again at filter; reason `denylisted` + the list's name",
+    )
+    opt_outs: list[OptOutListConfig] = Field(
+        default_factory=list, description="URL / domain opt-out lists (reason `opted_out`, like X-Robots-Tag)"
+    )
+    punsafe_max: float | None = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="rows whose input punsafe (LAION / Re-LAION metadata) is above this are not fetched (reason `nsfw`); "
+        "null: off; ignored when the input has no such column",
+    )
+    pwatermark_max: float | None = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="rows whose input pwatermark is above this are not fetched (reason `watermark`); null: off",
+    )
+    punsafe_col: str = Field("punsafe", description="input column of the NSFW probability")
+    pwatermark_col: str = Field("pwatermark", description="input column of the watermark probability")
 
     processes_count: int = Field(4, ge=1, description="download processes (or Ray tasks in flight)")
     thread_count: int = Field(64, ge=1, description="download threads per process")
@@ -124,6 +173,16 @@ class FilterModelsConfig(StrictModel):
         description="LAION improved aesthetic predictor weights (path or URL; loaded with weights_only); "
         "null: no aesthetic score",
     )
+    nsfw: str | None = Field(
+        None,
+        description="LAION CLIP-based NSFW detector (ViT-L/14 embeddings) converted to safetensors with "
+        "`python -m curation.safety.nsfw convert` (path or URL); null: no NSFW score",
+    )
+    watermark: str | None = Field(
+        None,
+        description="LAION watermark detector weights (watermark_model_v1.pt: timm efficientnet_b3a + its head; "
+        "path or URL, loaded weights-only); null: no watermark score (the CPU default: an EfficientNet per image)",
+    )
     device: str = Field("auto", description="'auto' (CUDA when the actor has a GPU, else CPU), 'cpu', 'cuda', ...")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp16", description="model dtype on GPU; on CPU the models always run in fp32"
@@ -174,6 +233,20 @@ class FilterThresholdsConfig(StrictModel):
         le=1.0,
         description="a cosine, -1 to 1: cosine(image, alt text). LAION-5B kept ViT-B/32 >= 0.28; ViT-L/14 scores "
         "run lower, so calibrate on your data",
+    )
+    nsfw_max: float | None = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="NSFW probability (filter.models.nsfw) above this rejects (reason `nsfw`); 0.5 is the detector's "
+        "decision boundary, Stable Diffusion 2 trained on punsafe <= 0.1 (stricter); null: off",
+    )
+    watermark_max: float | None = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="watermark probability (filter.models.watermark) above this rejects (reason `watermark`); "
+        "Stable Diffusion 1 trained on pwatermark < 0.5; null: off",
     )
     dedup: Literal["off", "exact", "near"] = Field(
         "exact", description="'exact': same bytes or same decoded pixels; 'near': also embedding cosine >= near_dup_min"

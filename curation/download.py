@@ -37,6 +37,8 @@ import fsspec
 import yaml
 
 from curation.config import URL_LIST_FORMATS, DownloadConfig
+from curation.safety import REJECT_OPTED_OUT, SAFETY_REASONS, metadata_limits
+from curation.safety.lists import SafetyLists, load_lists
 from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.log import get_logger, stage_log_path, third_party_output_to
 from paradiffusion.stage import StageSummary, announce, progress
@@ -64,7 +66,7 @@ FAILURE_REASONS: list[tuple[re.Pattern[str], str | None]] = [
     (re.compile(r"connection refused", re.I), "connection_refused"),
     (re.compile(r"ssl|certificate", re.I), "ssl_error"),
     (re.compile(r"connection reset|remote end closed|broken pipe|incompleteread", re.I), "connection_error"),
-    (re.compile(r"x-robots-tag", re.I), "disallowed_by_robots"),
+    (re.compile(r"x-robots-tag", re.I), REJECT_OPTED_OUT),  # the site opted out (noai, noimageai, ...)
     (re.compile(r"hash mismatch", re.I), "hash_mismatch"),
 ]
 #: Reasons this module adds itself (not from img2dataset's status counts).
@@ -82,6 +84,9 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 def failure_reason(message: str | None) -> str:
     """Short, stable reason for one img2dataset error message (``other`` if unknown)."""
     text = message or ""
+    head = text.split(":", 1)[0]
+    if head in SAFETY_REASONS:  # written by curation.safety.hooks: "<reason>: <detail>"
+        return head
     for pattern, reason in FAILURE_REASONS:
         m = pattern.search(text)
         if m:
@@ -390,12 +395,20 @@ ROW_SETTINGS = (
     "disable_all_reencoding",
     "compute_hash",
     "extract_exif",
+    "denylists",
+    "opt_outs",
+    "punsafe_max",
+    "pwatermark_max",
+    "punsafe_col",
+    "pwatermark_col",
 )
 
 
 def row_settings(cfg: DownloadConfig, url_list: UrlList | None = None) -> dict[str, Any]:
     """The download settings that decide what its rows hold (the columns as resolved)."""
     out = {k: getattr(cfg, k) for k in ROW_SETTINGS}
+    for k in ("denylists", "opt_outs"):
+        out[k] = [c.model_dump(mode="json") for c in out[k]]
     if url_list is not None:
         out.update(url_col=url_list.url_col, caption_col=url_list.caption_col)
     return out
@@ -457,7 +470,11 @@ def _img2dataset_kwargs(cfg: DownloadConfig, url_list: UrlList, output: str) -> 
         input_format=url_list.input_format,
         url_col=url_list.url_col,
         caption_col=url_list.caption_col,
-        save_additional_columns=list(cfg.save_additional_columns) or None,
+        # the input's punsafe / pwatermark travel with each row: the safe downloader reads them
+        save_additional_columns=list(
+            dict.fromkeys(list(cfg.save_additional_columns) + [c for c, _, _ in metadata_limits(cfg, url_list.columns)])
+        )
+        or None,
         image_size=cfg.image_size,
         resize_mode=cfg.resize_mode,
         resize_only_if_bigger=cfg.resize_only_if_bigger,
@@ -509,6 +526,7 @@ def run_download(cfg: RootConfig) -> StageSummary:
     local = _with_proto(staging_fs, "x") == "x"
     staging = staging_path if local else tempfile.mkdtemp(prefix="paradiffusion-url-list-")
     url_list = resolve_url_list(dcfg, staging)  # before anything is removed: a bad input changes nothing
+    safety = load_lists(dcfg.denylists, dcfg.opt_outs)  # a list that cannot be read stops the run here
     if dcfg.incremental_mode == "overwrite" and table.exists():
         log.info("incremental_mode=overwrite: removing what %s holds", output)
         for item in table.fs.ls(table.path, detail=False):
@@ -544,6 +562,7 @@ def run_download(cfg: RootConfig) -> StageSummary:
                 else "Ray, a task a shard"
             )
             + f" x {dcfg.thread_count} threads, timeout {dcfg.timeout:g} s, retries {dcfg.retries}",
+            "safety": _safety_policy(dcfg, url_list, safety),
             "log": f"{log_path} (img2dataset's and Ray's own output)",
         },
     )
@@ -565,7 +584,7 @@ def run_download(cfg: RootConfig) -> StageSummary:
 
     todo = set(expected) - already
     if todo:
-        summary.extra["ran_on"] = _run_img2dataset(cfg, url_list, output, todo, log_path)
+        summary.extra["ran_on"] = _run_img2dataset(cfg, url_list, output, todo, log_path, safety)
     else:
         log.info("every shard is already complete; nothing to download")
     summarise(output, expected, summary)
@@ -575,7 +594,24 @@ def run_download(cfg: RootConfig) -> StageSummary:
     return summary
 
 
-def _run_img2dataset(cfg: RootConfig, url_list: UrlList, output: str, todo: set[str], log_path: str) -> str:
+def _safety_policy(cfg: DownloadConfig, url_list: UrlList, safety: SafetyLists) -> str:
+    limits = metadata_limits(cfg, url_list.columns)
+    meta = ", ".join(f"{c} > {m:g} ({r})" for c, m, r in limits)
+    absent = [
+        c for c, m in ((cfg.punsafe_col, cfg.punsafe_max), (cfg.pwatermark_col, cfg.pwatermark_max)) if m is not None
+    ]
+    absent = [c for c in absent if c not in url_list.columns]
+    return (
+        f"lists: {safety.describe()}; not fetched: listed URLs"
+        + (f", {meta}" if meta else "")
+        + (f" (no {', '.join(absent)} column in the input)" if absent else "")
+        + ("; bytes on a hash list never written" if safety.hashes_needed else "")
+    )
+
+
+def _run_img2dataset(
+    cfg: RootConfig, url_list: UrlList, output: str, todo: set[str], log_path: str, safety: SafetyLists | None = None
+) -> str:
     """Run ``img2dataset.download`` on the shards still to do; returns where it ran.
 
     img2dataset's own output (its shard bar, stats lines, bandwidth hint, its workers'
@@ -589,6 +625,7 @@ def _run_img2dataset(cfg: RootConfig, url_list: UrlList, output: str, todo: set[
     from img2dataset import download
 
     from curation.resize_guard import guarded_resizer
+    from curation.safety.hooks import safe_download
 
     where = f"{cfg.download.processes_count} local process(es)"
     old_sigint = signal.getsignal(signal.SIGINT)
@@ -602,7 +639,8 @@ def _run_img2dataset(cfg: RootConfig, url_list: UrlList, output: str, todo: set[
         watcher = threading.Thread(target=_watch, args=(output, todo, stop, console), daemon=True)
         watcher.start()
         try:
-            with guarded_resizer():
+            limits = metadata_limits(cfg.download, url_list.columns)
+            with guarded_resizer(), safe_download(safety if safety else None, limits):
                 download(**_img2dataset_kwargs(cfg.download, url_list, output))
         except SystemExit as exc:
             # img2dataset's SIGINT handler cleans its _tmp folder and calls sys.exit(0):

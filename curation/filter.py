@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.config import FilterConfig
-from curation.decode import REJECT_ANIMATED, REJECT_BOMB, decode_image, one_line, resize_center_crop
+from curation.decode import decode_image, one_line, resize_center_crop
 from curation.filters import (
     REJECT_DOWNLOAD,
     DuplicateDecision,
@@ -57,6 +57,8 @@ from curation.filters import (
     near_duplicate_decisions,
 )
 from curation.models import clip_tokenizer
+from curation.safety import SAFETY_REASONS
+from curation.safety.lists import SafetyLists, load_lists
 from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.images import image_column, image_shards
 from paradiffusion.log import get_logger, stage_log_path, third_party_output_to
@@ -72,6 +74,7 @@ WORK_SUBDIR = "_measure"
 _PIXELS = "pixels"
 _NEEDS_MODEL = "needs_model"
 _TOKENS = "tokens"
+_WM_PIXELS = "watermark_pixels"  # (N, 256, 256, 3) uint8 when filter.models.watermark is set
 _INPUT_COLUMNS = ("key", "url", "caption", "status", "error_message")
 
 
@@ -125,25 +128,44 @@ def validate(cfg: RootConfig) -> None:
             f"filter.models.aesthetic = {m.aesthetic!r}: file not found (allowed: a local .pth/.safetensors file, "
             "an http(s) or fsspec URL, or null)"
         )
+    if m.nsfw is not None and "://" not in m.nsfw and not os.path.isfile(m.nsfw):
+        raise ConfigError(
+            f"filter.models.nsfw = {m.nsfw!r}: file not found (allowed: converted weights, see "
+            "`python -m curation.safety.nsfw convert`, an http(s) or fsspec URL, or null)"
+        )
+    if m.watermark is not None and "://" not in m.watermark and not os.path.isfile(m.watermark):
+        raise ConfigError(
+            f"filter.models.watermark = {m.watermark!r}: file not found (allowed: watermark_model_v1.pt as a path, "
+            "an http(s) or fsspec URL, or null)"
+        )
     if m.device not in ("auto", "cpu") and not m.device.startswith(("cuda", "mps", "xpu")):
         raise ConfigError(f"filter.models.device = {m.device!r}: allowed 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
 
 
 # --------------------------------------------------------------------------- operator 1: CPU
-def preprocess_batch(batch: dict[str, np.ndarray], fcfg: dict, image_size: int) -> dict[str, np.ndarray]:
+def preprocess_batch(
+    batch: dict[str, np.ndarray], fcfg: dict, image_size: int, safety: SafetyLists | None = None
+) -> dict[str, np.ndarray]:
     """Decode, measure and cheap-filter a batch of input rows; resize survivors to uint8.
 
     ``batch`` has ``key, url, caption, status, error_message, image, shard`` (numpy
     columns, as Ray Data hands them and :func:`measure_table` builds them). Returns the
     SCORES measurement columns plus ``pixels`` (N, S, S, 3) uint8 and ``needs_model``.
+    ``safety``: the denylists and opt-out lists, checked on the URL and the stored bytes
+    before anything is decoded.
     """
     cfg = FilterConfig.model_validate(fcfg)
     filters = cheap_filters(cfg.thresholds)
     d = cfg.decode
-    draft = image_size if d.reduced_jpeg else None
+    wm = cfg.models.watermark is not None
+    if wm:
+        from curation.safety.watermark import SIZE as WM_SIZE
+        from curation.safety.watermark import watermark_pixels
+    draft = (max(image_size, WM_SIZE) if wm else image_size) if d.reduced_jpeg else None
     n = len(batch["key"])
     out: dict[str, list] = defaultdict(list)
     pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    wm_pixels = np.zeros((n, WM_SIZE, WM_SIZE, 3) if wm else (n, 1, 1, 3), dtype=np.uint8)
     for i in range(n):
         caption = batch["caption"][i]
         caption = None if _missing(caption) else str(caption)
@@ -173,6 +195,12 @@ def preprocess_batch(batch: dict[str, np.ndarray], fcfg: dict, image_size: int) 
             # "http_404: HTTP Error 404: Not Found": the download's reason and one line of
             # its message (the raw text stays in the images table's error_message)
             row["reject_detail"] = failure_line(msg) if msg else f"{status or 'no image bytes'}"
+            if msg and msg.split(":", 1)[0] in SAFETY_REASONS:  # refused at download: its own reason
+                row["reject_reason"], _, detail = msg.partition(":")
+                row["reject_detail"] = detail.strip()
+        elif safety and (found := safety.check_url(row["url"]) or safety.check_bytes(bytes(data))) is not None:
+            # a list that grew since the download: these bytes are never decoded
+            row["reject_reason"], row["reject_detail"] = found
         else:
             try:
                 dec = decode_image(bytes(data), max_pixels=d.max_pixels, animated=d.animated, draft_size=draft)
@@ -186,6 +214,8 @@ def preprocess_batch(batch: dict[str, np.ndarray], fcfg: dict, image_size: int) 
                         row["reject_reason"], row["reject_detail"] = rej
                     else:
                         pixels[i] = resize_center_crop(dec.image, image_size)
+                        if wm:  # the same decoded image, the detector's own geometry
+                            wm_pixels[i] = watermark_pixels(dec.image)
                         needs_model = True
             except Exception as exc:  # noqa: BLE001 - one odd image must not stop the shard
                 row["reject_reason"] = REJECT_DECODE
@@ -200,6 +230,7 @@ def preprocess_batch(batch: dict[str, np.ndarray], fcfg: dict, image_size: int) 
     res["language_score"] = np.array([np.nan if v is None else v for v in out["language_score"]], np.float32)
     res[_NEEDS_MODEL] = np.array(out[_NEEDS_MODEL], dtype=bool)
     res[_PIXELS] = pixels
+    res[_WM_PIXELS] = wm_pixels
     # Tokenise here, on the CPU workers: open_clip's tokenizer is Python and would cost
     # the model actor about a millisecond per caption.
     tokenizer = clip_tokenizer(cfg.models.clip_model)
@@ -228,6 +259,12 @@ class Scorer:
         precision = m.precision if device.type != "cpu" else "fp32"
         self.clip = load_clip(m.clip_model, m.clip_pretrained, device=str(device), precision=precision)
         self.aesthetic = load_aesthetic(m.aesthetic, device=str(device)) if m.aesthetic else None
+        from curation.safety.nsfw import load_nsfw
+
+        self.nsfw = load_nsfw(m.nsfw, device=str(device)) if m.nsfw else None
+        from curation.safety.watermark import load_watermark
+
+        self.watermark = load_watermark(m.watermark, str(device), precision) if m.watermark else None
         self.filters = model_filters(cfg.thresholds)
         self.keep_embeddings = keep_embeddings
         self.batch_size = cfg.batch_size
@@ -242,6 +279,8 @@ class Scorer:
         txt_emb = np.full((n, dim), np.nan, np.float32)
         aesthetic = np.full(n, np.nan, np.float32)
         clip = np.full(n, np.nan, np.float32)
+        nsfw = np.full(n, np.nan, np.float32)
+        watermark = np.full(n, np.nan, np.float32)
         for s in range(0, len(idx), self.batch_size):
             part = idx[s : s + self.batch_size]
             ie = self.clip.encode_images(batch[_PIXELS][part])
@@ -250,16 +289,26 @@ class Scorer:
             clip[part] = clip_scores(ie, te)
             if self.aesthetic is not None:
                 aesthetic[part] = self.aesthetic.score(ie)
+            if self.nsfw is not None:  # the same image embedding: a 768x64 MLP more
+                nsfw[part] = self.nsfw.score(ie)
+            if self.watermark is not None:
+                watermark[part] = self.watermark.score(batch[_WM_PIXELS][part])
         reasons, details = _objects(batch["reject_reason"]), _objects(batch["reject_detail"])
         for i in idx:
             rej = first_rejection(
                 self.filters,
-                {"aesthetic": float(aesthetic[i]) if self.aesthetic else None, "clip_score": float(clip[i])},
+                {
+                    "aesthetic": float(aesthetic[i]) if self.aesthetic else None,
+                    "clip_score": float(clip[i]),
+                    "nsfw": float(nsfw[i]) if self.nsfw is not None else None,
+                    "watermark": float(watermark[i]) if self.watermark is not None else None,
+                },
             )
             if rej is not None:
                 reasons[i], details[i] = rej
-        out = {k: v for k, v in batch.items() if k not in (_PIXELS, _TOKENS)}
-        out.update(reject_reason=reasons, reject_detail=details, aesthetic=aesthetic, clip_score=clip)
+        out = {k: v for k, v in batch.items() if k not in (_PIXELS, _TOKENS, _WM_PIXELS)}
+        out.update(reject_reason=reasons, reject_detail=details, aesthetic=aesthetic, clip_score=clip, nsfw=nsfw)
+        out["watermark"] = watermark
         if self.keep_embeddings:
             out["image_embedding"], out["text_embedding"] = img_emb, txt_emb
         return out
@@ -299,8 +348,9 @@ def batch_to_table(batch: dict[str, np.ndarray]) -> pa.Table:
         cols[name] = [None if _missing(v) else str(v) for v in batch[name]]
     cols["width"] = _nullable(batch["width"], -1)
     cols["height"] = _nullable(batch["height"], -1)
-    for name in ("language_score", "aesthetic", "clip_score"):
-        cols[name] = _nullable(np.asarray(batch[name], np.float32), None)
+    for name in ("language_score", "aesthetic", "clip_score", "nsfw", "watermark"):
+        if name in batch:  # the optional models' columns may be absent from a hand-made batch
+            cols[name] = _nullable(np.asarray(batch[name], np.float32), None)
     cols["kept"] = [r is None for r in cols["reject_reason"]]
     for name in ("image_embedding", "text_embedding"):
         if name in batch:
@@ -336,10 +386,13 @@ def _read_shard_batches(
         yield from iter_input_batches(str(shard), str(url), batch_rows)
 
 
-def measure_table(shard: str, url: str, fcfg: dict, image_size: int, scorer: Scorer, chunk: int) -> pa.Table:
+def measure_table(
+    shard: str, url: str, fcfg: dict, image_size: int, scorer: Scorer, chunk: int, safety: SafetyLists | None = None
+) -> pa.Table:
     """Pass 1 for one shard as a plain loop (the same functions the Ray operators run)."""
     parts = [
-        batch_to_table(scorer(preprocess_batch(b, fcfg, image_size))) for b in iter_input_batches(shard, url, chunk)
+        batch_to_table(scorer(preprocess_batch(b, fcfg, image_size, safety)))
+        for b in iter_input_batches(shard, url, chunk)
     ]
     return pa.concat_tables(parts) if parts else SCORES.empty_table()
 
@@ -352,7 +405,13 @@ def _shard_rows(url: str) -> int:
 
 # --------------------------------------------------------------------------- pass 1 runners
 def measure_local(
-    pending: list[tuple[str, str]], work: Table, cfg: RootConfig, image_size: int, meta: dict, console: Any
+    pending: list[tuple[str, str]],
+    work: Table,
+    cfg: RootConfig,
+    image_size: int,
+    meta: dict,
+    console: Any,
+    safety: SafetyLists | None = None,
 ) -> str:
     """Pass 1 in this process, shard by shard."""
     f = cfg.filter
@@ -361,7 +420,7 @@ def measure_local(
     total = sum(_shard_rows(u) for _, u in pending)
     bar = progress(None, total=total, desc="filter: measure", unit="img", file=console)
     for shard, url in pending:
-        t = measure_table(shard, url, f.model_dump(mode="json"), image_size, scorer, f.decode_batch_size)
+        t = measure_table(shard, url, f.model_dump(mode="json"), image_size, scorer, f.decode_batch_size, safety)
         work.write_shard(shard, t, meta={**meta, "input": url})
         bar.update(t.num_rows)
     bar.close()
@@ -369,7 +428,13 @@ def measure_local(
 
 
 def measure_ray(
-    pending: list[tuple[str, str]], work: Table, cfg: RootConfig, image_size: int, meta: dict, console: Any
+    pending: list[tuple[str, str]],
+    work: Table,
+    cfg: RootConfig,
+    image_size: int,
+    meta: dict,
+    console: Any,
+    safety: SafetyLists | None = None,
 ) -> str:
     """Pass 1 as a Ray Data pipeline: CPU decode tasks -> model actor pool -> shard writer."""
     import ray
@@ -409,7 +474,7 @@ def measure_ray(
     )
     ds = ds.map_batches(
         preprocess_batch,
-        fn_kwargs={"fcfg": fcfg, "image_size": image_size},
+        fn_kwargs={"fcfg": fcfg, "image_size": image_size, "safety": safety if safety else None},
         batch_size=f.decode_batch_size,
         batch_format="numpy",
         num_cpus=1,
@@ -446,152 +511,16 @@ RUNNERS = {"local": measure_local, "ray": measure_ray}
 
 
 # --------------------------------------------------------------------------- settings on record
-#: Reasons pass 1's decode gives; every other reason is re-decidable from the measurements.
-DECODE_REASONS = frozenset({REJECT_DOWNLOAD, REJECT_DECODE, REJECT_BOMB, REJECT_ANIMATED})
-#: What pass 2 reads of a measured shard to re-apply changed checks.
-_CHECK_COLUMNS = ["key", "reject_reason", "reject_detail", "width", "height", "caption", "language",
-                  "language_score", "aesthetic", "clip_score"]  # fmt: skip
-
-
-def measure_settings(f: FilterConfig, image_size: int) -> dict:
-    """What a measured row's numbers depend on: the models, the decode, the model input size."""
-    m = f.models
-    return {
-        "models": {
-            "clip_model": m.clip_model,
-            "clip_pretrained": m.clip_pretrained,
-            "aesthetic": m.aesthetic,
-            "precision": m.precision,
-        },
-        "decode": f.decode.model_dump(mode="json"),
-        "image_size": image_size,
-        "embeddings": f.save_embeddings or f.thresholds.dedup == "near",  # stored in the measured rows
-    }
-
-
-def check_settings(f: FilterConfig) -> dict:
-    """The per-image checks (size, alt text, language, model scores): ``filter.thresholds``
-    without the dedup keys."""
-    return f.thresholds.model_dump(mode="json", exclude={"dedup", "near_dup_min"})
-
-
-def decision_settings(f: FilterConfig, image_size: int) -> dict:
-    """Everything that decides a final ``scores`` row: recorded in each shard's marker and
-    fingerprinted in ``_config.yaml`` (so it never names settings that did not make the rows)."""
-    return {
-        "measure": measure_settings(f, image_size),
-        "checks": check_settings(f),
-        "dedup": {
-            "dedup": f.thresholds.dedup,
-            "near_dup_min": f.thresholds.near_dup_min,
-            **({"near_dup": f.near_dup.model_dump(mode="json")} if f.thresholds.dedup == "near" else {}),
-        },
-        "save_embeddings": f.save_embeddings,
-    }
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-_SETTING_NAMES = {"models": "filter.models", "decode": "filter.decode", "image_size": "CLIP input size"}
-
-
-def settings_diff(old: dict | None, new: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """``{setting: (old, new)}`` for what differs, with the config's key names."""
-    if old is None:
-        return {"settings": ("not recorded (measured by an older version)", "this run's")}
-    a, b = _flat(old), _flat(new)
-    out = {}
-    for k in sorted(set(a) | set(b)):
-        if a.get(k, "<unset>") != b.get(k, "<unset>"):
-            top, _, rest = k.partition(".")
-            name = prefix + k if prefix else _SETTING_NAMES.get(top, top) + (f".{rest}" if rest else "")
-            out[name] = (a.get(k, "<unset>"), b.get(k, "<unset>"))
-    return out
-
-
-def _describe(diff: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
-    items = [f"{k} {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:limit]]
-    return ", ".join(items) + (f" (+{len(diff) - limit} more)" if len(diff) > limit else "")
-
-
-def recheck(rows: pa.Table, checks: FilterConfig) -> tuple[list, list, int]:
-    """Re-apply this run's per-image checks to measured rows.
-
-    Returns the new reasons and details and how many rows would now pass the cheap
-    checks but were never scored by the models (they were rejected before the model
-    stage when measured): those rows need measuring again.
-    """
-    cheap, model = cheap_filters(checks.thresholds), model_filters(checks.thresholds)
-    d = rows.select(_CHECK_COLUMNS).to_pydict()
-    reasons, details = list(d["reject_reason"]), list(d["reject_detail"])
-    unscored = 0
-    for i in range(rows.num_rows):
-        if reasons[i] in DECODE_REASONS:
-            continue
-        row = {k: d[k][i] for k in _CHECK_COLUMNS}
-        rej = first_rejection(cheap, row)
-        if rej is None:
-            if row["clip_score"] is None:
-                unscored += 1
-                continue
-            rej = first_rejection(model, row)
-        reasons[i], details[i] = rej if rej is not None else (None, None)
-    return reasons, details, unscored
-
-
-@dataclass
-class MeasurePlan:
-    """Which measured shards this run can use as they are, re-decide, or must measure again."""
-
-    recheck: set[str]  # measured with other checks: re-decided from their measurements
-    stale: dict[str, str]  # shard -> why its measurements cannot serve this run
-
-
-def plan_measured(work: Table, cfg: RootConfig, image_size: int) -> MeasurePlan:
-    """Compare every measured shard's recorded settings with this run's."""
-    f = cfg.filter
-    want_m, want_c = measure_settings(f, image_size), check_settings(f)
-    plan = MeasurePlan(set(), {})
-    need_emb = want_m.pop("embeddings")
-    for shard, marker in work.markers().items():
-        rec = marker.get("settings")
-        old_m = dict(rec["measure"]) if rec else None
-        had_emb = old_m.pop("embeddings", True) if old_m else False
-        diff = settings_diff(old_m, want_m)
-        if diff:
-            plan.stale[shard] = _describe(diff)
-            continue
-        if need_emb and not had_emb:
-            plan.stale[shard] = "image embeddings were not stored (dedup: near and save_embeddings need them)"
-            continue
-        if rec.get("checks") == want_c:
-            continue
-        rows = pq.read_table(work.shard_file(shard), filesystem=work.fs, columns=_CHECK_COLUMNS)
-        _, _, unscored = recheck(rows, f)
-        if unscored:
-            diff = settings_diff(rec.get("checks"), want_c, prefix="filter.thresholds.")
-            plan.stale[shard] = f"{_describe(diff)}: {unscored} row(s) now pass the checks and were never scored"
-        else:
-            plan.recheck.add(shard)
-    return plan
-
-
-def _refuse(plan: MeasurePlan, n_measured: int, work: Table) -> ConfigError:
-    whys = Counter(plan.stale.values())
-    lines = "; ".join(f"{n} shard(s): {why}" for why, n in whys.most_common(3))
-    return ConfigError(
-        f"{len(plan.stale)} of the {n_measured} shards already measured in {work.url} were measured with other "
-        f"settings, which their stored measurements cannot decide ({lines}). Rerun with "
-        "--set filter.changed_settings=remeasure to measure them again (the model work is repeated), rerun with "
-        "the settings they were made with, or write to a new filter.output."
-    )
+from curation.filter_settings import (  # noqa: E402 - re-exported: the stage's settings API lives there
+    _CHECK_COLUMNS,
+    _refuse,
+    check_settings,
+    decision_settings,
+    measure_settings,
+    plan_measured,
+    read_measured,
+    recheck,
+)
 
 
 # --------------------------------------------------------------------------- pass 2
@@ -673,12 +602,13 @@ def decide(
     image_size: int,
     recheck_shards: set[str] | None = None,
     console: Any = None,
+    lists: dict | None = None,
 ) -> tuple[int, dict]:
     """Pass 2: re-apply changed checks, decide duplicates over every measured shard, write
     the final shards whose decisions changed; returns (shards written, facts for the summary)."""
     f = cfg.filter
     t = f.thresholds
-    settings = decision_settings(f, image_size)
+    settings = decision_settings(f, image_size, lists)
     settings_fp = _digest([("settings", json.dumps(settings, sort_keys=True))])
     redo = recheck_shards or set()
     measured: dict[str, _Measured] = {}
@@ -692,7 +622,7 @@ def decide(
             if shard in redo
             else ["key", "reject_reason", "sha256", "pixel_hash"]
         )
-        rows = pq.read_table(work.shard_file(shard), filesystem=work.fs, columns=cols)
+        rows = read_measured(work, shard, cols)
         if shard in redo:
             reasons, details, _ = recheck(rows, f)
             measured[shard] = _Measured(reasons, details)
@@ -731,7 +661,7 @@ def decide(
         if out.is_done(shard) and out.marker(shard).get("decision_digest") == digest:
             continue
         names = [n for n in SCORES.names if f.save_embeddings or n not in ("image_embedding", "text_embedding")]
-        rows = pq.read_table(work.shard_file(shard), filesystem=work.fs, columns=names)
+        rows = read_measured(work, shard, names)
         if shard in expected_rows and rows.num_rows != expected_rows[shard]:
             raise RuntimeError(f"shard {shard}: {rows.num_rows} measured rows for {expected_rows[shard]} input rows")
         m = measured.get(shard)
@@ -768,6 +698,9 @@ def run_filter(cfg: RootConfig, args: argparse.Namespace | None = None) -> int:
     f = cfg.filter
     paths = resolve_paths(cfg)
     validate(cfg)
+    # the download's denylists and opt-out lists, applied again here: a list that cannot be read stops the run now
+    safety = load_lists(cfg.download.denylists, cfg.download.opt_outs)
+    lists = safety.fingerprint()
     shards = image_shards(paths.images)
     if not shards:
         raise ConfigError(
@@ -781,7 +714,7 @@ def run_filter(cfg: RootConfig, args: argparse.Namespace | None = None) -> int:
         log.info("removed %d leftover file(s) of an interrupted run", cleaned)
     image_size = clip_input_size(f.models.clip_model)
     inputs = dict(shards)
-    plan = plan_measured(work, cfg, image_size)
+    plan = plan_measured(work, cfg, image_size, lists)
     if plan.stale and f.changed_settings == "refuse":
         raise _refuse(plan, len(work.done_shards()), work)
     done = work.done_shards() - set(plan.stale)
@@ -805,6 +738,11 @@ def run_filter(cfg: RootConfig, args: argparse.Namespace | None = None) -> int:
             "runner": f.runner if f.runner == "local" else "Ray Data (decode tasks -> model actor pool)",
             "CLIP": f"{f.models.clip_model}{'' if is_local else f' ({f.models.clip_pretrained})'}, input {image_size}px",
             "aesthetic": f.models.aesthetic or "off",
+            "NSFW": f"{f.models.nsfw}, reject above {t.nsfw_max}" if f.models.nsfw else "off (filter.models.nsfw)",
+            "watermark": f"{f.models.watermark}, reject above {t.watermark_max}"
+            if f.models.watermark
+            else "off (filter.models.watermark)",
+            "safety": f"lists: {safety.describe()} (download.denylists / opt_outs)",
             "thresholds": (
                 f"short side >= {t.min_short_side}, aspect <= {t.max_aspect_ratio}, alt text >= "
                 f"{t.caption_min_chars} chars / {t.caption_min_words} words, language in {t.languages or 'any'}, "
@@ -823,18 +761,18 @@ def run_filter(cfg: RootConfig, args: argparse.Namespace | None = None) -> int:
     run_id = uuid.uuid4().hex[:12]
     meta = {
         "run_id": run_id,
-        "settings": {"measure": measure_settings(f, image_size), "checks": check_settings(f)},
+        "settings": {"measure": measure_settings(f, image_size, lists), "checks": check_settings(f)},
     }
     t0 = time.time()
     where = "nothing to measure"
     with third_party_output_to(log_path) as console:
         if pending:
-            where = RUNNERS[f.runner](pending, work, cfg, image_size, meta, console)
+            where = RUNNERS[f.runner](pending, work, cfg, image_size, meta, console, safety)
         measured_s = time.time() - t0
         expected = {s: _shard_rows(u) for s, u in shards}
-        settings = decision_settings(f, image_size)
+        settings = decision_settings(f, image_size, lists)
         out.save_config(cfg, STAGE, settings)  # names the shards this run has not rewritten yet
-        written, facts = decide(work, out, cfg, expected, run_id, image_size, plan.recheck, console)
+        written, facts = decide(work, out, cfg, expected, run_id, image_size, plan.recheck, console, lists)
     out.save_config(cfg, STAGE, settings)  # every shard is now this run's
     funnel(out, summary)
     summary.extra.update(

@@ -53,6 +53,8 @@ REJECT_AESTHETIC = "low_aesthetic"
 REJECT_CLIP = "low_clip_score"
 REJECT_DUPLICATE = "duplicate"
 REJECT_NEAR_DUPLICATE = "near_duplicate"
+REJECT_NSFW = "nsfw"  # the same reason as an input punsafe above download.punsafe_max
+REJECT_WATERMARK = "watermark"  # the same reason as an input pwatermark above download.pwatermark_max
 
 
 class Filter:
@@ -152,6 +154,23 @@ class MinScore(Filter):
         return None
 
 
+@dataclass(repr=False)
+class MaxScore(Filter):
+    """A model score (``column``) must be at most ``maximum``; no score (model off) keeps the row."""
+
+    column: str
+    maximum: float
+    reason: str
+
+    def check(self, row: Mapping) -> Rejection | None:
+        value = row.get(self.column)
+        if value is None or not np.isfinite(value):
+            return None
+        if value > self.maximum:
+            return self.reason, f"{self.column} {value:.4f} > {self.maximum:g}"
+        return None
+
+
 def cheap_filters(t: FilterThresholdsConfig) -> list[Filter]:
     """Filters on size and alt text, in funnel order; run before any model work."""
     out: list[Filter] = []
@@ -169,6 +188,10 @@ def cheap_filters(t: FilterThresholdsConfig) -> list[Filter]:
 def model_filters(t: FilterThresholdsConfig) -> list[Filter]:
     """Filters on the model scores, in funnel order."""
     out: list[Filter] = []
+    if t.nsfw_max is not None:  # first: an unsafe image is counted as such whatever its other scores
+        out.append(MaxScore("nsfw", t.nsfw_max, REJECT_NSFW))
+    if t.watermark_max is not None:
+        out.append(MaxScore("watermark", t.watermark_max, REJECT_WATERMARK))
     if t.aesthetic_min is not None:
         out.append(MinScore("aesthetic", t.aesthetic_min, REJECT_AESTHETIC))
     if t.clip_score_min is not None:

@@ -5,7 +5,8 @@ compares the area with ``max_image_area``: a 21 KB PNG whose header says 30000x3
 costs 2.7 GB before it is refused, in every download thread. And OpenCV reads the first
 frame of an animated GIF/WebP/PNG, so re-encoding turns an animation into a still that
 no later stage can recognise. :class:`GuardedResizer` is img2dataset's ``Resizer`` with
-two checks in front, both from the header (:func:`curation.decode.probe`, no pixel
+the hash denylists checked on the bytes first (when the safe downloader of
+:mod:`curation.safety.hooks` sets them), then two checks, both from the header (:func:`curation.decode.probe`, no pixel
 decoded):
 
 - more than ``max_image_area`` pixels: refused as ``image area too large: WxH ...``
@@ -37,7 +38,16 @@ from curation.decode import probe
 class GuardedResizer(Resizer):
     """img2dataset's ``Resizer`` with a header pixel limit and animations kept as they are."""
 
+    #: hash denylists (:class:`curation.safety.lists.SafetyLists`), set by the safe downloader
+    safety = None
+
     def __call__(self, img_stream, blurring_bbox_list=None):
+        if self.safety is not None:
+            img_stream.seek(0)
+            found = self.safety.check_bytes(img_stream.read())
+            img_stream.seek(0)
+            if found is not None:  # refused before anything is decoded or written
+                return None, None, None, None, None, f"{found[0]}: {found[1]}"
         if self.disable_all_reencoding:
             return super().__call__(img_stream, blurring_bbox_list)
         img_stream.seek(0)

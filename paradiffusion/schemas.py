@@ -38,6 +38,8 @@ SCORES = pa.schema(
         pa.field("language_score", pa.float32()),
         pa.field("aesthetic", pa.float32()),
         pa.field("clip_score", pa.float32()),
+        pa.field("nsfw", pa.float32()),  # LAION NSFW detector on the CLIP embedding, 0..1 (null: off)
+        pa.field("watermark", pa.float32()),  # LAION watermark detector, 0..1 (null: off)
         pa.field("kept", pa.bool_(), nullable=False),
         pa.field("reject_reason", pa.string()),  # null when kept
         pa.field("reject_detail", pa.string()),  # human-readable detail (the decoder's message, ...)

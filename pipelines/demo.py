@@ -69,11 +69,23 @@ def step_sample(ctx: DemoContext) -> None:
 
 
 def step_download(ctx: DemoContext) -> None:
-    """Download the sample from the local server with img2dataset, plus URLs that fail."""
+    """Download the sample from the local server with img2dataset, plus URLs that fail and rows that the
+    safety checks refuse (each reason once; no unsafe content: the rows point at sample photos)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from paradiffusion.testing.sample import write_url_list
 
+    records = ctx.state["records"]
+    photo = next(r.name for r in records if r.kind == "photo")
+    refused = {  # LAION-style metadata: these rows are answered without a request
+        f"images/{photo}?demo=unsafe": ("A row whose metadata says punsafe 0.97.", 0.97, 0.0),
+        f"images/{photo}?demo=watermark": ("A row whose metadata says pwatermark 0.91.", 0.0, 0.91),
+        f"images/{photo}?demo=listed": ("A row whose URL is on the demo's URL denylist.", 0.0, 0.0),
+        f"images/{photo}?demo=opted-out": ("A row whose URL is on the demo's opt-out list.", 0.0, 0.0),
+    }
     url_list = write_url_list(
-        ctx.state["records"],
+        records,
         ctx.base_url,
         ctx.out / "urls" / "sample.parquet",
         url_col="URL",
@@ -82,19 +94,79 @@ def step_download(ctx: DemoContext) -> None:
             "missing/deleted-photo.jpg": "A photo that is no longer on the server.",
             "html/not-an-image.jpg": "A link that answers with a web page.",
             "slow/30/images/chelsea.jpg": "A server too slow to answer within the timeout.",
+            **{path: caption for path, (caption, _, _) in refused.items()},
         },
     )
+    t = pq.read_table(url_list)
+    meta = {f"{ctx.base_url}/{p}": (u, w) for p, (_, u, w) in refused.items()}
+    punsafe = [meta.get(u, (0.01, 0.0))[0] for u in t["URL"].to_pylist()]
+    pwatermark = [meta.get(u, (0.0, 0.02))[1] for u in t["URL"].to_pylist()]
+    t = t.append_column("punsafe", pa.array(punsafe, pa.float32()))
+    pq.write_table(t.append_column("pwatermark", pa.array(pwatermark, pa.float32())), url_list)
+
+    # Lists as a user would name them in pipelines.yaml, made here from the sample: a SHA-256 list
+    # holding the hash of one sample image (a stand-in for a published cleanup list), one URL, one opt-out.
+    import hashlib
+
+    lists = ctx.out / "lists"
+    lists.mkdir(parents=True, exist_ok=True)
+    hashed = next(r.name for r in records if r.kind == "synthetic" and r.expect == "ok")
+    digest = hashlib.sha256((ctx.out / "sample" / "images" / hashed).read_bytes()).hexdigest()
+    (lists / "demo-sha256.csv").write_text(f"sha256\n{digest}\n")
+    (lists / "demo-urls.txt").write_text(f"# the demo's URL denylist\n{ctx.base_url}/images/{photo}?demo=listed\n")
+    (lists / "demo-optout.txt").write_text(f"{ctx.base_url}/images/{photo}?demo=opted-out\n")
+    ctx.overrides += [  # the filter applies the same lists again
+        f'download.denylists=[{{name: demo-sha256, path: "{lists / "demo-sha256.csv"}", kind: sha256}}, '
+        f'{{name: demo-urls, path: "{lists / "demo-urls.txt"}", kind: url}}]',
+        f'download.opt_outs=[{{name: demo-optout, path: "{lists / "demo-optout.txt"}", kind: url}}]',
+    ]
     ctx.cli("download", extra_sets=[f"download.input={url_list}"])
 
 
+def _demo_nsfw_head(tiny: dict, image: Path, out: Path, image_size: int) -> Path:
+    """A tiny NSFW head (the detector's layers) that flags the one image whose tiny-CLIP embedding
+    is ``image``'s (cosine > 0.99) and scores every other image 0.475: it shows the check firing."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from curation.decode import decode_image, resize_center_crop
+    from curation.models import load_clip
+    from curation.safety.nsfw import NSFWHead
+
+    clip = load_clip(tiny["clip_model"], device="cpu")
+    dec = decode_image(image.read_bytes())
+    emb = clip.encode_images(resize_center_crop(dec.image, image_size)[None])[0]
+    head = NSFWHead(int(emb.shape[0]))
+    with torch.no_grad():
+        for lin in (head.linear_1, head.linear_2, head.linear_3, head.linear_4):
+            lin.weight.zero_()
+            lin.bias.zero_()
+        head.linear_1.weight[0] = torch.from_numpy(np.asarray(emb, np.float32))
+        head.linear_1.bias[0] = -0.99
+        head.linear_2.weight[0, 0] = head.linear_3.weight[0, 0] = 1.0
+        head.linear_4.weight[0, 0], head.linear_4.bias[0] = 1000.0, -0.1
+    save_file(head.state_dict(), out)
+    return out
+
+
 def step_filter(ctx: DemoContext) -> None:
-    """Filter the downloaded shards with a tiny random CLIP + aesthetic head built here."""
+    """Filter the downloaded shards with a tiny random CLIP + aesthetic head built here, and a tiny NSFW head."""
     from paradiffusion.testing.tiny_clip import build_tiny_clip
 
     tiny = build_tiny_clip(ctx.out / "models" / "tiny_clip")
+    records = ctx.state["records"]
+    flagged = [r.name for r in records if r.kind == "synthetic" and r.expect == "ok"][1]
+    nsfw = _demo_nsfw_head(
+        tiny, ctx.out / "sample" / "images" / flagged, ctx.out / "models" / "tiny_nsfw.safetensors", tiny["image_size"]
+    )
     ctx.cli(
         "filter",
-        extra_sets=[f"filter.models.clip_model={tiny['clip_model']}", f"filter.models.aesthetic={tiny['aesthetic']}"],
+        extra_sets=[
+            f"filter.models.clip_model={tiny['clip_model']}",
+            f"filter.models.aesthetic={tiny['aesthetic']}",
+            f"filter.models.nsfw={nsfw}",
+        ],
     )
 
 
