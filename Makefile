@@ -27,7 +27,7 @@ setup: ## create .venv and .venv-labelstudio with exactly the locked packages (r
 	$(PYTHON3) scripts/envlock.py install --venv $(VENV) --lock requirements/lock.txt --editable . --python $(PYTHON3)
 	sh scripts/install_browser.sh  # Debian's chromium for the voting-app browser test (only when missing)
 	$(MAKE) setup-labelstudio
-	@$(PY) -c "import torch, ray, open_clip, img2dataset, transformers, diffusers, peft, deepspeed, duckdb; print('setup ok: torch', torch.__version__, '| ray', ray.__version__)"
+	@$(PY) -c "import paradiffusion, torch, ray, open_clip, img2dataset, transformers, diffusers, peft, deepspeed, duckdb; print('setup ok: torch', torch.__version__, '| ray', ray.__version__)"
 
 lock: ## regenerate the lock files from pyproject's pins and requirements/*.in, and say what changed (UPGRADE=1: newest allowed)
 	$(PYTHON3) scripts/envlock.py compile $(if $(UPGRADE),--upgrade)
