@@ -51,7 +51,9 @@ class SentencePieceLlamaTokenizer:
         self.eos_token_id = self._id(self.eos_token)
         self.unk_token_id = self._id(self.unk_token)
         self.pad_token_id = self._id(self.pad_token)
-        self.all_special_ids = sorted({i for i in (self.bos_token_id, self.eos_token_id, self.unk_token_id) if i is not None})
+        self.all_special_ids = sorted(
+            {i for i in (self.bos_token_id, self.eos_token_id, self.unk_token_id) if i is not None}
+        )
         tokens = sorted({self.sp.id_to_piece(i) for i in self.all_special_ids}, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(re.escape(t) for t in tokens) + ")") if tokens else None
 
