@@ -123,21 +123,14 @@ def validate(cfg: RootConfig) -> None:
             f"filter.thresholds.aesthetic_min = {t.aesthetic_min} needs filter.models.aesthetic "
             "(allowed: a weights path/URL, or set aesthetic_min to null)"
         )
-    if m.aesthetic is not None and "://" not in m.aesthetic and not os.path.isfile(m.aesthetic):
-        raise ConfigError(
-            f"filter.models.aesthetic = {m.aesthetic!r}: file not found (allowed: a local .pth/.safetensors file, "
-            "an http(s) or fsspec URL, or null)"
-        )
-    if m.nsfw is not None and "://" not in m.nsfw and not os.path.isfile(m.nsfw):
-        raise ConfigError(
-            f"filter.models.nsfw = {m.nsfw!r}: file not found (allowed: converted weights, see "
-            "`python -m curation.safety.nsfw convert`, an http(s) or fsspec URL, or null)"
-        )
-    if m.watermark is not None and "://" not in m.watermark and not os.path.isfile(m.watermark):
-        raise ConfigError(
-            f"filter.models.watermark = {m.watermark!r}: file not found (allowed: watermark_model_v1.pt as a path, "
-            "an http(s) or fsspec URL, or null)"
-        )
+    for name, allowed in (
+        ("aesthetic", "a local .pth/.safetensors file, an http(s) or fsspec URL, or null"),
+        ("nsfw", "converted weights, see `python -m curation.safety.nsfw convert`, an http(s) or fsspec URL, or null"),
+        ("watermark", "watermark_model_v1.pt as a path, an http(s) or fsspec URL, or null"),
+    ):
+        path = getattr(m, name)
+        if path is not None and "://" not in path and not os.path.isfile(path):
+            raise ConfigError(f"filter.models.{name} = {path!r}: file not found (allowed: {allowed})")
     if m.device not in ("auto", "cpu") and not m.device.startswith(("cuda", "mps", "xpu")):
         raise ConfigError(f"filter.models.device = {m.device!r}: allowed 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
 
