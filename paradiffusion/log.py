@@ -140,6 +140,28 @@ class _Forward(io.TextIOBase):
         return getattr(self.target, name)
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """The package's console handler. The stream it was given can be closed under it (a console of a
+    finished :func:`third_party_output_to` block kept by a thread, a test runner's capture file): then
+    it writes to the current ``sys.stderr`` (or the interpreter's own) instead of failing each record."""
+
+    def _live(self):
+        if getattr(self.stream, "closed", False):
+            for cand in (sys.stderr, sys.__stderr__):
+                if cand is not None and not getattr(cand, "closed", False):
+                    self.stream = cand
+                    break
+        return self.stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._live()
+        super().emit(record)
+
+    def flush(self) -> None:
+        if not getattr(self._live(), "closed", False):
+            super().flush()
+
+
 def get_logger(name: str) -> logging.Logger:
     """Return the logger for a package or module (e.g. ``curation.filter``).
 
@@ -148,7 +170,7 @@ def get_logger(name: str) -> logging.Logger:
     """
     global _HANDLER
     if _HANDLER is None:
-        _HANDLER = logging.StreamHandler(sys.stderr)
+        _HANDLER = _ConsoleHandler(sys.stderr)
         _HANDLER.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
         _HANDLER.addFilter(_Redact())
         root = logging.getLogger("pd")

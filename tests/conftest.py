@@ -7,6 +7,16 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# img2dataset imports wandb, and wandb's console_capture patches the write() of whatever objects
+# sys.stdout / sys.stderr are at that moment, for good ("it does not work with some combinations of
+# pytest's capfd / capsys fixtures", wandb/sdk/lib/console_capture.py). Imported first here, it patches
+# pytest's session-long capture streams instead of one test's capture, which is closed when that test
+# ends and later written to through the patch (a later test then dies with "I/O operation on closed file").
+try:
+    import wandb.sdk.lib.console_capture  # noqa: F401
+except ImportError:
+    pass
+
 
 # --------------------------------------------------------------------------- ray_cluster
 import pytest  # noqa: E402
