@@ -241,7 +241,7 @@ def test_caption_rows_record_the_commit_the_model_resolved_to(tmp_path):
     """The driver resolves the captioner (and tokenizer) to commits; rows, shard names and actors use them."""
     from captioning.captioners import pin_to_resolved
     from captioning.config import CaptionConfig, CaptionerSpec
-    from captioning.pipeline import ChunkWriter
+    from captioning.pipeline import ChunkWriter, set_identity
     from captioning.prep import tag_prefix
     from paradiffusion import hub
     from paradiffusion.config import ModelsConfig
@@ -271,7 +271,8 @@ def test_caption_rows_record_the_commit_the_model_resolved_to(tmp_path):
         pinned = pin_to_resolved(c)
     assert (pinned.spec.revision, pinned.spec.tokenizer_revision) == (model_sha, tok_sha)
     assert c.spec.revision is None, "the config itself is left as it was"
-    writer = ChunkWriter(Table(str(tmp_path / "captions"), CAPTIONS), [], pinned, StageSummary("caption"))
+    ident = set_identity("cog", pinned)
+    writer = ChunkWriter(Table(str(tmp_path / "captions"), CAPTIONS), [], pinned, StageSummary("caption"), ident)
     assert writer.common["model_revision"] == model_sha
     assert tag_prefix(pinned.spec.model, pinned.spec.revision, "p" * 8).endswith(f".{model_sha[:10]}.pppppppp.")
 
