@@ -34,6 +34,7 @@ that other settings made (``shards_with_other_settings``) instead of claiming th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import io
@@ -595,8 +596,8 @@ _CHECKED: set[tuple[str, str]] = set()
 
 def check_writable(url: str) -> None:
     """On an object store, that the bucket of ``url`` exists and takes writes: one PUT of an
-    empty ``<url>/.tmp/.write-check`` (overwritten by every run, never read), once per bucket
-    and process. Buckets are never created (s3fs's ``makedirs`` would: a typo would make a new
+    empty ``<url>/.tmp/.write-check``, deleted again (so nothing is left under ``.tmp/``), once
+    per bucket and process. Buckets are never created (s3fs's ``makedirs`` would: a typo would make a new
     one). Raises :class:`StorageError` (exit code 2) with one line naming the URL and the cause.
     Local paths and ``memory://`` need no check."""
     fs, path = fsspec.core.url_to_fs(url)
@@ -614,6 +615,8 @@ def check_writable(url: str) -> None:
         if failure is None:
             raise
         raise failure from exc
+    with contextlib.suppress(Exception):  # best effort: a store that takes PUTs but not DELETEs still works
+        fs.rm_file(probe)
     _CHECKED.add((protos[0], bucket))
 
 

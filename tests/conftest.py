@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Tests never touch a hub: everything they load is built from configs on disk.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,13 +10,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # img2dataset imports wandb, and wandb's console_capture patches the write() of whatever objects
 # sys.stdout / sys.stderr are at that moment, for good ("it does not work with some combinations of
-# pytest's capfd / capsys fixtures", wandb/sdk/lib/console_capture.py). Imported first here, it patches
-# pytest's session-long capture streams instead of one test's capture, which is closed when that test
-# ends and later written to through the patch (a later test then dies with "I/O operation on closed file").
+# pytest's capfd / capsys fixtures", wandb/sdk/lib/console_capture.py). Under pytest those are capture
+# streams that pytest closes (a later write through the patch: "I/O operation on closed file", and a
+# test session that dies). Imported here with the interpreter's own streams in place, it patches those,
+# which live as long as the process, and leaves pytest's alone.
+_streams = sys.stdout, sys.stderr
+sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 try:
     import wandb.sdk.lib.console_capture  # noqa: F401
 except ImportError:
     pass
+finally:
+    sys.stdout, sys.stderr = _streams
 
 
 # --------------------------------------------------------------------------- ray_cluster
