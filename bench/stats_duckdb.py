@@ -369,7 +369,7 @@ def build(cfg, root: Path, threads: int | None):
     """What `make stats` does before its queries: the per-shard caches and partials, then the
     key-level pass. Returns (state, keyed folder, wall s, CPU s, peak GiB)."""
     from paradiffusion.storage import duckdb_connect
-    from stats import aggregates, derived
+    from stats import derived, keyed
     from stats.run import configure
     from stats.views import find_sources
 
@@ -381,8 +381,14 @@ def build(cfg, root: Path, threads: int | None):
         configure(con, cfg.stats, out)
         tables = {n: sources[n].url for n in derived.TEXT_TABLES if sources[n].exists}
         state = derived.refresh(con, out, tables, cfg.stats.keywords)
-        keyed, _, _ = aggregates.refresh_keyed(con, out, state, sources, cfg)
-    return sources, state, keyed, time.perf_counter() - t0, time.process_time() - c0, _peak_gib()
+        kd = keyed.refresh_keyed(con, out, state, sources, cfg)
+    print(
+        f"key-level pass: {kd.mode}, {kd.changed} of {kd.inputs} inputs changed"
+        + (f", {kd.touched_keys:,} keys touched" if kd.touched_keys is not None else "")
+        + f", {kd.seconds:.1f} s",
+        flush=True,
+    )
+    return sources, state, kd.folder, time.perf_counter() - t0, time.process_time() - c0, _peak_gib()
 
 
 def add_rows(root: Path, rows: int, first_shard: int, seed: int = 1) -> None:

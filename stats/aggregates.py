@@ -10,12 +10,11 @@ Two levels, both under ``<stats.output>/derived`` beside the per-row cache of :m
    ``scores``: the kept alt texts' sums and keyword flags (``alt``), their word counts
    (``alt_lengths``) and the rejects by reason (``rejects``). A new or rewritten shard costs only
    its own partials.
-2. **Key level** (``keyed/``): the numbers that need the keys of every shard together: distinct
-   images per source and their mean short side (Table 1), distinct images per caption set
-   (captioners), the funnel's nested key sets and the caption-set pairs. These cannot be added
-   up shard by shard (a key may be in two shards); they are computed in one pass over the
-   per-row caches (64-bit key hashes and a few numbers per row, never the source shards or the
-   text) when any input changed, and kept with a fingerprint of their inputs.
+2. **Key level** (``keyed/``, :mod:`stats.keyed`): the numbers that need the keys of every
+   shard together: distinct images per source and their mean short side (Table 1), distinct
+   images per caption set (captioners), the funnel's nested key sets and the caption-set pairs.
+   These cannot be added up shard by shard (a key may be in two shards) but can key by key:
+   they are kept as totals over the keys and updated for the keys of the shards that changed.
 
 The canned queries (:mod:`stats.queries`, ``agg_sql``) merge these at query time: sums over the
 partials of every committed shard, labels from the merged prompt versions, the key-level
@@ -28,9 +27,7 @@ keys). Strings instead of hashes made the key-level pass about 1.5x slower here.
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from pathlib import Path
 
 from paradiffusion.log import get_logger
@@ -45,8 +42,6 @@ PARTS: dict[str, tuple[str, ...]] = {
 
 SET_COLS = "model_id, model_revision, prompt_id, prompt_hash"
 HAS_WORDS = "coalesce(n_words, 0) > 0 AND finish_reason IS DISTINCT FROM 'error'"
-#: Bumped when the key-level pass changes.
-KEYED_VERSION = 3
 
 
 def _q(s: str) -> str:
@@ -131,7 +126,7 @@ SET_JOIN = (
     "AND coalesce(p.model_revision, '') = coalesce(v.model_revision, '')"
 )
 
-#: The key-level results (level 2) and the view each is read through.
+#: The key-level results (level 2, :mod:`stats.keyed`), each read through a ``keyed_<name>`` view.
 KEYED = ("table1", "captioners", "funnel", "pairs")
 
 
@@ -153,138 +148,3 @@ def agg_views(state, keyed_dir: str | None) -> list[tuple[str, str]]:
             if f.exists():
                 views.append((f"keyed_{name}", f"SELECT * FROM read_parquet({_lit(str(f))})"))
     return views
-
-
-# --------------------------------------------------------------------------- level 2: keys
-def _fingerprint_raw(src) -> list:
-    """What a raw (uncached) table's shards are, for the key-level fingerprint: name, size, time."""
-    import fsspec
-
-    out = []
-    for f in src.files:
-        fs, path = fsspec.core.url_to_fs(f)
-        info = fs.info(path)
-        out.append([f, info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")])
-    return out
-
-
-def keyed_fingerprint(state, sources, cfg) -> dict:
-    return {
-        "version": KEYED_VERSION,
-        "cached": {t: state.idents.get(t, {}) for t in PARTS},
-        "raw": {n: _fingerprint_raw(sources[n]) for n in ("images", "candidates", "annotations")},
-        "train_rule": cfg.annotations.train_rule,
-    }
-
-
-def refresh_keyed(con, out: Path, state, sources, cfg) -> tuple[str, bool, float]:
-    """Bring the key-level results up to date; returns (folder, recomputed?, seconds).
-
-    Recomputed from the per-row caches when the fingerprint of the inputs changed (any shard's
-    cache, the uncached tables' files, the annotation rule); each result is written to a temp
-    name and renamed, ``keyed.json`` last.
-    """
-    from captioning.small.texts import approved_sql, texts_sql
-    from stats.queries import captioner_pairs_sql, funnel_sql
-    from stats.views import files_sql
-
-    t0 = time.perf_counter()
-    folder = Path(out) / "derived" / "keyed"
-    folder.mkdir(parents=True, exist_ok=True)
-    fp = keyed_fingerprint(state, sources, cfg)
-    meta = folder / "keyed.json"
-    if meta.exists() and json.loads(meta.read_text()) == fp and all((folder / f"{n}.parquet").exists() for n in KEYED):
-        return str(folder), False, time.perf_counter() - t0
-    meta.unlink(missing_ok=True)
-    have = {n for n, s in sources.items() if s.exists}
-    lean: list[tuple[str, str]] = []
-    if "scores" in have:
-        lean.append(
-            (
-                "scores",
-                "SELECT kh AS key, kept, least(width, height) AS short_side, reject_reason "
-                f"FROM {_files_sql(state.files['scores'])}",
-            )
-        )
-    if "captions" in have:
-        lean.append(
-            (
-                "captions",
-                f"SELECT kh AS key, sid, {SET_COLS}, n_words, finish_reason, created_at "
-                f"FROM {_files_sql(state.files['captions'])}",
-            )
-        )
-        lean.append(
-            (
-                "l_pv",
-                _pv_sql(_files_sql(part_files(state.folders["captions"], sorted(state.idents["captions"]), "sets"))),
-            )
-        )
-        lean.append(("vlm_captions", f"SELECT v.source, p.* FROM captions p JOIN l_pv v ON {SET_JOIN}"))
-    if "images" in have:
-        lean.append(("images", f"SELECT hash(key) AS key, status FROM {files_sql(sources['images'].files)}"))
-    if "candidates" in have:
-        lean.append(("candidates", f"SELECT hash(key) AS key FROM {files_sql(sources['candidates'].files)}"))
-    if "annotations" in have:
-        email = "" if "annotator_email" in sources["annotations"].columns else ", NULL::VARCHAR AS annotator_email"
-        lean.append(
-            (
-                "annotations",
-                f"SELECT * REPLACE (hash(key) AS key){email} FROM {files_sql(sources['annotations'].files)}",
-            )
-        )
-        lean.append(("annotation_texts", texts_sql("annotations")))
-        lean.append(("annotations_approved", approved_sql("annotations", cfg.annotations.train_rule)))
-    for name, sql in lean:
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {sql}")
-    # one row per (caption set, key), grouped once and shared by Table 1, captioners and the pairs
-    if "captions" in have:
-        con.execute(
-            "CREATE OR REPLACE TEMP TABLE sk AS SELECT v.source, p.key, p.hw, p.ne, p.words FROM ("
-            "SELECT sid, key, bool_or(hw) AS hw, count(*) FILTER (ne) AS ne, "
-            "arg_max(n_words, created_at) FILTER (ne) AS words FROM ("
-            "SELECT *, coalesce(n_words, 0) > 0 AND finish_reason IS DISTINCT FROM 'error' AS hw, "
-            "finish_reason IS DISTINCT FROM 'error' AS ne FROM captions) GROUP BY ALL) p "
-            "JOIN l_pv v USING (sid)"
-        )
-    if "scores" in have:
-        con.execute(
-            "CREATE OR REPLACE TEMP TABLE sg AS SELECT key, any_value(short_side) AS short_side FROM scores GROUP BY key"
-        )
-    results: dict[str, str] = {}
-    if "scores" in have:
-        parts = [
-            "SELECT 'alt_text' AS source, key, any_value(short_side) AS short_side FROM scores WHERE kept GROUP BY key"
-        ]
-        if "captions" in have:
-            parts.append("SELECT k.source, k.key, s.short_side FROM sk k LEFT JOIN sg s USING (key) WHERE k.hw")
-        if "annotations" in have:
-            parts.append(
-                "SELECT 'annotations_approved', a.key, s.short_side FROM (SELECT DISTINCT key FROM annotations_approved) a "
-                "LEFT JOIN sg s USING (key)"
-            )
-        results["table1"] = (
-            "SELECT source, count(*) AS images, sum(short_side) AS ss_sum, count(short_side) AS ss_n FROM ("
-            + " UNION ALL ".join(parts)
-            + ") GROUP BY source"
-        )
-    else:
-        results["table1"] = "SELECT NULL::VARCHAR AS source, 0 AS images, 0 AS ss_sum, 0 AS ss_n WHERE false"
-    if "captions" in have:
-        results["captioners"] = "SELECT source, count(*) AS images FROM sk GROUP BY source"
-        results["pairs"] = captioner_pairs_sql("SELECT key, source, words FROM sk WHERE ne > 0")
-    else:
-        results["captioners"] = "SELECT NULL::VARCHAR AS source, 0 AS images WHERE false"
-        results["pairs"] = "SELECT NULL::VARCHAR AS source_a, NULL::VARCHAR AS source_b WHERE false"
-    fsql = funnel_sql(have)
-    results["funnel"] = fsql or "SELECT NULL::INT AS step WHERE false"
-    for name, sql in results.items():
-        tmp = folder / f".{name}.parquet.tmp"
-        con.execute(f"COPY ({sql}) TO '{_q(str(tmp))}' (FORMAT parquet)")
-        os.replace(tmp, folder / f"{name}.parquet")
-    tmp = folder / ".keyed.json.tmp"
-    tmp.write_text(json.dumps(fp, default=str))
-    os.replace(tmp, meta)
-    secs = time.perf_counter() - t0
-    log.info("key-level results (distinct images, funnel, caption-set pairs) computed in %.1f s", secs)
-    return str(folder), True, secs

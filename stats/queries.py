@@ -208,21 +208,32 @@ FUNNEL_STEPS: tuple[tuple[str, str, str, str, str | None], ...] = (
 )
 
 
+def funnel_plan(have: set[str]) -> list[tuple[str, str, str, str, str | None]]:
+    """The funnel steps whose table exists, each with the step it counts from: its own parent, or
+    the nearest earlier step that exists (annotations count from the kept set when there are no
+    candidates)."""
+    parent_of = {name: parent for name, _, _, _, parent in FUNNEL_STEPS}
+    present = [s for s in FUNNEL_STEPS if s[2] in have]
+    names = {s[0] for s in present}
+    out = []
+    for name, label, table, keys_sql, parent in present:
+        while parent is not None and parent not in names:
+            parent = parent_of[parent]
+        out.append((name, label, table, keys_sql, parent))
+    return out
+
+
 def funnel_sql(have: set[str]) -> str | None:
     """One row per step whose table exists: ``step, stage, images, of_step, pct_of_parent, outside``.
 
     A step whose parent's table is missing counts from the nearest earlier step that exists
     (annotations count from the kept set when there are no candidates).
     """
-    parent_of = {name: parent for name, _, _, _, parent in FUNNEL_STEPS}
-    present = [s for s in FUNNEL_STEPS if s[2] in have]
-    names = {s[0] for s in present}
+    present = funnel_plan(have)
     if not present:
         return None
     ctes, rows = [], []
     for i, (name, label, _, keys_sql, parent) in enumerate(present, start=1):
-        while parent is not None and parent not in names:
-            parent = parent_of[parent]
         ctes.append(f"t_{name} AS ({keys_sql})")
         if parent is None:
             ctes.append(f"p_{name} AS (SELECT key FROM t_{name})")

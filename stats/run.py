@@ -8,7 +8,8 @@ Output folder (``stats.output``, default ``<data_root>/stats``)::
     stats.json       the same results as JSON
     *.png            caption-length histogram, funnel
     derived/         per committed shard: text-derived columns and partial aggregates (stats.derived,
-                     stats.aggregates); derived/keyed/: the key-level results (distinct images, funnel)
+                     stats.aggregates); derived/keyed/: the key-level totals and results (distinct
+                     images, funnel, caption-set pairs), updated for the keys of changed shards (stats.keyed)
     .duckdb_tmp/     DuckDB's spill folder (stats.memory_limit)
     _config.yaml, _summary.json
 """
@@ -28,6 +29,7 @@ from paradiffusion.stage import StageSummary, announce, progress
 from paradiffusion.storage import Table, join
 from stats import aggregates as _aggregates
 from stats import derived as _derived
+from stats import keyed as _keyed
 from stats import nouns as _nouns
 from stats.queries import Query, bucket_labels, canned_queries
 from stats.views import build_views, find_sources, views_sql
@@ -294,10 +296,13 @@ def run_stats(cfg: RootConfig, only: list[str] | None = None, quiet: bool = Fals
             derived = state.files
             # the partials answer the canned queries only when they cover every cached table present
             if sc.partials and set(tables) and set(tables) <= set(state.files):
-                keyed_dir, recomputed, secs = _aggregates.refresh_keyed(dcon, out, state, sources, cfg)
-                agg = _aggregates.agg_views(state, keyed_dir)
-                summary.extra["keyed_recomputed"] = recomputed
-                summary.extra["keyed_seconds"] = round(secs, 2)
+                kd = _keyed.refresh_keyed(dcon, out, state, sources, cfg)
+                agg = _aggregates.agg_views(state, kd.folder)
+                summary.extra["keyed_recomputed"] = kd.recomputed
+                summary.extra["keyed_mode"] = kd.mode
+                summary.extra["keyed_inputs_changed"] = kd.changed
+                summary.extra["keyed_touched_keys"] = kd.touched_keys
+                summary.extra["keyed_seconds"] = round(kd.seconds, 2)
         summary.extra["derived_shards_read"] = sum(state.computed.values())
         summary.extra["derived_shards_reused"] = sum(state.reused.values())
         summary.extra["derived_seconds"] = round(state.seconds, 2)

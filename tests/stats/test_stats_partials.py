@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from paradiffusion.schemas import CAPTIONS, SCORES
+from paradiffusion.schemas import ANNOTATIONS, CAPTIONS, SCORES
 from paradiffusion.storage import Table
 from pipelines.config import load_config
 from stats.run import connect, run_stats
@@ -68,29 +68,51 @@ def _caption_rows(keys, model, phash, n_words, when, flags=()):
     ]
 
 
+def _equal_to_full(root, got, out, scan=False):
+    """``got`` (an incremental run's results) against a run from nothing in ``out`` (and a scan
+    of the raw views)."""
+    full = run_stats(_cfg(root, f"stats.output={out}"), quiet=True)
+    assert json.loads((out / "_summary.json").read_text())["keyed_mode"] == "full"
+    assert set(got) == set(full)
+    for name in got:
+        assert got[name].rows == full[name].rows, name
+    if scan:
+        raw = run_stats(_cfg(root, f"stats.output={out}-scan", "stats.partials=false"), quiet=True)
+        assert set(got) == set(raw)
+        for name in got:
+            assert got[name].rows == raw[name].rows, name
+
+
 def test_incremental_runs_equal_a_full_recomputation(tables, tmp_path):
     root, raw = tables
     cfg = _cfg(root)
     run_stats(cfg, quiet=True)
     first = _summary(root)
-    assert first["derived_shards_read"] == 4
+    assert first["derived_shards_read"] == 4 and first["keyed_mode"] == "full"
     # nothing new: no shard read again, the key-level results kept
     run_stats(cfg, quiet=True)
     assert _summary(root)["derived_shards_read"] == 0 and _summary(root)["keyed_recomputed"] is False
+    assert _summary(root)["keyed_mode"] == "kept"
 
     caps = Table(str(root / "captions"), CAPTIONS)
     kept = [s["key"] for s in raw["scores"] if s["kept"]]
     t = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
-    # a recaption replaces shard 00001 (other words, other flags, a key dropped)
+    # a recaption replaces shard 00001 (other words, other flags, a key dropped); its keys also
+    # have rows in shard 00000, which is not read again
     old = caps.read().slice(30).to_pylist()
     new = [
         dict(r, n_words=r["n_words"] + 7, caption=r["caption"] + " more words here", flags=["too_short"])
         for r in old[1:]
     ]
     caps.write_shard("00001", pa.Table.from_pylist(new, schema=CAPTIONS))
-    # a new prompt text for cogvlm (a third version) and a new captioner, in a new shard
-    rows = _caption_rows(kept[:9], "cogvlm", "h3", 40, t) + _caption_rows(
-        kept[5:20], "blip", "b", 12, t, ["repetition"]
+    # in a new shard: a new prompt text for cogvlm used *before* the others (it becomes v1 and
+    # relabels the older caption sets, which swaps the sides of their pairs), a third one after
+    # them, and a new captioner on keys that other shards captioned too
+    early = dt.datetime(2025, 12, 1, tzinfo=dt.timezone.utc)
+    rows = (
+        _caption_rows(kept[:9], "cogvlm", "h3", 40, t)
+        + _caption_rows(kept[3:12], "cogvlm", "h0", 90, early)
+        + _caption_rows(kept[5:20], "blip", "b", 12, t, ["repetition"])
     )
     caps.write_shard("00002", pa.Table.from_pylist(rows, schema=CAPTIONS))
     # new images scored and kept
@@ -99,30 +121,82 @@ def test_incremental_runs_equal_a_full_recomputation(tables, tmp_path):
         for i in range(6)
     ]
     Table(str(root / "scores"), SCORES).write_shard("00002", pa.Table.from_pylist(more, schema=SCORES))
+    # a reviewer approves one more text
+    now = dt.datetime(2026, 2, 2, tzinfo=dt.timezone.utc)
+    a = raw["annotations"][-1]  # a submitted text of kept[5]
+    review = dict(
+        a, version=a["version"] + 1, state="approved", parent_version=a["version"], reviewer="r", recorded_at=now
+    )
+    Table(str(root / "annotations"), ANNOTATIONS).write_shard("y", pa.Table.from_pylist([review], schema=ANNOTATIONS))
 
     incremental = run_stats(cfg, quiet=True)
     s = _summary(root)
-    assert s["derived_shards_read"] == 3 and s["derived_shards_reused"] == 3 and s["keyed_recomputed"] is True
-    assert "vlm:cogvlm/p100#v3" in {r[0] for r in incremental["table1"].rows}
+    assert s["derived_shards_read"] == 3 and s["derived_shards_reused"] == 3
+    assert s["keyed_mode"] == "touched" and s["keyed_inputs_changed"] == 4
+    # the keys of the changed inputs (all of the annotations: one input), not every key
+    touched = {r["key"] for r in old + rows + more + raw["annotations"]}
+    everything = {r["key"] for r in raw["images"] + raw["scores"] + more}
+    assert s["keyed_touched_keys"] == len(touched) < len(everything)
+    assert "vlm:cogvlm/p100#v4" in {r[0] for r in incremental["table1"].rows}
     assert "vlm:blip/p100#v1" in {r[0] for r in incremental["captioners"].rows}
-
-    fresh_out = tmp_path / "fresh"
-    full = run_stats(_cfg(root, f"stats.output={fresh_out}"), quiet=True)
-    assert json.loads((fresh_out / "_summary.json").read_text())["derived_shards_read"] == 6
-    scan = run_stats(_cfg(root, f"stats.output={tmp_path / 'scan'}", "stats.partials=false"), quiet=True)
-    assert set(incremental) == set(full) == set(scan)
-    for name in incremental:
-        assert incremental[name].rows == full[name].rows == scan[name].rows, name
+    pv = {r[0]: r[1] for r in incremental["prompt_versions"].rows}
+    assert pv["vlm:cogvlm/p100#v1"] == "h0" and pv["vlm:cogvlm/p100#v2"] == "h"
+    approved = {r[0]: r[1] for r in incremental["table1"].rows}["annotations_approved"]
+    assert approved == 3
+    _equal_to_full(root, incremental, tmp_path / "full1", scan=True)
     # the dropped key and the recaption's new word counts are what Table 1 says now
     t1 = {r[0]: r for r in incremental["table1"].rows}
     want = [r["n_words"] for r in caps.read().to_pylist() if r["model_id"] == "llava" and r["n_words"] > 0]
     assert t1["vlm:llava/p100#v1"][2] == len(want)
     assert t1["vlm:llava/p100#v1"][4] == pytest.approx(round(sum(want) / len(want), 1))
-    # a shard whose commit marker goes away leaves the partials with it
-    (root / "captions" / "_done" / "00002.json").unlink()
+
+
+def test_removed_shards_leave_the_key_level_totals(tables, tmp_path):
+    """A shard whose commit marker goes away (captions and scores) leaves the partials and the
+    key-level totals with it, and the update equals a full recomputation."""
+    root, _ = tables
+    cfg = _cfg(root)
+    before = run_stats(cfg, quiet=True)
+    (root / "captions" / "_done" / "00001.json").unlink()
+    (root / "scores" / "_done" / "00001.json").unlink()
     gone = run_stats(cfg, quiet=True)
-    assert "vlm:blip/p100#v1" not in {r[0] for r in gone["captioners"].rows}
-    assert not (root / "stats" / "derived" / "captions" / "00002.sets.parquet").exists()
+    s = _summary(root)
+    assert s["keyed_mode"] == "touched" and s["keyed_inputs_changed"] == 2
+    assert gone["funnel"].rows != before["funnel"].rows and gone["table1"].rows != before["table1"].rows
+    assert not (root / "stats" / "derived" / "captions" / "00001.sets.parquet").exists()
+    _equal_to_full(root, gone, tmp_path / "full")
+    # only the files the manifest names are kept: one generation, one rows file per input
+    keyed = root / "stats" / "derived" / "keyed"
+    assert len([p for p in keyed.iterdir() if p.name.startswith("gen-")]) == 1
+    assert len(list((keyed / "rows" / "captions").glob("*.parquet"))) == 1
+    assert len(list((keyed / "rows" / "scores").glob("*.parquet"))) == 1
+
+
+def test_a_killed_key_level_update_leaves_the_last_one_whole(tables, tmp_path, monkeypatch):
+    """Killed after the new rows files and totals are written but before the manifest names
+    them: the next run starts from the previous manifest, still equals a full recomputation, and
+    removes what the killed run left."""
+    from stats import keyed
+
+    root, raw = tables
+    cfg = _cfg(root)
+    run_stats(cfg, quiet=True)
+    more = [dict(r, key=f"k0{i}", n_words=5, caption="a b c d e") for i, r in enumerate(raw["captions"][:4])]
+    Table(str(root / "captions"), CAPTIONS).write_shard("00003", pa.Table.from_pylist(more, schema=CAPTIONS))
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(keyed, "_results", killed)  # after the new rows files and totals, before the manifest
+    with pytest.raises(KeyboardInterrupt):
+        run_stats(cfg, quiet=True)
+    monkeypatch.undo()
+    leftovers = list((root / "stats" / "derived" / "keyed").glob(".gen-*"))
+    assert leftovers and list((root / "stats" / "derived" / "keyed" / "rows" / "captions").glob("00003-*"))
+    got = run_stats(cfg, quiet=True)
+    assert _summary(root)["keyed_mode"] == "touched" and _summary(root)["keyed_inputs_changed"] == 1
+    assert not any(p.exists() for p in leftovers)
+    _equal_to_full(root, got, tmp_path / "full")
 
 
 def _view_counts(views_sql: str) -> dict[str, int]:
