@@ -50,7 +50,7 @@ test: ## the default test suite (fast; no cluster, no GPU)
 	$(PY) -m pytest -q tests/curation
 
 test-integration: ## tests that start a real Ray cluster / deepspeed launcher, and slow ones
-	$(PY) -m pytest -q -m "slow or cluster"; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	$(PY) -m pytest -q -m "(slow or cluster) and not vllm and not gpu"; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 VLLM_VENV ?= .venv-vllm
 .PHONY: test-vllm
