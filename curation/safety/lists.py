@@ -284,8 +284,9 @@ def pdq_hash(data: bytes) -> bytes | None:
     except Exception:  # noqa: BLE001 - undecodable bytes have no perceptual hash; the decode step reports them
         return None
     bits, _quality = pdqhash.compute(rgb)
-    # Packed most-significant bit first, in the order pdqhash returns the 256 bits. Not yet checked
-    # against hashes published as hex by hash-sharing programmes (pdqhash builds from source only).
+    # Packed most-significant bit first, in the order pdqhash returns the 256 bits: the hex form
+    # Meta's reference tool prints and hash-sharing programmes publish (checked against the tool's
+    # output in tests/curation/test_safety_lists.py).
     return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes()
 
 

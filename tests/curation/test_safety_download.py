@@ -2,8 +2,9 @@
 
 Rows that must not be fetched point at a port where nothing listens: fetched, they
 would fail as ``connection_refused``; refused before the request, they carry their
-safety reason. A served image whose SHA-256 is on a denylist must leave no trace of its
-bytes in any file the run writes.
+safety reason. A served image whose SHA-256 is on a denylist, and a resized, re-encoded
+copy of an image whose PDQ hash is on one, must leave no trace of their bytes in any file
+the run writes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.download import failure_reason, run_download
+from curation.safety.lists import pdq_hash
 from paradiffusion.testing.http import serve_folder
 from paradiffusion.testing.sample import build_sample
 from pipelines.config import load_config
@@ -58,16 +60,33 @@ def _every_file_holds(folder: Path, data: bytes) -> list[str]:
     return out
 
 
+def _recoded(path: Path) -> bytes:
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as im:
+        small = im.convert("RGB").resize((im.width * 3 // 5, im.height * 3 // 5), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    small.save(buf, "JPEG", quality=60)
+    return buf.getvalue()
+
+
 @pytest.mark.slow
 def test_listed_and_unsafe_rows_are_never_fetched_and_denylisted_bytes_never_written(served, tmp_path):
     root, records, base = served
     photos = [r for r in records if r.kind == "photo"]
-    ok, hashed = photos[0], photos[1]
+    ok, hashed, known = photos[0], photos[1], photos[2]
     dead = f"http://127.0.0.1:{_dead_port()}/images"
+    # A web copy of a known image (smaller, re-encoded: other bytes, other MD5 / SHA-256), served;
+    # the PDQ list holds the hash of the original only.
+    web_copy = _recoded(root / "sample" / "images" / known.name)
+    (root / "sample" / "images" / f"web_copy_of_{known.name}").write_bytes(web_copy)
     # url -> (caption, punsafe, pwatermark, expected reason)
     rows = {
         f"{base}/images/{ok.name}": ("a kept photo", 0.01, 0.02, None),
         f"{base}/images/{hashed.name}": ("a photo whose bytes are denylisted", 0.01, 0.02, "denylisted"),
+        f"{base}/images/web_copy_of_{known.name}": ("a copy of a perceptually listed photo", 0.0, 0.0, "denylisted"),
         f"{dead}/listed.jpg": ("a denylisted url", 0.0, 0.0, "denylisted"),
         f"{dead}/asked-not.jpg": ("an opted-out url", 0.0, 0.0, "opted_out"),
         f"{dead}/unsafe.jpg": ("an unsafe row", 0.97, 0.0, "nsfw"),
@@ -90,6 +109,8 @@ def test_listed_and_unsafe_rows_are_never_fetched_and_denylisted_bytes_never_wri
     (tmp_path / "urls.txt").write_text(f"# listed\n{dead.replace('http://', 'HTTPS://')}/listed.jpg#x\n")
     (tmp_path / "sha.csv").write_text(f"sha256\n{hashlib.sha256(secret).hexdigest()}\n")
     (tmp_path / "optout.txt").write_text(f"{dead}/asked-not.jpg\n")
+    pdq_hex = pdq_hash((root / "sample" / "images" / known.name).read_bytes()).hex()
+    (tmp_path / "pdq.txt").write_text(f"# PDQ, as hash-sharing programmes publish it\n{pdq_hex}\n")
     cfg = load_config(
         [],
         [
@@ -99,7 +120,8 @@ def test_listed_and_unsafe_rows_are_never_fetched_and_denylisted_bytes_never_wri
             "download.thread_count=4",
             "download.timeout=4",
             f'download.denylists=[{{"name": "test-urls", "path": "{tmp_path / "urls.txt"}", "kind": "url"}}, '
-            f'{{"name": "test-sha", "path": "{tmp_path / "sha.csv"}", "kind": "sha256"}}]',
+            f'{{"name": "test-sha", "path": "{tmp_path / "sha.csv"}", "kind": "sha256"}}, '
+            f'{{"name": "test-pdq", "path": "{tmp_path / "pdq.txt"}", "kind": "pdq", "max_distance": 31}}]',
             f'download.opt_outs=[{{"name": "asked", "path": "{tmp_path / "optout.txt"}", "kind": "url"}}]',
         ],
     )
@@ -111,11 +133,14 @@ def test_listed_and_unsafe_rows_are_never_fetched_and_denylisted_bytes_never_wri
     by_url = {r["url"]: r for r in got}
     assert by_url[f"{base}/images/{hashed.name}"]["error_message"] == "denylisted: test-sha (sha256)"
     assert by_url[f"{dead}/listed.jpg"]["error_message"] == "denylisted: test-urls (url)"
+    pdq_detail = by_url[f"{base}/images/web_copy_of_{known.name}"]["error_message"]
+    assert pdq_detail.startswith("denylisted: test-pdq (pdq, distance ") and 0 < int(pdq_detail[36:-1]) <= 31
     assert by_url[f"{dead}/unsafe.jpg"]["punsafe"] == pytest.approx(0.97)  # the metadata is kept with the row
     want = collections.Counter(v[3] for v in rows.values() if v[3])
     assert summary["rejected"] == dict(want) and summary["out"] == 1
     # The denylisted image's bytes are nowhere: no shard, temp file, log or summary holds them.
     assert _every_file_holds(tmp_path / "data", secret) == []
+    assert _every_file_holds(tmp_path / "data", web_copy) == []
     assert _every_file_holds(tmp_path / "data", (root / "sample" / "images" / ok.name).read_bytes())  # the check works
 
     # The filter carries each reason (not `download_failed`), and applies the lists itself.

@@ -124,20 +124,70 @@ def test_pdq_lists_match_within_the_hamming_distance(tmp_path):
         load_list("bad", str(tmp_path / "bad.txt"), "pdq")
 
 
-def test_pdq_of_image_bytes_when_the_package_is_installed(tmp_path):
-    pytest.importorskip("pdqhash", reason="pdqhash (optional: PDQ lists) ships as source only; not installed here")
+# PDQ hashes, as hex, of photographs bundled with scikit-image (decoded as they are: all are
+# 512 px or less, so the reference tool does not downsample them), printed by Meta's reference
+# tool `pdq-photo-hasher` (ThreatExchange pdq/cpp, BSD licence, as vendored in the pdqhash 0.2.8
+# sdist) built with g++ from that sdist and run on each photo saved as PPM. Hash-sharing
+# programmes publish PDQ in this hex form, so matching it proves the bit order and packing.
+PDQ_REFERENCE_HEX = {
+    "astronaut.png": "2d6b1af3a956c529e79ca3d2526fa834d4196c81cedd04de0a26b855fc99b724",
+    "chelsea.png": "5feb5321f01da156898e2bf629a5d3438412cdbd23f48942464526315db33ffd",
+    "color.png": "94939c2c53c7530c4a93f5b42ad6ae3cab4b38c64516c5f4549b9d98aaeb3363",
+}
+
+
+def _photo_bytes(name: str) -> bytes:
+    from paradiffusion.testing.sample import _photo_path
+
+    return _photo_path(name).read_bytes()
+
+
+def _recoded(data: bytes, scale: float, quality: int) -> bytes:
+    """The image resized by ``scale`` and re-encoded as JPEG: a web copy of it."""
     import io
 
     from PIL import Image
 
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        small = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    small.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", sorted(PDQ_REFERENCE_HEX))
+def test_pdq_of_image_bytes_equals_the_reference_tool(name):
+    pytest.importorskip("pdqhash", reason="pdqhash (the curation extra) builds from source; not installed here")
     from curation.safety.lists import pdq_hash
 
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "PNG")
-    h = pdq_hash(buf.getvalue())
-    (tmp_path / "p.txt").write_text(h.hex() + "\n")
-    lists = load_lists([ListConfig(name="p", path=str(tmp_path / "p.txt"), kind="pdq", max_distance=0)])
-    assert lists.check_bytes(buf.getvalue()) == (REJECT_DENYLISTED, "p (pdq, distance 0)")
+    assert pdq_hash(_photo_bytes(name)).hex() == PDQ_REFERENCE_HEX[name]
+
+
+def test_a_pdq_denylist_catches_resized_recoded_copies_and_not_other_images(tmp_path):
+    pytest.importorskip("pdqhash", reason="pdqhash (the curation extra) builds from source; not installed here")
+    from curation.safety.lists import pdq_hash
+    from paradiffusion.testing.sample import PHOTOS
+
+    listed = ["astronaut.png", "chelsea.png"]
+    (tmp_path / "pdq.csv").write_text("pdq,note\n" + "".join(f"{pdq_hash(_photo_bytes(n)).hex()},x\n" for n in listed))
+    lists = load_lists([ListConfig(name="known", path=str(tmp_path / "pdq.csv"), kind="pdq", max_distance=31)])
+    for name in listed:
+        for scale, quality in ((1.0, 90), (0.6, 60), (0.35, 75)):
+            copy = _recoded(_photo_bytes(name), scale, quality)
+            assert copy != _photo_bytes(name)
+            hit = lists.check_bytes(copy)
+            assert hit is not None and hit[0] == REJECT_DENYLISTED, (name, scale, quality, hit)
+            distance = int(hit[1].removeprefix("known (pdq, distance ").removesuffix(")"))
+            assert 0 <= distance <= 31, hit
+    for other in sorted(set(PHOTOS) - set(listed)):  # unrelated photos: ~half the 256 bits differ
+        assert lists.check_bytes(_photo_bytes(other)) is None, other
+        assert lists.check_bytes(_recoded(_photo_bytes(other), 0.6, 60)) is None, other
+    # the threshold is what decides: at distance 0 only the exact image matches
+    exact = load_lists([ListConfig(name="exact", path=str(tmp_path / "pdq.csv"), kind="pdq", max_distance=0)])
+    assert exact.check_bytes(_photo_bytes("astronaut.png")) == (REJECT_DENYLISTED, "exact (pdq, distance 0)")
+    assert exact.check_bytes(_recoded(_photo_bytes("astronaut.png"), 0.6, 60)) is None
+    assert lists.check_bytes(b"not an image at all") is None  # undecodable: the decode step reports it
 
 
 def test_the_gpu_overlay_turns_the_watermark_model_on():
