@@ -127,3 +127,36 @@ def test_a_store_failing_mid_run_is_one_line_and_a_rerun_resumes(
         assert {s: out.marker(s) for s in committed} == committed  # the committed shards were not redone
         parts = {f.rsplit("/", 1)[-1] for f in out.fs.ls(out.path, detail=False) if "/part-" in f}
         assert parts == {f"part-{s}.parquet" for s in out.done_shards()}  # no shard without its marker is left
+
+
+def test_a_store_failure_on_an_image_read_stops_the_run_and_a_missing_shard_is_an_error_row(
+    s3_server, s3_root, tmp_path, monkeypatch
+):
+    """The decode step turns a missing or broken shard into error rows (counted, retried), but a
+    store that refuses or forbids is no property of the shard: it raises, with its cause, so the
+    run stops with the one-line storage failure instead of writing error captions."""
+    from captioning.config import ImagePrep
+    from captioning.prep import decode_chunk
+    from paradiffusion import storage
+    from paradiffusion.config import StorageConfig
+    from paradiffusion.storage_errors import describe_failure
+
+    info = write_dataset(tmp_path / "data", n_shards=1, per_shard=3, broken=False)
+    upload_folder(Path(info["root"], "images"), f"{s3_root}/images")
+    keys = sorted(info["expected"])
+    chunk = {"name": "c0", "keys": keys, "parquet_url": f"{s3_root}/images/00000.parquet"}
+    with FaultyProxy(s3_server.endpoint_url) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        no_retries = {"s3": {"config_kwargs": {"retries": {"max_attempts": 1}}}}  # what is checked is the end
+        storage.configure_storage(StorageConfig(options=no_retries))
+        rows = list(decode_chunk(chunk, ImagePrep()))
+        assert [r["key"] for r in rows] == keys and all(r["error"] is None for r in rows)
+        missing = list(decode_chunk({**chunk, "parquet_url": f"{s3_root}/images/00009.parquet"}, ImagePrep()))
+        assert [r["error"].split(":", 1)[0] for r in missing] == ["read_error"] * len(keys)
+        for mode, kind in (("403", "access denied"), ("refuse", "endpoint unreachable")):
+            proxy.set_mode(mode)
+            with pytest.raises(Exception) as exc:  # noqa: PT011 - whatever the client raises, described below
+                list(decode_chunk(chunk, ImagePrep()))
+            failure = describe_failure(exc.value)
+            assert failure is not None and kind in str(failure), exc.value
+            assert chunk["parquet_url"] in str(failure)
