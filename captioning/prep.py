@@ -143,6 +143,7 @@ def decode_chunk(chunk: dict, prep: ImagePrep) -> Iterator[dict]:
 
     from curation.decode import decode_image
     from paradiffusion.images import read_image_shard
+    from paradiffusion.storage_errors import describe_failure
 
     keys = list(chunk["keys"])
     buckets = list(chunk.get("buckets") or [-1] * len(keys))
@@ -152,6 +153,8 @@ def decode_chunk(chunk: dict, prep: ImagePrep) -> Iterator[dict]:
         data = dict(zip(t["key"].to_pylist(), t["image"].to_pylist(), strict=True))
         read_error = None
     except Exception as exc:  # noqa: BLE001 - a broken input shard becomes errors on its keys
+        if describe_failure(exc) is not None:  # the store failed, not the shard: the run stops (one line)
+            raise
         data, read_error = {}, f"read_error: cannot read {chunk['parquet_url']}: {type(exc).__name__}: {exc}"[:300]
     draft = prep.max_side if prep.resize == "max_side" else int(math.sqrt(prep.bucket_pixels))
     for key, bucket in zip(keys, buckets, strict=True):

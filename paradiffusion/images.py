@@ -57,16 +57,19 @@ def read_image_shard(
     shard without decompressing the image bytes of the rest.
     """
     fs, path = fsspec.core.url_to_fs(parquet_url)
-    schema = pq.read_schema(path, filesystem=fs)
-    col = image_column(schema)
-    want = None
-    if columns is not None:
-        want = [col if c == "image" else c for c in columns]
-    if row_groups is None:
-        t = pq.read_table(path, filesystem=fs, columns=want)
-    else:
-        with fs.open(path, "rb") as f:
-            t = pq.ParquetFile(f).read_row_groups(sorted(row_groups), columns=want)
+    # Opened through fsspec, not pyarrow's ``filesystem=`` wrapper: that one reports any failure
+    # of the store (refused, forbidden) as a FileNotFoundError without its cause, so a storage
+    # failure would pass for a missing shard (paradiffusion.storage_errors reads the cause).
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        col = image_column(pf.schema_arrow)
+        want = None
+        if columns is not None:
+            want = [col if c == "image" else c for c in columns]
+        if row_groups is None:
+            t = pf.read(columns=want)
+        else:
+            t = pf.read_row_groups(sorted(row_groups), columns=want)
     return t.rename_columns(["image" if c == col else c for c in t.column_names])
 
 
