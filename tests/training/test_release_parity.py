@@ -182,6 +182,7 @@ def test_release_code_equals_ours_live(harness, tiny_release, recorded, ours):
     rel = harness.run_release(tiny_release, settings, release_dir, python)
     noise = harness.reference_noise(tiny_release, settings, release_dir, python, rel)  # the release against itself
     diff = harness.differences(ours, rel["arrays"], harness.bounds({"reference_noise": noise}))
+    print("the release against itself (1 vs 2 threads):", json.dumps(noise), "ours against it:", json.dumps(diff))
     assert all(d["ok"] for d in diff.values()), (diff, noise)
     n = len(settings["prompts"])
     again = harness.differences(harness.compact(rel["arrays"], n), recorded["arrays"], harness.bounds(recorded["meta"]))
