@@ -15,6 +15,7 @@ fetches anything.
     python scripts/release_parity.py compare --model data/train/stage3/export   # our export, via the release code
     python scripts/release_parity.py compare --model /weights/ParaDiffusion --steps 100 --width 1024 --height 640
     python scripts/release_parity.py record-fixture                        # tests/training/fixtures/release_parity.*
+    python scripts/release_parity.py compare --tiny /tmp/tiny_release --fixture-settings --repeat 1,2  # its own noise
     python scripts/release_parity.py unet-config /weights/ParaDiffusion/unet/config.json
 
 ``compare`` runs the same prompts, seed, steps, guidance and size through the release's
@@ -24,7 +25,7 @@ difference of the token ids, the text embeddings (unconditional "" and prompts),
 final latents and the decoded images (floats in [0, 1]); it fails when one is above its
 absolute bound (:data:`BOUNDS`: 1e-4 for the text states and images; for the latents the
 noise level of the release's own arithmetic, measured between two runs of the release with 1
-and 2 torch threads, which ``record-fixture`` records and ``noise`` prints). ``record-fixture`` stores the release's outputs for the fixed tiny
+and 2 torch threads, which ``record-fixture`` records and ``compare --repeat`` prints). ``record-fixture`` stores the release's outputs for the fixed tiny
 checkpoint of :func:`paradiffusion.testing.tiny_diffusion.build_tiny_release`, so the test
 suite checks our side against them without the release's environment. See
 docs/release_parity.md for the environment used and the measured differences.
@@ -282,10 +283,34 @@ def differences(ours: dict, release: dict, limits: dict | None = None) -> dict:
     return out
 
 
+def repeat_release(
+    model: str, settings: dict, release_dir: str, release_python: str, first: dict, threads: list[int]
+) -> list[dict]:
+    """The release against itself: one more run per entry of ``threads`` (each in a process of its
+    own, with that many torch threads), each compared with ``first`` (its run with
+    ``settings["threads"]``, default 1). Same threads: is a run reproducible from process to
+    process; other threads: another order of the float sums (the CPU's noise)."""
+    unbounded = {k: float("inf") for k in BOUNDS}
+    out = []
+    for n in threads:
+        again = run_release(model, {**settings, "threads": n}, release_dir, release_python)
+        out.append({"threads": n, "differences": differences(first["arrays"], again["arrays"], unbounded)})
+    return out
+
+
+def noise_of(repeats: list[dict]) -> dict:
+    """The largest difference per output over :func:`repeat_release`'s runs (the reference's noise)."""
+    noise: dict = {}
+    for r in repeats:
+        for key, v in r["differences"].items():
+            if "max_abs_diff" in v and v["max_abs_diff"] >= noise.get(key, {"max_abs_diff": -1.0})["max_abs_diff"]:
+                noise[key] = {"max_abs_diff": v["max_abs_diff"], "threads": r["threads"]}
+    return noise
+
+
 def reference_noise(model: str, settings: dict, release_dir: str, release_python: str, first: dict) -> dict:
     """The release's own run-to-run noise: ``first`` (its run with 1 thread) against a run with 2."""
-    again = run_release(model, {**settings, "threads": 2}, release_dir, release_python)
-    return differences(first["arrays"], again["arrays"], {k: float("inf") for k in BOUNDS})
+    return noise_of(repeat_release(model, settings, release_dir, release_python, first, [2]))
 
 
 def report(diff: dict) -> bool:
@@ -407,7 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in DEFAULTS.items():
         c.add_argument(f"--{k}", type=type(v), default=v)
     c.add_argument("--json", help="write the differences here")
-    c.add_argument("--noise", action="store_true", help="also run the release with 2 threads: its own noise level")
+    c.add_argument(
+        "--fixture-settings",
+        action="store_true",
+        help="the recorded fixture's settings (25 steps, 48x32): the ones the test's bound is for",
+    )
+    c.add_argument("--repeat", metavar="THREADS", nargs="?", const="1,2",
+                   help="also run the release once more per thread count (default 1,2), each in a process of its "
+                        "own, and compare it with its first run (1 thread): its own noise, the latents' bound")  # fmt: skip
     _release_args(c)
     r = sub.add_parser("record-fixture", help="store the release's outputs on the tiny checkpoint for the tests")
     r.add_argument("--out", default=str(FIXTURE))
@@ -440,13 +472,21 @@ def main(argv: list[str] | None = None) -> int:
 
         model = build_tiny_release(args.tiny, lora=not args.no_lora)
     settings = {"prompts": args.prompt or PROMPTS, **{k: getattr(args, k) for k in DEFAULTS}}
+    if args.fixture_settings:
+        settings = {**fixture_settings(), **({"prompts": args.prompt} if args.prompt else {})}
     rel = run_release(model, settings, args.release_dir, args.release_python)
     ours = our_side(model, settings)
-    noise = reference_noise(model, settings, args.release_dir, args.release_python, rel) if args.noise else None
+    repeats, noise = None, None
+    if args.repeat:
+        threads = [int(n) for n in args.repeat.split(",")]
+        repeats = repeat_release(model, settings, args.release_dir, args.release_python, rel, threads)
+        noise = noise_of(repeats)
+        for r in repeats:
+            print(f"the release against itself (1 thread vs {r['threads']}, another process): " + ", ".join(
+                f"{k} {v['max_abs_diff']:.3g}" for k, v in r["differences"].items() if "max_abs_diff" in v))  # fmt: skip
+        print(f"  latents' bound: {NOISE_FACTOR} x {noise['latents']['max_abs_diff']:.3g} = "
+              f"{bounds({'reference_noise': noise})['latents']:.3g}")  # fmt: skip
     diff = differences(ours, rel["arrays"], bounds({"reference_noise": noise} if noise else None))
-    if noise:
-        print("the release against itself (1 vs 2 threads): " + ", ".join(
-            f"{k} {v['max_abs_diff']:.3g}" for k, v in noise.items() if "max_abs_diff" in v))  # fmt: skip
     print(f"release {rel['commit'] or '(not a git checkout)'} {RELEASE_FILE} sha256 {rel['pipeline_sha256'][:12]}")
     print("release environment: " + ", ".join(f"{k} {v}" for k, v in rel["versions"].items()))
     print(
@@ -462,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                     "settings": settings,
                     "release": {k: rel[k] for k in ("commit", "pipeline_sha256", "versions")},
                     "differences": diff,
+                    "release_repeats": repeats,
                 },
                 indent=1,
             )

@@ -27,15 +27,19 @@ A checkpoint is written under ``.tmp-step-*``, renamed, then committed by the ma
 so a killed process or a full disk never leaves a checkpoint that looks complete. The
 EMA and the export come from DeepSpeed's fp32 master weights (training/ema.py), not from
 the module's bf16 weights.
+
+The trainer is split along its seams; this file holds setup, the step hooks, validation, the
+loop and the export. Its bases: :class:`training.trainer_checkpoints.Checkpointing` (save,
+load, mirror to a URL output) and :class:`training.trainer_reads.DeviceReads` (the pending
+steps read from the device every few steps, and the stops on what they say). Helpers below
+them: training/runtime.py (paths, process group, DeepSpeed config) and
+training/checkpoints.py (checkpoint folders, RNG states).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,7 +51,7 @@ import torch.nn.functional as F
 from paradiffusion.config import ConfigError, RootConfig
 from paradiffusion.log import get_logger
 from paradiffusion.stage import StageSummary, announce, progress
-from paradiffusion.storage import Table, download_folder, join, upload_folder
+from paradiffusion.storage import Table, join
 from training.checkpoints import (  # noqa: F401 - re-exported: the trainer's checkpoint names
     COMMIT_MARKER,
     CheckpointDir,
@@ -57,7 +61,6 @@ from training.checkpoints import (  # noqa: F401 - re-exported: the trainer's ch
     _truncate_metrics,
 )
 from training.config import StageConfig, TrainConfig
-from training.ema import is_partitioned
 from training.runtime import (  # noqa: F401 - re-exported: callers import these from training.trainer
     _lr_lambda,
     deepspeed_config,
@@ -66,6 +69,8 @@ from training.runtime import (  # noqa: F401 - re-exported: callers import these
     stage_paths,
     staging_folder,
 )
+from training.trainer_checkpoints import Checkpointing
+from training.trainer_reads import DeviceReads, TrainingDiverged  # noqa: F401 - TrainingDiverged re-exported
 
 log = get_logger("training")
 #: Why a row of the images table is not trained on (the data loader's counters).
@@ -82,11 +87,6 @@ SKIP_REASONS = tuple(
 )
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradients became NaN or infinite, or DeepSpeed skipped more than
-    ``optim.max_skipped_steps`` optimizer steps in a row; the run stopped without saving the bad state."""
-
-
 def caption_dropout(seed: int, rank: int, step: int, micro: int, n: int, p: float) -> np.ndarray:
     """Which of a micro-batch's ``n`` captions become "" (a bool array), drawn on the host from
     ``(seed, rank, step, micro)``: choosing the captions never waits for the device."""
@@ -101,7 +101,7 @@ def _step_generator(seed: int, rank: int, step: int, micro: int, device: torch.d
 
 
 # ---------------------------------------------------------------------------- trainer
-class Trainer:
+class Trainer(Checkpointing, DeviceReads):
     """One training stage (1, 2 or 3) from ``pipelines.yaml``'s ``train:`` section."""
 
     def __init__(self, cfg: RootConfig, stage: int):
@@ -423,215 +423,6 @@ class Trainer:
             "rank_samples": len(keys),
             "keys": keys,
         }
-
-    # ------------------------------------------------------------------ reading the device, every few steps
-    def _flush(self, pending: list[dict]) -> list[dict]:
-        """Read the steps in ``pending`` from the device at once (one all-reduce, one copy to the
-        host): append their losses to :attr:`history` and stop at the first non-finite one.
-        Returns the steps read (loss averaged and samples summed over ranks).
-
-        Every rank calls it at the same steps (it is a collective)."""
-        if not pending:
-            return []
-        import deepspeed.comm as dist
-
-        dev = self.device
-        summed = torch.stack(
-            [
-                torch.stack([p["loss"] for p in pending]).double(),
-                torch.stack([p["nonfinite"] for p in pending]).double(),
-                torch.tensor([float(p["rank_samples"]) for p in pending], dtype=torch.float64).to(dev),
-            ]
-        )
-        if self.world_size > 1:  # the mean loss, any rank's non-finite flag and the samples of all ranks
-            dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        norms = [p["grad_norm"] for p in pending]
-        tensor_norms = [n for n in norms if isinstance(n, torch.Tensor)]
-        read = summed.cpu().tolist()
-        read_norms = (
-            iter(torch.stack([n.double().reshape(()) for n in tensor_norms]).cpu().tolist())
-            if tensor_norms
-            else iter(())
-        )
-        rows = []
-        for i, p in enumerate(pending):
-            n = norms[i]
-            norm = next(read_norms) if isinstance(n, torch.Tensor) else (float(n) if n is not None else float("nan"))
-            rows.append({"step": p["step"], "loss": read[0][i] / self.world_size, "nonfinite": read[1][i] > 0,
-                         "samples": int(read[2][i]), "grad_norm": norm, "lr": p["lr"], "keys": p["keys"][:4],
-                         "time": p["time"], "skipped": p["skipped"], "skipped_steps": p["skipped_steps"],
-                         "norm_known": n is not None})  # fmt: skip
-        for r in rows:
-            if r["nonfinite"]:
-                self._diverged(r, rows[-1]["step"])
-            if r["norm_known"] and not r["skipped"] and not (math.isfinite(r["grad_norm"]) and r["grad_norm"] >= 0):
-                # a non-finite gradient DeepSpeed applied (its overflow check off; its norm helpers say -1 for
-                # inf/NaN): the weights are bad now
-                self._diverged(r, rows[-1]["step"], what=f"the gradient norm is {r['grad_norm']} (the loss is finite)")
-            self.history.append((r["step"], r["loss"]))
-            self._samples += r["samples"]
-        pending.clear()
-        return rows
-
-    def _diverged(self, bad: dict, last: int, what: str | None = None) -> None:
-        newest = self.ckpt.newest()
-        where = f"the last good checkpoint is {newest[1]}" if newest else "no checkpoint was written yet"
-        ran = (
-            f" (steps {bad['step']}-{last} ran before the check: the loss is read from the device every "
-            f"train.stage{self.stage}.logging.every_steps steps and before each checkpoint)"
-            if last > bad["step"]
-            else ""
-        )
-        what = what or f"loss is {bad['loss']}"
-        raise TrainingDiverged(
-            f"{what} at step {bad['step']} (a rank saw a non-finite loss or gradient; this rank's keys: "
-            f"{bad['keys']}...). Nothing from step {bad['step']} on was saved{ran}; {where}. Lower "
-            f"train.stage{self.stage}.optim.lr, raise warmup_steps or check the data, then rerun to resume."
-        )
-
-    def _too_many_skipped(self, streak: list[int], pending: list[dict]) -> None:
-        """DeepSpeed skipped more than ``optim.max_skipped_steps`` optimizer steps in a row: read the
-        pending steps first (a non-finite loss among them is the better message), then stop."""
-        self._flush(pending)
-        newest = self.ckpt.newest()
-        where = f"the last good checkpoint is {newest[1]}" if newest else "no checkpoint was written yet"
-        limit = self.scfg.optim.max_skipped_steps
-        raise TrainingDiverged(
-            f"DeepSpeed skipped {len(streak)} optimizer steps in a row (steps {streak[0]}-{streak[-1]}; more than "
-            f"train.stage{self.stage}.optim.max_skipped_steps = {limit}): their gradients were not finite while "
-            f"the loss was, and the weights did not move in those steps; {where}. Check the data and lower train.stage{self.stage}.optim.lr, then rerun to resume."
-        )
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> Path:
-        """Write every rank's state under a temp name, rename it, then commit it with the marker."""
-        name = f"step-{self.step:08d}"
-        tmp = self.ckpt.root / f".tmp-{name}"
-        final = self.ckpt.root / name
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        # The frozen parameters (the LLM's base weights: 13.5 GB at 7B) are left out: they come from
-        # train.model.llm (and init_from) again on resume, checked against self.frozen.
-        self.engine.save_checkpoint(
-            str(tmp), tag="state", client_state={"step": self.step}, save_latest=False, exclude_frozen_parameters=True
-        )
-        torch.save(
-            {"data": self.data.state_dict(), "rng": _rng_state(), "step": self.step}, tmp / f"rank-{self.rank}.pt"
-        )
-        if self.ema is not None and (self.rank == 0 or is_partitioned(self.model)):
-            torch.save(self.ema.state_dict(), tmp / f"ema-rank-{self.rank}.pt")  # this rank's fp32 pieces
-        self._barrier()
-        if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            doc = {"step": self.step, "world_size": self.world_size, "frozen": self.frozen, "written_at": time.time()}
-            marker_tmp = final / f".{COMMIT_MARKER}.tmp"
-            marker_tmp.write_text(json.dumps(doc))
-            os.replace(marker_tmp, final / COMMIT_MARKER)
-            self.ckpt.prune(self.scfg.checkpoint.keep_last)
-            if self.remote_output is not None:
-                self._mirror_checkpoint(final)
-        self._barrier()
-        return final
-
-    # ------------------------------------------------------------------ a URL output (object storage)
-    def _remote_checkpoints(self) -> tuple[object, str, list[int]]:
-        """(filesystem, path of <remote>/checkpoints, committed steps there, sorted)."""
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(join(self.remote_output, "checkpoints"))
-        steps = []
-        if fs.exists(root):
-            for d in fs.ls(root, detail=False):
-                name = d.rstrip("/").rsplit("/", 1)[-1]
-                if name.startswith("step-") and fs.exists(join(d, COMMIT_MARKER)):
-                    steps.append(int(name.split("-", 1)[1]))
-        return fs, root, sorted(steps)
-
-    def _mirror_checkpoint(self, final: Path) -> None:
-        """Copy a committed checkpoint to the URL (its marker last), then drop the remote ones past keep_last."""
-        t0 = time.time()
-        fs, root, steps = self._remote_checkpoints()
-        if final.name in {f"step-{s:08d}" for s in steps}:  # saved again (a rerun): uncommit the old copy first
-            fs.rm(join(root, final.name, COMMIT_MARKER))
-        n = upload_folder(final, join(self.remote_output, "checkpoints", final.name), last=COMMIT_MARKER)
-        fs, root, steps = self._remote_checkpoints()
-        for step in steps[: -self.scfg.checkpoint.keep_last]:
-            d = join(root, f"step-{step:08d}")
-            fs.rm(join(d, COMMIT_MARKER))  # uncommit first: a kill mid-delete leaves no half
-            fs.rm(d, recursive=True)
-        log.info("checkpoint %s copied to %s (%d files, %.1f s)", final.name, self.remote_output, n, time.time() - t0)
-
-    def _fetch_remote_checkpoint(self) -> None:
-        """Resume on a fresh machine: the newest committed checkpoint of the URL, when newer than the local one."""
-        _, root, steps = self._remote_checkpoints()
-        local = self.ckpt.newest()
-        if not steps or (local is not None and local[0] >= steps[-1]):
-            return
-        name = f"step-{steps[-1]:08d}"
-        download_folder(join(self.remote_output, "checkpoints", name), self.ckpt.root / name, COMMIT_MARKER)
-        log.info("fetched checkpoint %s from %s", name, self.remote_output)
-
-    def _mirror_run(self) -> None:
-        """Copy the export (paradiffusion.json last) and the run's records to the URL."""
-        out = Path(self.paths["output"])
-        if (out / "export").is_dir():
-            upload_folder(out / "export", join(self.remote_output, "export"), last="paradiffusion.json")
-        upload_folder(out, self.remote_output, skip=("checkpoints", "export"))
-        log.info("run folder %s copied to %s", out, self.remote_output)
-
-    def load_checkpoint(self, path: Path) -> None:
-        """Restore model, optimizer, LR schedule, EMA, data position and RNG states."""
-        meta = json.loads((path / COMMIT_MARKER).read_text())
-        if meta.get("world_size") != self.world_size:
-            log.warning(
-                "checkpoint %s was written by %s ranks, now %d: data order will differ",
-                path.name,
-                meta.get("world_size"),
-                self.world_size,
-            )
-        self._check_frozen(path, meta.get("frozen"))
-        _, client = self.engine.load_checkpoint(
-            str(path), tag="state", load_module_strict=False, custom_load_fn=_load_trained_only
-        )
-        if client is None:
-            raise RuntimeError(f"{path}: DeepSpeed could not load the state (see the messages above)")
-        self.step = int(client["step"])
-        rank_file = path / f"rank-{self.rank}.pt"
-        if rank_file.is_file():
-            st = torch.load(rank_file, weights_only=False)
-            self.data.load_state_dict(st["data"])
-            _set_rng_state(st["rng"])
-        if self.ema is not None:
-            files = sorted(path.glob("ema-rank-*.pt"))
-            if files:
-                own = path / f"ema-rank-{self.rank}.pt"
-                self.ema.load(files, own if own in files and meta.get("world_size") == self.world_size else None)
-            else:  # a checkpoint from before the fp32 EMA (ema.pt held a bf16 EMA) or with the EMA off
-                from training.ema import master_fragments
-
-                self.ema.reset(master_fragments(self.engine))  # restart it from the resumed master weights
-                log.warning("%s has no fp32 EMA (ema-rank-*.pt): the EMA restarts from the resumed weights", path.name)
-        self.summary.extra["resumed_from"] = path.name
-        log.info("resumed from %s (step %d)", path, self.step)
-
-    def _check_frozen(self, path: Path, saved: dict | None) -> None:
-        """Stop when the frozen weights differ from those the checkpoint was trained with."""
-        if saved is None:
-            return  # a checkpoint from before the fingerprint (it holds the frozen weights itself)
-        now = self.frozen
-        same = saved["params"] == now["params"] and all(
-            math.isclose(saved[k], now[k], rel_tol=1e-6, abs_tol=1e-6) for k in ("sum", "sum_sq")
-        )
-        if not same:
-            raise ConfigError(
-                f"{path}: the frozen weights (the LLM: train.model.llm, train.model.llm_revision; stage 3: the "
-                f"stage-2 LoRA in train.stage{self.stage}.init_from) differ from the ones this checkpoint was "
-                f"trained with ({saved} now {now}); checkpoints leave them out. Point the config back at them, or "
-                f"start afresh with train.stage{self.stage}.checkpoint.resume=false (or another output folder)"
-            )
 
     # ------------------------------------------------------------------ logging and validation
     def log_metrics(self, m: dict, samples_per_s: float) -> None:

@@ -128,6 +128,22 @@ def test_exports_the_release_code_cannot_sample_are_refused(harness, tmp_path):
         harness.model_parts(tmp_path)
 
 
+def test_the_reference_noise_is_the_largest_difference_between_its_runs(harness):
+    """``compare --repeat``: the latents' bound is NOISE_FACTOR x the largest difference over the
+    release's repeated runs (whichever thread count gave it), not the last run's."""
+    a = {"input_ids": np.zeros((2, 4)), "embeds": np.zeros(3), "latents": np.zeros(3), "images": np.zeros(3),
+         "timesteps": np.arange(3)}  # fmt: skip
+    runs = [{**a, "latents": np.array([0.0, 3e-5, 0.0])}, {**a, "latents": np.array([0.0, 0.0, -1e-5])}]
+    unbounded = {k: float("inf") for k in harness.BOUNDS}
+    repeats = [
+        {"threads": n, "differences": harness.differences(a, r, unbounded)} for n, r in zip([2, 1], runs, strict=True)
+    ]
+    noise = harness.noise_of(repeats)
+    assert noise["latents"] == {"max_abs_diff": pytest.approx(3e-5), "threads": 2}
+    assert noise["embeds"]["max_abs_diff"] == 0.0
+    assert harness.bounds({"reference_noise": noise})["latents"] == pytest.approx(harness.NOISE_FACTOR * 3e-5)
+
+
 def test_unet_config_comparison(harness, tmp_path):
     from training.config import DEFAULT_UNET
 
@@ -166,6 +182,7 @@ def test_release_code_equals_ours_live(harness, tiny_release, recorded, ours):
     rel = harness.run_release(tiny_release, settings, release_dir, python)
     noise = harness.reference_noise(tiny_release, settings, release_dir, python, rel)  # the release against itself
     diff = harness.differences(ours, rel["arrays"], harness.bounds({"reference_noise": noise}))
+    print("the release against itself (1 vs 2 threads):", json.dumps(noise), "ours against it:", json.dumps(diff))
     assert all(d["ok"] for d in diff.values()), (diff, noise)
     n = len(settings["prompts"])
     again = harness.differences(harness.compact(rel["arrays"], n), recorded["arrays"], harness.bounds(recorded["meta"]))
