@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -134,7 +135,8 @@ def samples(url: str) -> Iterator[dict]:
     try:
         with fs.open(p, "rb") as f:
             yield from group_by_keys(members(f))
-    except Exception as exc:  # noqa: BLE001 - tarfile/EOF/duplicate member: the rest of the shard is lost, counted
+    except (tarfile.TarError, EOFError, ValueError) as exc:  # damaged tar / a member twice: the rest is lost, counted
+        # (a storage failure, OSError, is not bad input: it stops the run as everywhere else)
         raise TarBroken(f"{url}: {type(exc).__name__}: {exc}") from exc
 
 

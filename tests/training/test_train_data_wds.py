@@ -180,6 +180,9 @@ def test_bad_members_are_counted_by_reason_and_skipped(tmp_path):
     assert d.counts["skipped: decode error"] == 1  # bad_image
     total_skips = sum(v for k, v in d.counts.items() if k.startswith("skipped: "))
     assert len(seen) + total_skips == c["rows"]  # nothing dropped silently
+    ranks = [_wds(tmp_path / "pub", caption_source="txt", rank=r, world_size=2) for r in (0, 1)]
+    both = ranks[0].counts + ranks[1].counts  # the summary sums the ranks: each row's fate counted once
+    assert both["rows"] == 16 and both["skipped: corrupt tar"] == 3 and both["skipped: missing .txt"] == 2
 
 
 def test_shard_sources_and_missing_shard_errors(tmp_path):
@@ -194,6 +197,16 @@ def test_shard_sources_and_missing_shard_errors(tmp_path):
     brace = str(tmp_path / "pub" / "webdataset" / "big" / "{00000..00001}.tar")
     assert [r.key for r in _wds(brace).rows] == by_folder
     assert [r.key for r in _wds(f"file://{tmp_path}/pub").rows] == by_folder  # an fsspec URL
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    mem.put(str(tmp_path / "pub"), "/wds-pub", recursive=True)
+    try:  # a store other than the local disk, through fsspec: plan and image bytes equal the local ones
+        remote, local = _wds("memory://wds-pub"), _wds(tmp_path / "pub")
+        assert [r.key for r in remote.rows] == by_folder
+        assert [b["keys"] for b in _batches(remote, 4)] == [b["keys"] for b in _batches(local, 4)]
+    finally:
+        mem.rm("/wds-pub", recursive=True)
     with pytest.raises(ValueError, match=r"data.subset 'small' is not in .*it has \['big'\]"):
         _wds(tmp_path / "pub", subset="small")
     (tmp_path / "pub" / "webdataset" / "big" / "00001.tar").unlink()
