@@ -244,7 +244,10 @@ class BucketedImageData:
         self._row_groups: dict[int, np.ndarray] = {}  # shard -> first row of each row group (+ the end)
         self.rows = self._index(captions, kept)
         if not self.rows:
-            raise ValueError(f"no trainable rows in {images_url} for this rank; skipped: {dict(self.counts)}")
+            hint = ""
+            if self.counts["skipped: missing image"] == self.counts["rows"]:  # a URL dataset (LAION's way)
+                hint = "; the tars hold no images: publish with publish.include_images: true"
+            raise ValueError(f"no trainable rows in {images_url} for this rank; skipped: {dict(self.counts)}{hint}")
         self._plans: dict[int, list[list[Row]]] = {}
         self._groups_of_rank: dict[int, list[int]] | None = None
         self._cache: OrderedDict[int, tuple[pa.Table, dict[int, int]]] = OrderedDict()

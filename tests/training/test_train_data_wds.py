@@ -216,6 +216,13 @@ def test_shard_sources_and_missing_shard_errors(tmp_path):
         _wds(tmp_path / "pub")
     with pytest.raises(FileNotFoundError, match=r"no webdataset/index.json"):
         _wds(tmp_path / "images")
+    import webdataset as wds
+
+    (tmp_path / "urls").mkdir()
+    with wds.TarWriter(str(tmp_path / "urls" / "0.tar")) as w:  # a URL dataset: metadata, no image
+        w.write({"__key__": "k0", "txt": "a caption", "json": json.dumps({"url": "http://x/0.jpg"})})
+    with pytest.raises(ValueError, match=r"'skipped: missing image': 1.*publish.include_images: true"):
+        _wds(tmp_path / "urls" / "0.tar", caption_source="txt")
 
 
 def test_config_format_is_validated_with_the_key_named(tmp_path):
