@@ -100,14 +100,29 @@ class LoraConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    """What a stage reads: images (img2dataset shards) and its caption source."""
+    """What a stage reads: images (img2dataset shards, or a published dataset's WebDataset tars) and its captions."""
 
+    format: Literal["parquet", "webdataset"] = Field(
+        "parquet",
+        description="parquet: the images table (img2dataset shards, data.images); webdataset: tar shards "
+        "({key}.jpg|png, .txt, .json) of a dataset written by `paradiffusion publish` (data.path)",
+    )
+    path: str | list[str] | None = Field(
+        None,
+        description="format webdataset: the published folder (its webdataset/index.json), an index.json, or tar "
+        "shard URLs (a list, or a brace pattern shard-{000..009}.tar); local or any fsspec URL",
+    )
+    subset: Literal["big", "small"] = Field(
+        "big", description="format webdataset: the index's subset (big: ParaImage-Big, small: ParaImage-Small)"
+    )
     images: str | None = Field(None, description="images table folder; null: <data_root>/images")
     scores: str | None = Field(
         None, description="scores table; when set (or found at <data_root>/scores) only kept images"
     )
-    caption_source: Literal["alt_text", "captions", "table"] = Field(
-        "alt_text", description="alt_text: images.caption; captions: the captions table; table: any key+caption table"
+    caption_source: Literal["alt_text", "captions", "table", "txt"] = Field(
+        "alt_text",
+        description="alt_text: images.caption (webdataset: the .json's alt_text); captions: the captions table; "
+        "table: any key+caption table; txt (webdataset only): each sample's .txt, the published caption",
     )
     captions: str | None = Field(
         None,
@@ -135,6 +150,28 @@ class DataConfig(StrictModel):
     prefetch: int = Field(
         2, ge=1, description="batches each loader process prepares ahead (DataLoader prefetch_factor)"
     )
+
+    @model_validator(mode="after")
+    def _format(self) -> DataConfig:
+        if self.format == "webdataset":
+            if not self.path:
+                raise ValueError(
+                    "data.path: format webdataset needs the published folder, its index.json or tar shard URLs"
+                )
+            if self.images:
+                raise ValueError("data.images is the parquet input; with format webdataset set data.path only")
+        else:
+            if self.path:
+                raise ValueError(
+                    f"data.path is read by format webdataset only (format is {self.format}); set data.images "
+                    "for the images table or data.format: webdataset"
+                )
+            if self.caption_source == "txt":
+                raise ValueError(
+                    "data.caption_source txt (a sample's .txt) needs data.format: webdataset; allowed for parquet: "
+                    "alt_text, captions, table"
+                )
+        return self
 
 
 class OptimConfig(StrictModel):
@@ -295,7 +332,7 @@ class StageConfig(StrictModel):
 STAGE_DEFAULTS: dict[str, tuple[dict, dict]] = {
     "stage1": ({"max_length": 256, "train_lora": False}, {"caption_source": "alt_text"}),
     "stage2": ({"max_length": 512, "train_lora": True}, {"caption_source": "captions"}),
-    "stage3": ({"max_length": 512, "train_lora": False}, {"caption_source": "table"}),
+    "stage3": ({"max_length": 512, "train_lora": False}, {"caption_source": "table", "subset": "small"}),
 }
 
 

@@ -26,6 +26,9 @@ index)`` of the last batch handed out: :meth:`BucketedImageData.state_dict` and
 run would have, whatever ``num_workers`` is. Bucketing, rank splitting and an exact
 mid-epoch position are planned here rather than by a ``DataLoader`` sampler because they
 must agree with each other; the ``DataLoader`` only runs the loading, in that order.
+
+``format="webdataset"`` reads tar shards instead (a published dataset, ``training/data_wds.py``):
+a tar is one "row group", row ``i`` its ``i``-th sample; everything above applies unchanged.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import torch
 from paradiffusion.images import image_shards, read_image_shard
 from paradiffusion.log import get_logger
 from paradiffusion.storage import Table
+from training import data_wds as _wds
 
 log = get_logger("training.data")
 
@@ -90,7 +94,7 @@ def load_caption_map(
     writes one row per approved text), sorted, and training picks one per epoch
     (:func:`choose_caption`).
     """
-    if source == "alt_text":
+    if source in ("alt_text", "txt"):  # from the input itself: images.caption / the sample's .txt
         return None
     if not captions_url:
         raise FileNotFoundError(f"caption_source={source!r} needs data.captions (a table folder or Parquet file)")
@@ -180,7 +184,7 @@ class BucketedImageData:
 
     def __init__(
         self,
-        images_url: str,
+        images_url: str | list[str],
         batch_size: int,
         resolution: int,
         *,
@@ -202,6 +206,8 @@ class BucketedImageData:
         latents_url: str | None = None,
         text_cache=None,
         pin_memory: bool = False,
+        format: str = "parquet",
+        subset: str = "big",
     ):
         self.batch_size = batch_size
         self.buckets = make_buckets(resolution, bucket_step, max_aspect_ratio)
@@ -213,7 +219,14 @@ class BucketedImageData:
         self.pin_memory = pin_memory
         self.counts: Counter = Counter()  # rows skipped by reason (planning: first epoch only) + decode errors
         self.epoch, self.batch_index = 0, 0
-        self.shards = [url for _, url in image_shards(images_url)]
+        self.format, self.caption_source = format, caption_source
+        if format == "webdataset":  # tar shards (training/data_wds.py): same plan, reads and positions
+            self.wds_shards = _wds.resolve_shards(images_url, subset)
+            self.shards = [s.url for s in self.wds_shards]
+        elif format == "parquet":
+            self.shards = [url for _, url in image_shards(images_url)]
+        else:
+            raise ValueError(f"data.format {format!r}: allowed parquet, webdataset")
         if not self.shards:
             raise FileNotFoundError(f"no complete image shards (<shard>.parquet + <shard>_stats.json) in {images_url}")
         captions = load_caption_map(caption_source, captions_url, caption_model_id, caption_prompt_id)
@@ -231,7 +244,10 @@ class BucketedImageData:
         self._row_groups: dict[int, np.ndarray] = {}  # shard -> first row of each row group (+ the end)
         self.rows = self._index(captions, kept)
         if not self.rows:
-            raise ValueError(f"no trainable rows in {images_url} for this rank; skipped: {dict(self.counts)}")
+            hint = ""
+            if self.counts["skipped: missing image"] == self.counts["rows"]:  # a URL dataset (LAION's way)
+                hint = "; the tars hold no images: publish with publish.include_images: true"
+            raise ValueError(f"no trainable rows in {images_url} for this rank; skipped: {dict(self.counts)}{hint}")
         self._plans: dict[int, list[list[Row]]] = {}
         self._groups_of_rank: dict[int, list[int]] | None = None
         self._cache: OrderedDict[int, tuple[pa.Table, dict[int, int]]] = OrderedDict()
@@ -240,6 +256,8 @@ class BucketedImageData:
         """What a loader process needs (pickled only where processes are spawned, not forked)."""
         state = dict(self.__dict__)
         state["_cache"], state["_plans"] = OrderedDict(), {}
+        for k in ("_held", "_held_epoch", "_batch_of", "_rows_of"):  # the reader thread's, rebuilt where used
+            state.pop(k, None)
         return state
 
     # ------------------------------------------------------------------ planning
@@ -255,25 +273,15 @@ class BucketedImageData:
         usable: list[Row] = []
         n_seen = 0
         for si, url in enumerate(self.shards):
-            fs, path = fsspec.core.url_to_fs(url)
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                fs_schema = pf.schema_arrow
-                sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
-            self._row_groups[si] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-            cols = [c for c in ("key", "caption", "width", "height", "status") if c in fs_schema.names]
-            meta = read_image_shard(url, cols + (["image"] if not {"width", "height"} <= set(cols) else []))
-            d = meta.to_pydict()
-            if "image" not in d and (None in d["width"] or None in d["height"]):
-                # img2dataset leaves the sizes null when it stores the bytes as downloaded (no re-encoding,
-                # the download default): read them from the image headers instead
-                d["image"] = read_image_shard(url, ["image"]).column("image").to_pylist()
+            d = self._shard_meta(si, url)
             none = [None] * len(d["key"])
             for i, key in enumerate(d["key"]):
                 counts = n_seen % self.world_size == self.rank  # this rank counts this row's fate
                 n_seen += 1
                 reason, caps = None, None
-                if "status" in d and d["status"][i] not in (None, "success"):
+                if d.get("skip") and d["skip"][i]:  # found bad while planning (WebDataset members)
+                    reason = d["skip"][i]
+                elif "status" in d and d["status"][i] not in (None, "success"):
                     reason = "not downloaded"
                 elif kept is not None and key not in kept:
                     reason = "not kept"
@@ -313,6 +321,31 @@ class BucketedImageData:
         rows.sort(key=lambda r: (r.shard, r.row))
         self.counts["usable"] = len(rows)
         return rows
+
+    def _shard_meta(self, si: int, url: str) -> dict[str, list]:
+        """The plan's columns of one shard (key, caption, width, height, status | skip; image when
+        the sizes must come from the headers), and its row-group bounds."""
+        if self.format == "webdataset":
+            d, lost, broken = _wds.shard_meta(self.wds_shards[si], self.caption_source, _size_of)
+            self._row_groups[si] = np.array([0, len(d["key"])], dtype=np.int64)  # a tar: one "group"
+            if lost and self.rank == 0:  # counted once over ranks, as rows and as skipped
+                self.counts["rows"] += lost
+                self.counts["skipped: corrupt tar"] += lost
+            return d
+        fs, path = fsspec.core.url_to_fs(url)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            fs_schema = pf.schema_arrow
+            sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+        self._row_groups[si] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        cols = [c for c in ("key", "caption", "width", "height", "status") if c in fs_schema.names]
+        meta = read_image_shard(url, cols + (["image"] if not {"width", "height"} <= set(cols) else []))
+        d = meta.to_pydict()
+        if "image" not in d and (None in d["width"] or None in d["height"]):
+            # img2dataset leaves the sizes null when it stores the bytes as downloaded (no re-encoding,
+            # the download default): read them from the image headers instead
+            d["image"] = read_image_shard(url, ["image"]).column("image").to_pylist()
+        return d
 
     def plan(self, epoch: int) -> list[list[Row]]:
         """The epoch's batches for this rank: shuffled, bucketed; deterministic."""
@@ -367,6 +400,21 @@ class BucketedImageData:
     def _shard_table(self, si: int) -> tuple[pa.Table, dict[int, int]]:
         """This rank's rows of shard ``si``: the row groups that hold them (not the whole shard),
         and ``row -> position`` in that table. The last two shards read are kept."""
+        if si not in self._cache and self.format == "webdataset":  # stream the tar once, keep this rank's rows
+            if self._groups_of_rank is None:  # once: this rank's rows of each shard (row -> key)
+                self._wds_rows: dict[int, dict[int, str]] = {}
+                for r in self.rows:
+                    self._wds_rows.setdefault(r.shard, {})[r.row] = r.key
+                self._groups_of_rank = {}
+            wanted = self._wds_rows.get(si, {})
+            got = _wds.read_images(self.shards[si], wanted)
+            rows = sorted(wanted)
+            table = pa.table(
+                {"key": [wanted[i] for i in rows], "image": pa.array([got.get(i) for i in rows], pa.binary())}
+            )
+            self._cache[si] = (table, {row: pos for pos, row in enumerate(rows)})
+            while len(self._cache) > 2:
+                self._cache.popitem(last=False)
         if si not in self._cache:
             bounds = self._row_groups[si]
             if self._groups_of_rank is None:  # once: the row groups holding this rank's rows, per shard
@@ -404,8 +452,33 @@ class BucketedImageData:
                 ep, idx = ep + 1, 0
                 continue
             rows = batches[idx]
-            yield ep, idx, rows, [self._bytes(r) for r in rows]
+            if self.format == "webdataset" and self.latents is None:
+                yield ep, idx, rows, self._tar_bytes(ep, idx, rows)
+            else:
+                yield ep, idx, rows, [self._bytes(r) for r in rows]
             idx += 1
+
+    def _tar_bytes(self, epoch: int, index: int, rows: list[Row]) -> list[bytes | None]:
+        """The image bytes of batch ``index`` of ``epoch`` from tar shards, each tar streamed once an
+        epoch: the first batch that needs a shard streams it and keeps the bytes of this rank's rows
+        that batches from ``index`` on use; each is dropped when its batch takes it. (A tar cannot be
+        read in parts as a Parquet row group can, and a bucket's batch may gather rows of shards read
+        long before: the held rows are those, at most a shard's share plus the partly filled buckets.)"""
+        if getattr(self, "_held_epoch", None) != epoch:
+            plan = self.plan(epoch)
+            self._held_epoch, self._held = epoch, {}
+            self._batch_of = {(r.shard, r.row): b for b, batch in enumerate(plan) for r in batch}
+            self._rows_of: dict[int, list[Row]] = {}
+            for r in self.rows:
+                self._rows_of.setdefault(r.shard, []).append(r)
+        out = []
+        for r in rows:
+            if (r.shard, r.row) not in self._held:
+                need = {x.row: x.key for x in self._rows_of[r.shard] if self._batch_of[(x.shard, x.row)] >= index}
+                got = _wds.read_images(self.shards[r.shard], need)
+                self._held.update({(r.shard, row): got.get(row) for row in need})
+            out.append(self._held.pop((r.shard, r.row)))
+        return out
 
     # ------------------------------------------------------------------ loading (loader processes)
     def load(self, r: Row, epoch: int) -> torch.Tensor | None:

@@ -108,6 +108,7 @@ def cache_latents(cfg: RootConfig, stage: int, batch_size: int = 16) -> StageSum
         captions_url=paths["captions"], caption_model_id=sc.data.caption_model_id,
         caption_prompt_id=sc.data.caption_prompt_id, scores_url=paths["scores"], bucket_step=sc.data.bucket_step,
         max_aspect_ratio=sc.data.max_aspect_ratio, random_crop=False, random_flip=False, num_workers=0,
+        format=sc.data.format, subset=sc.data.subset,
     )  # fmt: skip
     summary = StageSummary(f"cache-latents-stage{stage}")
     summary.n_in = data.counts["rows"]
@@ -128,7 +129,7 @@ def cache_latents(cfg: RootConfig, stage: int, batch_size: int = 16) -> StageSum
     for r in data.rows:
         by_shard.setdefault(r.shard, []).append(r)
     for si in progress(sorted(by_shard), total=len(by_shard), desc=summary.stage, unit="shard"):
-        name = data.shards[si].rsplit("/", 1)[-1].removesuffix(".parquet")
+        name = data.shards[si].rsplit("/", 1)[-1].removesuffix(".parquet").removesuffix(".tar")
         if name in done:
             summary.skipped_done += 1
             continue

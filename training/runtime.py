@@ -35,7 +35,8 @@ def stage_paths(cfg: RootConfig, stage: int) -> dict[str, str | None]:
         prev = cfg.train.stage(stage - 1).output or join(root, "train", f"stage{stage - 1}")
         init = join(prev, "export")
     scores = sc.data.scores
-    if scores is None and Table(join(root, "scores")).exists():
+    # a published WebDataset is filtered already: the data root's scores apply only when set explicitly
+    if scores is None and sc.data.format == "parquet" and Table(join(root, "scores")).exists():
         scores = join(root, "scores")
     # A URL output or init_from (object storage): the run works in a local staging folder, since
     # DeepSpeed writes checkpoints and the loaders read exports from a file system; the trainer
@@ -48,7 +49,7 @@ def stage_paths(cfg: RootConfig, stage: int) -> dict[str, str | None]:
     return {
         "output": out,
         "output_url": out_url,
-        "images": sc.data.images or join(root, "images"),
+        "images": sc.data.path if sc.data.format == "webdataset" else sc.data.images or join(root, "images"),
         "captions": captions,
         "scores": scores,
         "init_from": init,

@@ -340,7 +340,7 @@ def cache_text(cfg: RootConfig, stage: int, batch_size: int = 16) -> StageSummar
         paths["images"], 1, sc.data.resolution, caption_source=sc.data.caption_source, captions_url=paths["captions"],
         caption_model_id=sc.data.caption_model_id, caption_prompt_id=sc.data.caption_prompt_id,
         scores_url=paths["scores"], bucket_step=sc.data.bucket_step, max_aspect_ratio=sc.data.max_aspect_ratio,
-        num_workers=0,
+        num_workers=0, format=sc.data.format, subset=sc.data.subset,
     )  # fmt: skip
     summary = StageSummary(f"cache-text-stage{stage}")
     by_shard: dict[int, dict[str, str]] = {}

@@ -208,6 +208,8 @@ class Trainer(Checkpointing, DeviceReads):
             prefetch=sc.data.prefetch,
             text_cache=self.text_cache,
             pin_memory=on_gpu,
+            format=sc.data.format,  # parquet | webdataset (training/data_wds.py)
+            subset=sc.data.subset,
         )
         if self.text_cache is not None:  # every caption this rank trains with, and "" for caption dropout
             wanted = self.data.captions_in_use() | {""}
