@@ -37,9 +37,11 @@ PYTHON_VERSION = "3.11"
 PYTHON_PLATFORM = "x86_64-manylinux_2_28"
 #: Packages with no wheel on PyPI, built from source after the wheels are installed, without build
 #: isolation (deepspeed's setup.py imports the torch installed before it; the others are old pure-Python
-#: sdists that need only the locked setuptools). Every other package must come as a wheel.
+#: sdists that need only the locked setuptools; pdqhash compiles Meta's PDQ C++ with the locked Cython and
+#: numpy, requirements/build-main.in). Every other package must come as a wheel.
 FROM_SOURCE = (
     "deepspeed",
+    "pdqhash",
     "jsonpath-rw",
     "attr",
     "drf-flex-fields",
@@ -99,7 +101,7 @@ def lock_blocks(path: Path) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- compile
 LOCKS = {
     # name: (output, inputs, extras)
-    "main": (REQ / "lock.txt", [ROOT / "pyproject.toml", REQ / "build.in"], ["all", "dev"]),
+    "main": (REQ / "lock.txt", [ROOT / "pyproject.toml", REQ / "build.in", REQ / "build-main.in"], ["all", "dev"]),
     "labelstudio": (REQ / "labelstudio-lock.txt", [REQ / "labelstudio.in", REQ / "build.in"], []),
     "vllm": (REQ / "vllm-lock.txt", [REQ / "vllm.in", REQ / "build.in"], []),
 }
