@@ -133,6 +133,13 @@ def _attach_images(t: pa.Table, index: _rows.ImageIndex, summary: StageSummary) 
     return t.append_column("image", col), exts
 
 
+def _rechunked(t: pa.Table, rows: int = 8192) -> pa.Table:
+    """The rows in chunks of ``rows``: Parquet's bytes depend on how the rows are chunked, and a shard is
+    named by the digest of its bytes, so equal rows must give equal bytes however they were read."""
+    batches = [b for i in range(0, t.num_rows, rows) for b in t.slice(i, rows).combine_chunks().to_batches()]
+    return pa.Table.from_batches(batches, schema=t.schema)
+
+
 def _wds_tar(t: pa.Table, subset: str, images: dict) -> bytes:
     import webdataset as wds
 
@@ -162,9 +169,7 @@ def publish_subset(
 ) -> tuple[list[Written], list[Written], pa.Schema | None]:
     pc = cfg.publish
     parquet, tars, schema = [], [], None
-    for chunk_id, t in progress(
-        _rows.iter_chunks(con, plan, pc.shard_rows), desc=f"publish {plan.subset}", unit="shard"
-    ):
+    for chunk_id, t in progress(plan.chunks(con, pc.shard_rows), desc=f"publish {plan.subset}", unit="shard"):
         summary.n_in += t.num_rows
         if pseudo is not None:
             t = _pseudonymise(t, pseudo)
@@ -174,7 +179,7 @@ def publish_subset(
         t = t.cast(_hf_schema(t, index is not None))
         schema = t.schema
         buf = io.BytesIO()
-        pq.write_table(t, buf, compression="zstd")
+        pq.write_table(_rechunked(t), buf, compression="zstd")
         data = buf.getvalue()
         sha = hashlib.sha256(data).hexdigest()
         d = sha[:16]  # Parquet bytes are a function of the rows (no timestamps): equal rows, equal name
@@ -321,9 +326,6 @@ def run_publish(cfg: RootConfig) -> dict:
             plans.append(_rows.big_plan(cfg, con) if s == "big" else _rows.small_plan(cfg, con))
         except _rows.MissingTable as exc:
             raise ConfigError(str(exc)) from None
-    counts = _rows.big_counts(cfg, con) if "big" in pc.subsets else {}
-    if counts.get("no_caption"):
-        summary.reject("no_caption", counts["no_caption"])
     index = _rows.ImageIndex(join(data_root, "images")) if pc.include_images else None
     pseudo = _rows.pseudonymizer(cfg) if "small" in pc.subsets else None
     subsets: dict[str, _card.SubsetFacts] = {}
@@ -335,6 +337,10 @@ def run_publish(cfg: RootConfig) -> dict:
         subsets[plan.subset] = _card.SubsetFacts(
             plan.subset, sum(w.rows for w in parquet), [vars(w) for w in parquet], schema, [vars(w) for w in tars]
         )
+    big = [p for p in plans if p.subset == "big"]
+    counts = _rows.big_counts(cfg, con, big[0]) if big else {}
+    if counts.get("no_caption"):
+        summary.reject("no_caption", counts["no_caption"])
     written = sum(1 for s in subsets.values() for w in s.files + s.wds_files if not w["reused"])
     reused = sum(1 for s in subsets.values() for w in s.files + s.wds_files if w["reused"])
     sets, reasons, thresholds = _provenance(cfg, con)
