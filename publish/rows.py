@@ -193,8 +193,10 @@ def caption_lists(captions: pa.Table, keys: pa.Array) -> pa.Array:
     offsets = np.concatenate([[0], starts, [len(k)]]).astype(np.int32)
     group_keys = k.take(pa.array(offsets[:-1]))
     lists = pa.ListArray.from_arrays(pa.array(offsets), structs, type=typ)
-    at = pc.index_in(keys, value_set=group_keys)
-    return lists.take(at)
+    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    if group_keys.equals(keys):  # the usual case: every key has captions, in key order (no copy of the text)
+        return lists
+    return lists.take(pc.index_in(keys, value_set=group_keys))
 
 
 def big_plan(cfg: RootConfig, con) -> Plan:

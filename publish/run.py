@@ -247,10 +247,13 @@ def _stats(cfg, folder: Folder) -> tuple[str, list[str]]:
         sources = find_sources(cfg)
         views = _stats_views(cfg, sources)
         names = {n for n, _ in views}
-        con = connect(views, sc=cfg.stats)  # the stats stage's memory limit and threads
+        con = connect(views)
         md, assets = [], []
         qs = {q.name: q for q in canned_queries(cfg.stats.length_buckets, cfg.stats.keywords, names)}
         with tempfile.TemporaryDirectory() as tmp:
+            from publish.stream import limit_memory
+
+            limit_memory(con, tmp)  # publish's bound (the stats stage's own default is 4GB)
             for name in ("table1", "length_histogram", "funnel"):
                 q = qs.get(name)
                 if q is None or not q.sql or not set(q.needs) <= names:

@@ -33,8 +33,8 @@ from paradiffusion.log import get_logger
 log = get_logger("publish")
 
 #: DuckDB's working memory for the publish queries (beyond it, DuckDB spills to the scratch folder).
-MEMORY_LIMIT = "512MB"
-BATCH_ROWS = 65_536
+MEMORY_LIMIT = "256MB"
+BATCH_ROWS = 16_384
 #: The caption columns the per-shard query reads (the selection rule's and the ``captions`` lists').
 ROUTED_CAPTION_COLUMNS = (
     "key",
@@ -60,7 +60,7 @@ USABLE_CAPTION = (
 def limit_memory(con, scratch: str) -> None:
     """DuckDB under a memory limit, spilling to ``scratch``; insertion order not kept (the queries sort)."""
     con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
-    con.execute(f"SET temp_directory = '{os.path.join(scratch, 'spill')}'")
+    con.execute(f"SET temp_directory = '{os.path.join(scratch, 'spill').replace(chr(39), chr(39) * 2)}'")
     con.execute("SET preserve_insertion_order = false")
 
 
