@@ -10,8 +10,11 @@ runs, each in a child process of its own (so its peak RSS is its own), side by s
 
 Usage::
 
-    .venv/bin/python bench/publish.py --rows 1000000   # the full run
-    .venv/bin/python bench/publish.py --rows 20000     # a quick check
+    .venv/bin/python bench/publish.py --rows 200000 1000000   # the recorded run: both sizes, one run
+    .venv/bin/python bench/publish.py --rows 20000            # a quick check
+
+Peak RSS: each child's own (``os.wait4``'s ``ru_maxrss``). The load average is printed before and
+after each size: the machine is shared, so compare the two sides of one size, not runs.
 """
 
 from __future__ import annotations
@@ -65,9 +68,31 @@ def run_child(mode: str, root: Path, shard_rows: int) -> tuple[float, float]:
     return secs, usage.ru_maxrss / 1024  # MiB (Linux reports KiB)
 
 
+def one_size(rows: int, shard_rows: int, generate) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        generate(root, rows, 50_000)
+        print(f"generated {rows:,} caption rows in {time.perf_counter() - t0:.1f} s", flush=True)
+        load0 = os.getloadavg()[0]
+        pub_s, pub_rss = run_child("publish", root, shard_rows)
+        plain_s, plain_rss = run_child("plain", root, shard_rows)
+        load1 = os.getloadavg()[0]
+        import pyarrow.parquet as pq
+
+        published = sum(pq.read_metadata(f).num_rows for f in (root / "paraimage" / "data" / "big").glob("*.parquet"))
+    return {
+        "rows": rows,
+        "published": published,
+        "publish": (pub_s, pub_rss),
+        "plain": (plain_s, plain_rss),
+        "load": (load0, load1),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--rows", type=int, nargs="+", default=[200_000, 1_000_000])
     ap.add_argument("--shard-rows", type=int, default=50_000)
     ap.add_argument("--child")
     ap.add_argument("--root")
@@ -80,24 +105,16 @@ def main() -> int:
     spec = importlib.util.spec_from_file_location("stats_duckdb", _BENCH / "stats_duckdb.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    generate = mod.generate
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        t0 = time.perf_counter()
-        generate(root, a.rows, 50_000)
-        print(f"generated {a.rows:,} caption rows in {time.perf_counter() - t0:.1f} s")
-        pub_s, pub_rss = run_child("publish", root, a.shard_rows)
-        plain_s, plain_rss = run_child("plain", root, a.shard_rows)
-        rows = sum(
-            __import__("pyarrow.parquet").parquet.read_metadata(f).num_rows
-            for f in (root / "paraimage" / "data" / "big").glob("*.parquet")
-        )
-    print(f"published rows (big): {rows:,}; shard_rows {a.shard_rows:,}; machine: 2-core shared CPU")
-    print(f"{'':10} {'seconds':>8} {'peak RSS MiB':>13}")
-    print(f"{'publish':10} {pub_s:8.1f} {pub_rss:13.0f}")
-    print(f"{'plain':10} {plain_s:8.1f} {plain_rss:13.0f}")
-    print(f"ratio publish / plain: {pub_s / plain_s:.2f}x")
+    results = [one_size(n, a.shard_rows, mod.generate) for n in a.rows]
+    print(f"\nmachine: 2-core shared CPU; shard_rows {a.shard_rows:,}; each side in a child process of its own")
+    print(
+        f"{'caption rows':>12} {'published':>10} {'side':>8} {'seconds':>8} {'peak RSS MiB':>13} {'ratio':>6} {'load':>11}"
+    )
+    for r in results:
+        (ps, pr), (qs, qr) = r["publish"], r["plain"]
+        load = f"{r['load'][0]:.1f}->{r['load'][1]:.1f}"
+        print(f"{r['rows']:>12,} {r['published']:>10,} {'publish':>8} {ps:8.1f} {pr:13.0f} {ps / qs:5.2f}x {load:>11}")
+        print(f"{'':>12} {'':>10} {'plain':>8} {qs:8.1f} {qr:13.0f}")
     return 0
 
 
