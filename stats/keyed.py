@@ -47,7 +47,7 @@ from paradiffusion.log import get_logger
 log = get_logger("stats")
 
 #: Bumped when the pass or its files change: everything is computed again.
-KEYED_VERSION = 4
+KEYED_VERSION = 5
 
 #: The key-level results (level 2 of :mod:`stats.aggregates`); each is read as ``keyed_<name>``.
 KEYED = ("table1", "captioners", "funnel", "pairs")
@@ -176,7 +176,7 @@ def _contrib(con, files: dict[str, list[str]], have: set[str], keys: str | None,
     if "captions" in have:
         con.execute(
             f"CREATE OR REPLACE TEMP TABLE {prefix}_sk AS SELECT sid, key, bool_or(hw) AS hw, "
-            "count(*) FILTER (ne) AS ne, arg_max(n_words, created_at) FILTER (ne) AS words FROM ("
+            "count(*) FILTER (ne) AS ne, arg_max(n_words, row(created_at, n_words)) FILTER (ne) AS words FROM ("
             f"SELECT *, {HW} AS hw, finish_reason IS DISTINCT FROM 'error' AS ne FROM {r['captions']}) GROUP BY ALL"
         )
     if "scores" in have:

@@ -34,9 +34,10 @@ def captioner_pairs_sql(latest: str) -> str:
     )
 
 
-#: The newest non-error caption's words per (key, caption set), over the raw rows.
+#: The newest non-error caption's words per (key, caption set), over the raw rows; captions of one
+#: instant: the longest (a tie broken the same way by every path, so incremental equals full).
 LATEST_WORDS_SQL = (
-    "SELECT key, source, arg_max(n_words, created_at) AS words FROM vlm_captions "
+    "SELECT key, source, arg_max(n_words, row(created_at, n_words)) AS words FROM vlm_captions "
     "WHERE finish_reason IS DISTINCT FROM 'error' GROUP BY key, source"
 )
 
