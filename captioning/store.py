@@ -103,6 +103,18 @@ def _quote(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
+def usable_caption_sql(alias: str = "") -> str:
+    """A caption the selection can pick: not an error, not NULL, text left after DuckDB's ``trim``.
+    ``trim`` costs ~9 s per million captions of ~640 characters, so a caption with an ASCII letter or
+    digit (which no trim can empty) passes on a regex match first (~0.5 s); only the others are trimmed.
+    ``alias``: the table's prefix in the query (``"c."``)."""
+    c = f"{alias}caption"
+    return (
+        f"{alias}finish_reason IS DISTINCT FROM 'error' AND {c} IS NOT NULL "
+        f"AND (regexp_matches({c}, '[0-9A-Za-z]') OR length(trim({c})) > 0)"
+    )
+
+
 def selected_captions_sql(source: str, rule: SelectRule) -> str:
     """SQL selecting one caption per key from ``source`` (a table name or ``read_parquet(...)``).
 
@@ -125,7 +137,7 @@ def selected_captions_sql(source: str, rule: SelectRule) -> str:
         "latest": "created_at DESC",
         "longest": "n_words DESC",
     }[rule.then]
-    where = ["finish_reason IS DISTINCT FROM 'error'", "caption IS NOT NULL", "length(trim(caption)) > 0"]
+    where = [usable_caption_sql()]
     if rule.exclude_flags:
         excluded = ", ".join(_quote(f) for f in rule.exclude_flags)
         where.append(f"NOT list_has_any(coalesce(flags, []::VARCHAR[]), [{excluded}]::VARCHAR[])")

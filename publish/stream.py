@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
+from captioning.store import usable_caption_sql
 from paradiffusion.log import get_logger
 
 log = get_logger("publish")
@@ -48,13 +49,8 @@ ROUTED_CAPTION_COLUMNS = (
     "created_at",
     "flags",
 )
-#: The captioning stage's usable caption (not an error, text after trim), as it filters: DuckDB's trim
-#: costs ~9 s per million captions of ~640 characters, so a caption with an ASCII letter or digit (no
-#: trim can empty it) passes on a regex match (~0.5 s) and only the others are trimmed.
-USABLE_CAPTION = (
-    "c.finish_reason IS DISTINCT FROM 'error' AND c.caption IS NOT NULL "
-    "AND (regexp_matches(c.caption, '[0-9A-Za-z]') OR length(trim(c.caption)) > 0)"
-)
+#: The captioning stage's usable caption, as its selection filters (regex before DuckDB's costly trim).
+USABLE_CAPTION = usable_caption_sql("c.")
 
 
 def limit_memory(con, scratch: str) -> None:

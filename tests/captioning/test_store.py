@@ -53,6 +53,31 @@ def test_select_prefers_configured_model_then_fewest_flags():
     assert {r["key"]: r["prompt_id"] for r in latest.to_pylist()}["k3"] == "paper"
 
 
+def test_a_caption_is_usable_exactly_when_trim_leaves_text():
+    """The regex shortcut before DuckDB's trim keeps trim's meaning for every kind of blank: DuckDB's
+    trim removes spaces and no-break spaces, not tabs or newlines; text without ASCII letters counts."""
+    texts = [
+        "",
+        " ",
+        "   ",
+        "\u00a0",
+        " \u00a0 ",
+        "\t",
+        "\n",
+        " a ",
+        "\u732b",
+        "\u03a9\u03bc\u03ad\u03b3\u03b1",
+        "1",
+        "?",
+    ]
+    rows = [row(f"k{i:02d}", caption=t) for i, t in enumerate(texts)]
+    got = {r["key"] for r in select_captions(table_of(rows), SelectRule()).to_pylist()}
+    con = duckdb.connect()
+    want = {f"k{i:02d}" for i, t in enumerate(texts) if con.execute("SELECT length(trim(?)) > 0", [t]).fetchone()[0]}
+    assert got == want
+    assert "k01" not in got and "k03" not in got and {"k05", "k08", "k11"} <= got
+
+
 def test_view_over_parquet_agrees_with_function(tmp_path):
     rows = [
         row("k1"),
