@@ -48,6 +48,13 @@ class StatsConfig(StrictModel):
         "(needs derived: true); false: scan the raw views every time.",
     )
 
+    @field_validator("nouns", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        # YAML 1.1 (PyYAML) reads a bare `off` as false: `nouns: off` in a file or `--set stats.nouns=off`
+        # means the word the user typed, not a boolean
+        return "off" if v is False else v
+
     @field_validator("length_buckets")
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:

@@ -23,3 +23,12 @@ def test_bad_settings_name_the_key():
         load_config([], ["select_small.diversity=random"])
     with pytest.raises(ConfigError, match=r"stats.nounz: unknown key"):
         load_config([], ["stats.nounz=off"])
+
+
+def test_nouns_off_is_the_word_even_where_yaml_reads_a_boolean(tmp_path):
+    assert load_config([], ["stats.nouns=off"]).stats.nouns == "off"
+    f = tmp_path / "extra.yaml"
+    f.write_text("stats:\n  nouns: off\n")
+    assert load_config([str(f)], []).stats.nouns == "off"
+    with pytest.raises(ConfigError, match=r"stats.nouns"):
+        load_config([], ["stats.nouns=on"])
