@@ -409,9 +409,7 @@ def run_caption(cfg: RootConfig, recaption: bool = False, limit: int | None = No
             raise ConfigError(f"caption.captioners.{c.captioner}.model: {exc}") from None
     ident = set_identity(c.captioner, c)  # an unreachable endpoint or another model stops here, before any work
     table = Table(out_url, CAPTIONS)
-    stale = table.clean_tmp()
-    if stale:
-        log.info("removed %d unfinished file(s) left by a killed run", stale)
+    table.clean_tmp()  # logs its own one line with the count
     prefix = tag_prefix(ident.shard_tag, ident.revision, phash)
     dedupe(table, prefix)
     done = done_keys(read_state(table, prefix), ident.model_id, ident.revision, phash)
