@@ -210,6 +210,7 @@ def _kill_and_resume(
 ) -> None:
     """Start the CLI, SIGKILL it once some (not all) shards are measured, rerun, check the table.
     ``root_url``: the data root on object storage (the shards are uploaded there first)."""
+    from paradiffusion import storage as storage_module
     from paradiffusion.storage import upload_folder
     from paradiffusion.testing.sample import load_records
 
@@ -237,6 +238,9 @@ def _kill_and_resume(
         proc.wait()
     done_before = {s: work.marker(s) for s in work.done_shards()}
     assert 2 <= len(done_before) < len(names)
+    # a rerun keeps what was written within the storage clock slack before its start (another rank's
+    # write in progress, or a store's clock a little ahead); a user's rerun comes later than that
+    time.sleep(storage_module._CLOCK_SLACK_S + 1)
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     out = Table(f"{root}/scores")
