@@ -43,14 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from paradiffusion.log import get_logger
+from stats.aggregates import HAS_WORDS as HW
+from stats.aggregates import KEYED, _files_sql, _lit, _pv_sql, _q, part_files
 
 log = get_logger("stats")
 
 #: Bumped when the pass or its files change: everything is computed again.
-KEYED_VERSION = 5
-
-#: The key-level results (level 2 of :mod:`stats.aggregates`); each is read as ``keyed_<name>``.
-KEYED = ("table1", "captioners", "funnel", "pairs")
+KEYED_VERSION = 6
 
 #: The kept totals: name -> (group columns, summed columns). A group whose first summed column
 #: reaches 0 is dropped (no distinct image left), as the raw query would have no row for it.
@@ -73,21 +72,9 @@ STEP_FLAGS = {
     "approved": "ap",
 }
 
-HW = "coalesce(n_words, 0) > 0 AND finish_reason IS DISTINCT FROM 'error'"
-
-
-def _q(s: str) -> str:
-    return s.replace("'", "''")
-
-
-def _lit(s: str) -> str:
-    return "'" + _q(s) + "'"
-
 
 def _read(files: list[str]) -> str:
-    if not files:
-        return ""
-    return "read_parquet([" + ", ".join(_lit(f) for f in files) + "], union_by_name = true)"
+    return _files_sql(files) if files else ""
 
 
 def _digest(obj) -> str:
@@ -181,11 +168,11 @@ def _contrib(con, files: dict[str, list[str]], have: set[str], keys: str | None,
         )
     if "scores" in have:
         con.execute(
-            f"CREATE OR REPLACE TEMP TABLE {prefix}_sg AS SELECT key, any_value(short_side) AS short_side "
+            f"CREATE OR REPLACE TEMP TABLE {prefix}_sg AS SELECT key, max(short_side) AS short_side "
             f"FROM {r['scores']} GROUP BY key"
         )
         parts = [
-            f"SELECT 'alt_text' AS src, NULL::UBIGINT AS sid, key, any_value(short_side) AS ss FROM {r['scores']} "
+            f"SELECT 'alt_text' AS src, NULL::UBIGINT AS sid, key, max(short_side) AS ss FROM {r['scores']} "
             "WHERE kept GROUP BY key"
         ]
         if "captions" in have:
@@ -358,8 +345,6 @@ class Keyed:
 
 def refresh_keyed(con, out: Path, state, sources, cfg) -> Keyed:
     """Bring the key-level results up to date (see the module docstring)."""
-    from stats.aggregates import _pv_sql, part_files
-
     t0 = time.perf_counter()
     folder = Path(out) / "derived" / "keyed"
     folder.mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,7 @@ def _raw_queries(length_buckets: list[int], keywords: list[str], have: set[str])
         Query(
             "table1",
             "Table 1: images, captions, mean short side (over images) and mean words (over captions) per source",
-            "WITH per_image AS (SELECT source, key, any_value(short_side) AS short_side, count(*) AS captions, "
+            "WITH per_image AS (SELECT source, key, max(short_side) AS short_side, count(*) AS captions, "
             "sum(n_words) AS words FROM caption_sources GROUP BY source, key) "
             "SELECT source, count(*) AS images, sum(captions) AS captions, round(avg(short_side), 1) AS mean_short_side, "
             "round(sum(words) / sum(captions), 1) AS mean_words FROM per_image GROUP BY source ORDER BY source",
