@@ -282,32 +282,20 @@ def _stats(cfg, folder: Folder) -> tuple[str, list[str]]:
 
 def _stats_views(cfg, sources) -> list[tuple[str, str]]:
     """The stats stage's views for the card's queries: over its per-shard partial aggregates where
-    ``make stats`` has made them (``stats.derived`` + ``stats.partials`` under ``stats.output``; only
-    shards committed since are read), else over the tables' rows. Publish does not start that cache
-    itself: it reads more per shard than these three queries need (words, keywords, key hashes of
-    every table: 124 s against 28 s for the plain queries at 1 M caption rows on the loaded 2-core CPU)."""
+    ``make stats`` has made them (only shards committed since are read), else over the tables' rows.
+    Publish does not start that cache itself: it reads more per shard than these three queries need
+    (words, keywords, key hashes of every table: 124 s against 28 s for the plain queries at 1 M
+    caption rows on the loaded 2-core CPU)."""
     from pathlib import Path
 
-    from paradiffusion.storage import duckdb_connect
-    from stats import aggregates as _aggregates
     from stats import derived as _derived
-    from stats.run import configure, stats_dir
+    from stats.run import cached_views, stats_dir
     from stats.views import build_views
 
-    sc = cfg.stats
     out = stats_dir(cfg)
-    have = {n for n, s in sources.items() if s.exists}
-    if not sc.derived or "://" in out or not _derived.cache_dir(out).exists():  # a local folder only
+    if not cfg.stats.derived or "://" in out or not _derived.cache_dir(out).exists():  # a local folder only
         return build_views(cfg, sources, {})
-    with duckdb_connect() as dcon:
-        configure(dcon, sc, Path(out))
-        tables = {n: sources[n].url for n in _derived.TEXT_TABLES if n in have}
-        state = _derived.refresh(dcon, Path(out), tables, sc.keywords)
-        agg: list[tuple[str, str]] = []
-        if sc.partials and set(tables) and set(tables) <= set(state.files):
-            keyed_dir, _, _ = _aggregates.refresh_keyed(dcon, Path(out), state, sources, cfg)
-            agg = _aggregates.agg_views(state, keyed_dir)
-    return build_views(cfg, sources, state.files) + agg
+    return cached_views(cfg, sources, Path(out))[0]
 
 
 def _license(cfg, plans) -> tuple[str, str]:

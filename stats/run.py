@@ -260,6 +260,38 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def cached_views(cfg: RootConfig, sources, out: Path, summary: StageSummary | None = None):
+    """The views the canned queries run on, and the derived cache's state (None without it): over the
+    per-shard caches and partial aggregates under ``out`` (``stats.derived``, ``stats.partials``),
+    brought up to date for the shards committed since, else over the tables' rows. ``summary``
+    gets what the refresh did."""
+    sc = cfg.stats
+    if not sc.derived:
+        return build_views(cfg, sources, {}), None
+    from paradiffusion.storage import duckdb_connect
+
+    have = {n for n, s in sources.items() if s.exists}
+    extra = summary.extra if summary is not None else {}
+    agg: list[tuple[str, str]] = []
+    with duckdb_connect() as dcon:
+        configure(dcon, sc, out)
+        tables = {n: sources[n].url for n in _derived.TEXT_TABLES if n in have}
+        state = _derived.refresh(dcon, out, tables, sc.keywords)
+        # the partials answer the canned queries only when they cover every cached table present
+        if sc.partials and set(tables) and set(tables) <= set(state.files):
+            kd = _keyed.refresh_keyed(dcon, out, state, sources, cfg)
+            agg = _aggregates.agg_views(state, kd.folder)
+            extra["keyed_recomputed"] = kd.recomputed
+            extra["keyed_mode"] = kd.mode
+            extra["keyed_inputs_changed"] = kd.changed
+            extra["keyed_touched_keys"] = kd.touched_keys
+            extra["keyed_seconds"] = round(kd.seconds, 2)
+    extra["derived_shards_read"] = sum(state.computed.values())
+    extra["derived_shards_reused"] = sum(state.reused.values())
+    extra["derived_seconds"] = round(state.seconds, 2)
+    return build_views(cfg, sources, state.files) + agg, state
+
+
 # --------------------------------------------------------------------------- the stage
 def run_stats(cfg: RootConfig, only: list[str] | None = None, quiet: bool = False) -> dict[str, Result]:
     """Write views.sql (+ stats.duckdb), run the canned queries, print them and write the report."""
@@ -283,30 +315,7 @@ def run_stats(cfg: RootConfig, only: list[str] | None = None, quiet: bool = Fals
     )
     summary = StageSummary("stats")
     out.mkdir(parents=True, exist_ok=True)
-    derived: dict[str, list[str]] = {}
-    agg: list[tuple[str, str]] = []
-    state = None
-    if sc.derived:
-        from paradiffusion.storage import duckdb_connect
-
-        with duckdb_connect() as dcon:
-            configure(dcon, sc, out)
-            tables = {n: sources[n].url for n in _derived.TEXT_TABLES if n in have}
-            state = _derived.refresh(dcon, out, tables, sc.keywords)
-            derived = state.files
-            # the partials answer the canned queries only when they cover every cached table present
-            if sc.partials and set(tables) and set(tables) <= set(state.files):
-                kd = _keyed.refresh_keyed(dcon, out, state, sources, cfg)
-                agg = _aggregates.agg_views(state, kd.folder)
-                summary.extra["keyed_recomputed"] = kd.recomputed
-                summary.extra["keyed_mode"] = kd.mode
-                summary.extra["keyed_inputs_changed"] = kd.changed
-                summary.extra["keyed_touched_keys"] = kd.touched_keys
-                summary.extra["keyed_seconds"] = round(kd.seconds, 2)
-        summary.extra["derived_shards_read"] = sum(state.computed.values())
-        summary.extra["derived_shards_reused"] = sum(state.reused.values())
-        summary.extra["derived_seconds"] = round(state.seconds, 2)
-    views = build_views(cfg, sources, derived) + agg
+    views, state = cached_views(cfg, sources, out, summary)
     view_names = {n for n, _ in views}
     _write_atomic(out / "views.sql", views_sql(views, missing, state.folders if state else None).encode())
     if sc.write_duckdb:

@@ -155,3 +155,32 @@ def test_publish_to_s3(data, s3_root, make_cfg):
     con = duckdb_connect()
     n = con.execute(f"SELECT count(DISTINCT key) FROM read_parquet('{out}/data/big/*.parquet')").fetchall()[0][0]
     assert n == summary["rows_big"] > 0
+
+
+def test_the_card_reads_the_stats_stage_cache_and_says_the_same(data, make_cfg, caplog):
+    """After `make stats`, the card's Table 1 / histogram / funnel come from the stats stage's partial
+    aggregates (brought up to date, not recomputed) and equal the card made from the rows."""
+    from huggingface_hub import DatasetCard
+
+    from stats.run import run_stats
+
+    root, _ = data
+    run_publish(make_cfg(root, "publish.subsets=[big]"))
+    plain = DatasetCard.load(root / "paraimage" / "README.md").text
+    run_stats(make_cfg(root), quiet=True)
+    summary_before = json.loads((root / "stats" / "_summary.json").read_text())
+    assert summary_before["keyed_mode"] == "full"
+    caplog.clear()
+    run_publish(make_cfg(root, "publish.subsets=[big]"))
+    assert "statistics for the card failed" not in caplog.text
+    cached = DatasetCard.load(root / "paraimage" / "README.md").text
+
+    def section(text):  # the tables, without the query times printed under them
+        import re
+
+        text = re.sub(r"<sub>.*?</sub>", "", text)
+        return text[text.index("Table 1") : text.index("Table 1") + 1500]
+
+    assert "Table 1" in cached and section(cached) == section(plain)
+    keyed = root / "stats" / "derived" / "keyed"
+    assert keyed.is_dir() and json.loads((keyed / "keyed.json").read_text())["generation"]
