@@ -457,10 +457,12 @@ def _remove_unused(folder: Folder, keep_versions: list[str | None]) -> int:
 
 
 def upload(folder: Folder, repo_id: str, private: bool) -> None:
-    """``huggingface_hub.upload_large_folder`` (resumable, multi-commit) of a local folder. The token is
-    read by huggingface_hub from the environment (``HF_TOKEN``) or its login only, never from the config."""
+    """``huggingface_hub``'s ``upload_folder`` of a local folder (huggingface_hub 2.x has no
+    ``upload_large_folder``: with hf_xet installed, ``upload_folder`` is its resumable upload in
+    several commits). The token is read by huggingface_hub from the environment (``HF_TOKEN``) or
+    its login only, never from the config."""
     if not folder.local:
-        raise ConfigError(f"publish.repo_id: upload_large_folder needs a local folder; publish.output is {folder.url}")
+        raise ConfigError(f"publish.repo_id: the upload needs a local folder; publish.output is {folder.url}")
     if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")):
         from huggingface_hub import get_token
 
@@ -472,7 +474,7 @@ def upload(folder: Folder, repo_id: str, private: bool) -> None:
 
     api = HfApi()
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_large_folder(
+    api.upload_folder(
         repo_id=repo_id,
         folder_path=folder.path,
         repo_type="dataset",
