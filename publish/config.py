@@ -31,7 +31,7 @@ class PublishConfig(StrictModel):
     pretty_name: str = Field("ParaImage", description="The card's title.")
     language: list[str] = Field(["en"], description="Languages of the captions (ISO 639-1).")
     repo_id: str | None = Field(
-        None, description="Upload the folder to this Hub dataset repo (huggingface_hub.upload_large_folder)."
+        None, description="Upload the folder to this Hub dataset repo (huggingface_hub upload_folder)."
     )
     private: bool = Field(True, description="Create the Hub repo private when it does not exist.")
     keep_versions: int = Field(2, ge=2, le=100, description="Published versions whose files are kept (>= 2).")
