@@ -326,6 +326,8 @@ def run_publish(cfg: RootConfig) -> dict:
         in ("scores", "captions", "images", "small_train", "annotations", "candidates")
     ):
         raise ConfigError(f"publish.output = {folder.url}: must not be one of the stage tables")
+    if pc.repo_id:
+        check_upload(folder)  # before any work, not after the folder is written
     announce(
         "publish",
         {
@@ -456,11 +458,8 @@ def _remove_unused(folder: Folder, keep_versions: list[str | None]) -> int:
     return n
 
 
-def upload(folder: Folder, repo_id: str, private: bool) -> None:
-    """``huggingface_hub``'s ``upload_folder`` of a local folder (huggingface_hub 2.x has no
-    ``upload_large_folder``: with hf_xet installed, ``upload_folder`` is its resumable upload in
-    several commits). The token is read by huggingface_hub from the environment (``HF_TOKEN``) or
-    its login only, never from the config."""
+def check_upload(folder: Folder) -> None:
+    """What ``publish.repo_id`` needs, checked before any work: a local folder and a Hub token."""
     if not folder.local:
         raise ConfigError(f"publish.repo_id: the upload needs a local folder; publish.output is {folder.url}")
     if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")):
@@ -470,6 +469,14 @@ def upload(folder: Folder, repo_id: str, private: bool) -> None:
             raise ConfigError(
                 "publish.repo_id is set but no Hub token: set HF_TOKEN in the environment (or `hf auth login`)"
             )
+
+
+def upload(folder: Folder, repo_id: str, private: bool) -> None:
+    """``huggingface_hub``'s ``upload_folder`` of a local folder (huggingface_hub 2.x has no
+    ``upload_large_folder``: with hf_xet installed, ``upload_folder`` is its resumable upload in
+    several commits). The token is read by huggingface_hub from the environment (``HF_TOKEN``) or
+    its login only, never from the config."""
+    check_upload(folder)
     from huggingface_hub import HfApi
 
     api = HfApi()

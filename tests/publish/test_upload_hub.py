@@ -113,6 +113,7 @@ def test_no_token_stops_before_any_request(data, make_cfg, hub):
     with pytest.raises(ConfigError, match=r"publish\.repo_id.*HF_TOKEN"):
         run_publish(make_cfg(root, f"publish.repo_id={REPO}"))
     assert hub.requests == [] and hub.datasets == {}
+    assert not (root / "paraimage").exists()  # checked before any work: no folder written first
 
 
 def test_republish_uploads_the_changes_and_leaves_removed_files_on_the_hub(
