@@ -41,6 +41,9 @@ def child(mode: str, root: Path, shard_rows: int) -> None:
             [], [f"project.data_root={root}", "publish.subsets=[big]", f"publish.shard_rows={shard_rows}"]
         )
         run_publish(cfg)
+        card = (root / "paraimage" / "README.md").read_text()
+        if "Table 1" not in card or "assets/funnel-" not in card:  # a card without its statistics is not the work
+            raise SystemExit("publish wrote a card without its statistics (see the warning above)")
     else:
         import pyarrow.parquet as pq
 

@@ -106,8 +106,23 @@ class Written:
     reused: bool
 
 
+_HF_SCHEMAS: dict[tuple[pa.Schema, bool], pa.Schema] = {}
+
+
 def _hf_schema(t: pa.Table, with_image: bool) -> pa.Schema:
-    """The table's schema with the ``datasets`` features in its metadata (``image``: the Image feature)."""
+    """The table's schema with the ``datasets`` features in its metadata (``image``: the Image feature);
+    computed once per schema (every chunk of a subset has the same one)."""
+    got = _HF_SCHEMAS.get((t.schema, with_image))
+    if got is None:
+        got = _HF_SCHEMAS[(t.schema, with_image)] = _hf_features_schema(t, with_image)
+    return got
+
+
+def _import_features() -> None:
+    import datasets.features  # noqa: F401 - imported ahead by the writer thread (see publish_subset)
+
+
+def _hf_features_schema(t: pa.Table, with_image: bool) -> pa.Schema:
     from datasets import Features, Image
 
     plain = t.drop_columns(["image"]) if with_image else t
@@ -164,41 +179,91 @@ def _pseudonymise(t: pa.Table, pseudo) -> pa.Table:
     return t
 
 
+#: Chunks computed ahead of the Parquet writer (each holds at most ``publish.shard_rows`` rows).
+_AHEAD = 2
+
+
+def _write_chunk(cfg, folder, plan, old_files, summary, index, pseudo, chunk_id, t):
+    """One chunk to its Parquet shard (and tar): ``(parquet Written, tar Written or None, schema)``."""
+    pc = cfg.publish
+    summary.n_in += t.num_rows
+    if pseudo is not None:
+        t = _pseudonymise(t, pseudo)
+    images: dict = {}
+    if index is not None:
+        t, images = _attach_images(t, index, summary)
+    t = t.cast(_hf_schema(t, index is not None))
+    buf = io.BytesIO()
+    pq.write_table(_rechunked(t), buf, compression="zstd")
+    data = buf.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    d = sha[:16]  # Parquet bytes are a function of the rows (no timestamps): equal rows, equal name
+    rel = f"data/{plan.subset}/train-{chunk_id}-{d}.parquet"
+    if rel in old_files and folder.exists(rel):
+        written = Written(rel, t.num_rows, len(data), sha, True)
+    else:
+        folder.put(rel, data)
+        written = Written(rel, t.num_rows, len(data), sha, False)
+    tar = None
+    if pc.webdataset:
+        trel = f"webdataset/{plan.subset}/{chunk_id}-{d}.tar"
+        if trel in old_files and folder.exists(trel):
+            o = old_files[trel]
+            tar = Written(trel, o["rows"], o["bytes"], o["sha256"], True)
+        else:
+            data = _wds_tar(t, plan.subset, images)
+            folder.put(trel, data)
+            tar = Written(trel, t.num_rows, len(data), hashlib.sha256(data).hexdigest(), False)
+    summary.n_out += t.num_rows
+    return written, tar, t.schema
+
+
 def publish_subset(
     cfg, con, folder, plan, old_files, summary, index, pseudo
 ) -> tuple[list[Written], list[Written], pa.Schema | None]:
-    pc = cfg.publish
+    """Write the subset's shards. One writer thread encodes and writes each chunk while this thread
+    computes the next ones: DuckDB's queries and Arrow's Parquet encoder both release the GIL, so the
+    two overlap on two cores (the encoder is single-threaded per file). At most :data:`_AHEAD` chunks
+    wait for the writer, so memory stays bounded by a few chunks."""
+    import threading
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
     parquet, tars, schema = [], [], None
-    for chunk_id, t in progress(plan.chunks(con, pc.shard_rows), desc=f"publish {plan.subset}", unit="shard"):
-        summary.n_in += t.num_rows
-        if pseudo is not None:
-            t = _pseudonymise(t, pseudo)
-        images: dict = {}
-        if index is not None:
-            t, images = _attach_images(t, index, summary)
-        t = t.cast(_hf_schema(t, index is not None))
-        schema = t.schema
-        buf = io.BytesIO()
-        pq.write_table(_rechunked(t), buf, compression="zstd")
-        data = buf.getvalue()
-        sha = hashlib.sha256(data).hexdigest()
-        d = sha[:16]  # Parquet bytes are a function of the rows (no timestamps): equal rows, equal name
-        rel = f"data/{plan.subset}/train-{chunk_id}-{d}.parquet"
-        if rel in old_files and folder.exists(rel):
-            parquet.append(Written(rel, t.num_rows, len(data), sha, True))
-        else:
-            folder.put(rel, data)
-            parquet.append(Written(rel, t.num_rows, len(data), sha, False))
-        if pc.webdataset:
-            trel = f"webdataset/{plan.subset}/{chunk_id}-{d}.tar"
-            if trel in old_files and folder.exists(trel):
-                o = old_files[trel]
-                tars.append(Written(trel, o["rows"], o["bytes"], o["sha256"], True))
-            else:
-                data = _wds_tar(t, plan.subset, images)
-                folder.put(trel, data)
-                tars.append(Written(trel, t.num_rows, len(data), hashlib.sha256(data).hexdigest(), False))
-        summary.n_out += t.num_rows
+    pending: deque = deque()
+
+    def collect() -> None:
+        nonlocal schema
+        written, tar, schema = pending.popleft().result()
+        parquet.append(written)
+        if tar is not None:
+            tars.append(tar)
+
+    failed = threading.Event()
+
+    def write(*args):
+        if failed.is_set():  # an earlier chunk's write failed: this one is not written
+            return None
+        try:
+            return _write_chunk(*args)
+        except BaseException:
+            failed.set()
+            raise
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="publish-write")
+    try:
+        pool.submit(_import_features)  # ~1.7 s of imports, done while this thread routes the tables
+        chunks = plan.chunks(con, cfg.publish.shard_rows)
+        for chunk_id, t in progress(chunks, desc=f"publish {plan.subset}", unit="shard"):
+            pending.append(pool.submit(write, cfg, folder, plan, old_files, summary, index, pseudo, chunk_id, t))
+            del t
+            while len(pending) > _AHEAD or (pending and pending[0].done()):
+                collect()
+        while pending:
+            collect()
+    finally:
+        # on an error (a failed write, a kill) the chunks still waiting are not written
+        pool.shutdown(wait=True, cancel_futures=True)
     return parquet, tars, schema
 
 
@@ -353,6 +418,13 @@ def run_publish(cfg: RootConfig) -> dict:
     pseudo = _rows.pseudonymizer(cfg) if "small" in pc.subsets else None
     subsets: dict[str, _card.SubsetFacts] = {}
     files: dict[str, dict] = {}
+    # the card's statistics (the stats stage's queries over the tables, on a connection of their own)
+    # run beside the rows: they read the same committed tables and write only their plots
+    from concurrent.futures import ThreadPoolExecutor
+
+    stats_pool = ThreadPoolExecutor(1, thread_name_prefix="publish-stats")
+    stats_job = stats_pool.submit(_stats, cfg, folder)
+    stats_pool.shutdown(wait=False)
     for plan in plans:
         parquet, tars, schema = publish_subset(cfg, con, folder, plan, old["files"], summary, index, pseudo)
         for w in parquet + tars:
@@ -368,7 +440,7 @@ def run_publish(cfg: RootConfig) -> dict:
     reused = sum(1 for s in subsets.values() for w in s.files + s.wds_files if w["reused"])
     sets, reasons, thresholds = _provenance(cfg, con)
     con.close()
-    stats_md, assets = _stats(cfg, folder)
+    stats_md, assets = stats_job.result()
     lic, note = _license(cfg, plans)
     counts.update(
         {

@@ -184,3 +184,49 @@ def test_the_card_reads_the_stats_stage_cache_and_says_the_same(data, make_cfg, 
     assert "Table 1" in cached and section(cached) == section(plain)
     keyed = root / "stats" / "derived" / "keyed"
     assert keyed.is_dir() and json.loads((keyed / "keyed.json").read_text())["generation"]
+
+
+def test_a_failed_shard_write_stops_the_run_and_keeps_the_previous_version(data, monkeypatch, make_cfg, new_caption):
+    """Shards are written by a writer thread while the next ones are joined: a write that fails there
+    is the run's error (not a log line), the chunks still waiting for the writer are not written,
+    and the card still names the previous version's files."""
+    root, raw = data
+    cfg = make_cfg(root, "publish.shard_rows=2", "publish.subsets=[big]")
+    first = run_publish(cfg)
+    out = root / "paraimage"
+    card1 = (out / "README.md").read_text()
+    before = {p.name for p in (out / "data" / "big").iterdir()}
+    # new captions for every kept key: every shard of the next version is new
+    import random
+
+    import pyarrow as pa
+
+    import publish.run as pr
+    from paradiffusion.schemas import CAPTIONS
+    from paradiffusion.storage import Table
+
+    rng = random.Random(2)
+    new = [new_caption(rng, k, "qwen", 30, 100) for k in raw["kept"]]
+    Table(str(root / "captions"), CAPTIONS).write_shard("qwen-00000", pa.Table.from_pylist(new, schema=CAPTIONS))
+    put = pr.Folder.put
+    data_puts = []
+
+    def failing_put(self, rel, data):
+        if rel.startswith("data/"):
+            data_puts.append(rel)
+            if len(data_puts) == 2:
+                raise OSError(28, "No space left on device")
+        return put(self, rel, data)
+
+    monkeypatch.setattr(pr.Folder, "put", failing_put)
+    with pytest.raises(OSError, match="No space left"):
+        run_publish(cfg)
+    monkeypatch.undo()
+    assert len(data_puts) == 2  # nothing written after the failure
+    assert first["shards_written"] > 4
+    assert (out / "README.md").read_text() == card1
+    added = {p.name for p in (out / "data" / "big").iterdir()} - before
+    assert len(added) == 1  # the one shard written before the failure, unused until a run completes
+    from datasets import load_dataset
+
+    assert load_dataset(str(out), "big", split="train").num_rows == first["rows_big"]
