@@ -11,7 +11,11 @@ One prepared script for a GPU machine (one H100/H200-class GPU and its CPU cores
    (CLIP image + text towers + aesthetic MLP, fp16), per-shard writes and the global
    dedup pass included. Ray's own start-up is timed apart.
 3. **decode capacity**: one core's decode + resize + hashing rate, times the cores.
-4. **GPU decode** (the option for when CPU decode is the limit): the same JPEG bytes
+4. **watermark model** (``filter.models.watermark``, on in the GPU config): LAION's
+   detector (timm ``efficientnet_b3a`` + its head, random weights, 256 x 256) alone,
+   eager, batch ``--batch``, on random uint8 pixels on the GPU as the filter hands them
+   over: images/s and ms per image, beside the bare CLIP image tower of step 1.
+5. **GPU decode** (the option for when CPU decode is the limit): the same JPEG bytes
    decoded on the GPU with nvJPEG (``torchvision.io.decode_jpeg(..., device="cuda")``),
    resized and centre-cropped on the GPU, then the CLIP image tower: images/s of
    decode + model with no CPU decode at all (no text tower, aesthetic or hashing; the
@@ -67,6 +71,39 @@ def bare_model(model_name: str | None, model: dict, device: str, batch: int, ite
         "iters": iters,
         "precision": precision,
         "model": model_name or "tiny",
+    }
+
+
+def watermark_model(device: str, batch: int, iters: int, precision: str) -> dict:
+    """Images/s of LAION's watermark detector (random weights) on uint8 pixels already on the device,
+    through :meth:`WatermarkModel.score` (normalisation, model, softmax, copy back) as the filter calls it."""
+    import numpy as np
+    import torch
+
+    from curation.models import _DTYPES
+    from curation.safety.watermark import SIZE, WatermarkModel, build_watermark_net
+
+    dev = torch.device(device)
+    wm = WatermarkModel(build_watermark_net(), dev, _DTYPES[precision] if dev.type != "cpu" else torch.float32)
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
+    for _ in range(3):
+        wm.score(pixels)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        wm.score(pixels)  # returns numpy: synchronised by the copy back
+    seconds = time.perf_counter() - t0
+    del wm
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    n = batch * iters
+    return {
+        "images_per_s": round(n / seconds, 1),
+        "ms_per_image": round(seconds / n * 1000, 3),
+        "batch": batch,
+        "iters": iters,
+        "precision": precision,
     }
 
 
@@ -256,6 +293,7 @@ def main() -> None:
     images = make_rows(root, a.n, min(a.unique, a.n), a.shard_size, a.procs)
     result["setup_seconds"] = round(time.perf_counter() - t0, 1)
     result["bare_model"] = bare_model(None if a.tiny else "ViT-L-14", model, a.device, a.batch, a.iters, a.precision)
+    result["watermark_model"] = watermark_model(a.device, min(a.batch, 256), a.iters, a.precision)
     result["whole_stage"] = whole_stage(root, images, model, a)
     result["decode"] = decode_capacity(images, model["image_size"], 200, a.procs)
     result["gpu_decode"] = gpu_decode(images, model, a.device, a.batch, a.precision, min(a.n, a.gpu_decode_n))

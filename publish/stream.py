@@ -80,8 +80,10 @@ class Router:
                 continue
             units = batch.column("_unit")
             rest = batch.drop_columns(["_unit"])
-            for u in pc.unique(units).to_pylist():
-                piece = rest.filter(pc.equal(units, u))
+            uniq = pc.unique(units).to_pylist()
+            for u in uniq:
+                # one unit in the batch (the usual case when a table is written in key order): no copy
+                piece = rest if len(uniq) == 1 else rest.filter(pc.equal(units, u))
                 w = self.writers.get((name, u))
                 if w is None:
                     w = self.writers[(name, u)] = ipc.new_file(self.path(name, u), self.schemas[name])
