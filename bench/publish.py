@@ -6,7 +6,10 @@ runs, each in a child process of its own (so its peak RSS is its own), side by s
 - ``publish``: ``run_publish`` with ``subsets: [big]`` (the joins, the selected caption, every caption
   with its source, the card with its statistics and plots, Croissant, the version switch);
 - ``plain``: pyarrow reads the published rows back and rewrites the same columns into shards of the
-  same size (zstd): the floor of writing this folder, without any of the work above.
+  same size (zstd): the floor of writing this folder, without any of the work above;
+- then ``paradiffusion stats`` (timed apart, not in either side) and both sides again: ``publish after
+  stats`` is the usual order of work (the card's Table 1 / histogram / funnel then come from the stats
+  stage's partial aggregates instead of queries over every row).
 
 Usage::
 
@@ -33,7 +36,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
 
 def child(mode: str, root: Path, shard_rows: int) -> None:
-    if mode == "publish":
+    if mode == "stats":
+        from pipelines.config import load_config
+        from stats.run import run_stats
+
+        run_stats(load_config([], [f"project.data_root={root}"]), quiet=True)
+    elif mode == "publish":
         from pipelines.config import load_config
         from publish.run import run_publish
 
@@ -80,6 +88,9 @@ def one_size(rows: int, shard_rows: int, generate) -> dict:
         load0 = os.getloadavg()[0]
         pub_s, pub_rss = run_child("publish", root, shard_rows)
         plain_s, plain_rss = run_child("plain", root, shard_rows)
+        stats_s, _ = run_child("stats", root, shard_rows)  # `make stats`: the card then reads its cache
+        warm_s, warm_rss = run_child("publish", root, shard_rows)
+        plain2_s, plain2_rss = run_child("plain", root, shard_rows)
         load1 = os.getloadavg()[0]
         import pyarrow.parquet as pq
 
@@ -89,6 +100,9 @@ def one_size(rows: int, shard_rows: int, generate) -> dict:
         "published": published,
         "publish": (pub_s, pub_rss),
         "plain": (plain_s, plain_rss),
+        "stats": stats_s,
+        "publish after stats": (warm_s, warm_rss),
+        "plain again": (plain2_s, plain2_rss),
         "load": (load0, load1),
     }
 
@@ -118,6 +132,11 @@ def main() -> int:
         load = f"{r['load'][0]:.1f}->{r['load'][1]:.1f}"
         print(f"{r['rows']:>12,} {r['published']:>10,} {'publish':>8} {ps:8.1f} {pr:13.0f} {ps / qs:5.2f}x {load:>11}")
         print(f"{'':>12} {'':>10} {'plain':>8} {qs:8.1f} {qr:13.0f}")
+        (ws, wr), (q2s, q2r) = r["publish after stats"], r["plain again"]
+        print(
+            f"{'':>12} {'':>10} {'publish after stats':>8} {ws:8.1f} {wr:13.0f} {ws / q2s:5.2f}x  (stats {r['stats']:.1f} s)"
+        )
+        print(f"{'':>12} {'':>10} {'plain':>8} {q2s:8.1f} {q2r:13.0f}")
     return 0
 
 

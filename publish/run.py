@@ -27,6 +27,7 @@ import os
 import re
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 import fsspec
@@ -132,13 +133,13 @@ def _hf_features_schema(t: pa.Table, with_image: bool) -> pa.Schema:
     return feats.arrow_schema
 
 
-def _attach_images(t: pa.Table, index: _rows.ImageIndex, summary: StageSummary) -> tuple[pa.Table, dict]:
+def _attach_images(t: pa.Table, index: _rows.ImageIndex, rejected: Counter) -> tuple[pa.Table, dict]:
     got = index.fetch(t["key"].to_pylist())
     keep, images, exts = [], [], {}
     for i, k in enumerate(t["key"].to_pylist()):
         data, ext = got.get(k, (None, ""))
         if not _rows.decodes(data):
-            summary.reject("image_missing" if data is None else "image_decode_failed")
+            rejected["image_missing" if data is None else "image_decode_failed"] += 1
             continue
         keep.append(i)
         images.append({"bytes": data, "path": f"{k}.{ext}"})
@@ -179,19 +180,21 @@ def _pseudonymise(t: pa.Table, pseudo) -> pa.Table:
     return t
 
 
-#: Chunks computed ahead of the Parquet writer (each holds at most ``publish.shard_rows`` rows).
+#: Threads that encode and write shards, and chunks waiting for them (each at most ``publish.shard_rows`` rows).
+_WRITERS = 2
 _AHEAD = 2
 
 
-def _write_chunk(cfg, folder, plan, old_files, summary, index, pseudo, chunk_id, t):
-    """One chunk to its Parquet shard (and tar): ``(parquet Written, tar Written or None, schema)``."""
+def _write_chunk(cfg, folder, plan, old_files, index, pseudo, chunk_id, t):
+    """One chunk to its Parquet shard (and tar): ``(parquet Written, tar Written or None, schema, rows in,
+    rejected by reason)``; run by a writer thread (the caller adds the counts to the summary)."""
     pc = cfg.publish
-    summary.n_in += t.num_rows
+    n_in, rejected = t.num_rows, Counter()
     if pseudo is not None:
         t = _pseudonymise(t, pseudo)
     images: dict = {}
     if index is not None:
-        t, images = _attach_images(t, index, summary)
+        t, images = _attach_images(t, index, rejected)
     t = t.cast(_hf_schema(t, index is not None))
     buf = io.BytesIO()
     pq.write_table(_rechunked(t), buf, compression="zstd")
@@ -214,31 +217,22 @@ def _write_chunk(cfg, folder, plan, old_files, summary, index, pseudo, chunk_id,
             data = _wds_tar(t, plan.subset, images)
             folder.put(trel, data)
             tar = Written(trel, t.num_rows, len(data), hashlib.sha256(data).hexdigest(), False)
-    summary.n_out += t.num_rows
-    return written, tar, t.schema
+    return written, tar, t.schema, n_in, rejected
 
 
 def publish_subset(
     cfg, con, folder, plan, old_files, summary, index, pseudo
 ) -> tuple[list[Written], list[Written], pa.Schema | None]:
-    """Write the subset's shards. One writer thread encodes and writes each chunk while this thread
-    computes the next ones: DuckDB's queries and Arrow's Parquet encoder both release the GIL, so the
-    two overlap on two cores (the encoder is single-threaded per file). At most :data:`_AHEAD` chunks
-    wait for the writer, so memory stays bounded by a few chunks."""
+    """Write the subset's shards. Writer threads encode and write the chunks while this thread computes
+    the next ones: DuckDB's queries and Arrow's Parquet encoder both release the GIL, and the encoder is
+    single-threaded per file, so the work spreads over the cores. At most :data:`_AHEAD` chunks wait for
+    the writers, so memory stays bounded by a few chunks; shards are collected in order."""
     import threading
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     parquet, tars, schema = [], [], None
     pending: deque = deque()
-
-    def collect() -> None:
-        nonlocal schema
-        written, tar, schema = pending.popleft().result()
-        parquet.append(written)
-        if tar is not None:
-            tars.append(tar)
-
     failed = threading.Event()
 
     def write(*args):
@@ -250,14 +244,25 @@ def publish_subset(
             failed.set()
             raise
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="publish-write")
+    def collect() -> None:
+        nonlocal schema
+        written, tar, schema, n_in, rejected = pending.popleft().result()
+        parquet.append(written)
+        if tar is not None:
+            tars.append(tar)
+        summary.n_in += n_in
+        summary.n_out += written.rows
+        for reason, n in rejected.items():
+            summary.reject(reason, n)
+
+    pool = ThreadPoolExecutor(_WRITERS, thread_name_prefix="publish-write")
     try:
         pool.submit(_import_features)  # ~1.7 s of imports, done while this thread routes the tables
         chunks = plan.chunks(con, cfg.publish.shard_rows)
         for chunk_id, t in progress(chunks, desc=f"publish {plan.subset}", unit="shard"):
-            pending.append(pool.submit(write, cfg, folder, plan, old_files, summary, index, pseudo, chunk_id, t))
+            pending.append(pool.submit(write, cfg, folder, plan, old_files, index, pseudo, chunk_id, t))
             del t
-            while len(pending) > _AHEAD or (pending and pending[0].done()):
+            while len(pending) > _WRITERS + _AHEAD or (pending and pending[0].done()):
                 collect()
         while pending:
             collect()
@@ -316,9 +321,12 @@ def _stats(cfg, folder: Folder) -> tuple[str, list[str]]:
         md, assets = [], []
         qs = {q.name: q for q in canned_queries(cfg.stats.length_buckets, cfg.stats.keywords, names)}
         with tempfile.TemporaryDirectory() as tmp:
-            from publish.stream import limit_memory
+            from stats.run import configure
 
-            limit_memory(con, tmp)  # publish's bound (the stats stage's own default is 4GB)
+            # the stats stage's queries under its own bound (stats.memory_limit, stats.threads), spilling in a
+            # scratch folder: publish's 256 MB for its rows is too little for them over every row (at 4 M
+            # caption rows the histogram ran out of memory under it and the card lost its statistics)
+            configure(con, cfg.stats, tmp)
             for name in ("table1", "length_histogram", "funnel"):
                 q = qs.get(name)
                 if q is None or not q.sql or not set(q.needs) <= names:

@@ -186,6 +186,31 @@ def test_the_card_reads_the_stats_stage_cache_and_says_the_same(data, make_cfg, 
     assert keyed.is_dir() and json.loads((keyed / "keyed.json").read_text())["generation"]
 
 
+def test_the_card_queries_run_under_the_stats_stage_memory_limit(data, make_cfg, monkeypatch, caplog):
+    """The card's statistics are the stats stage's queries over every row: they run under
+    ``stats.memory_limit`` (publish's own 256 MB for its rows ran out at 4 M caption rows and the
+    card lost its statistics), on their own connection beside the rows."""
+    import duckdb
+
+    import stats.run as sr
+
+    root, _ = data
+    seen = []
+    run_query = sr.run_query
+
+    def recording(con, q, *a, **k):
+        seen.append(con.execute("SELECT current_setting('memory_limit')").fetchone()[0])
+        return run_query(con, q, *a, **k)
+
+    monkeypatch.setattr(sr, "run_query", recording)
+    run_publish(make_cfg(root, "publish.subsets=[big]", "stats.memory_limit=3GB"))
+    assert "statistics for the card failed" not in caplog.text
+    ref = duckdb.connect()
+    ref.execute("SET memory_limit = '3GB'")
+    want = ref.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    assert len(seen) == 3 and set(seen) == {want}
+
+
 def test_a_failed_shard_write_stops_the_run_and_keeps_the_previous_version(data, monkeypatch, make_cfg, new_caption):
     """Shards are written by a writer thread while the next ones are joined: a write that fails there
     is the run's error (not a log line), the chunks still waiting for the writer are not written,
@@ -222,11 +247,11 @@ def test_a_failed_shard_write_stops_the_run_and_keeps_the_previous_version(data,
     with pytest.raises(OSError, match="No space left"):
         run_publish(cfg)
     monkeypatch.undo()
-    assert len(data_puts) == 2  # nothing written after the failure
-    assert first["shards_written"] > 4
+    # nothing started after the failure: at most the shards the other writers had in hand
+    assert 2 <= len(data_puts) <= 1 + pr._WRITERS < first["shards_written"]
     assert (out / "README.md").read_text() == card1
     added = {p.name for p in (out / "data" / "big").iterdir()} - before
-    assert len(added) == 1  # the one shard written before the failure, unused until a run completes
+    assert 1 <= len(added) == len(data_puts) - 1  # written, unused until a run completes
     from datasets import load_dataset
 
     assert load_dataset(str(out), "big", split="train").num_rows == first["rows_big"]
