@@ -24,6 +24,7 @@ from captioning.small.demo import step_annotations, step_select_small, step_stat
 from paradiffusion.cli import Command
 from paradiffusion.log import get_logger, redact_argv
 from pipelines.config import PipelinesConfig, load_config
+from publish.demo import step_publish
 
 log = get_logger("demo")
 
@@ -216,6 +217,7 @@ STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("select-small", step_select_small),  # ParaImage-Small: candidates, annotation round trip, stats
     ("annotations", step_annotations),
     ("stats", step_stats),
+    ("publish", step_publish),  # after stats: the card reads its cache
     ("train-stage1", _training_step("step_train_stage1")),  # tiny LLM + UNet + VAE on the kept images
     ("train-stage2", _training_step("step_train_stage2")),
     ("cache-text", _training_step("step_cache_text_stage3")),  # stage 3's text states, once: no LLM in stage 3

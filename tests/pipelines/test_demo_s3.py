@@ -70,6 +70,11 @@ def test_demo_on_s3_runs_every_stage_leaks_no_credential_and_calls_nobody(tmp_pa
             assert fs.exists(f"{run}/export/paradiffusion.json") and fs.exists(f"{run}/_summary.json")
             assert any(fs.exists(f"{d}/COMMITTED") for d in fs.ls(f"{run}/checkpoints")), f"stage {n}"
         assert fs.exists(f"{data}/annotation_tasks/tasks.json")
+        # publish: the dataset folder on S3, with both subsets, images and WebDataset tars
+        for f in ("README.md", "croissant.json", "webdataset/index.json"):
+            assert fs.exists(f"{data}/paraimage/{f}"), f
+        assert fs.glob(f"{data}/paraimage/data/big/*.parquet") and fs.glob(f"{data}/paraimage/data/small/*.parquet")
+        assert "Table 1" in fs.cat(f"{data}/paraimage/README.md").decode()
         assert (out / "stats" / "report.md").is_file() and (out / "generated").is_dir()
         assert (out / "eval" / "report" / "index.html").is_file()
 
