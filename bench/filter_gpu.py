@@ -74,17 +74,19 @@ def bare_model(model_name: str | None, model: dict, device: str, batch: int, ite
     }
 
 
-def watermark_model(device: str, batch: int, iters: int, precision: str) -> dict:
-    """Images/s of LAION's watermark detector (random weights) on uint8 pixels already on the device,
-    through :meth:`WatermarkModel.score` (normalisation, model, softmax, copy back) as the filter calls it."""
+def watermark_model(root: Path, device: str, batch: int, iters: int, precision: str) -> dict:
+    """Images/s of LAION's watermark detector (random weights, saved as ``watermark_model_v1.pt`` is and
+    loaded by the filter's own loader) on uint8 pixels, through :meth:`WatermarkModel.score`
+    (normalisation, model, softmax, copy back) as the filter calls it."""
     import numpy as np
     import torch
 
-    from curation.models import _DTYPES
-    from curation.safety.watermark import SIZE, WatermarkModel, build_watermark_net
+    from curation.safety.watermark import SIZE, build_watermark_net, load_watermark
 
-    dev = torch.device(device)
-    wm = WatermarkModel(build_watermark_net(), dev, _DTYPES[precision] if dev.type != "cpu" else torch.float32)
+    weights = root / "watermark_random.pt"
+    if not weights.exists():
+        torch.save(build_watermark_net().state_dict(), weights)
+    wm = load_watermark(str(weights), device=device, precision=precision)
     pixels = np.random.default_rng(0).integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
     for _ in range(3):
         wm.score(pixels)
@@ -293,7 +295,7 @@ def main() -> None:
     images = make_rows(root, a.n, min(a.unique, a.n), a.shard_size, a.procs)
     result["setup_seconds"] = round(time.perf_counter() - t0, 1)
     result["bare_model"] = bare_model(None if a.tiny else "ViT-L-14", model, a.device, a.batch, a.iters, a.precision)
-    result["watermark_model"] = watermark_model(a.device, min(a.batch, 256), a.iters, a.precision)
+    result["watermark_model"] = watermark_model(root, a.device, min(a.batch, 256), a.iters, a.precision)
     result["whole_stage"] = whole_stage(root, images, model, a)
     result["decode"] = decode_capacity(images, model["image_size"], 200, a.procs)
     result["gpu_decode"] = gpu_decode(images, model, a.device, a.batch, a.precision, min(a.n, a.gpu_decode_n))

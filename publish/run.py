@@ -20,6 +20,7 @@ at any point leaves every pointer naming files that exist: the previous version 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -107,30 +108,24 @@ class Written:
     reused: bool
 
 
-_HF_SCHEMAS: dict[tuple[pa.Schema, bool], pa.Schema] = {}
-
-
 def _hf_schema(t: pa.Table, with_image: bool) -> pa.Schema:
-    """The table's schema with the ``datasets`` features in its metadata (``image``: the Image feature);
-    computed once per schema (every chunk of a subset has the same one)."""
-    got = _HF_SCHEMAS.get((t.schema, with_image))
-    if got is None:
-        got = _HF_SCHEMAS[(t.schema, with_image)] = _hf_features_schema(t, with_image)
-    return got
+    """The table's schema with the ``datasets`` features in its metadata (``image``: the Image feature)."""
+    return _hf_schema_of(t.schema, with_image)
 
 
-def _import_features() -> None:
-    import datasets.features  # noqa: F401 - imported ahead by the writer thread (see publish_subset)
-
-
-def _hf_features_schema(t: pa.Table, with_image: bool) -> pa.Schema:
+@functools.lru_cache(maxsize=8)
+def _hf_schema_of(schema: pa.Schema, with_image: bool) -> pa.Schema:
+    """Computed once per schema: every chunk of a subset has the same one."""
     from datasets import Features, Image
 
-    plain = t.drop_columns(["image"]) if with_image else t
-    feats = Features.from_arrow_schema(plain.schema)
+    feats = Features.from_arrow_schema(schema.remove(schema.get_field_index("image")) if with_image else schema)
     if with_image:
         feats["image"] = Image()
     return feats.arrow_schema
+
+
+def _import_features() -> None:
+    import datasets.features  # noqa: F401 - imported ahead by a writer thread (see publish_subset)
 
 
 def _attach_images(t: pa.Table, index: _rows.ImageIndex, rejected: Counter) -> tuple[pa.Table, dict]:

@@ -250,6 +250,7 @@ class BucketedImageData:
             raise ValueError(f"no trainable rows in {images_url} for this rank; skipped: {dict(self.counts)}{hint}")
         self._plans: dict[int, list[list[Row]]] = {}
         self._groups_of_rank: dict[int, list[int]] | None = None
+        self._wds_rows: dict[int, dict[int, str]] | None = None  # tars: this rank's rows of each shard (row -> key)
         self._cache: OrderedDict[int, tuple[pa.Table, dict[int, int]]] = OrderedDict()
 
     def __getstate__(self) -> dict:
@@ -401,11 +402,10 @@ class BucketedImageData:
         """This rank's rows of shard ``si``: the row groups that hold them (not the whole shard),
         and ``row -> position`` in that table. The last two shards read are kept."""
         if si not in self._cache and self.format == "webdataset":  # stream the tar once, keep this rank's rows
-            if self._groups_of_rank is None:  # once: this rank's rows of each shard (row -> key)
-                self._wds_rows: dict[int, dict[int, str]] = {}
+            if self._wds_rows is None:  # once: this rank's rows of each shard (row -> key)
+                self._wds_rows = {}
                 for r in self.rows:
                     self._wds_rows.setdefault(r.shard, {})[r.row] = r.key
-                self._groups_of_rank = {}
             wanted = self._wds_rows.get(si, {})
             got = _wds.read_images(self.shards[si], wanted)
             rows = sorted(wanted)
